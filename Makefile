@@ -1,0 +1,38 @@
+# Warren: two commands on a fresh Debian machine (as root).
+#   make run   - three local RabbitMQ nodes, clustered, with Warren in front
+#   make test  - installs what the tests need and runs the whole suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+DEBS_RUN  := rabbitmq-server
+DEBS_TEST := rabbitmq-server iproute2 haproxy chromium
+PYTEST_ARGS ?=
+
+.PHONY: run test check venv debs-run debs-test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+debs-run:
+	@./scripts/ensure-debs $(DEBS_RUN)
+
+debs-test:
+	@./scripts/ensure-debs $(DEBS_TEST)
+
+run: venv debs-run
+	$(PY) -m proxy.devcluster --config conf/warren.toml
+
+test: venv debs-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: venv
+	$(VENV)/bin/warren check conf/warren.toml
+
+clean:
+	rm -rf $(VENV) run build *.egg-info

@@ -1,0 +1,3 @@
+"""Warren: a high-availability TCP load-balancing proxy for AMQP brokers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,189 @@
+"""One nursery that owns everything Warren runs: listeners, sessions, services.
+
+Lifecycle:
+- start: every listener is bound before anything is reported ready; all bind
+  errors are reported together.
+- SIGHUP: the config file is read again; a valid one is applied without
+  dropping established connections, an invalid one is logged and ignored.
+- SIGTERM/SIGINT: listeners close at once, live connections get
+  `global.grace` to finish, then the rest are closed; exit status 0.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Protocol
+
+import structlog
+import trio
+
+from . import logs
+from .config import ConfigError, load_config
+from .config.model import BindAddress, Config
+from .frontends.listener import BindError, open_listener, serve_listener
+from .frontends.pipes import PipePool, splice_supported
+from .frontends.session import Sessions
+from .runtime import FrontendRuntime, KillReason, Runtime
+
+log = structlog.get_logger("warren.app")
+
+
+class StartupError(Exception):
+    """Warren could not start; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Service(Protocol):
+    """A capability that runs beside the proxy (health checks, stats page, election)."""
+
+    async def run(self, app: App, *, task_status: trio.TaskStatus[None]) -> None: ...
+
+    def reconfigure(self, config: Config) -> None: ...
+
+
+class App:
+    def __init__(self, config: Config, *, handle_signals: bool = True, splice: bool | None = None):
+        self.config = config
+        self.runtime = Runtime(config)
+        use_splice = splice_supported() if splice is None else splice
+        self.pipes = PipePool() if use_splice else None
+        self.sessions = Sessions(self.runtime, self.pipes)
+        self.handle_signals = handle_signals
+        self.services: list[Service] = default_services(config)
+        self._bound: dict[tuple[str, BindAddress], tuple[str, int]] = {}
+        self._listeners: dict[tuple[str, BindAddress], trio.CancelScope] = {}
+        self._stop = trio.Event()
+        self._services_nursery: trio.Nursery | None = None
+        self._session_nursery: trio.Nursery | None = None
+
+    @property
+    def addresses(self) -> dict[str, list[tuple[str, int]]]:
+        """Frontend name -> the addresses it listens on now (real ports for port 0)."""
+        result: dict[str, list[tuple[str, int]]] = {}
+        for (name, _), address in self._bound.items():
+            result.setdefault(name, []).append(address)
+        return result
+
+    def stop(self) -> None:
+        """Begins a graceful stop (what SIGTERM does)."""
+        self._stop.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs until stopped; raises StartupError if a listener cannot be bound."""
+        opened = await self._open_listeners(self.config)  # before any nursery: a plain error
+        async with trio.open_nursery() as session_nursery:
+            self._session_nursery = session_nursery
+            async with trio.open_nursery() as services:
+                self._services_nursery = services
+                await self._serve_listeners(opened, services)
+                if self.handle_signals:
+                    services.start_soon(self._handle_signals)
+                for service in self.services:
+                    await services.start(service.run, self)
+                log.info(
+                    "warren.started",
+                    listeners={f: [_fmt(a) for a in addrs] for f, addrs in self.addresses.items()},
+                    splice=self.pipes is not None,
+                )
+                task_status.started(self)
+                await self._stop.wait()
+                services.cancel_scope.cancel()
+            grace = self.config.global_.grace
+            log.info("warren.stopping", live_connections=len(self.sessions.live), grace=grace)
+            session_nursery.cancel_scope.deadline = trio.current_time() + grace
+        log.info("warren.stopped")
+
+    async def _open_listeners(self, config: Config) -> list[tuple[str, BindAddress, Any]]:
+        """Binds every address of `config` not yet listened on; all or nothing."""
+        wanted = [(f, b) for f in config.frontends for b in f.binds if (f.name, b) not in self._listeners]
+        opened, problems = [], []
+        for frontend, bind in wanted:
+            try:
+                opened.append((frontend.name, bind, await open_listener(bind, frontend.backlog)))
+            except BindError as error:
+                problems.append(f"frontend {frontend.name}: {error}")
+        if problems:
+            for _, _, sock in opened:
+                sock.close()
+            raise StartupError(problems)
+        return opened
+
+    async def _serve_listeners(self, opened, nursery: trio.Nursery) -> None:
+        for name, bind, sock in opened:
+            runtime = self.runtime.frontends[name]
+            scope = await nursery.start(self._run_listener, sock, runtime)
+            self._listeners[(name, bind)] = scope
+            self._bound[(name, bind)] = sock.getsockname()[:2]
+
+    async def _run_listener(self, sock, frontend: FrontendRuntime, *, task_status) -> None:
+        with trio.CancelScope() as scope:
+            await serve_listener(
+                sock, frontend, self.sessions.handle, self._session_nursery,
+                task_status=_Started(task_status, scope),
+            )
+
+    async def _handle_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("warren.signal", signal=signal.Signals(signum).name)
+                    self.stop()
+
+    async def reload(self) -> bool:
+        """Re-reads the config file; returns whether the new config is in force."""
+        path = self.config.path
+        try:
+            config = load_config(path)
+        except ConfigError as error:
+            log.error("config.reload_failed", path=path, errors=[str(p) for p in error.problems])
+            return False
+        try:
+            opened = await self._open_listeners(config)
+        except StartupError as error:
+            log.error("config.reload_failed", path=path, errors=error.problems)
+            return False
+        removed = [key for key in self._listeners if key not in _bind_keys(config)]
+        for key in removed:
+            self._listeners.pop(key).cancel()
+            self._bound.pop(key, None)
+        changes = self.runtime.apply(config)
+        await self._serve_listeners(opened, self._services_nursery)
+        self.config = config
+        logs.configure(config.global_.log_format, config.global_.log_level)
+        for service in self.services:
+            service.reconfigure(config)
+        log.info("config.reloaded", path=path, listeners_closed=[f"{f}/{b}" for f, b in removed], **changes)
+        return True
+
+    def kill_all(self) -> None:
+        self.sessions.kill_all(KillReason.KILLED)
+
+
+def default_services(config: Config) -> list[Service]:
+    """The capabilities that run beside the proxy, in start order."""
+    from .backends.names import NamesService
+
+    return [NamesService(config)]
+
+
+class _Started:
+    """Reports a listener's cancel scope as its start value once it is accepting."""
+
+    def __init__(self, task_status: trio.TaskStatus[Any], scope: trio.CancelScope):
+        self._task_status, self._scope = task_status, scope
+
+    def started(self, value: Any = None) -> None:
+        self._task_status.started(self._scope)
+
+
+def _bind_keys(config: Config) -> set[tuple[str, BindAddress]]:
+    return {(f.name, b) for f in config.frontends for b in f.binds}
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"

@@ -1,0 +1,138 @@
+"""Getting a client a broker: choose a server, queue, connect, retry, redispatch.
+
+HAProxy semantics: a connect failure is retried up to `retries` times on the
+same server; with `redispatch` the last retry goes to another server, so a
+client never sees an error because one broker is dead while another is
+available. When every available server is at its `maxconn`, the client waits
+in the backend's queue for at most `timeout.queue`.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from dataclasses import dataclass
+
+import trio
+
+from ..runtime import BackendRuntime, Connection, ServerRuntime
+
+
+class ConnectFailed(Exception):
+    """No connection to any server; `code` is the termination state."""
+
+    def __init__(self, code: str, reason: str, server: ServerRuntime | None = None):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.server = server
+
+
+@dataclass(slots=True)
+class Timing:
+    """Phase durations in seconds, for the connection log line."""
+
+    queue: float = 0.0
+    connect: float = 0.0
+    retries: int = 0
+    redispatched: bool = False
+
+
+async def connect_to_backend(
+    backend: BackendRuntime, conn: Connection, timing: Timing
+) -> tuple[trio.socket.SocketType, ServerRuntime]:
+    """Connects `conn` to a server of `backend` and attaches it there.
+
+    Returns the connected socket (the caller closes it) and the server. On
+    failure raises ConnectFailed with the termination code ("SC" no server or
+    connect refused, "sC" connect timeout, "sQ" queue timeout); `conn` is then
+    attached to no server.
+    """
+    config = backend.config
+    failed: list[ServerRuntime] = []
+    last_error: ConnectFailed | None = None
+    for attempt in range(config.retries + 1):
+        redispatch = bool(failed) and config.redispatch and attempt == config.retries
+        prefer = None if (redispatch or not failed) else failed[-1]
+        server = await _acquire_server(backend, conn, timing, prefer, failed if redispatch else ())
+        if redispatch and server is not failed[-1]:
+            failed[-1].redispatches += 1
+            timing.redispatched = True
+        if attempt:
+            timing.retries += 1
+            server.retries += 1
+        started = time.monotonic()
+        try:
+            sock = await _open(server, config.timeout.connect)
+        except ConnectFailed as error:
+            timing.connect += time.monotonic() - started
+            server.detach(conn)
+            server.connect_failed()
+            failed.append(server)
+            last_error = error
+            continue
+        timing.connect += time.monotonic() - started
+        server.connect_ok()
+        return sock, server
+    assert last_error is not None
+    raise last_error
+
+
+async def _acquire_server(
+    backend: BackendRuntime,
+    conn: Connection,
+    timing: Timing,
+    prefer: ServerRuntime | None,
+    exclude: tuple[ServerRuntime, ...] | list[ServerRuntime],
+) -> ServerRuntime:
+    """Chooses a server with a free slot and attaches `conn`, queueing while all are full."""
+    queued_at = None
+    deadline = trio.current_time() + backend.config.timeout.queue
+    while True:
+        candidates = backend.candidates()
+        if not candidates:
+            backend.no_server += 1
+            raise ConnectFailed("SC", "no server available")
+        free = [s for s in candidates if s.has_free_slot]
+        if prefer is not None and prefer in free:
+            chosen = prefer
+        else:
+            pool = [s for s in free if s not in exclude] or free
+            chosen = backend.balancer.pick(pool, conn.client[0]) if pool else None
+        if chosen is not None:
+            if queued_at is not None:
+                timing.queue += time.monotonic() - queued_at
+            chosen.attach(conn)
+            conn.server = chosen
+            return chosen
+        if queued_at is None:
+            queued_at = time.monotonic()
+        backend.queue_max = max(backend.queue_max, backend.queue.statistics().tasks_waiting + 1)
+        with trio.move_on_at(deadline):
+            await backend.queue.park()
+            continue
+        timing.queue += time.monotonic() - queued_at
+        backend.queue_timeouts += 1
+        raise ConnectFailed("sQ", "queue timeout: every server at maxconn")
+
+
+async def _open(server: ServerRuntime, timeout: float) -> trio.socket.SocketType:
+    address = server.addresses[0]
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with trio.fail_after(timeout):
+            await sock.connect((address, server.config.port))
+    except trio.TooSlowError:
+        sock.close()
+        raise ConnectFailed("sC", "connect timeout", server) from None
+    except OSError as error:
+        sock.close()
+        reason = errno.errorcode.get(error.errno or 0, str(error))
+        raise ConnectFailed("SC", f"connect failed: {reason}", server) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,206 @@
+"""The validated configuration: frozen objects built once by :mod:`proxy.config.load`.
+
+Nothing here parses or validates; every value is already checked and has its
+final type. Durations are floats in seconds; ``None`` means "off".
+Defaults live here and in ``docs/configuration.md``; keep both in step.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Balance(enum.StrEnum):
+    ROUNDROBIN = "roundrobin"
+    LEASTCONN = "leastconn"
+    FIRST = "first"
+    SOURCE = "source"
+
+
+class SendProxy(enum.StrEnum):
+    NONE = "none"
+    V1 = "v1"
+    V2 = "v2"
+
+
+class CheckKind(enum.StrEnum):
+    TCP = "tcp"
+    AMQP = "amqp"
+    HTTP = "http"
+    WATCH = "watch"
+
+
+class InitState(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"
+
+
+class OnMarkedDown(enum.StrEnum):
+    NONE = "none"
+    SHUTDOWN_SESSIONS = "shutdown-sessions"
+
+
+class OnMarkedUp(enum.StrEnum):
+    NONE = "none"
+    SHUTDOWN_BACKUP_SESSIONS = "shutdown-backup-sessions"
+
+
+class OnError(enum.StrEnum):
+    NONE = "none"
+    FASTINTER = "fastinter"
+    MARK_DOWN = "mark-down"
+
+
+class LogFormat(enum.StrEnum):
+    CONSOLE = "console"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class BindAddress:
+    host: str  # literal IPv4/IPv6 address, "0.0.0.0" / "::" for any
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendTimeouts:
+    client: float | None = None  # idle client side once established
+    client_fin: float | None = None  # half-closed client side
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    name: str
+    binds: tuple[BindAddress, ...]
+    backend: str
+    maxconn: int = 2000
+    backlog: int = 1024
+    timeout: FrontendTimeouts = FrontendTimeouts()
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpCheck:
+    user: str = "guest"
+    password: str = "guest"
+    vhost: str = "/"
+    heartbeat: float = 5.0  # watch connections: heartbeat interval
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCheck:
+    port: int = 15672
+    path: str = "/api/health/checks/alarms"
+    user: str = "guest"
+    password: str = "guest"
+    expect: tuple[int, ...] = (200,)
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A backend's health-check settings (HAProxy's `check inter rise fall ...`)."""
+
+    kinds: tuple[CheckKind, ...] = ()  # empty: no checks, servers count as UP
+    inter: float = 2.0
+    fastinter: float | None = None  # None: same as inter
+    downinter: float | None = None  # None: same as inter
+    rise: int = 2
+    fall: int = 3
+    timeout: float = 2.0
+    spread: float = 0.0  # 0..0.5: random +/- fraction of each interval
+    init_state: InitState = InitState.DOWN
+    on_marked_down: OnMarkedDown = OnMarkedDown.NONE
+    on_marked_up: OnMarkedUp = OnMarkedUp.NONE
+    slowstart: float | None = None
+    error_limit: int = 10
+    on_error: OnError = OnError.FASTINTER
+    amqp: AmqpCheck = AmqpCheck()
+    http: HttpCheck = HttpCheck()
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    name: str
+    address: str  # literal IP or DNS name
+    port: int
+    weight: int = 1
+    maxconn: int = 0  # 0: no limit
+    backup: bool = False
+    send_proxy: SendProxy = SendProxy.NONE
+    check: bool = True  # False: never checked, always counts as UP
+    check_port: int | None = None  # None: the server's port (amqp/tcp/watch)
+    http_port: int | None = None  # None: the backend's health.http.port
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTimeouts:
+    connect: float = 5.0
+    queue: float = 5.0
+    server: float | None = None  # idle server side once established
+    tunnel: float | None = None  # idle in both directions; overrides client/server
+    server_fin: float | None = None  # half-closed server side
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    servers: tuple[Server, ...]
+    balance: Balance = Balance.ROUNDROBIN
+    retries: int = 3
+    redispatch: bool = True
+    timeout: BackendTimeouts = BackendTimeouts()
+    health: Health = Health()
+
+    def server(self, name: str) -> Server:
+        for server in self.servers:
+            if server.name == name:
+                return server
+        raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolvers:
+    nameservers: tuple[BindAddress, ...] = ()  # empty: the system's resolv.conf
+    interval: float = 30.0  # re-resolve DNS server addresses this often
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """The HTTP stats page (`[stats]`); absent from the file means no page."""
+
+    binds: tuple[BindAddress, ...]
+    users: tuple[tuple[str, str], ...]  # (user, password or "scrypt$..." hash)
+    uri: str = "/"
+    realm: str = "Warren statistics"
+    refresh: float | None = 10.0  # None: no auto-refresh
+    admin: bool = False
+    hide_version: bool = False
+    metrics_auth: bool = True  # False: /metrics without credentials
+
+
+@dataclass(frozen=True, slots=True)
+class Global:
+    log_format: LogFormat = LogFormat.CONSOLE
+    log_level: str = "info"
+    grace: float = 30.0  # SIGTERM: how long live connections may finish
+    control_socket: str | None = None  # `warren ctl` UNIX socket path
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    global_: Global = Global()
+    resolvers: Resolvers = Resolvers()
+    frontends: tuple[Frontend, ...] = ()
+    backends: tuple[Backend, ...] = field(default=())
+    stats: Stats | None = None
+
+    def backend(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)

@@ -1,0 +1,162 @@
+"""One client connection's life: choose and connect a broker, relay, log.
+
+Termination states follow HAProxy's tcplog (two letters): the first says who
+or what ended the connection, the second in which phase.
+
+    --  both sides closed normally
+    CD  client aborted (reset) while data flowed    SD  the broker did
+    cD  client idle / client-fin timeout            sD  server side timeout
+    SC  no server, or connect refused by the server
+    sC  connect timeout                             sQ  queue timeout
+    KD  killed by an operator or at the end of the stop grace period
+    DD  its server was marked down (shutdown-sessions)
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import structlog
+import trio
+
+from ..backends.connect import ConnectFailed, Timing, connect_to_backend
+from ..backends.proxy_protocol import encode as encode_proxy_header
+from ..config.model import SendProxy
+from ..runtime import Connection, FrontendRuntime, KillReason, Runtime
+from .pipes import PipePool
+from .relay import Ending, Timeouts, Traffic, relay
+
+log = structlog.get_logger("warren.session")
+
+_ENDINGS = {
+    Ending.NORMAL: "--",
+    Ending.CLIENT_ABORT: "CD",
+    Ending.SERVER_ABORT: "SD",
+    Ending.CLIENT_TIMEOUT: "cD",
+    Ending.SERVER_TIMEOUT: "sD",
+}
+
+
+class Sessions:
+    """Runs client sessions for all frontends; holds what they share."""
+
+    def __init__(self, runtime: Runtime, pipes: PipePool | None, log_connections: bool = True):
+        self.runtime = runtime
+        self.pipes = pipes
+        self.log_connections = log_connections
+        self.live: set[Connection] = set()
+
+    def kill_all(self, reason: KillReason) -> None:
+        for conn in list(self.live):
+            conn.kill(reason)
+
+    async def handle(
+        self, client: trio.socket.SocketType, frontend: FrontendRuntime, slot: object
+    ) -> None:
+        """Serves one accepted client; always closes it and frees its frontend slot."""
+        started = time.monotonic()
+        try:
+            peer = client.getpeername()
+        except OSError:  # already reset by the peer
+            client.close()
+            frontend.limiter.release_on_behalf_of(slot)
+            return
+        tune_accepted(client)
+        conn = Connection(self.runtime.new_connection_id(), peer[:2], frontend.name, Traffic())
+        frontend.current += 1
+        frontend.total_sessions += 1
+        frontend.max_sessions = max(frontend.max_sessions, frontend.current)
+        self.live.add(conn)
+        timing = Timing()
+        termination = "--"
+        reason = None
+        server_sock = None
+        try:
+            with trio.CancelScope() as scope:
+                conn.cancel_scope = scope
+                termination, reason, server_sock = await self._serve(client, frontend, conn, timing)
+            if scope.cancelled_caught:
+                termination = (conn.kill_reason or KillReason.KILLED).value + "D"
+        finally:
+            with trio.CancelScope(shield=True):
+                client.close()
+                if server_sock is not None:
+                    server_sock.close()
+                if conn.server is not None:
+                    conn.server.detach(conn)
+                self.live.discard(conn)
+                frontend.current -= 1
+                frontend.limiter.release_on_behalf_of(slot)
+                if self.log_connections:
+                    self._log_closed(conn, timing, termination, reason, started)
+
+    async def _serve(self, client, frontend, conn, timing):
+        """Returns (termination, reason, server socket or None)."""
+        backend = self.runtime.backends[frontend.config.backend]
+        conn.backend = backend
+        backend.total_sessions += 1
+        try:
+            server_sock, server = await connect_to_backend(backend, conn, timing)
+        except ConnectFailed as failure:
+            if failure.code == "SC" and failure.server is None:
+                log.warning(
+                    "backend.no_server", backend=backend.name, client=_addr(conn.client),
+                    servers=len(backend.servers),
+                )
+            return failure.code, failure.reason, None
+        config = server.config
+        if config.send_proxy is not SendProxy.NONE:
+            local = client.getsockname()[:2]
+            header = encode_proxy_header(config.send_proxy.value, conn.client, local)
+            await _send_all(server_sock, header)
+        timeouts = Timeouts(
+            client=frontend.config.timeout.client,
+            client_fin=frontend.config.timeout.client_fin,
+            server=backend.config.timeout.server,
+            tunnel=backend.config.timeout.tunnel,
+            server_fin=backend.config.timeout.server_fin,
+        )
+        ending = await relay(client, server_sock, conn.traffic, timeouts, pipes=self.pipes)
+        return _ENDINGS[ending], None, server_sock
+
+    def _log_closed(self, conn, timing, termination, reason, started) -> None:
+        total = time.monotonic() - started
+        fields = dict(
+            conn=conn.id,
+            client=_addr(conn.client),
+            frontend=conn.frontend,
+            backend=conn.backend.name if conn.backend else None,
+            server=conn.server.name if conn.server else None,
+            tw_ms=round(timing.queue * 1000),
+            tc_ms=round(timing.connect * 1000),
+            tt_ms=round(total * 1000),
+            bytes_in=conn.traffic.bytes_in,
+            bytes_out=conn.traffic.bytes_out,
+            termination=termination,
+            retries=timing.retries,
+            redispatched=timing.redispatched,
+        )
+        if reason:
+            fields["reason"] = reason
+        log.info("connection.closed", **fields)
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+def _addr(address: tuple[str, int]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tune_accepted(sock: trio.socket.SocketType) -> None:
+    """AMQP frames are small and latency matters: no Nagle on either side."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass

@@ -1,0 +1,457 @@
+"""The live model: one place owns servers, states and counters.
+
+Everything that changes while Warren runs (sessions per server, bytes, health
+and admin state, weights) lives in the objects of this module. Writers are the
+proxy itself (sessions), the health checkers and the control surfaces (stats
+page, `warren ctl`); readers get immutable snapshots from
+:meth:`Runtime.statistics` and never reach into live state.
+
+Everything here runs on the trio thread; nothing is locked.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import trio
+
+from . import __version__
+from .backends.lb import make_balancer
+from .config.model import Backend, Config, Frontend, InitState, Server
+
+if TYPE_CHECKING:
+    from .frontends.relay import Traffic
+
+
+class AdminState(enum.StrEnum):
+    READY = "READY"
+    DRAIN = "DRAIN"  # no new connections, existing ones stay
+    MAINT = "MAINT"  # no new connections, not checked
+
+
+class KillReason(enum.StrEnum):
+    """First letter of the termination state of a connection ended from outside."""
+
+    KILLED = "K"  # by an operator, or at stop when the grace period is over
+    SERVER_DOWN = "D"  # its server was marked down (shutdown-sessions)
+
+
+class Connection:
+    """One proxied client connection, as long as it lives."""
+
+    __slots__ = (
+        "id", "client", "frontend", "backend", "server", "traffic",
+        "started", "cancel_scope", "kill_reason",
+    )
+
+    def __init__(self, conn_id: int, client: tuple[str, int], frontend: str, traffic: Traffic):
+        self.id = conn_id
+        self.client = client
+        self.frontend = frontend
+        self.backend: BackendRuntime | None = None
+        self.server: ServerRuntime | None = None
+        self.traffic = traffic
+        self.started = time.monotonic()
+        self.cancel_scope: trio.CancelScope | None = None
+        self.kill_reason: KillReason | None = None
+
+    def kill(self, reason: KillReason) -> None:
+        """Ends the connection from outside; the session logs `reason`."""
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+
+class ServerRuntime:
+    """A server's live state. Its config is replaced on reload; state stays."""
+
+    def __init__(self, backend: BackendRuntime, config: Server, now: float):
+        self.backend = backend
+        self.config = config
+        self.addresses: tuple[str, ...] = (config.address,) if _is_ip(config.address) else ()
+        self.admin_weight = config.weight
+        self.slowstart: tuple[float, float] | None = None  # (since, duration) while ramping up
+        self.admin = AdminState.READY
+        checked = config.check and bool(backend.config.health.kinds)
+        self.checked = checked
+        self.up = (not checked) or backend.config.health.init_state is InitState.UP
+        self.status = ("UP" if self.up else "DOWN") if checked else "no check"
+        self.last_check: Any = None  # health.results.CheckResult once checked
+        self.last_change = now
+        self.downtime = 0.0
+        self.check_failures = 0
+        self.down_transitions = 0
+        self.connections: set[Connection] = set()
+        self.max_sessions = 0
+        self.total_sessions = 0
+        self.closed_bytes_in = 0
+        self.closed_bytes_out = 0
+        self.connect_errors = 0
+        self.retries = 0
+        self.redispatches = 0
+        self.observer: Any = None  # health's passive observer: connect_failed()/connect_ok()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def weight(self) -> int:
+        """The weight balancing uses: the admin weight, ramped during slowstart."""
+        if self.slowstart is None or self.admin_weight == 0:
+            return self.admin_weight
+        since, duration = self.slowstart
+        fraction = (time.monotonic() - since) / duration
+        if fraction >= 1:
+            self.slowstart = None
+            return self.admin_weight
+        return max(1, int(self.admin_weight * fraction))
+
+    @weight.setter
+    def weight(self, value: int) -> None:
+        self.admin_weight = value
+
+    @property
+    def current_sessions(self) -> int:
+        return len(self.connections)
+
+    @property
+    def available(self) -> bool:
+        """May take new connections (ignoring its maxconn)."""
+        return self.up and self.admin is AdminState.READY and self.weight > 0 and bool(self.addresses)
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.config.maxconn == 0 or len(self.connections) < self.config.maxconn
+
+    def set_health(self, up: bool, status: str, now: float) -> bool:
+        """Records a health verdict; returns True when up/down changed."""
+        self.status = status
+        if up == self.up:
+            return False
+        if up:
+            self.downtime += now - self.last_change
+        else:
+            self.down_transitions += 1
+        self.up = up
+        self.last_change = now
+        return True
+
+    def recheck_settings(self, backend: Backend) -> None:
+        """After a reload: a server no longer checked counts as UP."""
+        self.checked = self.config.check and bool(backend.health.kinds)
+        if not self.checked:
+            self.up, self.status, self.last_check = True, "no check", None
+
+    def connect_failed(self) -> None:
+        self.connect_errors += 1
+        if self.observer is not None:
+            self.observer.connect_failed(self)
+
+    def connect_ok(self) -> None:
+        if self.observer is not None:
+            self.observer.connect_ok(self)
+
+    def set_admin(self, state: AdminState, now: float) -> None:
+        if state is not self.admin:
+            self.admin = state
+            self.last_change = now
+
+    def attach(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.total_sessions += 1
+        self.max_sessions = max(self.max_sessions, len(self.connections))
+
+    def detach(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.closed_bytes_in += conn.traffic.bytes_in
+            self.closed_bytes_out += conn.traffic.bytes_out
+            self.backend.slot_freed()
+
+    def kill_sessions(self, reason: KillReason) -> int:
+        victims = list(self.connections)
+        for conn in victims:
+            conn.kill(reason)
+        return len(victims)
+
+    def bytes_totals(self) -> tuple[int, int]:
+        live_in = sum(c.traffic.bytes_in for c in self.connections)
+        live_out = sum(c.traffic.bytes_out for c in self.connections)
+        return self.closed_bytes_in + live_in, self.closed_bytes_out + live_out
+
+
+class BackendRuntime:
+    def __init__(self, config: Backend, now: float):
+        self.config = config
+        self.servers: dict[str, ServerRuntime] = {
+            s.name: ServerRuntime(self, s, now) for s in config.servers
+        }
+        self.balancer = make_balancer(config.balance)
+        self.queue = trio.lowlevel.ParkingLot()
+        self.queue_max = 0
+        self.total_sessions = 0
+        self.no_server = 0
+        self.queue_timeouts = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def slot_freed(self) -> None:
+        self.queue.unpark()
+
+    def reconfigure(self, config: Backend, now: float) -> tuple[list[str], list[str]]:
+        """Applies a reloaded backend; servers keep their live state by name.
+
+        Returns (added, removed) server names. Removed servers' connections
+        stay open until they end on their own (like HAProxy's old process).
+        """
+        old, old_balance = self.servers, self.config.balance
+        self.config = config  # new servers read their health settings from it
+        self.servers = {}
+        for server_config in config.servers:
+            server = old.get(server_config.name)
+            if server is None:
+                server = ServerRuntime(self, server_config, now)
+            else:
+                if server.config.weight != server_config.weight:
+                    server.admin_weight = server_config.weight
+                if server.config.address != server_config.address:
+                    server.addresses = (server_config.address,) if _is_ip(server_config.address) else ()
+                server.config = server_config
+                server.recheck_settings(config)
+            self.servers[server_config.name] = server
+        if config.balance != old_balance:
+            self.balancer = make_balancer(config.balance)
+        self.queue.unpark_all()  # a new server may have free slots
+        added = [n for n in self.servers if n not in old]
+        removed = [n for n in old if n not in self.servers]
+        return added, removed
+
+    def candidates(self) -> list[ServerRuntime]:
+        """Servers that may take a new connection now: active ones, else backups."""
+        active = [s for s in self.servers.values() if s.available and not s.config.backup]
+        if active:
+            return active
+        return [s for s in self.servers.values() if s.available and s.config.backup]
+
+
+class FrontendRuntime:
+    def __init__(self, config: Frontend):
+        self.config = config
+        self.limiter = trio.CapacityLimiter(config.maxconn)
+        self.current = 0
+        self.max_sessions = 0
+        self.total_sessions = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def reconfigure(self, config: Frontend) -> None:
+        self.config = config
+        self.limiter.total_tokens = config.maxconn
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStats:
+    backend: str
+    name: str
+    address: str
+    port: int
+    status: str
+    up: bool
+    admin: str
+    weight: int
+    backup: bool
+    checked: bool
+    last_check: Any
+    last_change: float  # seconds in the current state
+    downtime: float
+    check_failures: int
+    down_transitions: int
+    current_sessions: int
+    max_sessions: int
+    limit: int
+    total_sessions: int
+    bytes_in: int
+    bytes_out: int
+    connect_errors: int
+    retries: int
+    redispatches: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStats:
+    name: str
+    balance: str
+    servers: tuple[ServerStats, ...]
+    active_servers: int
+    backup_servers: int
+    current_sessions: int
+    total_sessions: int
+    queue_current: int
+    queue_max: int
+    no_server: int
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendStats:
+    name: str
+    binds: tuple[str, ...]
+    backend: str
+    current_sessions: int
+    max_sessions: int
+    limit: int
+    total_sessions: int
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    version: str
+    pid: int
+    uptime: float
+    frontends: tuple[FrontendStats, ...]
+    backends: tuple[BackendStats, ...]
+    extra: dict[str, Any] = field(default_factory=dict)  # vip, ... by later capabilities
+
+
+class Runtime:
+    """Owns the live state built from a :class:`Config`; see the module docstring."""
+
+    def __init__(self, config: Config):
+        now = time.monotonic()
+        self.config = config
+        self.started = now
+        self.frontends = {f.name: FrontendRuntime(f) for f in config.frontends}
+        self.backends = {b.name: BackendRuntime(b, now) for b in config.backends}
+        self._next_id = 0
+        self.extra_statistics: dict[str, Any] = {}  # name -> callable returning a snapshot
+
+    def new_connection_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def servers(self) -> Iterator[ServerRuntime]:
+        for backend in self.backends.values():
+            yield from backend.servers.values()
+
+    def server(self, backend: str, server: str) -> ServerRuntime:
+        """Raises KeyError naming what is unknown."""
+        try:
+            return self.backends[backend].servers[server]
+        except KeyError:
+            raise KeyError(f"no server {backend}/{server}") from None
+
+    def apply(self, config: Config) -> dict[str, Any]:
+        """Applies a reloaded config; health and admin state survive."""
+        now = time.monotonic()
+        changes: dict[str, Any] = {"servers_added": [], "servers_removed": []}
+        backends = {}
+        for backend_config in config.backends:
+            backend = self.backends.get(backend_config.name)
+            if backend is None:
+                backend = BackendRuntime(backend_config, now)
+                changes["servers_added"] += [f"{backend.name}/{n}" for n in backend.servers]
+            else:
+                added, removed = backend.reconfigure(backend_config, now)
+                changes["servers_added"] += [f"{backend.name}/{n}" for n in added]
+                changes["servers_removed"] += [f"{backend.name}/{n}" for n in removed]
+            backends[backend_config.name] = backend
+        frontends = {}
+        for frontend_config in config.frontends:
+            frontend = self.frontends.get(frontend_config.name) or FrontendRuntime(frontend_config)
+            frontend.reconfigure(frontend_config)
+            frontends[frontend_config.name] = frontend
+        self.backends, self.frontends, self.config = backends, frontends, config
+        return changes
+
+    def statistics(self) -> Statistics:
+        now = time.monotonic()
+        return Statistics(
+            version=__version__,
+            pid=os.getpid(),
+            uptime=now - self.started,
+            frontends=tuple(_frontend_stats(f) for f in self.frontends.values()),
+            backends=tuple(_backend_stats(b, now) for b in self.backends.values()),
+            extra={name: snap() for name, snap in self.extra_statistics.items()},
+        )
+
+
+def _server_stats(server: ServerRuntime, now: float) -> ServerStats:
+    bytes_in, bytes_out = server.bytes_totals()
+    downtime = server.downtime + (0.0 if server.up else now - server.last_change)
+    return ServerStats(
+        backend=server.backend.name,
+        name=server.name,
+        address=server.addresses[0] if server.addresses else server.config.address,
+        port=server.config.port,
+        status=server.status,
+        up=server.up,
+        admin=server.admin.value,
+        weight=server.weight,
+        backup=server.config.backup,
+        checked=server.checked,
+        last_check=server.last_check,
+        last_change=now - server.last_change,
+        downtime=downtime if server.checked else 0.0,
+        check_failures=server.check_failures,
+        down_transitions=server.down_transitions,
+        current_sessions=server.current_sessions,
+        max_sessions=server.max_sessions,
+        limit=server.config.maxconn,
+        total_sessions=server.total_sessions,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        connect_errors=server.connect_errors,
+        retries=server.retries,
+        redispatches=server.redispatches,
+    )
+
+
+def _backend_stats(backend: BackendRuntime, now: float) -> BackendStats:
+    servers = tuple(_server_stats(s, now) for s in backend.servers.values())
+    return BackendStats(
+        name=backend.name,
+        balance=backend.config.balance.value,
+        servers=servers,
+        active_servers=sum(1 for s in backend.servers.values() if s.available and not s.config.backup),
+        backup_servers=sum(1 for s in backend.servers.values() if s.available and s.config.backup),
+        current_sessions=sum(s.current_sessions for s in servers),
+        total_sessions=backend.total_sessions,
+        queue_current=backend.queue.statistics().tasks_waiting,
+        queue_max=backend.queue_max,
+        no_server=backend.no_server,
+        bytes_in=sum(s.bytes_in for s in servers),
+        bytes_out=sum(s.bytes_out for s in servers),
+    )
+
+
+def _frontend_stats(frontend: FrontendRuntime) -> FrontendStats:
+    return FrontendStats(
+        name=frontend.name,
+        binds=tuple(str(b) for b in frontend.config.binds),
+        backend=frontend.config.backend,
+        current_sessions=frontend.current,
+        max_sessions=frontend.max_sessions,
+        limit=frontend.config.maxconn,
+        total_sessions=frontend.total_sessions,
+    )
+
+
+def _is_ip(address: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True

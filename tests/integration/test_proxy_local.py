@@ -1,0 +1,281 @@
+"""The proxy end to end on loopback, against fake backends (TCP behaviour only).
+
+Real-broker behaviour is covered in test_rabbit_proxy.py; here each test pins
+one TCP-level rule: balancing, retries/redispatch, queueing, limits, kills,
+PROXY protocol, stop.
+"""
+
+from collections import Counter
+
+import pytest
+import structlog
+import trio
+
+from proxy.backends.proxy_protocol import parse as parse_proxy_header
+from proxy.config.model import SendProxy
+from proxy.runtime import AdminState, KillReason
+from tests.proxyutil import (
+    connect_and_greet, dead_port, front, make_config, read_line, serve_named, server,
+    start_warren,
+)
+
+pytestmark = pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+
+
+async def named_servers(nursery, names):
+    return {name: await nursery.start(serve_named, name) for name in names}
+
+
+async def test_roundrobin_spreads_by_weight(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "abc")
+            config = make_config([server(n, p, weight=w) for (n, p), w in zip(ports.items(), (1, 2, 3))])
+            app = await start_warren(nursery, config, splice=splice)
+            seen = Counter()
+            for _ in range(60):
+                stream, name = await connect_and_greet(app)
+                seen[name] += 1
+                await stream.aclose()
+            assert seen == {"a": 10, "b": 20, "c": 30}
+            nursery.cancel_scope.cancel()
+
+
+async def test_data_flows_both_ways_and_is_counted(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            stream, _ = await connect_and_greet(app)
+            payload = bytes(range(256)) * 4096  # 1 MiB
+            async with trio.open_nursery() as io:
+                io.start_soon(stream.send_all, payload)
+                echoed = b""
+                while len(echoed) < len(payload):
+                    echoed += await stream.receive_some(65536)
+            assert echoed == payload
+            stats = app.runtime.statistics().backends[0].servers[0]
+            assert stats.bytes_in == len(payload)
+            assert stats.bytes_out == len(payload) + len(b"a\n")
+            assert stats.current_sessions == 1
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_dead_server_is_redispatched_without_client_error(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "b")
+            config = make_config([server("dead", dead_port()), server("b", ports["b"])], retries=2)
+            app = await start_warren(nursery, config, splice=splice)
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(4):
+                    stream, name = await connect_and_greet(app)
+                    assert name == "b"
+                    await stream.aclose()
+                await _wait_for(lambda: len(_closed(logs)) == 4)
+            redispatched = [e for e in _closed(logs) if e["redispatched"]]
+            assert redispatched and all(e["retries"] == 2 and e["server"] == "b" for e in redispatched)
+            dead = app.runtime.server("be", "dead")
+            assert dead.connect_errors == 2 * len(redispatched)
+            assert dead.redispatches == len(redispatched)
+            nursery.cancel_scope.cancel()
+
+
+async def test_all_servers_dead_closes_client_with_sc(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_warren(nursery, make_config([server("x", dead_port())], retries=1), splice=splice)
+            with structlog.testing.capture_logs() as logs:
+                stream = await trio.open_tcp_stream(*front(app))
+                assert await stream.receive_some(10) == b""
+                await _wait_for(lambda: _closed(logs))
+            assert _closed(logs)[0]["termination"] == "SC"
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_available_server_accepts_then_closes_and_logs_why(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            app.runtime.server("be", "a").set_admin(AdminState.MAINT, trio.current_time())
+            with structlog.testing.capture_logs() as logs:
+                stream = await trio.open_tcp_stream(*front(app))
+                assert await stream.receive_some(10) == b""
+                await _wait_for(lambda: _closed(logs))
+            assert any(e["event"] == "backend.no_server" and e["backend"] == "be" for e in logs)
+            assert _closed(logs)[0]["termination"] == "SC"
+            nursery.cancel_scope.cancel()
+
+
+async def test_backup_used_only_when_no_active_server(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, ["act", "bak"])
+            config = make_config([server("act", ports["act"]), server("bak", ports["bak"], backup=True)])
+            app = await start_warren(nursery, config, splice=splice)
+            for _ in range(3):
+                stream, name = await connect_and_greet(app)
+                assert name == "act"
+                await stream.aclose()
+            app.runtime.server("be", "act").set_admin(AdminState.DRAIN, trio.current_time())
+            stream, name = await connect_and_greet(app)
+            assert name == "bak"
+            nursery.cancel_scope.cancel()
+
+
+async def test_drained_server_keeps_existing_connections(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "ab")
+            app = await start_warren(nursery, make_config([server(n, p) for n, p in ports.items()]), splice=splice)
+            kept, first = await connect_and_greet(app)
+            app.runtime.server("be", first).set_admin(AdminState.DRAIN, trio.current_time())
+            for _ in range(4):
+                stream, name = await connect_and_greet(app)
+                assert name != first
+                await stream.aclose()
+            await kept.send_all(b"still here\n")
+            assert await read_line(kept) == "still here"
+            nursery.cancel_scope.cancel()
+
+
+async def test_server_maxconn_queues_until_a_slot_frees(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"], maxconn=1)]), splice=splice)
+            first, _ = await connect_and_greet(app)
+            second = await trio.open_tcp_stream(*front(app))
+            await _wait_for(lambda: app.runtime.statistics().backends[0].queue_current == 1)
+            await first.aclose()
+            assert await read_line(second) == "a"
+            assert app.runtime.statistics().backends[0].queue_max == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_queue_timeout_closes_client_with_sq(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            config = make_config([server("a", ports["a"], maxconn=1)], queue=0.2)
+            app = await start_warren(nursery, config, splice=splice)
+            first, _ = await connect_and_greet(app)
+            with structlog.testing.capture_logs() as logs:
+                second = await trio.open_tcp_stream(*front(app))
+                assert await second.receive_some(10) == b""
+                await _wait_for(lambda: _closed(logs))
+            assert _closed(logs)[0]["termination"] == "sQ"
+            nursery.cancel_scope.cancel()
+
+
+async def test_frontend_maxconn_holds_extra_clients_in_backlog_not_reset(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])], maxconn=1), splice=splice)
+            first, _ = await connect_and_greet(app)
+            second = await trio.open_tcp_stream(*front(app))  # completes in the kernel backlog
+            with trio.move_on_after(0.3) as waited:
+                await second.receive_some(10)
+            assert waited.cancelled_caught, "second client was served beyond maxconn"
+            await first.aclose()
+            assert await read_line(second) == "a"
+            nursery.cancel_scope.cancel()
+
+
+async def test_half_close_is_propagated(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            stream, _ = await connect_and_greet(app)
+            await stream.send_all(b"last words\n")
+            await stream.send_eof()
+            assert await read_line(stream) == "last words"
+            assert await stream.receive_some(10) == b""  # the echo server closed after our EOF
+            nursery.cancel_scope.cancel()
+
+
+async def test_killed_sessions_are_closed_and_logged_kd(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            stream, _ = await connect_and_greet(app)
+            with structlog.testing.capture_logs() as logs:
+                assert app.runtime.server("be", "a").kill_sessions(KillReason.KILLED) == 1
+                assert await stream.receive_some(10) == b""
+                await _wait_for(lambda: _closed(logs))
+            assert _closed(logs)[0]["termination"] == "KD"
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("version", [SendProxy.V1, SendProxy.V2])
+async def test_proxy_protocol_header_carries_client_address(splice, version):
+    received = trio.Event()
+    headers = []
+
+    async def broker(stream):
+        data = b""
+        while (parsed := parse_proxy_header(data)) is None:
+            data += await stream.receive_some(256)
+        headers.append(parsed[0])
+        received.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, broker, 0)
+            port = listeners[0].socket.getsockname()[1]
+            app = await start_warren(nursery, make_config([server("a", port, send_proxy=version)]), splice=splice)
+            client = await trio.open_tcp_stream(*front(app))
+            await received.wait()
+            header = headers[0]
+            assert header.src == client.socket.getsockname()[:2]
+            assert header.dst == front(app)
+            nursery.cancel_scope.cancel()
+
+
+async def test_stop_closes_listeners_and_lets_connections_finish(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])], grace=30), splice=splice)
+            stream, _ = await connect_and_greet(app)
+            address = front(app)
+            app.stop()
+            await _wait_for_refused(address)
+            await stream.send_all(b"ping\n")
+            assert await read_line(stream) == "ping"
+            nursery.cancel_scope.cancel()
+
+
+async def test_stop_kills_what_outlives_the_grace_period(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])], grace=0.2), splice=splice)
+            stream, _ = await connect_and_greet(app)
+            app.stop()
+            assert await stream.receive_some(10) == b""
+            nursery.cancel_scope.cancel()
+
+
+def _closed(logs):
+    return [e for e in logs if e["event"] == "connection.closed"]
+
+
+async def _wait_for(predicate, step=0.01):
+    while not predicate():
+        await trio.sleep(step)
+
+
+async def _wait_for_refused(address):
+    while True:
+        try:
+            stream = await trio.open_tcp_stream(*address)
+        except OSError:
+            return
+        await stream.aclose()
+        await trio.sleep(0.01)

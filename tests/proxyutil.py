@@ -1,0 +1,91 @@
+"""Helpers for running Warren in-process against small fake backends on loopback."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+import trio
+
+from proxy.app import App
+from proxy.config.model import (
+    Backend, BackendTimeouts, Balance, BindAddress, Config, Frontend, Global, Server,
+)
+
+
+async def serve_named(name: str, *, task_status=trio.TASK_STATUS_IGNORED):
+    """A fake broker: greets each client with its name and a newline, then echoes."""
+
+    async def handler(stream):
+        try:
+            await stream.send_all(name.encode() + b"\n")
+            async for data in stream:
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        task_status.started(port)
+        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on (connects are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def make_config(servers, *, balance="roundrobin", retries=3, redispatch=True,
+                maxconn=2000, queue=5.0, connect=2.0, grace=30.0, **backend_kw) -> Config:
+    backend = Backend(
+        name="be",
+        servers=tuple(servers),
+        balance=Balance(balance),
+        retries=retries,
+        redispatch=redispatch,
+        timeout=BackendTimeouts(connect=connect, queue=queue),
+        **backend_kw,
+    )
+    frontend = Frontend(name="fe", binds=(BindAddress("127.0.0.1", 0),), backend="be", maxconn=maxconn)
+    return Config(path="<test>", global_=Global(grace=grace), frontends=(frontend,), backends=(backend,))
+
+
+def server(name: str, port: int, **kw) -> Server:
+    return Server(name=name, address="127.0.0.1", port=port, **kw)
+
+
+async def start_warren(nursery: trio.Nursery, config: Config, **kw) -> App:
+    app = App(config, handle_signals=False, **kw)
+    await nursery.start(app.serve)
+    return app
+
+
+def front(app: App) -> tuple[str, int]:
+    return app.addresses["fe"][0]
+
+
+async def connect_and_greet(app: App) -> tuple[trio.SocketStream, str]:
+    """Connects a client through Warren and reads the backend's name line."""
+    stream = await trio.open_tcp_stream(*front(app))
+    name = await read_line(stream)
+    return stream, name
+
+
+async def read_line(stream) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(256)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    return data.decode().strip()
+
+
+def with_servers(config: Config, servers) -> Config:
+    backend = replace(config.backends[0], servers=tuple(servers))
+    return replace(config, backends=(backend,))
