@@ -76,11 +76,11 @@ class App:
         opened = await self._open_listeners(self.config)  # before any nursery: a plain error
         async with trio.open_nursery() as session_nursery:
             self._session_nursery = session_nursery
+            if self.handle_signals:  # here, so a second SIGTERM works while draining
+                session_nursery.start_soon(self._handle_signals, session_nursery.cancel_scope)
             async with trio.open_nursery() as services:
                 self._services_nursery = services
                 await self._serve_listeners(opened, services)
-                if self.handle_signals:
-                    services.start_soon(self._handle_signals)
                 for service in self.services:
                     await services.start(service.run, self)
                 log.info(
@@ -94,6 +94,10 @@ class App:
             grace = self.config.global_.grace
             log.info("warren.stopping", live_connections=len(self.sessions.live), grace=grace)
             session_nursery.cancel_scope.deadline = trio.current_time() + grace
+            if not self.sessions.live:
+                session_nursery.cancel_scope.cancel()  # only the signal handler is left
+            else:
+                session_nursery.start_soon(self._cancel_when_drained, session_nursery.cancel_scope)
         log.info("warren.stopped")
 
     async def _open_listeners(self, config: Config) -> list[tuple[str, BindAddress, Any]]:
@@ -125,14 +129,22 @@ class App:
                 task_status=_Started(task_status, scope),
             )
 
-    async def _handle_signals(self) -> None:
+    async def _cancel_when_drained(self, scope: trio.CancelScope) -> None:
+        while self.sessions.live:
+            await self.sessions.drained.wait()
+        scope.cancel()
+
+    async def _handle_signals(self, everything: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.reload()
-                else:
-                    log.info("warren.signal", signal=signal.Signals(signum).name)
-                    self.stop()
+                    if not self._stop.is_set():
+                        await self.reload()
+                    continue
+                log.info("warren.signal", signal=signal.Signals(signum).name)
+                if self._stop.is_set():  # a second one while draining: stop now
+                    everything.cancel()
+                self.stop()
 
     async def reload(self) -> bool:
         """Re-reads the config file; returns whether the new config is in force."""

@@ -95,6 +95,7 @@ class ServerRuntime:
         self.retries = 0
         self.redispatches = 0
         self.observer: Any = None  # health's passive observer: connect_failed()/connect_ok()
+        self.counter_state: Any = None  # health counter kept across a reload
 
     @property
     def name(self) -> str:

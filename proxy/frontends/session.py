@@ -46,6 +46,7 @@ class Sessions:
         self.pipes = pipes
         self.log_connections = log_connections
         self.live: set[Connection] = set()
+        self.drained = trio.Event()  # set (and replaced) whenever live becomes empty
 
     def kill_all(self, reason: KillReason) -> None:
         for conn in list(self.live):
@@ -78,6 +79,9 @@ class Sessions:
                 termination, reason, server_sock = await self._serve(client, frontend, conn, timing)
             if scope.cancelled_caught:
                 termination = (conn.kill_reason or KillReason.KILLED).value + "D"
+        except* trio.Cancelled:  # the stop grace period is over (a nursery may group it)
+            termination = KillReason.KILLED.value + "D"
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 client.close()
@@ -86,6 +90,9 @@ class Sessions:
                 if conn.server is not None:
                     conn.server.detach(conn)
                 self.live.discard(conn)
+                if not self.live:
+                    self.drained.set()
+                    self.drained = trio.Event()
                 frontend.current -= 1
                 frontend.limiter.release_on_behalf_of(slot)
                 if self.log_connections:
