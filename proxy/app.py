@@ -27,6 +27,8 @@ from .runtime import FrontendRuntime, KillReason, Runtime
 
 log = structlog.get_logger("warren.app")
 
+_STOPPING_BUDGET = 5.0  # seconds services may take to hand over before listeners close
+
 
 class StartupError(Exception):
     """Warren could not start; `problems` lists every reason."""
@@ -42,6 +44,10 @@ class Service(Protocol):
     async def run(self, app: App, *, task_status: trio.TaskStatus[None]) -> None: ...
 
     def reconfigure(self, config: Config) -> None: ...
+
+    # Optional: `async def stopping(self) -> None`, awaited (shielded, bounded)
+    # when a stop begins, before the listeners close: the floating IP is
+    # handed over first so clients go to the peer, not to a closed port.
 
 
 class App:
@@ -90,6 +96,7 @@ class App:
                 )
                 task_status.started(self)
                 await self._stop.wait()
+                await self._announce_stop()
                 services.cancel_scope.cancel()
             grace = self.config.global_.grace
             log.info("warren.stopping", live_connections=len(self.sessions.live), grace=grace)
@@ -128,6 +135,13 @@ class App:
                 sock, frontend, self.sessions.handle, self._session_nursery,
                 task_status=_Started(task_status, scope),
             )
+
+    async def _announce_stop(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(_STOPPING_BUDGET):
+            for service in self.services:
+                stopping = getattr(service, "stopping", None)
+                if stopping is not None:
+                    await stopping()
 
     async def _cancel_when_drained(self, scope: trio.CancelScope) -> None:
         while self.sessions.live:

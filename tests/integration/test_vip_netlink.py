@@ -1,0 +1,506 @@
+"""The VIP's Linux plumbing in real network namespaces: leases, cleanup, link state,
+announcements and VRRP adverts on the wire (including keepalived interop).
+
+Each test builds its own pair of namespaces joined by a veth pair (names carry
+the test PID) and always deletes them, killing whatever it started inside.
+The code under test runs inside a namespace the way Warren will: a Python
+process started with ``ip netns exec``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy.vip.garp import gratuitous_arp
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+_counter = itertools.count()
+
+SNIPPET_PRELUDE = """
+import json, socket, sys, time, ipaddress
+import trio
+from proxy.vip import netlink
+from proxy.vip.packet import *
+from proxy.vip.garp import *
+"""
+
+
+@dataclass
+class Side:
+    ns: str
+    ifname: str
+    ip: ipaddress.IPv4Address
+
+
+@dataclass
+class Pair:
+    a: Side
+    b: Side
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def _kill_everything_in(ns: str) -> None:
+    """Processes left inside a namespace this test created are ours (keepalived, snippets)."""
+    listing = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10)
+    for pid in listing.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def pair():
+    tag = f"{os.getpid() % 100000}{next(_counter)}"
+    a = Side(f"wvip{tag}a", f"wva{tag}", ipaddress.IPv4Address("10.213.0.1"))
+    b = Side(f"wvip{tag}b", f"wvb{tag}", ipaddress.IPv4Address("10.213.0.2"))
+    created: list[str] = []
+    try:
+        for side in (a, b):
+            try:
+                _ip("netns", "add", side.ns)
+            except subprocess.CalledProcessError as exc:
+                pytest.skip(f"cannot create network namespaces: {exc.stderr!r}")
+            created.append(side.ns)
+        _ip("link", "add", a.ifname, "netns", a.ns, "type", "veth", "peer", "name", b.ifname, "netns", b.ns)
+        for side in (a, b):
+            _ip("-n", side.ns, "addr", "add", f"{side.ip}/24", "dev", side.ifname)
+            _ip("-n", side.ns, "link", "set", side.ifname, "up")
+            _ip("-n", side.ns, "link", "set", "lo", "up")
+        yield Pair(a, b)
+    finally:
+        for ns in created:
+            _kill_everything_in(ns)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def _command(ns: str, code: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, sys.executable, "-c", SNIPPET_PRELUDE + textwrap.dedent(code)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+async def in_ns(ns: str, code: str):
+    """Run ``code`` in a fresh Python inside ``ns``; return the JSON it printed last."""
+    command = _command(ns, code)
+    done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False, env=_env())
+    if done.returncode != 0:
+        raise AssertionError(f"snippet failed in {ns}:\n{done.stderr.decode()}")
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+@asynccontextmanager
+async def background_in_ns(ns: str, code: str):
+    """Start ``code`` in ``ns``; enter once it printed ``ready``; yields a coroutine giving its final JSON."""
+    process = await trio.lowlevel.open_process(
+        _command(ns, code), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()
+    )
+    output = bytearray()
+    try:
+        while b"ready\n" not in output:
+            chunk = await process.stdout.receive_some()
+            if not chunk:
+                raise AssertionError(f"background snippet died: {(await process.stderr.receive_some())!r}")
+            output += chunk
+        output = output[output.index(b"ready\n") + 6 :]
+
+        async def result():
+            while chunk := await process.stdout.receive_some():
+                output.extend(chunk)
+            await process.wait()
+            return json.loads(output.decode().strip().splitlines()[-1])
+
+        yield result
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def addresses(side: Side) -> dict[str, dict]:
+    """What iproute2 (not the code under test) sees on the interface: {"ip/prefix": info}."""
+    done = await trio.run_process(
+        ["ip", "-n", side.ns, "-j", "addr", "show", "dev", side.ifname], capture_stdout=True
+    )
+    [link] = json.loads(done.stdout)
+    return {f"{info['local']}/{info['prefixlen']}": info for info in link.get("addr_info", [])}
+
+
+async def wait_until(predicate, *, interval=0.05):
+    while not await predicate():
+        await trio.sleep(interval)
+
+
+# -- leases -------------------------------------------------------------------------
+
+
+async def test_a_lease_appears_with_its_lifetime(pair):
+    with trio.fail_after(30):
+        listed = await in_ns(
+            pair.a.ns,
+            f"""
+            async def main():
+                await netlink.add_lease("{pair.a.ifname}", "10.213.0.100/24", 30)
+                listed = await netlink.list_addresses("{pair.a.ifname}")
+                return [(str(i.interface), i.valid_lft, i.preferred_lft) for i in listed]
+            print(json.dumps(trio.run(main)))
+            """,
+        )
+        seen = await addresses(pair.a)
+    assert 25 <= seen["10.213.0.100/24"]["valid_life_time"] <= 30
+    lifetimes = {interface: (valid, preferred) for interface, valid, preferred in listed}
+    assert 28 <= lifetimes["10.213.0.100/24"][0] <= 30
+    assert lifetimes["10.213.0.1/24"] == (None, None)  # permanent
+
+
+async def test_an_unrenewed_lease_disappears_by_itself(pair):
+    """What makes a SIGKILLed Warren drop the VIP: the kernel enforces valid_lft on IPv4."""
+    with trio.fail_after(30):
+        await in_ns(pair.a.ns, f'netlink.add_lease_sync("{pair.a.ifname}", "10.213.0.100", 2); print(1)')
+        added = time.monotonic()
+        assert "10.213.0.100/32" in await addresses(pair.a)
+
+        async def gone():
+            return "10.213.0.100/32" not in await addresses(pair.a)
+
+        with trio.fail_after(8):
+            await wait_until(gone)
+        elapsed = time.monotonic() - added
+    print(f"lease valid_lft=2 removed by the kernel after {elapsed:.2f} s")
+    assert 1.0 <= elapsed <= 5.0
+    assert "10.213.0.1/24" in await addresses(pair.a)
+
+
+async def test_renewing_keeps_the_lease_alive(pair):
+    with trio.fail_after(30):
+        await in_ns(
+            pair.a.ns,
+            f"""
+            async def main():
+                await netlink.add_lease("{pair.a.ifname}", "10.213.0.100/32", 2)
+                for _ in range(8):
+                    await trio.sleep(0.5)
+                    await netlink.renew_lease("{pair.a.ifname}", "10.213.0.100/32", 2)
+            trio.run(main)
+            print(1)
+            """,
+        )
+        assert "10.213.0.100/32" in await addresses(pair.a)  # 4 s later, past the 2 s lifetime
+
+
+async def test_remove_is_idempotent(pair):
+    with trio.fail_after(30):
+        result = await in_ns(
+            pair.a.ns,
+            f"""
+            netlink.add_lease_sync("{pair.a.ifname}", "10.213.0.100/24", 30)
+            first = netlink.remove_sync("{pair.a.ifname}", "10.213.0.100")
+            second = netlink.remove_sync("{pair.a.ifname}", "10.213.0.100/24")
+            print(json.dumps([first, second]))
+            """,
+        )
+        seen = await addresses(pair.a)
+    assert result == [True, False]
+    assert "10.213.0.100/24" not in seen and "10.213.0.1/24" in seen
+
+
+async def test_remove_stale_cleans_up_only_the_listed_vips(pair):
+    # A permanent address, as a killed keepalived leaves it.
+    _ip("-n", pair.a.ns, "addr", "add", "10.213.0.100/32", "dev", pair.a.ifname)
+    _ip("-n", pair.a.ns, "addr", "add", "10.213.0.101/24", "dev", pair.a.ifname)
+    _ip("-n", pair.a.ns, "addr", "add", "10.213.0.150/24", "dev", pair.a.ifname)  # not ours
+    with trio.fail_after(30):
+        removed = await in_ns(
+            pair.a.ns,
+            f"""
+            async def main():
+                vips = ["10.213.0.100", "10.213.0.101/32", "10.213.0.102"]
+                return await netlink.remove_stale("{pair.a.ifname}", vips)
+            print(json.dumps([str(ip) for ip in trio.run(main)]))
+            """,
+        )
+        seen = await addresses(pair.a)
+    assert removed == ["10.213.0.100", "10.213.0.101"]
+    assert {address for address in seen if "." in address} == {"10.213.0.1/24", "10.213.0.150/24"}
+
+
+async def test_ipv6_lease_skips_duplicate_address_detection(pair):
+    with trio.fail_after(30):
+        await in_ns(pair.a.ns, f'netlink.add_lease_sync("{pair.a.ifname}", "fd00:213::100/64", 30); print(1)')
+        info = (await addresses(pair.a))["fd00:213::100/64"]
+    assert info.get("nodad") is True
+    assert not info.get("tentative")
+    assert info["valid_life_time"] <= 30
+
+
+async def test_link_state_and_mac(pair):
+    with trio.fail_after(30):
+        code = f"""
+            async def main():
+                mac = await netlink.mac_address("{pair.a.ifname}")
+                return [await netlink.link_state("{pair.a.ifname}"), mac.hex()]
+            print(json.dumps(trio.run(main)))
+            """
+        state, mac = await in_ns(pair.a.ns, code)
+        show = ["ip", "-n", pair.a.ns, "-j", "link", "show", pair.a.ifname]
+        done = await trio.run_process(show, capture_stdout=True)
+        assert state == "up"
+        assert mac == json.loads(done.stdout)[0]["address"].replace(":", "")
+        _ip("-n", pair.b.ns, "link", "set", pair.b.ifname, "down")  # the peer goes away: no carrier
+        assert (await in_ns(pair.a.ns, code))[0] == "down"
+        _ip("-n", pair.b.ns, "link", "set", pair.b.ifname, "up")
+        _ip("-n", pair.a.ns, "link", "set", pair.a.ifname, "down")
+        assert (await in_ns(pair.a.ns, code))[0] == "down"
+
+
+async def test_a_missing_interface_is_reported_as_such(pair):
+    with trio.fail_after(30):
+        result = await in_ns(
+            pair.a.ns,
+            """
+            out = []
+            calls = (
+                lambda: netlink.link_state_sync("nope0"),
+                lambda: netlink.add_lease_sync("nope0", "10.1.1.1", 5),
+                lambda: netlink.remove_sync("nope0", "10.1.1.1"),
+            )
+            for call in calls:
+                try:
+                    call()
+                except netlink.InterfaceNotFound:
+                    out.append(True)
+            print(json.dumps(out))
+            """,
+        )
+    assert result == [True, True, True]
+
+
+# -- announcements ----------------------------------------------------------------
+
+
+CAPTURE_ARP = """
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+sock.bind(("{ifname}", 0))
+sock.settimeout(15)
+print("ready", flush=True)
+while True:
+    frame = sock.recv(2048)
+    if frame[28:32] == ipaddress.ip_address("{vip}").packed:
+        print(json.dumps(frame.hex()))
+        break
+"""
+
+
+async def test_gratuitous_arp_reaches_the_peer_and_moves_its_neighbour_entry(pair):
+    vip = "10.213.0.100"
+    # The peer already knows the VIP at an old MAC (the previous master's).
+    _ip("-n", pair.b.ns, "neigh", "add", vip, "lladdr", "02:00:00:00:00:01", "dev", pair.b.ifname, "nud", "stale")
+    with trio.fail_after(30):
+        async with background_in_ns(pair.b.ns, CAPTURE_ARP.format(ifname=pair.b.ifname, vip=vip)) as captured:
+            sent = await in_ns(
+                pair.a.ns,
+                f"""
+                mac = netlink.mac_address_sync("{pair.a.ifname}")
+                frames = announcement_frames(mac, [ipaddress.ip_address("{vip}")])
+                print(json.dumps([send_frames("{pair.a.ifname}", frames), mac.hex()]))
+                """,
+            )
+            frame = bytes.fromhex(await captured())
+        count, mac_hex = sent
+        assert count == 1
+        assert frame[:60] == gratuitous_arp(bytes.fromhex(mac_hex), ipaddress.IPv4Address(vip))
+        done = await trio.run_process(["ip", "-n", pair.b.ns, "-j", "neigh", "show", vip], capture_stdout=True)
+    assert json.loads(done.stdout)[0]["lladdr"].replace(":", "") == mac_hex
+
+
+async def test_unsolicited_na_moves_the_peers_ipv6_neighbour_entry(pair):
+    vip = "fd00:213::100"
+    _ip("-n", pair.b.ns, "addr", "add", "fd00:213::2/64", "dev", pair.b.ifname, "nodad")
+    _ip("-n", pair.b.ns, "neigh", "add", vip, "lladdr", "02:00:00:00:00:01", "dev", pair.b.ifname, "nud", "stale")
+    with trio.fail_after(30):
+        mac_hex = await in_ns(
+            pair.a.ns,
+            f"""
+            netlink.add_lease_sync("{pair.a.ifname}", "{vip}/64", 30)
+            mac = netlink.mac_address_sync("{pair.a.ifname}")
+            send_frames("{pair.a.ifname}", [unsolicited_na(mac, ipaddress.IPv6Address("{vip}"))])
+            print(json.dumps(mac.hex()))
+            """,
+        )
+
+        async def moved():
+            done = await trio.run_process(["ip", "-n", pair.b.ns, "-j", "neigh", "show", vip], capture_stdout=True)
+            entries = json.loads(done.stdout)
+            return bool(entries) and entries[0].get("lladdr", "").replace(":", "") == mac_hex
+
+        with trio.fail_after(5):
+            await wait_until(moved)
+
+
+# -- VRRP adverts on the wire -----------------------------------------------------
+
+RECEIVE_ADVERT = """
+sock = netlink.open_vrrp_socket("{ifname}")
+sock.setblocking(True)
+sock.settimeout(15)
+print("ready", flush=True)
+datagram = sock.recv(4096)
+src, dst, ttl, protocol, payload = parse_ipv4_packet(datagram)
+advert = decode_advert(payload, src, dst)
+print(json.dumps([str(src), str(dst), ttl, protocol, advert.vrid, advert.priority, advert.max_advert_int_cs,
+                  [str(a) for a in advert.addresses]]))
+"""
+
+
+@pytest.mark.parametrize("destination", ["224.0.0.18", "10.213.0.2"])
+async def test_an_advert_crosses_the_segment_with_ttl_255_and_a_valid_checksum(pair, destination):
+    with trio.fail_after(30):
+        async with background_in_ns(pair.b.ns, RECEIVE_ADVERT.format(ifname=pair.b.ifname)) as received:
+            await in_ns(
+                pair.a.ns,
+                f"""
+                sock = netlink.open_vrrp_socket("{pair.a.ifname}")
+                src, dst = ipaddress.ip_address("{pair.a.ip}"), ipaddress.ip_address("{destination}")
+                # A VIP on the interface must not become the source: source_cmsg pins it.
+                netlink.add_lease_sync("{pair.a.ifname}", "10.213.0.100/32", 30)
+                payload = encode_advert(Advert(51, 150, 10, (ipaddress.ip_address("10.213.0.100"),)), src, dst)
+                netlink.send_vrrp(sock, payload, src, dst, socket.if_nametoindex("{pair.a.ifname}"))
+                print(1)
+                """,
+            )
+            result = await received()
+    assert result == [str(pair.a.ip), destination, 255, 112, 51, 150, 10, ["10.213.0.100"]]
+
+
+RECEIVE_ADVERT_V6 = """
+sock = netlink.open_vrrp_socket("{ifname}", version=6)
+sock.setblocking(True)
+sock.settimeout(15)
+print("ready", flush=True)
+payload, ancillary, _, (src, *_) = sock.recvmsg(4096, socket.CMSG_SPACE(4))
+hop_limit = netlink.hop_limit_from_ancillary(ancillary)
+check_hop_limit(hop_limit)
+advert = decode_advert(payload, src.split("%")[0], MULTICAST_V6)
+print(json.dumps([src.split("%")[0], hop_limit, advert.priority, [str(a) for a in advert.addresses]]))
+"""
+
+
+async def test_an_ipv6_advert_crosses_the_segment_with_hop_limit_255(pair):
+    for side, address in ((pair.a, "fe80::a"), (pair.b, "fe80::b")):
+        _ip("-n", side.ns, "addr", "add", f"{address}/64", "dev", side.ifname, "nodad")
+    with trio.fail_after(30):
+        async with background_in_ns(pair.b.ns, RECEIVE_ADVERT_V6.format(ifname=pair.b.ifname)) as received:
+            await in_ns(
+                pair.a.ns,
+                f"""
+                sock = netlink.open_vrrp_socket("{pair.a.ifname}", version=6)
+                src = ipaddress.IPv6Address("fe80::a")
+                payload = encode_advert(Advert(51, 120, 100, (ipaddress.IPv6Address("fd00:213::100"),)), src, MULTICAST_V6)
+                netlink.send_vrrp(sock, payload, src, MULTICAST_V6, socket.if_nametoindex("{pair.a.ifname}"))
+                print(1)
+                """,
+            )
+            result = await received()
+    assert result == ["fe80::a", 255, 120, ["fd00:213::100"]]
+
+
+KEEPALIVED_CONF = """
+global_defs {{
+    router_id {router_id}
+    vrrp_version 3
+}}
+vrrp_instance VI_1 {{
+    state BACKUP
+    interface {ifname}
+    virtual_router_id 51
+    priority 100
+    advert_int 0.1
+    virtual_ipaddress {{
+        10.213.0.100/32
+    }}
+}}
+"""
+
+
+@pytest.mark.skipif(shutil.which("keepalived") is None, reason="needs keepalived")
+async def test_keepalived_and_warren_adverts_are_mutually_understood(pair, tmp_path):
+    """keepalived's advert decodes here; ours keeps keepalived in BACKUP; our priority 0 hands over."""
+    conf = tmp_path / "keepalived.conf"
+    conf.write_text(KEEPALIVED_CONF.format(router_id=pair.a.ns, ifname=pair.a.ifname))
+    keepalived = [
+        "ip", "netns", "exec", pair.a.ns, "keepalived", "-n", "-l", "-D", "--vrrp", "-f", str(conf),
+        "-p", str(tmp_path / "k.pid"), "-r", str(tmp_path / "v.pid"),
+    ]  # fmt: skip
+
+    async def keepalived_holds_vip():
+        return "10.213.0.100/32" in await addresses(pair.a)
+
+    with trio.fail_after(40):
+        async with background_in_ns(pair.b.ns, RECEIVE_ADVERT.format(ifname=pair.b.ifname)) as received:
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            process = await trio.lowlevel.open_process(keepalived, **quiet)
+            try:
+                result = await received()  # keepalived becomes master after 3 x 0.1 s + skew
+                assert result == [str(pair.a.ip), "224.0.0.18", 255, 112, 51, 100, 10, ["10.213.0.100"]]
+                # Now Warren advertises priority 200 every 50 ms, then leaves with priority 0.
+                warren_code = _WARREN_MASTER.format(ifname=pair.b.ifname, src=pair.b.ip)
+                async with background_in_ns(pair.b.ns, warren_code) as warren:
+                    with trio.fail_after(5):
+                        await wait_until(lambda: _not(keepalived_holds_vip))  # it stepped down
+                    for _ in range(10):  # and stays down while we advertise
+                        assert not await keepalived_holds_vip()
+                        await trio.sleep(0.1)
+                    await warren()
+                with trio.fail_after(5):
+                    await wait_until(keepalived_holds_vip)  # took over after our priority 0
+            finally:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(5):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+async def _not(predicate):
+    return not await predicate()
+
+
+_WARREN_MASTER = """
+sock = netlink.open_vrrp_socket("{ifname}")
+src, dst = ipaddress.ip_address("{src}"), MULTICAST_V4
+index = socket.if_nametoindex("{ifname}")
+vips = (ipaddress.ip_address("10.213.0.100"),)
+print("ready", flush=True)
+for _ in range(40):
+    netlink.send_vrrp(sock, encode_advert(Advert(51, 200, 5, vips), src, dst), src, dst, index)
+    time.sleep(0.05)
+netlink.send_vrrp(sock, encode_advert(Advert(51, 0, 5, vips), src, dst), src, dst, index)
+print(1)
+"""
