@@ -193,8 +193,9 @@ class App:
 def default_services(config: Config) -> list[Service]:
     """The capabilities that run beside the proxy, in start order."""
     from .backends.names import NamesService
+    from .health.checker import HealthService
 
-    return [NamesService(config)]
+    return [NamesService(config), HealthService(config)]
 
 
 class _Started:
