@@ -85,6 +85,8 @@ class ServerRuntime:
         self.last_change = now
         self.downtime = 0.0
         self.check_failures = 0
+        self.total_checks = 0
+        self.watching = False  # the health watch connection is open
         self.down_transitions = 0
         self.connections: set[Connection] = set()
         self.max_sessions = 0

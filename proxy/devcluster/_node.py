@@ -183,6 +183,10 @@ class RabbitNode:
         """Runs `rabbitmqctl -n NODE *args`; returns stdout, raises CtlError."""
         return run_ctl(self.nodename, *args, timeout=timeout)
 
+    def upgrade(self, *args: str, timeout: float = 60.0) -> str:
+        """Runs `rabbitmq-upgrade -n NODE *args` (drain / revive for maintenance)."""
+        return run_ctl(self.nodename, *args, timeout=timeout, tool="rabbitmq-upgrade")
+
     def connections(self) -> list[dict]:
         """Client connections as the broker sees them: dicts with peer_host,
         peer_port, host, port (broker side), name, user; addresses as text

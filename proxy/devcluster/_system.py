@@ -68,8 +68,9 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def run_ctl(nodename: str, *args: str, timeout: float = 60.0) -> str:
-    """`rabbitmqctl -n nodename *args` as the rabbitmq user; stdout or CtlError."""
+def run_ctl(nodename: str, *args: str, timeout: float = 60.0, tool: str = "rabbitmqctl") -> str:
+    """`rabbitmqctl -n nodename *args` (or another CLI `tool` such as
+    rabbitmq-upgrade) as the rabbitmq user; stdout or CtlError."""
     env = {
         **BASE_ENV,
         "HOME": str(COOKIE_HOME),
@@ -79,7 +80,7 @@ def run_ctl(nodename: str, *args: str, timeout: float = 60.0) -> str:
         "RABBITMQ_CTL_DIST_PORT_MIN": "35672",
         "RABBITMQ_CTL_DIST_PORT_MAX": "35772",
     }
-    cmd = [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", nodename, *args]
+    cmd = [str(RABBITMQ_BIN / tool), "-n", nodename, *args]
     try:
         done = subprocess.run(cmd, env=env, cwd=COOKIE_HOME, capture_output=True, text=True,
                               timeout=timeout, **as_rabbitmq_user())

@@ -154,6 +154,7 @@ class ServerChecker:
     def _record(self, result: CheckResult) -> None:
         server = self.server
         server.last_check = result
+        server.total_checks += 1
         if not result.passed and self.counter.is_up:
             server.check_failures += 1
         transition = self.counter.record(result.passed)
@@ -219,7 +220,11 @@ class ServerChecker:
                 except WatchOpenFailed:
                     pass  # the periodic checks judge; try again after an interval
                 else:
-                    await lost.wait()
+                    self.server.watching = True
+                    try:
+                        await lost.wait()
+                    finally:
+                        self.server.watching = False
                 nursery.cancel_scope.cancel()
             if not verdicts:
                 await trio.sleep(self.health.inter)

@@ -1,0 +1,464 @@
+"""The relay, specified over both data paths (copy and splice) with real sockets."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import socket
+import struct
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from proxy.frontends.pipes import PipePool, splice_supported
+from proxy.frontends.relay import Ending, Timeouts, Traffic, relay
+
+IO_BOUND = 30  # seconds; every real-time test fails rather than hangs
+
+
+@pytest.fixture(params=["copy", "splice"])
+def pipes(request):
+    """None for the copy path, a PipePool for the splice path."""
+    if request.param == "copy":
+        yield None
+        return
+    if not splice_supported():
+        pytest.skip("splice(2) unavailable")
+    pool = PipePool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def splice_pool():
+    if not splice_supported():
+        pytest.skip("splice(2) unavailable")
+    pool = PipePool()
+    yield pool
+    pool.close()
+
+
+async def socket_pair(kind: str):
+    if kind == "unix":
+        return trio.socket.socketpair()
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        near = trio.socket.socket()
+        await near.connect(listener.getsockname())
+        far, _ = await listener.accept()
+    return near, far
+
+
+@dataclass
+class Link:
+    """A relayed connection: the client's and the broker's ends, and the relay's fate."""
+
+    client: trio.socket.SocketType
+    server: trio.socket.SocketType
+    traffic: Traffic
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    ending: Ending | None = None  # None if the relay was cancelled
+    ended_at: float | None = None
+
+    async def wait_ending(self) -> Ending | None:
+        await self.done.wait()
+        return self.ending
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+
+@asynccontextmanager
+async def relayed(pipes, *, kind="tcp", timeouts=Timeouts()):
+    client, proxy_client = await socket_pair(kind)
+    proxy_server, server = await socket_pair(kind)
+    link = Link(client, server, Traffic())
+
+    async def run_relay():
+        try:
+            with link.scope:
+                link.ending = await relay(
+                    proxy_client, proxy_server, link.traffic, timeouts, pipes=pipes
+                )
+                link.ended_at = trio.current_time()
+        finally:
+            link.done.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay)
+            yield link
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in (client, proxy_client, proxy_server, server):
+            sock.close()
+
+
+async def send_all(sock, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view[: 1 << 20]) :]
+
+
+async def recv_exactly(sock, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"EOF after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def recv_to_eof(sock) -> bytes:
+    data = bytearray()
+    while chunk := await sock.recv(1 << 20):
+        data += chunk
+    return bytes(data)
+
+
+async def digest_to_eof(sock) -> tuple[int, str]:
+    digest, total = hashlib.sha256(), 0
+    while chunk := await sock.recv(1 << 20):
+        digest.update(chunk)
+        total += len(chunk)
+    return total, digest.hexdigest()
+
+
+def reset(sock) -> None:
+    """Close with SO_LINGER 0: the kernel sends RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def wait_until(predicate) -> None:
+    """Poll ``predicate`` at every scheduling point (callers bound the wait)."""
+    while not predicate():
+        await trio.sleep(0)
+
+
+# --- data -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+async def test_request_and_reply_flow_and_clean_close_is_normal(pipes, kind):
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pipes, kind=kind) as link:
+            await send_all(link.client, b"AMQP\x00\x00\x09\x01")
+            assert await recv_exactly(link.server, 8) == b"AMQP\x00\x00\x09\x01"
+            await send_all(link.server, b"start" * 100)
+            assert await recv_exactly(link.client, 500) == b"start" * 100
+            link.client.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(link.server) == b""
+            link.server.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(link.client) == b""
+            assert await link.wait_ending() is Ending.NORMAL
+            assert (link.traffic.bytes_in, link.traffic.bytes_out) == (8, 500)
+
+
+async def test_64_mib_each_way_at_once_arrive_intact_and_counted(pipes):
+    size = 64 << 20
+    blob = random.Random(5672).randbytes(size)
+    expected = hashlib.sha256(blob).hexdigest()
+    received = {}
+
+    async def send_then_close(sock):
+        await send_all(sock, blob)
+        sock.shutdown(socket.SHUT_WR)
+
+    async def receive(name, sock):
+        received[name] = await digest_to_eof(sock)
+
+    with trio.fail_after(IO_BOUND * 2):
+        async with relayed(pipes) as link:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_then_close, link.client)
+                nursery.start_soon(send_then_close, link.server)
+                nursery.start_soon(receive, "at_server", link.server)
+                nursery.start_soon(receive, "at_client", link.client)
+            assert await link.wait_ending() is Ending.NORMAL
+    assert received == {"at_server": (size, expected), "at_client": (size, expected)}
+    assert (link.traffic.bytes_in, link.traffic.bytes_out) == (size, size)
+
+
+async def test_counters_are_live_while_the_connection_is_open(pipes):
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pipes) as link:
+            await send_all(link.client, b"p" * (1 << 20))
+            await recv_exactly(link.server, 1 << 20)
+            assert link.traffic.bytes_in == 1 << 20
+            await send_all(link.server, b"c" * 1000)
+            await recv_exactly(link.client, 1000)
+            assert (link.traffic.bytes_in, link.traffic.bytes_out) == (1 << 20, 1000)
+            assert not link.done.is_set()
+
+
+# --- half-close -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+@pytest.mark.parametrize("first", ["client", "server"])
+async def test_half_close_is_forwarded_and_the_other_way_keeps_flowing(pipes, kind, first):
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pipes, kind=kind) as link:
+            closer, talker = (
+                (link.client, link.server) if first == "client" else (link.server, link.client)
+            )
+            await send_all(closer, b"last words")
+            closer.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(talker) == b"last words"
+            for _ in range(3):  # the open direction still carries data, both ways of size
+                await send_all(talker, b"x" * 300_000)
+                assert await recv_exactly(closer, 300_000) == b"x" * 300_000
+            assert not link.done.is_set()
+            talker.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(closer) == b""
+            assert await link.wait_ending() is Ending.NORMAL
+
+
+# --- aborts -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "side, expected", [("client", Ending.CLIENT_ABORT), ("server", Ending.SERVER_ABORT)]
+)
+async def test_reset_of_an_idle_side_is_that_sides_abort(pipes, side, expected):
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pipes) as link:
+            await send_all(link.client, b"hello")
+            await recv_exactly(link.server, 5)
+            reset(getattr(link, side))
+            assert await link.wait_ending() is expected
+
+
+@pytest.mark.parametrize(
+    "side, expected", [("client", Ending.CLIENT_ABORT), ("server", Ending.SERVER_ABORT)]
+)
+async def test_reset_of_the_receiving_side_during_a_stream_is_that_sides_abort(
+    pipes, side, expected
+):
+    """The relay is blocked writing to the side that resets (it reads nothing)."""
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pipes) as link:
+            receiver = getattr(link, side)
+            sender = link.server if side == "client" else link.client
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, sender, b"z" * (64 << 20))
+                counter = "bytes_out" if side == "client" else "bytes_in"
+                await wait_until(lambda: getattr(link.traffic, counter) > 1 << 20)
+                reset(receiver)
+                assert await link.wait_ending() is expected
+                nursery.cancel_scope.cancel()
+
+
+# --- timeouts ---------------------------------------------------------------
+
+
+async def test_without_timeouts_an_idle_connection_lives_on(pipes, autojump_clock):
+    async with relayed(pipes) as link:
+        with trio.move_on_after(7 * 24 * 3600):
+            await link.done.wait()
+        assert not link.done.is_set()
+
+
+@pytest.mark.parametrize(
+    "timeouts, expected",
+    [
+        (Timeouts(client=10), Ending.CLIENT_TIMEOUT),
+        (Timeouts(server=10), Ending.SERVER_TIMEOUT),
+        (Timeouts(tunnel=10), Ending.CLIENT_TIMEOUT),
+    ],
+)
+async def test_silence_ends_the_relay_after_the_idle_timeout(
+    pipes, autojump_clock, timeouts, expected
+):
+    async with relayed(pipes, timeouts=timeouts) as link:
+        start = trio.current_time()
+        assert await link.wait_ending() is expected
+        assert link.ended_at - start == pytest.approx(10)
+
+
+@pytest.mark.parametrize(
+    "timeouts, talker, expected",
+    [
+        # The server talking does not make the client any less silent.
+        (Timeouts(client=10), "server", Ending.CLIENT_TIMEOUT),
+        (Timeouts(server=10), "client", Ending.SERVER_TIMEOUT),
+    ],
+)
+async def test_a_side_timeout_counts_only_that_sides_silence(
+    pipes, autojump_clock, timeouts, talker, expected
+):
+    async with relayed(pipes, timeouts=timeouts) as link:
+        start = trio.current_time()
+        sender = getattr(link, talker)
+        receiver = link.client if talker == "server" else link.server
+        while not link.done.is_set():
+            await send_all(sender, b"tick")
+            await recv_exactly(receiver, 4)
+            await trio.sleep(3)
+        assert link.ending is expected
+        assert link.ended_at - start == pytest.approx(10)
+
+
+@pytest.mark.parametrize("talker", ["client", "server"])
+async def test_tunnel_timeout_is_pushed_back_by_traffic_either_way(
+    pipes, autojump_clock, talker
+):
+    async with relayed(pipes, timeouts=Timeouts(tunnel=10, client=1, server=1)) as link:
+        start = trio.current_time()
+        sender = getattr(link, talker)
+        receiver = link.client if talker == "server" else link.server
+        for _ in range(5):
+            await trio.sleep(6)
+            await send_all(sender, b"tick")
+            assert await recv_exactly(receiver, 4) == b"tick"
+        assert not link.done.is_set()
+        # Both directions idle: the client is the one the relay was waiting on.
+        assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
+        assert link.ended_at - start == pytest.approx(40)
+
+
+async def test_a_side_not_reading_is_blamed_for_the_timeout(pipes, autojump_clock):
+    """The client keeps sending; the server reads nothing, so the relay waits on it."""
+    async with relayed(pipes, timeouts=Timeouts(client=10, server=30)) as link:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all, link.client, b"q" * (256 << 20))
+            assert await link.wait_ending() is Ending.SERVER_TIMEOUT
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("base", [Timeouts(client=100, server=100), Timeouts(tunnel=100)])
+async def test_client_fin_bounds_the_wait_for_the_client_after_the_server_ended(
+    pipes, autojump_clock, base
+):
+    timeouts = Timeouts(**{**_fields(base), "client_fin": 5})
+    async with relayed(pipes, timeouts=timeouts) as link:
+        await trio.sleep(50)
+        link.server.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.client) == b""
+        shut = trio.current_time()
+        assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
+        assert link.ended_at - shut == pytest.approx(5)
+
+
+@pytest.mark.parametrize("base", [Timeouts(client=100, server=100), Timeouts(tunnel=100)])
+async def test_server_fin_bounds_the_wait_for_the_server_after_the_client_ended(
+    pipes, autojump_clock, base
+):
+    timeouts = Timeouts(**{**_fields(base), "server_fin": 5})
+    async with relayed(pipes, timeouts=timeouts) as link:
+        await trio.sleep(50)
+        link.client.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(link.server) == b""
+        shut = trio.current_time()
+        assert await link.wait_ending() is Ending.SERVER_TIMEOUT
+        assert link.ended_at - shut == pytest.approx(5)
+
+
+def _fields(timeouts: Timeouts) -> dict:
+    return {name: getattr(timeouts, name) for name in Timeouts.__slots__}
+
+
+def test_timeouts_must_be_positive():
+    with pytest.raises(ValueError, match="client_fin"):
+        Timeouts(client_fin=0)
+
+
+# --- cancellation, pipes and file descriptors -------------------------------
+
+
+async def test_cancellation_leaves_no_pipe_behind(pipes):
+    """Cancelled while a pipe holds bytes the server will not read."""
+    fds_before = open_fds()
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pipes) as link:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, link.client, b"s" * (64 << 20))
+                await wait_until(lambda: link.traffic.bytes_in > 1 << 20)
+                if pipes is not None:
+                    await wait_until(lambda: pipes.statistics().in_use == 1)
+                link.cancel()
+                assert await link.wait_ending() is None
+                nursery.cancel_scope.cancel()
+    if pipes is not None:
+        stats = pipes.statistics()
+        assert stats.in_use == 0
+        pipes.close()
+    assert open_fds() == fds_before
+
+
+async def test_idle_connections_hold_no_pipe(splice_pool):
+    with trio.fail_after(IO_BOUND):
+        async with relayed(splice_pool) as first, relayed(splice_pool) as second:
+            for link in (first, second):
+                await send_all(link.client, b"ping" * 10_000)
+                await recv_exactly(link.server, 40_000)
+                await send_all(link.server, b"pong")
+                await recv_exactly(link.client, 4)
+            await wait_until(lambda: splice_pool.statistics().in_use == 0)
+            stats = splice_pool.statistics()
+            assert stats.idle >= 1
+            assert not first.done.is_set() and not second.done.is_set()
+
+
+async def test_pipes_are_reused_across_connections(splice_pool):
+    with trio.fail_after(IO_BOUND):
+        for _ in range(10):
+            async with relayed(splice_pool) as link:
+                await send_all(link.client, b"m" * 1000)
+                await recv_exactly(link.server, 1000)
+                link.client.shutdown(socket.SHUT_WR)
+                link.server.shutdown(socket.SHUT_WR)
+                assert await link.wait_ending() is Ending.NORMAL
+    assert splice_pool.statistics().created <= 2
+
+
+async def test_a_batch_of_relays_leaks_no_file_descriptor(pipes):
+    fds_before = open_fds()
+    with trio.fail_after(IO_BOUND):
+        for round_ in range(12):
+            async with relayed(pipes, kind="tcp" if round_ % 2 else "unix") as link:
+                await send_all(link.client, b"d" * 200_000)
+                await send_all(link.server, b"u" * 100_000)
+                await recv_exactly(link.server, 200_000)
+                await recv_exactly(link.client, 100_000)
+                if round_ % 3 == 0:
+                    link.client.shutdown(socket.SHUT_WR)
+                    link.server.shutdown(socket.SHUT_WR)
+                    assert await link.wait_ending() is Ending.NORMAL
+                elif round_ % 3 == 1 and round_ % 2:
+                    reset(link.server)
+                    assert await link.wait_ending() is Ending.SERVER_ABORT
+                # else: cancelled when the block exits
+    if pipes is not None:
+        pipes.close()
+    assert open_fds() == fds_before
+
+
+class _NoPipesLeft(PipePool):
+    def acquire(self):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_splice_falls_back_to_copying_when_no_pipe_can_be_made():
+    with trio.fail_after(IO_BOUND):
+        async with relayed(_NoPipesLeft()) as link:
+            await send_all(link.client, b"a" * 500_000)
+            assert await recv_exactly(link.server, 500_000) == b"a" * 500_000
+            await send_all(link.server, b"b" * 500_000)
+            assert await recv_exactly(link.client, 500_000) == b"b" * 500_000
+            link.client.shutdown(socket.SHUT_WR)
+            link.server.shutdown(socket.SHUT_WR)
+            assert await link.wait_ending() is Ending.NORMAL
+            assert (link.traffic.bytes_in, link.traffic.bytes_out) == (500_000, 500_000)
