@@ -6,10 +6,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 DEBS_RUN  := rabbitmq-server
-DEBS_TEST := rabbitmq-server iproute2 haproxy chromium
+DEBS_TEST := rabbitmq-server iproute2 haproxy keepalived iperf3 wrk chromium
 PYTEST_ARGS ?=
 
-.PHONY: run test check venv debs-run debs-test bench clean
+.PHONY: run test check venv debs-run debs-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,7 @@ debs-test:
 	@./scripts/ensure-debs $(DEBS_TEST)
 
 run: venv debs-run
+	mkdir -p run
 	$(PY) -m proxy.devcluster --config conf/warren.toml
 
 test: venv debs-test
@@ -36,3 +37,5 @@ check: venv
 
 clean:
 	rm -rf $(VENV) run build *.egg-info
+
+include bench/Makefile.inc

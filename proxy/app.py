@@ -20,6 +20,7 @@ import trio
 from . import logs
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
+from .errors import StartupError
 from .frontends.listener import BindError, open_listener, serve_listener
 from .frontends.pipes import PipePool, splice_supported
 from .frontends.session import Sessions
@@ -28,14 +29,6 @@ from .runtime import FrontendRuntime, KillReason, Runtime
 log = structlog.get_logger("warren.app")
 
 _STOPPING_BUDGET = 5.0  # seconds services may take to hand over before listeners close
-
-
-class StartupError(Exception):
-    """Warren could not start; `problems` lists every reason."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 class Service(Protocol):
@@ -194,8 +187,13 @@ def default_services(config: Config) -> list[Service]:
     """The capabilities that run beside the proxy, in start order."""
     from .backends.names import NamesService
     from .health.checker import HealthService
+    from .stats_ui import ControlService, StatsService
 
-    return [NamesService(config), HealthService(config)]
+    # The floating IP last: a host competes for it only once it can serve it.
+    return [
+        NamesService(config), HealthService(config), StatsService(config),
+        ControlService(config),
+    ]
 
 
 class _Started:

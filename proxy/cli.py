@@ -14,6 +14,7 @@ import trio
 from . import __version__, logs
 from .config import ConfigError, load_config
 from .config.model import Config
+from .errors import StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("config")
     check.set_defaults(command=_check)
+    ctl = sub.add_parser("ctl", help="talk to a running Warren over its control socket")
+    ctl.add_argument("--socket", default=None, help="control socket path (default: from --config)")
+    ctl.add_argument("--config", default="conf/warren.toml", help="read global.control_socket from here")
+    ctl.add_argument("words", nargs=argparse.REMAINDER, help='e.g. show stat | set server rabbit/rmq-a state drain')
+    ctl.set_defaults(command=_ctl)
+    hash_pw = sub.add_parser("hash-password", help="print a salted scrypt hash for [stats] users")
+    hash_pw.set_defaults(command=_hash_password)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(command=lambda args: print(f"warren {__version__}") or 0)
     return parser
@@ -68,8 +76,29 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ctl(args: argparse.Namespace) -> int:
+    from .stats_ui import ctl_main
+
+    path = args.socket
+    if path is None:
+        config = _load(args.config)
+        if config is None:
+            return 1
+        path = config.global_.control_socket
+        if path is None:
+            print(f"warren: {args.config} sets no global.control_socket; give --socket", file=sys.stderr)
+            return 2
+    return ctl_main(path, args.words)
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    from .stats_ui import hash_password_main
+
+    return hash_password_main()
+
+
 def _run(args: argparse.Namespace) -> int:
-    from .app import App, StartupError
+    from .app import App
 
     config = _load(args.config)
     if config is None:
@@ -78,10 +107,33 @@ def _run(args: argparse.Namespace) -> int:
     app = App(config, splice=False if args.no_splice else None)
     try:
         trio.run(app.serve)
-    except StartupError as error:
-        for problem in error.problems:
+    except (StartupError, BaseExceptionGroup) as error:
+        problems = _startup_problems(error)
+        if problems is None:
+            raise
+        for problem in problems:
             print(f"warren: {problem}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
     return 0
+
+
+def _startup_problems(error: BaseException) -> list[str] | None:
+    """The operator-facing lines of a start-up failure (a service's failure
+    arrives inside an exception group); None if it is anything else."""
+    if isinstance(error, StartupError):
+        return error.problems
+    if isinstance(error, BaseExceptionGroup):
+        matched, rest = error.split(StartupError)
+        if matched is not None and rest is None:
+            return [p for e in _leaves(matched) for p in e.problems]
+    return None
+
+
+def _leaves(group: BaseException):
+    if isinstance(group, BaseExceptionGroup):
+        for inner in group.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield group

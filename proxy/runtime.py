@@ -118,6 +118,7 @@ class ServerRuntime:
     @weight.setter
     def weight(self, value: int) -> None:
         self.admin_weight = value
+        self.backend.queue.unpark_all()  # queued clients may fit now
 
     @property
     def current_sessions(self) -> int:
@@ -164,6 +165,7 @@ class ServerRuntime:
         if state is not self.admin:
             self.admin = state
             self.last_change = now
+            self.backend.queue.unpark_all()
 
     def attach(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -271,7 +273,8 @@ class ServerStats:
     status: str
     up: bool
     admin: str
-    weight: int
+    weight: int  # effective (slowstart ramps it)
+    admin_weight: int
     backup: bool
     checked: bool
     last_check: Any
@@ -401,6 +404,7 @@ def _server_stats(server: ServerRuntime, now: float) -> ServerStats:
         up=server.up,
         admin=server.admin.value,
         weight=server.weight,
+        admin_weight=server.admin_weight,
         backup=server.config.backup,
         checked=server.checked,
         last_check=server.last_check,

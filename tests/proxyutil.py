@@ -89,3 +89,10 @@ async def read_line(stream) -> str:
 def with_servers(config: Config, servers) -> Config:
     backend = replace(config.backends[0], servers=tuple(servers))
     return replace(config, backends=(backend,))
+
+
+def use_service(app: App, service) -> None:
+    """Puts `service` in place of the app's default service of the same kind
+    (tests configure theirs, e.g. with a faster sampling interval)."""
+    kind = type(service)
+    app.services = [s for s in app.services if not isinstance(s, kind)] + [service]

@@ -75,6 +75,18 @@ def test_run_refuses_a_port_already_in_use(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_run_refuses_a_stats_port_already_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stats = f'\n[stats]\nbind = "127.0.0.1:{port}"\nusers = {{ admin = "admin" }}\n'
+        path = write(tmp_path / "w.toml", config_text({"a": 5672}) + stats)
+        result = run_cli("run", str(path))
+    assert result.returncode == 1, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_usage_error_without_a_command():
     assert run_cli().returncode == 2
 

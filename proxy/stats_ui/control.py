@@ -1,0 +1,233 @@
+"""`warren ctl`: the runtime API on a UNIX stream socket, server and client.
+
+The socket lives at `[global] control_socket`. It is created under a
+temporary name, restricted to its owner (0600) and only then renamed into
+place, so no client ever sees it with looser permissions; a peer whose
+SO_PEERCRED uid is neither ours nor root is refused even if the mode is
+later loosened by hand. A stale socket file left by a dead process is
+replaced; a live one (another Warren answers on it) is an error, as is a
+path that is not a socket.
+
+One exchange per connection, as in HAProxy's non-interactive mode: the
+client sends one line (commands separated by ";"), reads the answer until
+the server closes. The language is in :mod:`.commands`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+import sys
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from ..config.model import Config
+from ..errors import StartupError
+from .commands import MAX_LINE, execute
+
+log = structlog.get_logger("warren.ctl")
+
+READ_TIMEOUT = 10.0
+MAX_CONNECTIONS = 16
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class ControlSocketError(StartupError):
+    """The control socket path cannot be used; the message says why."""
+
+
+class ControlService:
+    """Serves `warren ctl` on `[global] control_socket` (nothing when it is unset)."""
+
+    def __init__(self, config: Config):
+        self.path = config.global_.control_socket
+        self._connections = 0
+        self._runtime: Any = None
+
+    async def run(self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._runtime = app.runtime
+        if self.path is None:
+            task_status.started()
+            await trio.sleep_forever()
+        listener, inode = bind_control_socket(self.path)
+        log.info("ctl.listening", path=self.path)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._serve, stream)
+        finally:
+            listener.socket.close()
+            _remove_if_ours(self.path, inode)
+
+    def reconfigure(self, config: Config) -> None:
+        if config.global_.control_socket != self.path:
+            log.warning("ctl.socket_change_needs_restart", path=self.path,
+                        configured=config.global_.control_socket)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if self._connections >= MAX_CONNECTIONS or not _peer_allowed(stream):
+                return
+            self._connections += 1
+            try:
+                await self._exchange(stream)
+                await self._finish(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                self._connections -= 1
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
+        line = await _read_line(stream)
+        if line is None:
+            return
+        answer, ok = execute(line, self._runtime, time.monotonic())
+        log.info("ctl.command", command=line[:200], ok=ok)
+        with trio.move_on_after(READ_TIMEOUT):
+            await stream.send_all(answer.encode())
+
+    async def _finish(self, stream: trio.SocketStream) -> None:
+        # Closing with unread input resets the connection, which can destroy
+        # the answer in flight: half-close, then drain briefly.
+        with trio.move_on_after(1.0):
+            await stream.send_eof()
+            drained = 0
+            while drained < 1 << 16 and (chunk := await stream.receive_some(4096)):
+                drained += len(chunk)
+
+
+async def _read_line(stream: trio.SocketStream) -> str | None:
+    """One command line (without its newline), or None on timeout, overflow or bad UTF-8."""
+    data = b""
+    with trio.move_on_after(READ_TIMEOUT):
+        while b"\n" not in data and len(data) <= MAX_LINE:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+        line = data.split(b"\n", 1)[0]
+        if len(line) > MAX_LINE:
+            await stream.send_all(b"error: command line too long\n\n")
+            return None
+        try:
+            return line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            await stream.send_all(b"error: command is not UTF-8\n\n")
+            return None
+    return None
+
+
+def _peer_allowed(stream: trio.SocketStream) -> bool:
+    try:
+        _, uid, _ = _PEERCRED.unpack(stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except OSError:
+        return False
+    if uid in (0, os.getuid()):
+        return True
+    log.warning("ctl.peer_refused", uid=uid)
+    return False
+
+
+# --- the socket file ------------------------------------------------------------------
+
+
+def bind_control_socket(path: str) -> tuple[trio.SocketListener, tuple[int, int]]:
+    """Listens on `path` (mode 0600); returns the listener and the file's (dev, inode).
+
+    Raises ControlSocketError if another process answers on `path` or it is
+    not a socket.
+    """
+    _clear_stale(path)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        sock.bind(temporary)
+        os.chmod(temporary, 0o600)
+        sock.listen(16)
+        os.rename(temporary, path)  # atomic: clients only ever see the 0600 file
+        sock.setblocking(False)
+        info = os.stat(path)
+    except OSError as error:
+        sock.close()
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise ControlSocketError(f"control socket {path}: {error.strerror or error}") from None
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock)), (info.st_dev, info.st_ino)
+
+
+def _clear_stale(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlSocketError(f"control socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as error:
+        if error.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ControlSocketError(f"control socket {path}: {error.strerror}") from None
+        os.unlink(path)  # nobody listens: left by a process that died
+        log.info("ctl.stale_socket_removed", path=path)
+        return
+    finally:
+        probe.close()
+    raise ControlSocketError(f"control socket {path}: another process is listening on it")
+
+
+def _remove_if_ours(path: str, inode: tuple[int, int]) -> None:
+    # A successor may already have replaced the file; only remove our own.
+    try:
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+# --- the client -----------------------------------------------------------------------
+
+
+def ctl_main(socket_path: str, command: list[str], *, stdout=None, stderr=None, timeout: float = 30.0) -> int:
+    """Sends `command` to a running Warren and prints the answer.
+
+    Exit status: 0 success, 1 a command failed or Warren is unreachable,
+    2 usage (no command, or a word with a newline).
+    """
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    if not command or any("\n" in word or "\r" in word for word in command):
+        print("usage: warren ctl [--socket PATH] COMMAND... (try: warren ctl help)", file=stderr)
+        return 2
+    line = " ".join(command)
+    try:
+        answer = _exchange(socket_path, line, timeout)
+    except OSError as error:
+        print(f"warren: cannot talk to {socket_path}: {error.strerror or error}", file=stderr)
+        return 1
+    text = answer.decode("utf-8", "replace")
+    stdout.write(text.rstrip("\n") + "\n" if text.strip() else "")
+    failed = any(row.startswith("error: ") for row in text.splitlines())
+    return 1 if failed else 0
+
+
+def _exchange(socket_path: str, line: str, timeout: float) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(line.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,227 @@
+"""The stats page as an App service: binds `[stats]`, serves HTTP, samples history.
+
+It shares nothing with the proxy path but the runtime's snapshots: each HTTP
+connection is its own task with bounded reads and writes (see
+:mod:`.server`), concurrent connections are capped, and password hashing
+runs in a worker thread, so a slow or hostile HTTP client cannot stall
+proxying.
+
+On reload (:meth:`StatsService.reconfigure`) users, URI, realm, refresh and
+admin take effect for the next request; changed bind addresses are opened
+before the old ones close, and if they cannot be, the old ones stay (logged
+as `stats.rebind_failed`). Login failure counts, CSRF secret and history
+survive reloads.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from ..config.model import BindAddress, Config
+from ..errors import StartupError
+from .admin import CsrfTokens, Notices
+from .auth import Authenticator, FailureLimiter
+from .history import History
+from .server import Limits, Request, Response, serve_connection, text_response
+from .site import StatsSite
+
+log = structlog.get_logger("warren.stats")
+
+SAMPLE_INTERVAL = 2.0
+HISTORY_SAMPLES = 150  # five minutes at SAMPLE_INTERVAL
+_FREEBIND = {socket.AF_INET: (socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15)),
+             socket.AF_INET6: (socket.IPPROTO_IPV6, getattr(socket, "IPV6_FREEBIND", 78))}
+
+
+class StatsBindError(StartupError):
+    """A `[stats] bind` address could not be listened on."""
+
+
+class StatsService:
+    def __init__(self, config: Config, *, limits: Limits = Limits(), sample_interval: float = SAMPLE_INTERVAL,
+                 login_failures: FailureLimiter | None = None):
+        self._settings = config.stats
+        self.limits = limits
+        self.sample_interval = sample_interval
+        self.history = History(HISTORY_SAMPLES)
+        self._limiter = login_failures or FailureLimiter()
+        self._csrf = CsrfTokens()
+        self._notices = Notices()
+        self._verify_limiter = trio.CapacityLimiter(1)
+        self._runtime: Any = None
+        self.site: StatsSite | None = None
+        self._listeners: list[trio.SocketListener] = []
+        self._pending: list[trio.SocketListener] | None = None
+        self._accepting: trio.CancelScope | None = None
+        self._open_connections = 0
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where the page listens now (real ports when bound to port 0)."""
+        return [listener.socket.getsockname()[:2] for listener in self._listeners]
+
+    async def run(self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serves until cancelled; raises StatsBindError if a bind address is unusable."""
+        self._runtime = app.runtime
+        self.site = self._make_site(self._settings)
+        self._listeners = open_listeners(self._settings.binds if self._settings else ())
+        for address in self.addresses:
+            log.info("stats.listening", address=_format(address))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sample_history)
+                await nursery.start(self._accept_forever, nursery)
+                task_status.started()
+        finally:
+            for listener in self._listeners + (self._pending or []):
+                listener.socket.close()
+
+    def reconfigure(self, config: Config) -> None:
+        """Applies a reloaded `[stats]` (absent: the page closes)."""
+        old, new = self._settings, config.stats
+        if new is not None and self._runtime is not None:
+            self.site = self._make_site(new)
+        old_binds = old.binds if old else ()
+        new_binds = new.binds if new else ()
+        self._settings = new
+        if new_binds != old_binds and self._accepting is not None:
+            superseded = self._pending or []
+            try:
+                self._pending = open_listeners(new_binds, reuse_from=self._listeners + superseded)
+            except StatsBindError as error:
+                log.error("stats.rebind_failed", error=str(error))
+                return
+            for listener in superseded:  # a second reload before the first swap: drop its leftovers
+                if listener not in self._pending and listener not in self._listeners:
+                    listener.socket.close()
+            self._accepting.cancel()
+
+    def _make_site(self, settings: Any) -> StatsSite | None:
+        if settings is None:
+            return None
+        return StatsSite(
+            settings, self._runtime,
+            authenticator=Authenticator(settings.users, limiter=self._limiter),
+            csrf=self._csrf, notices=self._notices, history=self.history,
+            sample_interval=self.sample_interval, verify_limiter=self._verify_limiter,
+        )
+
+    async def _accept_forever(self, connections: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accepts on the current listeners; swaps them when reconfigure() opened new ones."""
+        while True:
+            with trio.CancelScope() as scope:
+                self._accepting = scope
+                async with trio.open_nursery() as acceptors:
+                    for listener in self._listeners:
+                        acceptors.start_soon(self._accept, listener, connections)
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    await trio.sleep_forever()
+            if self._pending is None:
+                return
+            keep = {id(listener) for listener in self._pending}
+            for listener in self._listeners:
+                if id(listener) not in keep:
+                    await listener.aclose()
+            self._listeners, self._pending = self._pending, None
+            log.info("stats.rebound", addresses=[_format(a) for a in self.addresses])
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                log.error("stats.accept_failed", error=error.strerror)
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        client = _peer(stream)
+        if self._open_connections >= self.limits.max_connections:
+            log.warning("stats.connection_limit", client=client, limit=self.limits.max_connections)
+            await stream.aclose()
+            return
+        self._open_connections += 1
+        try:
+            await serve_connection(stream, self._dispatch, self.limits, client)
+        finally:
+            self._open_connections -= 1
+
+    async def _dispatch(self, request: Request) -> Response:
+        site = self.site
+        if site is None:  # [stats] removed by a reload; this connection outlived it
+            return text_response(404, close=True)
+        return await site.handle(request)
+
+    async def _sample_history(self) -> None:
+        while True:
+            self.history.record(self._runtime.statistics(), time.monotonic())
+            await trio.sleep(self.sample_interval)
+
+
+def open_listeners(binds: tuple[BindAddress, ...], *, reuse_from: list[trio.SocketListener] = ()) -> list[trio.SocketListener]:
+    """Binds every address (all or nothing); raises StatsBindError naming the first failure.
+
+    Listeners in `reuse_from` already bound to a wanted address are kept, so a
+    reload that adds an address does not close the others.
+    """
+    existing = {_bind_key(listener): listener for listener in reuse_from}
+    opened: list[trio.SocketListener] = []
+    fresh: list[socket.socket] = []
+    try:
+        for bind in binds:
+            listener = existing.get((bind.host, bind.port)) if bind.port else None
+            if listener is None:
+                sock = _bound_socket(bind)
+                fresh.append(sock)
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            opened.append(listener)
+    except OSError as error:
+        for sock in fresh:
+            sock.close()
+        raise StatsBindError(f"stats: cannot listen on {bind}: {error.strerror or error}") from None
+    return opened
+
+
+def _bound_socket(bind: BindAddress) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # The page may live on a floating address this host does not own yet.
+        sock.setsockopt(*_FREEBIND[family], 1)
+        sock.bind((bind.host, bind.port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_key(listener: trio.SocketListener) -> tuple[str, int]:
+    host, port = listener.socket.getsockname()[:2]
+    return host, port
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return _format((host, port))
+
+
+def _format(address: tuple[str, int]) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"

@@ -1,0 +1,432 @@
+"""The stats service over real sockets, beside a proxy carrying real connections.
+
+The client is a small h11 client of our own, so every byte on the wire is
+what a test says it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import random
+import re
+from dataclasses import dataclass, replace
+
+import h11
+import pytest
+import structlog
+import trio
+
+from proxy.app import App
+from proxy.config.model import BindAddress, Stats
+from proxy.runtime import AdminState
+from proxy.stats_ui.auth import FailureLimiter
+from proxy.stats_ui.server import Limits
+from proxy.stats_ui.service import StatsService
+from tests.proxyutil import use_service, connect_and_greet, dead_port, make_config, read_line, serve_named, server
+
+CREDENTIALS = ("admin", "pw")
+
+
+# --- a small HTTP client --------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def http(address, target="/", method="GET", *, auth=CREDENTIALS, body=b"", headers=()) -> Reply:
+    """One request on a fresh connection; auth=None sends no Authorization."""
+    all_headers = [("host", "stats"), ("connection", "close"), *headers]
+    if auth is not None:
+        all_headers.append(("authorization", basic(*auth)))
+    if body:
+        all_headers.append(("content-length", str(len(body))))
+    client = h11.Connection(h11.CLIENT)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            data = client.send(h11.Request(method=method, target=target, headers=all_headers))
+            if body:
+                data += client.send(h11.Data(data=body))
+            await stream.send_all(data + client.send(h11.EndOfMessage()))
+            response, payload = None, b""
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    payload += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+    headers_dict = {k.decode().lower(): v.decode() for k, v in response.headers}
+    return Reply(response.status_code, headers_dict, payload)
+
+
+async def raw(address, payload: bytes, *, eof: bool = True, wait: float = 10) -> bytes:
+    """Sends raw bytes (then half-closes if `eof`); returns all received until the server closes."""
+    received = b""
+    with trio.fail_after(wait):
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            try:
+                await stream.send_all(payload)
+                if eof:
+                    await stream.send_eof()
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+            except trio.BrokenResourceError:  # reset after the server's answer
+                pass
+    return received
+
+
+def status_of(raw_reply: bytes) -> int | None:
+    match = re.match(rb"HTTP/1.1 (\d{3}) ", raw_reply)
+    return int(match.group(1)) if match else None
+
+
+async def csrf_token(address, auth=CREDENTIALS) -> str:
+    page = (await http(address, auth=auth)).text
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+async def post_form(address, fields: dict[str, str], *, auth=CREDENTIALS, target="/") -> Reply:
+    body = "&".join(f"{k}={v}" for k, v in fields.items()).encode()
+    return await http(address, target, "POST", auth=auth, body=body,
+                      headers=[("content-type", "application/x-www-form-urlencoded")])
+
+
+# --- Warren with a stats page ---------------------------------------------------------
+
+
+@dataclass
+class Running:
+    app: App
+    service: StatsService
+    ports: dict[str, int]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.service.addresses[0]
+
+
+async def start_with_stats(nursery, names=("a", "b", "c"), *, limits=Limits(), users=(CREDENTIALS,),
+                           backend_kw=None, login_failures=None, brokers_nursery=None, **stats_kw) -> Running:
+    """Fake brokers (in `brokers_nursery`, default `nursery`), Warren and its stats page (in `nursery`)."""
+    ports = {name: await (brokers_nursery or nursery).start(serve_named, name) for name in names}
+    config = make_config([server(n, p) for n, p in ports.items()], **(backend_kw or {}))
+    stats = Stats(binds=(BindAddress("127.0.0.1", 0),), users=tuple(users), **{"admin": True, **stats_kw})
+    config = replace(config, stats=stats)
+    app = App(config, handle_signals=False)
+    service = StatsService(config, limits=limits, sample_interval=0.2, login_failures=login_failures)
+    use_service(app, service)
+    await nursery.start(app.serve)
+    return Running(app, service, ports)
+
+
+async def wait_for(predicate, timeout=5.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+# --- auth -----------------------------------------------------------------------------
+
+ENDPOINTS = ["/", "/;csv", "/;json", "/metrics"]
+
+
+async def test_every_endpoint_needs_credentials():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, login_failures=FailureLimiter(max_failures=100))
+            for path in ENDPOINTS + ["/unknown"]:
+                for auth in (None, ("admin", "wrong"), ("nobody", "pw")):
+                    reply = await http(running.address, path, auth=auth)
+                    assert reply.status == 401, (path, auth)
+                    assert reply.headers["www-authenticate"].startswith('Basic realm="Warren statistics"')
+            for path in ENDPOINTS:
+                assert (await http(running.address, path)).status == 200, path
+            assert (await http(running.address, "/unknown")).status == 404
+            nursery.cancel_scope.cancel()
+
+
+async def test_metrics_open_without_auth_only_when_configured():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, metrics_auth=False)
+            assert (await http(running.address, "/metrics", auth=None)).status == 200
+            assert (await http(running.address, "/;csv", auth=None)).status == 401
+            nursery.cancel_scope.cancel()
+
+
+async def test_repeated_failures_from_one_address_get_429():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery)
+            for _ in range(5):
+                assert (await http(running.address, auth=("admin", "guess"))).status == 401
+            reply = await http(running.address)
+            assert reply.status == 429 and int(reply.headers["retry-after"]) > 0
+            nursery.cancel_scope.cancel()
+
+
+# --- exports --------------------------------------------------------------------------
+
+
+async def test_csv_parses_and_counts_a_live_connection():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, uri="/haproxy")
+            stream, name = await connect_and_greet(running.app)
+            reply = await http(running.address, "/haproxy;csv")
+            assert reply.status == 200 and reply.headers["content-type"].startswith("text/csv")
+            lines = reply.text.splitlines()
+            assert lines[0].startswith("# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,")
+            rows = list(csv.DictReader(io.StringIO("\n".join([lines[0][2:]] + lines[1:]))))
+            assert [(r["pxname"], r["svname"]) for r in rows] == [
+                ("fe", "FRONTEND"), ("be", "a"), ("be", "b"), ("be", "c"), ("be", "BACKEND")]
+            used = next(r for r in rows if r["svname"] == name)
+            assert (used["scur"], used["stot"], used["status"], used["type"]) == ("1", "1", "no check", "2")
+            assert rows[0]["scur"] == "1" and rows[-1]["scur"] == "1"
+            assert (await http(running.address, "/;csv")).status == 404
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_metrics_and_json_parse():
+    with trio.fail_after(30):
+        parser = pytest.importorskip("prometheus_client.parser")
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery)
+            reply = await http(running.address, "/metrics")
+            families = {f.name: f for f in parser.text_string_to_metric_families(reply.text)}
+            up = [s for s in families["warren_server_status"].samples if s.labels["state"] == "UP"]
+            assert [s.value for s in up] == [1, 1, 1]
+            document = json.loads((await http(running.address, "/;json")).body)
+            assert [s["name"] for s in document["backends"][0]["servers"]] == ["a", "b", "c"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_page_draws_history_charts():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery)
+            await wait_for(lambda: len(running.service.history.samples("be")) >= 2)
+            page = (await http(running.address)).text
+            assert page.count('<svg class="chart"') == 2
+            nursery.cancel_scope.cancel()
+
+
+# --- admin ----------------------------------------------------------------------------
+
+
+async def test_every_admin_action_changes_the_runtime():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, names=("a",))
+            runtime = running.app.runtime
+            token = await csrf_token(running.address)
+            base = {"csrf": token, "backend": "be", "server": "a"}
+            for action, state in (("drain", AdminState.DRAIN), ("maint", AdminState.MAINT), ("ready", AdminState.READY)):
+                reply = await post_form(running.address, {**base, "action": action})
+                assert reply.status == 303, reply.text
+                assert runtime.server("be", "a").admin is state
+            assert (await post_form(running.address, {**base, "action": "weight", "weight": "5"})).status == 303
+            assert runtime.server("be", "a").weight == 5
+            stream, _ = await connect_and_greet(running.app)
+            reply = await post_form(running.address, {**base, "action": "kill"})
+            notice_page = (await http(running.address, reply.headers["location"])).text
+            assert "be/a: 1 session(s) killed" in notice_page
+            with trio.fail_after(5):
+                assert await read_line(stream) == ""  # the proxy closed it
+            nursery.cancel_scope.cancel()
+
+
+async def test_bad_csrf_and_disabled_admin_are_refused():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, names=("a",))
+            reply = await post_form(running.address, {"csrf": "1.forged", "backend": "be", "server": "a",
+                                                      "action": "maint"})
+            assert reply.status == 403
+            assert running.app.runtime.server("be", "a").admin is AdminState.READY
+            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, names=("a",), admin=False)
+            assert "<form" not in (await http(running.address)).text
+            reply = await post_form(running.address, {"backend": "be", "server": "a", "action": "maint"})
+            assert reply.status == 403
+            nursery.cancel_scope.cancel()
+
+
+# --- hostile clients ------------------------------------------------------------------
+
+HOSTILE = [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+    (b"PUT /;csv HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\n\r\n", 405),
+    (b"GET /etc/passwd HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\n\r\n", 404),
+    (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(64)), 400),  # TLS to a plain port
+]
+
+
+async def test_hostile_requests_get_4xx_and_are_logged_and_the_server_keeps_serving():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery)
+            for payload, expected in HOSTILE:
+                with structlog.testing.capture_logs() as logs:
+                    answer = await raw(running.address, payload)
+                assert status_of(answer) == expected, (payload[:40], answer[:80])
+                assert any(e["event"] == "stats.request_refused" and e["status"] == expected for e in logs), logs
+            assert (await http(running.address)).status == 200
+            await wait_for(lambda: running.service._open_connections == 0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_slow_client_gets_408():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, limits=Limits(request_timeout=0.3))
+            start = trio.current_time()
+            answer = await raw(running.address, b"GET / HTTP/1.1\r\nHost: x\r\n", eof=False)
+            assert status_of(answer) == 408
+            assert 0.3 <= trio.current_time() - start < 3
+            nursery.cancel_scope.cancel()
+
+
+async def test_connections_beyond_the_limit_are_closed_at_once():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, limits=Limits(max_connections=2))
+            idle = [await trio.open_tcp_stream(*running.address) for _ in range(2)]
+            await wait_for(lambda: running.service._open_connections == 2)
+            assert await raw(running.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+            for stream in idle:
+                await stream.aclose()
+            await wait_for(lambda: running.service._open_connections == 0)
+            assert (await http(running.address)).status == 200
+            nursery.cancel_scope.cancel()
+
+
+def fuzz_payload(rng: random.Random) -> bytes:
+    """Malformed HTTP of many kinds: truncated, binary, huge, split oddly."""
+    valid = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\n\r\n"
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 3000))
+    if kind == 1:
+        return valid[: rng.randrange(1, len(valid))]  # truncated, then EOF
+    if kind == 2:
+        cut = bytearray(valid)
+        for _ in range(rng.randrange(1, 8)):
+            cut[rng.randrange(len(cut))] = rng.randrange(256)
+        return bytes(cut)
+    if kind == 3:
+        return b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + rng.randbytes(200)
+    if kind == 4:
+        return b"GET /" + b"A" * rng.randrange(10000, 40000) + b" HTTP/1.1\r\n"
+    return valid * rng.randrange(1, 20)  # pipelined
+
+
+async def test_fuzzing_the_stats_port_never_disturbs_proxying():
+    with trio.fail_after(30):
+        rng = random.Random(1234)
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, limits=Limits(request_timeout=1.0))
+            stream, _ = await connect_and_greet(running.app)
+            with structlog.testing.capture_logs() as logs:
+                async with trio.open_nursery() as fuzzers:
+                    for worker in range(8):
+                        payloads = [fuzz_payload(rng) for _ in range(25)]
+
+                        async def fuzz(payloads=payloads):
+                            for payload in payloads:
+                                await raw(running.address, payload)
+
+                        fuzzers.start_soon(fuzz)
+                    for i in range(50):  # the proxied connection keeps echoing meanwhile
+                        message = f"ping {i}\n".encode()
+                        with trio.fail_after(2):
+                            await stream.send_all(message)
+                            assert await read_line(stream) == message.decode().strip()
+                        await trio.sleep(0.01)
+            assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+            assert (await http(running.address)).status == 200
+            await wait_for(lambda: running.service._open_connections == 0)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+# --- lifecycle ------------------------------------------------------------------------
+
+
+async def test_stop_closes_open_http_connections():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as brokers:
+            async with trio.open_nursery() as nursery:
+                running = await start_with_stats(nursery, brokers_nursery=brokers)
+                idle = await trio.open_tcp_stream(*running.address)
+                await wait_for(lambda: running.service._open_connections == 1)
+                running.app.stop()
+                assert await idle.receive_some(100) == b""
+            # Warren's nursery exited: every HTTP connection task has ended.
+            assert running.service._open_connections == 0
+            brokers.cancel_scope.cancel()
+
+
+async def test_reload_applies_users_and_binds():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery)
+            old_address = running.address
+            config = running.app.config
+            new_port = dead_port()
+            new_stats = replace(config.stats, users=(("ops", "new"),), binds=(BindAddress("127.0.0.1", new_port),))
+            running.service.reconfigure(replace(config, stats=new_stats))
+            await wait_for(lambda: running.address == ("127.0.0.1", new_port))
+            assert (await http(running.address, auth=("ops", "new"))).status == 200
+            assert (await http(running.address)).status == 401
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream(*old_address)
+            nursery.cancel_scope.cancel()
+
+
+async def test_unusable_bind_address_fails_start():
+    with trio.fail_after(30):
+        from proxy.stats_ui.service import StatsBindError
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                blocker = trio.socket.socket()
+                await blocker.bind(("127.0.0.1", 0))
+                blocker.listen()
+                port = blocker.getsockname()[1]
+                config = replace(make_config([server("a", 1)]),
+                                 stats=Stats(binds=(BindAddress("127.0.0.1", port),), users=(CREDENTIALS,)))
+                app = App(config, handle_signals=False)
+                use_service(app, StatsService(config))
+                with pytest.raises(BaseException) as caught:
+                    await nursery.start(app.serve)
+                blocker.close()
+        assert caught.group_contains(StatsBindError) if isinstance(caught.value, BaseExceptionGroup) \
+            else isinstance(caught.value, StatsBindError)
