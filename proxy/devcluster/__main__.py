@@ -26,11 +26,14 @@ class _StopRequested(BaseException):
     """SIGINT or SIGTERM arrived; unwinds to the cleanup."""
 
 
-def demo_specs(nodes: int, base_port: int, mgmt_base_port: int | None) -> list[NodeSpec]:
+def demo_specs(nodes: int, base_port: int, mgmt_base_port: int | None,
+               dist_base_port: int | None = None) -> list[NodeSpec]:
     """warren-a, warren-b, ... on consecutive AMQP ports from `base_port`,
-    distribution ports 20000 above, management ports from `mgmt_base_port`."""
+    distribution ports from `dist_base_port` (default: 20000 above the AMQP
+    ports), management ports from `mgmt_base_port`."""
+    dist = dist_base_port if dist_base_port else base_port + 20000
     return [
-        NodeSpec(f"warren-{chr(ord('a') + i)}", base_port + i, base_port + 20000 + i,
+        NodeSpec(f"warren-{chr(ord('a') + i)}", base_port + i, dist + i,
                  mgmt_base_port + i if mgmt_base_port else None)
         for i in range(nodes)
     ]
@@ -42,6 +45,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="conf/warren.toml", help="Warren configuration file")
     p.add_argument("--nodes", type=int, default=3, help="number of RabbitMQ nodes (default 3)")
     p.add_argument("--base-port", type=int, default=5681, help="AMQP port of the first node")
+    p.add_argument("--dist-base-port", type=int, default=0,
+                   help="Erlang distribution port of the first node (default: AMQP port + 20000)")
     p.add_argument("--mgmt-base-port", type=int, default=15681, help="management port of the first node (0: off)")
     p.add_argument("--dir", default="run/devcluster", help="node directories (removed at exit)")
     p.add_argument("--command", help="run this instead of Warren (shell words; for tests)")
@@ -56,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devcluster: {reason}", file=sys.stderr)
         return 2
     command = shlex.split(args.command) if args.command else [sys.executable, "-m", "proxy", "run", args.config]
-    cluster = RabbitCluster(demo_specs(args.nodes, args.base_port, args.mgmt_base_port), args.dir,
+    cluster = RabbitCluster(demo_specs(args.nodes, args.base_port, args.mgmt_base_port, args.dist_base_port), args.dir,
                             cluster=args.nodes > 1)
     _raise_on_stop_signals()
     try:

@@ -225,10 +225,10 @@ def test_a_node_that_cannot_start_is_cleaned_up():
 # -- the `make run` launcher ----------------------------------------------------
 
 def launch_demo(base: Path, command: str) -> tuple[subprocess.Popen, int, int]:
-    amqp, mgmt = free_ports(2)
+    amqp, mgmt, dist = free_ports(3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.devcluster", "--nodes", "1", "--base-port", str(amqp),
-         "--mgmt-base-port", str(mgmt), "--dir", str(base), "--command", command],
+         "--mgmt-base-port", str(mgmt), "--dist-base-port", str(dist), "--dir", str(base), "--command", command],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     return proc, amqp, mgmt
