@@ -30,6 +30,7 @@ class WarrenProcess:
         self.events: list[dict] = []
         self.stderr_text: list[str] = []
         self.process: trio.Process | None = None
+        self.preexec = None  # runs in the child before exec (e.g. setrlimit)
         self._new_event = trio.Event()
 
     async def start(self, nursery: trio.Nursery, timeout: float = 30) -> dict:
@@ -37,7 +38,7 @@ class WarrenProcess:
         self.process = await trio.lowlevel.open_process(
             [PYTHON, "-m", "proxy", "run", str(self.config_path)],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parent.parent, preexec_fn=self.preexec,
         )
         nursery.start_soon(self._read_log)
         return await self.wait_for("warren.started", timeout=timeout)

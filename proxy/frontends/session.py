@@ -5,7 +5,7 @@ or what ended the connection, the second in which phase.
 
     --  both sides closed normally
     CD  client aborted (reset) while data flowed    SD  the broker did
-    cD  client idle / client-fin timeout            sD  server side timeout
+    cD  client idle / tunnel / client-fin timeout   sD  server idle / server-fin timeout
     SC  no server, or connect refused by the server
     sC  connect timeout                             sQ  queue timeout
     KD  killed by an operator or at the end of the stop grace period
