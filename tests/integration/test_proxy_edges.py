@@ -11,7 +11,7 @@ import pytest
 import structlog
 import trio
 
-from proxy.config.model import BackendTimeouts, BindAddress, Resolvers
+from proxy.config.model import BackendTimeouts, BindAddress, Resolvers, Server
 from tests.dnsserver import serve_dns
 from tests.proxyutil import (
     connect_and_greet, front, make_config, read_line, serve_named, server, start_warren,
@@ -34,7 +34,7 @@ async def test_dns_named_server_follows_its_records(tmp_path):
             records = {"rabbit.test": ["127.0.0.1"]}
             servfail: set[str] = set()
             dns = await nursery.start(partial(serve_dns, records, servfail=servfail))
-            config = make_config([server("named", port).__class__(name="named", address="rabbit.test", port=port)])
+            config = make_config([Server(name="named", address="rabbit.test", port=port)])
             config = replace(config, resolvers=Resolvers(nameservers=(BindAddress(*dns),), interval=0.1, timeout=1.0))
             app = await start_warren(nursery, config)
             stream, name = await connect_and_greet(app)
@@ -75,7 +75,7 @@ async def test_unresolvable_server_takes_no_clients_and_others_do():
             dns = await nursery.start(partial(serve_dns, {}))
             config = make_config([
                 server("ip", port),
-                server("ip", port).__class__(name="nxdomain", address="missing.test", port=port),
+                Server(name="nxdomain", address="missing.test", port=port),
             ])
             config = replace(config, resolvers=Resolvers(nameservers=(BindAddress(*dns),), interval=1.0, timeout=0.5))
             app = await start_warren(nursery, config)
