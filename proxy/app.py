@@ -188,11 +188,12 @@ def default_services(config: Config) -> list[Service]:
     from .backends.names import NamesService
     from .health.checker import HealthService
     from .stats_ui import ControlService, StatsService
+    from .vip.service import VipService
 
     # The floating IP last: a host competes for it only once it can serve it.
     return [
         NamesService(config), HealthService(config), StatsService(config),
-        ControlService(config),
+        ControlService(config), VipService(config),
     ]
 
 

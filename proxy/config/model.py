@@ -183,6 +183,69 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class VipGarp:
+    """When a new master announces its addresses (gratuitous ARP / unsolicited NA).
+
+    A round sends ``burst`` frames per address ``burst_delay`` apart: one round
+    at once, one more ``repeat_after`` later (None: no repeat), then one of
+    ``refresh_burst`` frames every ``refresh`` while master (None: no refresh).
+    """
+
+    burst: int = 5
+    burst_delay: float = 0.01
+    repeat_after: float | None = 5.0
+    refresh: float | None = None
+    refresh_burst: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class VipNotify:
+    """Commands run on a state change, as argv prefixes (instance, state, priority are appended)."""
+
+    master: tuple[str, ...] | None = None
+    backup: tuple[str, ...] | None = None
+    fault: tuple[str, ...] | None = None
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class VipAuth:
+    """HMAC-SHA256 authentication of adverts (Warren-only; see docs/vip.md)."""
+
+    secret: str = field(repr=False)  # never in a log line or traceback
+    max_age: float | None = None  # None: replayed adverts are refused by sequence only
+
+
+@dataclass(frozen=True, slots=True)
+class Vip:
+    """One VRRPv3 instance (`[vip.<name>]`): a floating address shared with peers.
+
+    ``addresses`` are ``"ip/prefix"`` texts of one IP family. ``lease`` is the
+    final valid lifetime in seconds of the configured addresses (None: they are
+    permanent); the loader derives it from the interval and priority when the
+    file does not set it.
+    """
+
+    name: str
+    interface: str
+    vrid: int
+    addresses: tuple[str, ...]
+    priority: int = 100
+    advert_interval: float = 1.0
+    peers: tuple[str, ...] = ()  # empty: multicast
+    source: str | None = None  # None: the interface's own address
+    preempt: bool = True
+    preempt_delay: float | None = None
+    track: str | None = None  # a backend name
+    weight: int = 50
+    resign_on_track_failure: bool = True
+    lease: float | None = 4.0
+    garp: VipGarp = VipGarp()
+    notify: VipNotify = VipNotify()
+    auth: VipAuth | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Global:
     log_format: LogFormat = LogFormat.CONSOLE
     log_level: str = "info"
@@ -198,6 +261,7 @@ class Config:
     frontends: tuple[Frontend, ...] = ()
     backends: tuple[Backend, ...] = field(default=())
     stats: Stats | None = None
+    vip: tuple[Vip, ...] = ()
 
     def backend(self, name: str) -> Backend:
         for backend in self.backends:

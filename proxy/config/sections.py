@@ -12,7 +12,11 @@ problems and every problem is reported in one go.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+import math
 import re
+import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,6 +44,10 @@ from .model import (
     SendProxy,
     Server,
     Stats,
+    Vip,
+    VipAuth,
+    VipGarp,
+    VipNotify,
 )
 from .schema import (
     INVALID,
@@ -128,6 +136,108 @@ def realm(text: str) -> str:
     if not text.isascii() or not text.isprintable() or '"' in text or "\\" in text:
         raise Invalid(f"expected printable ASCII without quotes or backslashes, got {describe(text)}")
     return text
+
+
+# --- the floating IP: [vip.<name>] -----------------------------------------------------
+
+MIN_LEASE = 2.0  # the kernel counts address lifetimes in whole seconds
+MIN_AUTH_SECRET = 16  # bytes, as proxy.vip.auth requires
+
+
+def interface_name(text: str) -> str:
+    # The kernel's dev_valid_name(): at most IFNAMSIZ - 1 = 15 bytes, no "/", ":" or spaces.
+    if len(text.encode()) > 15 or text in (".", "..") or any(ch.isspace() or ch in "/:" for ch in text):
+        raise Invalid(f'invalid interface name "{text}": expected at most 15 characters without spaces, "/" or ":"')
+    return text
+
+
+def vip_address(text: str) -> str:
+    """``"10.0.0.100/24"`` (a bare address means /32 or /128), normalised."""
+    try:
+        interface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise Invalid(f'"{text}" is not an IP address with an optional prefix length, e.g. "10.0.0.100/24"') from None
+    ip = interface.ip
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback:
+        raise Invalid(f'"{text}" cannot be a floating address (multicast, unspecified or loopback)')
+    return str(interface)
+
+
+def ip_literal(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise Invalid(f'"{text}" is not an IP address') from None
+
+
+def advert_interval(value: Any) -> float:
+    """RFC 5798 5.2.7: the interval travels as 12 bits of centiseconds (10ms to 40.95s)."""
+    seconds = to_seconds(value) or 0.0
+    centiseconds = seconds * 100
+    if not 1 <= round(centiseconds, 6) <= 4095:
+        raise Invalid(f"expected 10ms-40.95s, got {format_duration(seconds)}")
+    if abs(centiseconds - round(centiseconds)) > 1e-6:
+        raise Invalid(f"expected whole centiseconds (VRRP counts in 10ms steps), got {format_duration(seconds)}")
+    return round(centiseconds) / 100
+
+
+def lease_lifetime(value: Any) -> float | None:
+    """``0``: permanent addresses; otherwise at least 2s, rounded up to whole seconds."""
+    seconds = to_seconds(value, optional=True)
+    if seconds is None:
+        return None
+    if seconds < MIN_LEASE:
+        raise Invalid(f"expected 0 (off) or at least 2s (lifetimes are whole seconds), got {format_duration(seconds)}")
+    return float(math.ceil(seconds))
+
+
+def derived_lease(interval: float, priority: int) -> float:
+    """The default lease: RFC 5798 Master_Down_Interval rounded up to whole seconds, at least 2s.
+
+    A killed master's address then expires about when a backup takes over.
+    """
+    master_down = 3 * interval + (256 - priority) * interval / 256
+    return max(MIN_LEASE, float(math.ceil(master_down - 1e-9)))
+
+
+def command_line(text: str) -> tuple[str, ...]:
+    """A notify command, split like a shell would (but never run through one)."""
+    try:
+        argv = shlex.split(text)
+    except ValueError as error:
+        raise Invalid(f"cannot split the command line: {error}") from None
+    if not argv:
+        raise Invalid("expected a command")
+    return tuple(argv)
+
+
+def auth_secret(text: str) -> str:
+    length = len(text.encode())
+    if length < MIN_AUTH_SECRET:
+        # Never echo the secret itself.
+        raise Invalid(f"expected a secret of at least {MIN_AUTH_SECRET} bytes, got {length}")
+    return text
+
+
+def build_garp(**values: Any) -> VipGarp:
+    garp = VipGarp(**values)
+    first_round = (garp.burst - 1) * garp.burst_delay
+    if garp.repeat_after is not None and garp.repeat_after <= first_round:
+        raise Invalid(
+            f"repeat_after ({format_duration(garp.repeat_after)}) must be longer than the first burst "
+            f"({garp.burst} x {format_duration(garp.burst_delay)})"
+        )
+    return garp
+
+
+_DERIVED: Any = object()
+
+
+def build_vip(*, lease: float | None = _DERIVED, **values: Any) -> Vip:
+    vip = Vip(**values)
+    if lease is _DERIVED:
+        lease = derived_lease(vip.advert_interval, vip.priority)
+    return dataclasses.replace(vip, lease=lease)
 
 
 BINDS = one_or_many(string(parse_bind))
@@ -236,12 +346,52 @@ STATS = {
     "metrics_auth": Field(boolean()),
 }
 
+VIP_GARP = {
+    "burst": Field(integer(1, 100)),
+    "burst_delay": Field(duration(positive=False)),
+    "repeat_after": Field(duration(optional=True)),
+    "refresh": Field(duration(optional=True)),
+    "refresh_burst": Field(integer(1, 100)),
+}
+
+VIP_NOTIFY = {
+    "master": Field(string(command_line)),
+    "backup": Field(string(command_line)),
+    "fault": Field(string(command_line)),
+    "timeout": Field(duration()),
+}
+
+VIP_AUTH = {
+    "secret": Field(string(auth_secret), required=True),
+    "max_age": Field(duration(optional=True)),
+}
+
+VIP = {
+    "interface": Field(string(interface_name), required=True),
+    "vrid": Field(integer(1, 255), required=True),
+    "addresses": Field(array(string(vip_address), unique=True, nonempty=True), required=True),
+    "priority": Field(integer(1, 255)),
+    "advert_interval": Field(leaf(advert_interval)),
+    "peers": Field(array(string(ip_literal), unique=True)),
+    "source": Field(string(ip_literal)),
+    "preempt": Field(boolean()),
+    "preempt_delay": Field(duration(optional=True)),
+    "track": Field(string()),
+    "weight": Field(integer(1, 254)),
+    "resign_on_track_failure": Field(boolean()),
+    "lease": Field(leaf(lease_lifetime)),
+    "garp": Field(table(VIP_GARP, build_garp)),
+    "notify": Field(table(VIP_NOTIFY, VipNotify)),
+    "auth": Field(table(VIP_AUTH, VipAuth)),
+}
+
 DOCUMENT = {
     "global": Field(table(GLOBAL, Global), attr="global_"),
     "resolvers": Field(table(RESOLVERS, Resolvers)),
     "frontends": Field(named_tables(FRONTEND, Frontend, check_name=check_name)),
     "backends": Field(named_tables(BACKEND, Backend, check_name=check_name)),
     "stats": Field(table(STATS, Stats)),
+    "vip": Field(named_tables(VIP, build_vip, check_name=check_name)),
 }
 
 
@@ -310,9 +460,100 @@ def _overlap(a: BindAddress, b: BindAddress) -> bool:
     return same_family and (a.host in _WILDCARDS or b.host in _WILDCARDS)
 
 
+def check_vip_sections(document: dict[str, Any], report: Report) -> None:
+    """Across ``[vip.*]``: tracked backends exist, one IP family per instance,
+    no VRID used twice on an interface, no address managed twice."""
+    vips = document.get("vip")
+    if not isinstance(vips, dict):
+        return
+    backends = document.get("backends")
+    backend_names = list(backends) if isinstance(backends, dict) else []
+    routers: dict[tuple[str, int, int], str] = {}
+    managed: dict[Any, str] = {}
+    for name, body in vips.items():
+        if not isinstance(body, dict):
+            continue
+        at = ("vip", name)
+        _check_vip_track(body, at, backend_names, report)
+        family = _check_vip_families(body, at, report)
+        _check_vip_router_unique(body, at, family, routers, report)
+        _check_vip_addresses_unique(body, at, managed, report)
+
+
+def _check_vip_track(body: dict[str, Any], at: Path, backends: list[str], report: Report) -> None:
+    target = body.get("track")
+    if isinstance(target, str) and target and target not in backends:
+        message = f'dangling backend reference: no backend named "{target}"' + suggestion(target, backends)
+        report.add(at + ("track",), message)
+
+
+def _raw_ips(body: dict[str, Any], key: str, parse: Callable[[str], Any]) -> Iterator[tuple[Path, Any]]:
+    """``(sub-path, parsed)`` for each parseable string under ``key`` (a string or an array of them)."""
+    raw = body.get(key)
+    if isinstance(raw, str):
+        entries: list[tuple[Path, Any]] = [((key,), raw)]
+    elif isinstance(raw, list):
+        entries = [((key, index), item) for index, item in enumerate(raw)]
+    else:
+        entries = []
+    for where, text in entries:
+        if not isinstance(text, str):
+            continue
+        try:
+            yield where, parse(text)
+        except ValueError:
+            continue  # reported by the field itself
+
+
+_VIP_IP_KEYS = (
+    ("addresses", "address", ipaddress.ip_interface),
+    ("peers", "peer", ipaddress.ip_address),
+    ("source", "source", ipaddress.ip_address),
+)
+
+
+def _check_vip_families(body: dict[str, Any], at: Path, report: Report) -> int | None:
+    """The family of the instance's addresses; every address, peer and source must share it."""
+    family = None
+    for key, what, parse in _VIP_IP_KEYS:
+        for where, value in _raw_ips(body, key, parse):
+            if family is None:
+                family = value.version
+            elif value.version != family:
+                report.add(
+                    at + where,
+                    f"IPv{value.version} {what} in an IPv{family} instance: one instance carries one IP family "
+                    "(use a second instance for the other)",
+                )
+    return family
+
+
+def _check_vip_router_unique(
+    body: dict[str, Any], at: Path, family: int | None, routers: dict[tuple[str, int, int], str], report: Report
+) -> None:
+    interface, vrid = body.get("interface"), body.get("vrid")
+    if not isinstance(interface, str) or isinstance(vrid, bool) or not isinstance(vrid, int) or family is None:
+        return
+    key = (interface, vrid, family)
+    if key in routers:
+        report.add(at + ("vrid",), f'vrid {vrid} is already used on interface "{interface}" by {routers[key]}')
+    else:
+        routers[key] = format_path(at)
+
+
+def _check_vip_addresses_unique(body: dict[str, Any], at: Path, managed: dict[Any, str], report: Report) -> None:
+    for where, interface in _raw_ips(body, "addresses", ipaddress.ip_interface):
+        owner = managed.get(interface.ip)
+        if owner is not None and owner != format_path(at):
+            report.add(at + where, f"address {interface.ip} is already managed by {owner}")
+        else:
+            managed[interface.ip] = format_path(at)
+
+
 CROSS_CHECKS: tuple[Callable[[dict[str, Any], Report], None], ...] = (
     check_backend_references,
     check_bind_conflicts,
+    check_vip_sections,
 )
 
 

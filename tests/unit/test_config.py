@@ -81,11 +81,6 @@ def test_an_unknown_key_without_a_close_match_gets_no_suggestion():
     assert (problem.key, problem.line, problem.message) == ("global.colour", 4, "unknown key")
 
 
-def test_the_vip_section_is_not_known_yet():
-    problem = only_problem(SERVERS + "[vip]\naddress = '10.0.0.100/24'\n")
-    assert (problem.key, problem.line, problem.message) == ("vip", 3, "unknown key")
-
-
 def test_a_wrong_type_says_what_was_expected_and_what_was_found():
     problem = only_problem(SERVERS + 'retries = "3"\n')
     assert (problem.key, problem.line) == ("backends.rabbit.retries", 3)

@@ -1,0 +1,360 @@
+"""The host side of one VRRP instance, for trio: raw socket, plumbing, address keeper.
+
+- :class:`VrrpChannel` wraps the raw IP protocol 112 socket of
+  :func:`proxy.vip.netlink.open_vrrp_socket`: ``receive()`` yields what
+  arrived with the addresses the checksum needs, ``send()`` transmits one advert.
+- :class:`LinuxPlumbing` is everything else done to the host (address leases,
+  link state, announcement frames), each blocking rtnetlink call moved off the
+  trio thread. :class:`Plumbing` / :class:`Channel` are what
+  :class:`proxy.vip.instance.VipInstance` needs of them, so unit tests
+  substitute in-memory fakes.
+- :class:`AddressKeeper` turns the machine's Take/Release/SendGratuitous into
+  host state: leases renewed while held, removed when released, announced once
+  really configured.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import math
+import socket
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+import trio
+
+from proxy.config.model import Vip
+from proxy.vip import netlink
+from proxy.vip.garp import GarpPlan, announcement_frames, format_mac, send_frames
+from proxy.vip.netlink import InterfaceNotFound
+from proxy.vip.packet import IPAddress, PacketError, check_hop_limit, parse_ipv4_packet
+
+log = structlog.get_logger("warren.vip")
+
+RETRY_DELAY = 0.5  # after a failed rtnetlink operation
+_HOST_ERRORS = (OSError, InterfaceNotFound)
+
+_MAX_DATAGRAM = 65535
+_IPV6_PKTINFO = struct.Struct("=16si")
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One VRRP packet: the IP header's addresses and the VRRP message (plus any auth trailer)."""
+
+    src: IPAddress
+    dst: IPAddress
+    payload: bytes
+
+
+class VrrpChannel:
+    """A raw VRRP socket on one interface (see ``open_vrrp_socket`` for what it joins).
+
+    ``receive()`` raises :class:`PacketError` for a packet that must be dropped
+    before its VRRP content is even looked at (bad IP header, TTL / hop limit
+    other than 255); the caller counts it and reads on. ``send()`` never blocks:
+    ``OSError`` (ENETDOWN, ENOBUFS, EAGAIN) goes to the caller.
+    """
+
+    def __init__(self, ifname: str, version: int) -> None:
+        raw = netlink.open_vrrp_socket(ifname, version)
+        try:
+            if version == 6:
+                # The destination (ff02::12 or our unicast address) is part of the checksum.
+                raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            self.ifindex = socket.if_nametoindex(ifname)
+        except BaseException:
+            raw.close()
+            raise
+        self.ifname = ifname
+        self.version = version
+        self._raw = raw
+        self._sock = trio.socket.from_stdlib_socket(raw)
+
+    async def receive(self) -> Received:
+        if self.version == 4:
+            datagram = await self._sock.recv(_MAX_DATAGRAM)
+            src, dst, _, _, payload = parse_ipv4_packet(datagram)
+            return Received(src, dst, payload)
+        return await self._receive_v6()
+
+    async def _receive_v6(self) -> Received:
+        space = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_IPV6_PKTINFO.size)
+        payload, ancillary, _, address = await self._sock.recvmsg(_MAX_DATAGRAM, space)
+        check_hop_limit(netlink.hop_limit_from_ancillary(ancillary) or 0)
+        dst = _destination_v6(ancillary)
+        if dst is None:
+            raise PacketError("bad_ip_header", "no IPV6_PKTINFO")
+        src = ipaddress.IPv6Address(address[0].split("%")[0])
+        return Received(src, dst, payload)
+
+    def send(self, payload: bytes, src: IPAddress, dst: IPAddress) -> None:
+        netlink.send_vrrp(self._raw, payload, src, dst, self.ifindex)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _destination_v6(ancillary: Iterable[tuple[int, int, bytes]]) -> ipaddress.IPv6Address | None:
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= _IPV6_PKTINFO.size:
+            return ipaddress.IPv6Address(_IPV6_PKTINFO.unpack_from(data)[0])
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    """An interface as the instance needs it; ``index`` is None when it does not exist."""
+
+    up: bool
+    index: int | None
+
+
+class LinuxPlumbing:
+    """The host operations of :class:`proxy.vip.instance.VipInstance`, for real.
+
+    Raising contract: :class:`proxy.vip.netlink.InterfaceNotFound` when the
+    interface is missing; other kernel refusals as ``OSError`` (pyroute2's
+    ``NetlinkError`` is one).
+    """
+
+    def open_channel(self, ifname: str, version: int) -> VrrpChannel:
+        return VrrpChannel(ifname, version)
+
+    async def link(self, ifname: str) -> LinkInfo:
+        return await trio.to_thread.run_sync(_link_sync, ifname)
+
+    async def interface_ips(self, ifname: str) -> list[IPAddress]:
+        return [info.ip for info in await netlink.list_addresses(ifname)]
+
+    async def mac_address(self, ifname: str) -> bytes:
+        return await netlink.mac_address(ifname)
+
+    async def add_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
+        await trio.to_thread.run_sync(_add_all_sync, ifname, list(addresses), lifetime)
+
+    async def remove_addresses(self, ifname: str, addresses: Iterable[str]) -> None:
+        await trio.to_thread.run_sync(_remove_all_sync, ifname, list(addresses))
+
+    async def remove_stale(self, ifname: str, addresses: Iterable[str]) -> list[IPAddress]:
+        return await netlink.remove_stale(ifname, addresses)
+
+    def send_frames(self, ifname: str, frames: list[bytes]) -> int:
+        return send_frames(ifname, frames)
+
+
+def _link_sync(ifname: str) -> LinkInfo:
+    try:
+        index = socket.if_nametoindex(ifname)
+        up = netlink.link_state_sync(ifname) is netlink.LinkState.UP
+    except (OSError, netlink.InterfaceNotFound):
+        return LinkInfo(up=False, index=None)
+    return LinkInfo(up=up, index=index)
+
+
+def _add_all_sync(ifname: str, addresses: list[str], lifetime: float | None) -> None:
+    # One thread hop for the whole set: renewals happen every second.
+    for address in addresses:
+        netlink.add_lease_sync(ifname, address, lifetime)
+
+
+def _remove_all_sync(ifname: str, addresses: list[str]) -> None:
+    for address in addresses:
+        netlink.remove_sync(ifname, address)
+
+
+class Channel(Protocol):
+    ifindex: int
+
+    async def receive(self) -> Received: ...
+
+    def send(self, payload: bytes, src: IPAddress, dst: IPAddress) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Plumbing(Protocol):
+    """What the instance does to the host; :class:`proxy.vip.rawsock.LinuxPlumbing` for real."""
+
+    def open_channel(self, ifname: str, version: int) -> Channel: ...
+
+    async def link(self, ifname: str) -> LinkInfo: ...
+
+    async def interface_ips(self, ifname: str) -> list[IPAddress]: ...
+
+    async def mac_address(self, ifname: str) -> bytes: ...
+
+    async def add_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None: ...
+
+    async def remove_addresses(self, ifname: str, addresses: Iterable[str]) -> None: ...
+
+    async def remove_stale(self, ifname: str, addresses: Iterable[str]) -> list[IPAddress]: ...
+
+    def send_frames(self, ifname: str, frames: list[bytes]) -> int: ...
+
+
+class AddressKeeper:
+    """Converges the interface to what the machine wants: addresses held (renewed leases) or not.
+
+    ``hold``/``release``/``announce`` only record the wish and wake the task,
+    so a quick hold-release-hold never races: the task always acts on the
+    latest wish. Announcements start only after the addresses were added
+    (a client redirected by gratuitous ARP must find the address configured)
+    and stop when they are released.
+    """
+
+    def __init__(
+        self,
+        config: Vip,
+        ips: tuple[IPAddress, ...],
+        plumbing: Plumbing,
+        counters: collections.Counter,
+        *,
+        before_renewing: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._config = config
+        self._before_renewing = before_renewing
+        self._ips = ips
+        self._plumbing = plumbing
+        self._counters = counters
+        self._plan = GarpPlan(
+            config.garp.burst, config.garp.burst_delay, config.garp.repeat_after,
+            config.garp.refresh, config.garp.refresh_burst,
+        )  # fmt: skip
+        # The kernel counts lifetimes in whole seconds: renew well within one.
+        self._renew_every = min(1.0, config.lease / 3) if config.lease else math.inf
+        self._want = False
+        self._present = False  # the addresses may be on the interface
+        self._configured = False  # the last add succeeded (and nothing removed them since)
+        self._announce_pending = False
+        self._failing = False
+        self._wake = trio.Event()
+        self._announce_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self.released = trio.Event()
+        self.released.set()
+
+    def hold(self) -> None:
+        self._want = True
+        if self.released.is_set():
+            self.released = trio.Event()
+        self._wake.set()
+
+    def release(self) -> None:
+        self._want = False
+        self._announce_pending = False
+        self._announce_scope.cancel()
+        if not self._present:
+            self.released.set()
+        self._wake.set()
+
+    def announce(self) -> None:
+        if self._want:
+            self._announce_pending = True
+            self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                self._wake = trio.Event()
+                delay = await self._converge()
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
+
+    async def _converge(self) -> float:
+        """One step towards the wish; returns how long until the next step is due."""
+        if self._want and self._present:
+            # After a freeze (SIGSTOP, VM pause) this may be the first task to run: the
+            # machine decides first whether a master silent that long steps down.
+            self._before_renewing()
+        if self._want:
+            if not await self._add():
+                return RETRY_DELAY
+            if self._announce_pending and self._want:
+                self._start_announcing()
+            return self._renew_every
+        if self._present and not await self._remove():
+            return RETRY_DELAY
+        return math.inf
+
+    async def _add(self) -> bool:
+        config, first = self._config, not self._configured
+        self._present = True
+        try:
+            await self._plumbing.add_leases(config.interface, config.addresses, config.lease)
+        except _HOST_ERRORS as error:
+            self._counters["lease_errors"] += 1
+            self._log_failure("vip.lease_failed", error)
+            return False
+        self._failing = False
+        self._configured = True
+        if first:
+            log.info(
+                "vip.addresses_added", instance=config.name, addresses=list(config.addresses), lease=config.lease
+            )
+        else:
+            self._counters["lease_renewals"] += 1
+        return True
+
+    async def _remove(self) -> bool:
+        config = self._config
+        try:
+            await self._plumbing.remove_addresses(config.interface, config.addresses)
+        except InterfaceNotFound:
+            pass  # the addresses went with the interface
+        except OSError as error:
+            self._counters["remove_errors"] += 1
+            self._log_failure("vip.remove_failed", error)
+            return False
+        self._failing = False
+        self._present = self._configured = False
+        if not self._want:
+            self.released.set()
+        log.info("vip.addresses_removed", instance=config.name, addresses=list(config.addresses))
+        return True
+
+    async def remove_now(self) -> None:
+        """Last-resort removal when the instance ends without :meth:`release` being carried out."""
+        self._want = False
+        if self._present:
+            await self._remove()
+
+    def _log_failure(self, event: str, error: BaseException) -> None:
+        if not self._failing:  # once per failure streak, not every retry
+            self._failing = True
+            log.error(event, instance=self._config.name, interface=self._config.interface, error=str(error))
+
+    def _start_announcing(self) -> None:
+        assert self._nursery is not None
+        self._announce_pending = False
+        self._announce_scope.cancel()  # restart, not stack, a running plan
+        self._announce_scope = trio.CancelScope()
+        self._nursery.start_soon(self._announce, self._announce_scope)
+
+    async def _announce(self, scope: trio.CancelScope) -> None:
+        config = self._config
+        with scope:
+            try:
+                mac = await self._plumbing.mac_address(config.interface)
+            except _HOST_ERRORS as error:
+                self._counters["announce_errors"] += 1
+                log.warning("vip.announce_failed", instance=config.name, error=str(error))
+                return
+            frames = announcement_frames(mac, self._ips)
+            addresses = [str(ip) for ip in self._ips]
+            log.info("vip.announcing", instance=config.name, mac=format_mac(mac), addresses=addresses)
+            for at in self._plan.send_times(trio.current_time()):
+                await trio.sleep_until(at)
+                try:
+                    self._plumbing.send_frames(config.interface, frames)
+                except OSError as error:
+                    self._counters["announce_errors"] += 1
+                    log.debug("vip.announce_failed", instance=config.name, error=str(error))
+                    continue
+                self._counters["announcements"] += 1
