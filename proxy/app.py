@@ -49,7 +49,7 @@ class App:
         self.runtime = Runtime(config)
         use_splice = splice_supported() if splice is None else splice
         self.pipes = PipePool() if use_splice else None
-        self.sessions = Sessions(self.runtime, self.pipes)
+        self.sessions = Sessions(self.runtime, self.pipes, _logs_connections(config))
         self.handle_signals = handle_signals
         self.services: list[Service] = default_services(config)
         self._bound: dict[tuple[str, BindAddress], tuple[str, int]] = {}
@@ -174,6 +174,7 @@ class App:
         await self._serve_listeners(opened, self._services_nursery)
         self.config = config
         logs.configure(config.global_.log_format, config.global_.log_level)
+        self.sessions.log_connections = _logs_connections(config)
         for service in self.services:
             service.reconfigure(config)
         log.info("config.reloaded", path=path, listeners_closed=[f"{f}/{b}" for f, b in removed], **changes)
@@ -205,6 +206,11 @@ class _Started:
 
     def started(self, value: Any = None) -> None:
         self._task_status.started(self._scope)
+
+
+def _logs_connections(config: Config) -> bool:
+    """`connection.closed` is an info event: skip building it when filtered out."""
+    return config.global_.log_level in ("debug", "info")
 
 
 def _bind_keys(config: Config) -> set[tuple[str, BindAddress]]:

@@ -14,7 +14,6 @@ or what ended the connection, the second in which phase.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import structlog
@@ -53,17 +52,10 @@ class Sessions:
             conn.kill(reason)
 
     async def handle(
-        self, client: trio.socket.SocketType, frontend: FrontendRuntime, slot: object
+        self, client: trio.socket.SocketType, peer: tuple, frontend: FrontendRuntime, slot: object
     ) -> None:
         """Serves one accepted client; always closes it and frees its frontend slot."""
         started = time.monotonic()
-        try:
-            peer = client.getpeername()
-        except OSError:  # already reset by the peer
-            client.close()
-            frontend.limiter.release_on_behalf_of(slot)
-            return
-        tune_accepted(client)
         conn = Connection(self.runtime.new_connection_id(), peer[:2], frontend.name, Traffic())
         frontend.current += 1
         frontend.total_sessions += 1
@@ -159,11 +151,3 @@ async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
 def _addr(address: tuple[str, int]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def tune_accepted(sock: trio.socket.SocketType) -> None:
-    """AMQP frames are small and latency matters: no Nagle on either side."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
