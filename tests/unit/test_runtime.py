@@ -1,0 +1,87 @@
+"""The live model: availability, slowstart, reload reconciliation, snapshots."""
+
+from dataclasses import replace
+
+import pytest
+
+from proxy.config.model import Backend, CheckKind, Config, Health, Server
+from proxy.runtime import AdminState, Runtime
+
+
+def runtime(*servers: Server, health: Health = Health()) -> Runtime:
+    return Runtime(Config(path="<t>", backends=(Backend(name="be", servers=servers, health=health),)))
+
+
+def test_unchecked_servers_are_up_and_available():
+    rt = runtime(Server("a", "127.0.0.1", 1))
+    server = rt.server("be", "a")
+    assert server.up and server.status == "no check" and server.available
+
+
+def test_checked_servers_start_down_by_default():
+    rt = runtime(Server("a", "127.0.0.1", 1), health=Health(kinds=(CheckKind.TCP,)))
+    assert not rt.server("be", "a").available
+
+
+def test_dns_named_server_is_unavailable_until_resolved():
+    server = runtime(Server("a", "rabbit.example", 1)).server("be", "a")
+    assert not server.available
+    server.addresses = ("10.0.0.1",)
+    assert server.available
+
+
+@pytest.mark.parametrize("state", [AdminState.DRAIN, AdminState.MAINT])
+def test_drain_and_maint_take_no_new_connections(state):
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2))
+    rt.server("be", "a").set_admin(state, 0.0)
+    assert [s.name for s in rt.backends["be"].candidates()] == ["b"]
+
+
+def test_weight_zero_takes_no_new_connections():
+    rt = runtime(Server("a", "127.0.0.1", 1, weight=0))
+    assert rt.backends["be"].candidates() == []
+
+
+def test_backups_only_when_no_active_server():
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2, backup=True))
+    assert [s.name for s in rt.backends["be"].candidates()] == ["a"]
+    rt.server("be", "a").set_admin(AdminState.MAINT, 0.0)
+    assert [s.name for s in rt.backends["be"].candidates()] == ["b"]
+
+
+def test_slowstart_ramps_the_weight_linearly(monkeypatch):
+    import proxy.runtime as module
+
+    now = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    server = runtime(Server("a", "127.0.0.1", 1, weight=100)).server("be", "a")
+    server.slowstart = (100.0, 10.0)
+    assert server.weight == 1  # never 0: it must get some traffic
+    now[0] = 102.5
+    assert server.weight == 25
+    now[0] = 110.0
+    assert server.weight == 100 and server.slowstart is None
+    server.weight = 40  # an operator's weight is the admin weight
+    assert server.admin_weight == 40
+
+
+def test_reload_keeps_state_of_servers_that_keep_their_name():
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2))
+    a = rt.server("be", "a")
+    a.set_admin(AdminState.DRAIN, 0.0)
+    a.total_sessions = 7
+    config = rt.config
+    new = replace(config, backends=(replace(config.backends[0], servers=(
+        Server("a", "127.0.0.1", 1, weight=3), Server("c", "127.0.0.1", 3))),))
+    changes = rt.apply(new)
+    assert changes == {"servers_added": ["be/c"], "servers_removed": ["be/b"]}
+    assert rt.server("be", "a") is a and a.admin is AdminState.DRAIN and a.total_sessions == 7
+    assert a.admin_weight == 3
+
+
+def test_statistics_are_frozen_snapshots():
+    rt = runtime(Server("a", "127.0.0.1", 1))
+    stats = rt.statistics()
+    with pytest.raises(AttributeError):
+        stats.backends[0].servers[0].weight = 5
+    assert stats.backends[0].servers[0].status == "no check"
