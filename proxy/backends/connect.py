@@ -46,8 +46,8 @@ async def connect_to_backend(
 
     Returns the connected socket (the caller closes it) and the server. On
     failure raises ConnectFailed with the termination code ("SC" no server or
-    connect refused, "sC" connect timeout, "sQ" queue timeout); `conn` is then
-    attached to no server.
+    connect refused, "sC" connect timeout, "sQ" queue timeout, "RC" Warren is
+    out of descriptors or memory); `conn` is then attached to no server.
     """
     config = backend.config
     failed: list[ServerRuntime] = []
@@ -68,6 +68,8 @@ async def connect_to_backend(
         except ConnectFailed as error:
             timing.connect += time.monotonic() - started
             server.detach(conn)
+            if error.code == "RC":  # our shortage, not the server's fault; retrying won't help
+                raise
             server.connect_failed()
             failed.append(server)
             last_error = error
@@ -120,7 +122,11 @@ async def _acquire_server(
 async def _open(server: ServerRuntime, timeout: float) -> trio.socket.SocketType:
     address = server.addresses[0]
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:  # EMFILE, ENFILE, ENOBUFS, ENOMEM
+        reason = errno.errorcode.get(error.errno or 0, str(error))
+        raise ConnectFailed("RC", f"cannot open a socket: {reason}", server) from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with trio.fail_after(timeout):

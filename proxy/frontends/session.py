@@ -8,8 +8,10 @@ or what ended the connection, the second in which phase.
     cD  client idle / tunnel / client-fin timeout   sD  server idle / server-fin timeout
     SC  no server, or connect refused by the server
     sC  connect timeout                             sQ  queue timeout
+    RC  Warren itself is out of descriptors or memory (no socket for the server)
     KD  killed by an operator or at the end of the stop grace period
     DD  its server was marked down (shutdown-sessions)
+    PD  an unexpected error in Warren ended this one connection (logged as session.failed)
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class Sessions:
         except* trio.Cancelled:  # the stop grace period is over (a nursery may group it)
             termination = KillReason.KILLED.value + "D"
             raise
+        except* Exception as group:  # one connection's failure never stops the others
+            termination, reason = "PD", f"internal error: {group.exceptions[0]!r}"
+            log.error("session.failed", conn=conn.id, client=_addr(conn.client), exc_info=group)
         finally:
             with trio.CancelScope(shield=True):
                 client.close()
@@ -106,9 +111,15 @@ class Sessions:
             return failure.code, failure.reason, None
         config = server.config
         if config.send_proxy is not SendProxy.NONE:
-            local = client.getsockname()[:2]
+            try:
+                local = client.getsockname()[:2]
+            except OSError:  # the client is already gone
+                return "CC", "client closed while connecting", server_sock
             header = encode_proxy_header(config.send_proxy.value, conn.client, local)
-            await _send_all(server_sock, header)
+            try:
+                await _send_all(server_sock, header)
+            except OSError as error:
+                return "SD", f"sending the PROXY header failed: {error.strerror}", server_sock
         timeouts = Timeouts(
             client=frontend.config.timeout.client,
             client_fin=frontend.config.timeout.client_fin,

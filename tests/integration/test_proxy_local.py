@@ -279,3 +279,28 @@ async def _wait_for_refused(address):
             return
         await stream.aclose()
         await trio.sleep(0.01)
+
+
+async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
+    import proxy.frontends.session as session_module
+
+    real_relay = session_module.relay
+
+    async def broken_relay(*args, **kwargs):
+        raise RuntimeError("a bug in one connection")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            monkeypatch.setattr(session_module, "relay", broken_relay)
+            with structlog.testing.capture_logs() as logs:
+                victim = await trio.open_tcp_stream(*front(app))
+                assert await victim.receive_some(10) in (b"", b"a\n")
+                await _wait_for(lambda: _closed(logs))
+            assert any(e["event"] == "session.failed" for e in logs)
+            assert _closed(logs)[0]["termination"] == "PD"
+            monkeypatch.setattr(session_module, "relay", real_relay)
+            stream, name = await connect_and_greet(app)  # the proxy still serves
+            assert name == "a"
+            nursery.cancel_scope.cancel()
