@@ -1,14 +1,18 @@
 """The relay: bytes between a client socket and a broker socket, both ways.
 
-One connection's data path after the broker connection is established. Two
-directions run concurrently (client -> server in a child task, server ->
-client in the caller's task, to spare one task per connection), each waiting
-for readiness with ``trio.lowlevel.wait_readable/wait_writable`` on the raw
-file descriptors and then moving as much as the kernel allows with
-non-blocking system calls, so one wake-up moves up to a round's budget:
+One connection's data path once the broker connection is established.
+8,000 mostly idle AMQP connections are the normal case, so a connection must
+cost little while idle: no task, nursery or wait stack of its own. The
+caller's task just sleeps in ``relay()`` until the outcome is known; both
+sockets of every relay are registered in one epoll instance shared by the
+trio run (``_Poller``), whose single system task also keeps the relays' idle
+deadlines. When a socket is ready, that task moves what the kernel allows
+right away, with non-blocking system calls (moving never blocks, so there is
+no task switch per wake-up):
 
 * the splice path (a ``PipePool`` given): ``splice(socket -> pipe)`` then
-  ``splice(pipe -> socket)``; the bytes never enter user space;
+  ``splice(pipe -> socket)``, the bytes never entering user space; small
+  reads are copied instead, where two splices would cost more;
 * the copy path (``pipes=None``): ``readv`` into a buffer, ``write`` out.
 
 Idle connections hold neither a pipe nor a buffer: both are borrowed when the
@@ -16,22 +20,23 @@ source turns readable and handed back once everything read has been written.
 
 Half-close (RFC 9293 section 3.6): EOF from one side is forwarded as
 ``shutdown(SHUT_WR)`` on the other, and the opposite direction keeps flowing
-until it ends too. The relay never closes the sockets; the caller owns them.
-
-Timeouts are idle timeouts folded into the deadline of the nursery's cancel
-scope, pushed forward once per wake-up rather than once per chunk (no cancel
-scope is created per read or write).
+until it ends too. The relay never closes the sockets; the caller owns them
+(and must cancel a running relay before closing them).
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import heapq
+import itertools
 import math
 import os
+import select
 import socket
 from dataclasses import dataclass
 
+import outcome
 import structlog
 import trio
 
@@ -65,7 +70,7 @@ class Timeouts:
     ``tunnel`` (both directions, any traffic resets it) replaces ``client``
     and ``server`` when set. ``client`` bounds waiting on the client (to send,
     or to accept what we write), ``server`` likewise. Once one direction has
-    ended, waiting for the other direction's sender to finish is bounded by
+    ended, waiting for the other direction's sender is bounded by
     ``client_fin`` / ``server_fin`` when set, overriding the others (as
     HAProxy's timeout client-fin / server-fin override timeout tunnel).
     """
@@ -96,40 +101,38 @@ async def relay(
     *,
     pipes: PipePool | None = None,
 ) -> Ending:
-    """Pump bytes both ways until both directions end, one side fails or idles out.
+    """Pump bytes both ways until both directions end, a side fails or idles out.
 
     Returns NORMAL when both sides sent EOF, CLIENT_/SERVER_ABORT when a
     socket reports a connection error (reset, broken pipe, ...), and
-    CLIENT_/SERVER_TIMEOUT when an idle timeout expires; then the other
-    direction is cancelled. Uses splice through ``pipes`` when given (the
-    caller checks ``splice_supported()`` first), else copies. Does not close
-    the sockets. On cancellation from outside, raises Cancelled after returning
-    every borrowed pipe (closing those that still hold data). Unexpected OS
-    errors propagate.
+    CLIENT_/SERVER_TIMEOUT when an idle timeout expires; the other direction
+    simply stops. Uses splice through ``pipes`` when given (the caller checks
+    ``splice_supported()`` first), else copies. Does not close the sockets. On
+    cancellation, raises Cancelled after returning every borrowed pipe
+    (closing those that still hold data). Unexpected OS errors propagate
+    (raised here, although the bytes are moved by the shared poller task).
     """
-    state = _Relay(client, server, traffic)
-    async with trio.open_nursery() as nursery:
-        state.scope = nursery.cancel_scope
-        if timeouts.enabled:
-            state.watch = _Watchdog(timeouts, nursery.cancel_scope)
-        nursery.start_soon(state.drive, state.direction(_CLIENT_TO_SERVER, pipes))
-        await state.drive(state.direction(_SERVER_TO_CLIENT, pipes))
-    if state.ending is not None:
-        return state.ending
-    if nursery.cancel_scope.cancelled_caught and state.watch is not None:
-        return state.watch.blame()
-    return Ending.NORMAL
+    link = _Link(client, server, traffic, timeouts, pipes, _current_poller())
+    try:
+        # The poller moves the bytes; this task only waits for the outcome.
+        return await trio.lowlevel.wait_task_rescheduled(link.abort)
+    finally:
+        link.stop()
 
 
-# Sides and directions share indexes: direction 0 reads the client (side 0)
-# and writes the server (side 1); direction 1 the reverse.
-_CLIENT, _SERVER = 0, 1
-_CLIENT_TO_SERVER, _SERVER_TO_CLIENT = 0, 1
+_CLIENT = 0  # side index; the server is side 1
+# Directions share the index of the side they read from: direction 0 reads
+# the client and writes the server, direction 1 the reverse.
 _ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
 _TIMEOUT = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
 
 # What a direction waits for after a round of moving bytes.
-_READ, _WRITE, _YIELD, _DONE, _NO_PIPE = range(5)
+_READ, _WRITE, _YIELD, _DONE, _NO_PIPE, _BULK = range(6)
+
+_IN, _OUT, _ONESHOT = select.EPOLLIN, select.EPOLLOUT, select.EPOLLONESHOT
+# As in trio and selectors: EPOLLHUP/EPOLLERR wake readers and writers alike.
+_WAKES_READER = ~_OUT
+_WAKES_WRITER = ~_IN
 
 # errnos meaning "this connection is gone", charged to the socket that
 # reported them; anything else is a bug or a resource problem and propagates.
@@ -156,9 +159,13 @@ _OUT_OF_PIPES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 # a sender that never lets its socket run dry cannot starve the other
 # connections (trio has no preemption).
 _ROUND_BUDGET = 1024 * 1024
+# A splice into an empty pipe that returns less than this drained the socket
+# (tcp_splice_read stops early only on an empty queue or a full pipe), so the
+# EAGAIN probe is skipped; if wrong, level-triggered epoll wakes us again.
+_SMALL_SPLICE = 16 * 1024
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
-_COPY_BUFFER_SIZE = 64 * 1024
-_SPARE_BUFFERS_MAX = 64
+_COPY_BUFFER_SIZE = 128 * 1024
+_SPARE_BUFFERS_MAX = 16
 # Copy buffers shared by all connections: a direction holds one only while
 # its bytes are in flight, like a pipe. Plain list: trio runs on one thread.
 _spare_buffers: list[memoryview] = []
@@ -177,94 +184,196 @@ def _lost_or_raise(exc: OSError, side: int) -> _SideLost:
     raise exc
 
 
-class _Relay:
-    """One connection's relay: its sockets, counters and how it ended."""
+class _Link:
+    """One connection being relayed: both directions, readiness and deadlines.
 
-    __slots__ = ("socks", "fds", "traffic", "scope", "watch", "ending")
+    Served by the poller task (``serve`` runs the directions that can move),
+    while the relay's own task sleeps until ``finish`` hands it the outcome.
+    """
 
-    def __init__(self, client, server, traffic: Traffic) -> None:
+    __slots__ = (
+        "socks", "fds", "traffic", "poller", "ways", "want", "events", "armed",
+        "task", "queued", "timeouts", "deadlines", "deadline", "scheduled",
+    )  # fmt: skip
+
+    def __init__(self, client, server, traffic, timeouts, pipes, poller) -> None:
         self.socks = (client, server)
         self.fds = (client.fileno(), server.fileno())
         self.traffic = traffic
-        self.scope: trio.CancelScope | None = None
-        self.watch: _Watchdog | None = None
-        self.ending: Ending | None = None
-
-    def direction(self, index: int, pipes: PipePool | None) -> _Direction:
+        self.poller = poller
         if pipes is None:
-            return _CopyDirection(self, index)
-        return _SpliceDirection(self, index, pipes)
-
-    async def drive(self, way: _Direction) -> None:
-        """Run one direction to its end; on a lost side, end the whole relay."""
-        watch = self.watch
-        index = way.index
-        want = _READ
+            self.ways = [_CopyDirection(self, 0), _CopyDirection(self, 1)]
+        else:
+            self.ways = [_SpliceDirection(self, 0, pipes), _SpliceDirection(self, 1, pipes)]
+        self.want = [_READ, _READ]
+        self.events = [0, 0]  # epoll events per side, delivered by the poller
+        self.armed = [_IN, _IN]  # what each side's registration is armed for
+        self.task = trio.lowlevel.current_task()  # None once finished or cancelled
+        self.queued = False  # in the poller's list of links to serve
+        self.timeouts = timeouts if timeouts.enabled else None
+        self.deadlines = [math.inf, math.inf]  # per direction
+        self.deadline = math.inf  # the earlier of the two
+        self.scheduled = math.inf  # when the poller will next look at us
+        poller.watch(self.fds[0], self, _IN)
         try:
-            while True:
-                if want == _READ:
-                    if watch is not None:
-                        watch.arm(index, way.src_side)
-                    await trio.lowlevel.wait_readable(way.src)
-                elif want == _WRITE:
-                    if watch is not None:
-                        watch.arm(index, way.dst_side)
-                    await trio.lowlevel.wait_writable(way.dst)
-                elif want == _YIELD:
-                    if watch is not None:
-                        watch.arm(index, way.src_side)
-                    await trio.lowlevel.checkpoint()
-                elif want == _NO_PIPE:
-                    way = way.as_copy()
-                else:
-                    if watch is not None:
-                        watch.finish(index)
-                    return
-                want = way.move()
+            poller.watch(self.fds[1], self, _IN)
+        except BaseException:
+            poller.forget(self.fds[0])
+            raise
+        if self.timeouts is not None:
+            self._push_deadlines(True, True)
+
+    def serve(self) -> bool:
+        """Move what the delivered events allow; True if a direction has more.
+
+        The per-wake-up path, run by the poller: kept flat on purpose.
+        """
+        want, events = self.want, self.events
+        client_events, server_events = events
+        events[0] = events[1] = 0
+        moved0 = moved1 = False
+        try:
+            wanted = want[0]
+            if (
+                (wanted == _READ and client_events & _WAKES_READER)
+                or (wanted == _WRITE and server_events & _WAKES_WRITER)
+                or wanted == _YIELD
+            ):
+                moved0 = True
+                want[0] = self._move(0)
+            wanted = want[1]
+            if (
+                (wanted == _READ and server_events & _WAKES_READER)
+                or (wanted == _WRITE and client_events & _WAKES_WRITER)
+                or wanted == _YIELD
+            ):
+                moved1 = True
+                want[1] = self._move(1)
         except _SideLost as lost:
-            if self.ending is None:
-                self.ending = _ABORT[lost.side]
-            self.scope.cancel()
-        finally:
+            self.finish(outcome.Value(_ABORT[lost.side]))
+            return False
+        want0, want1 = want
+        if want0 == _DONE and want1 == _DONE:
+            self.finish(outcome.Value(Ending.NORMAL))
+            return False
+        if self.timeouts is not None:
+            # A direction that just ended starts the other's fin timeout.
+            self._push_deadlines(
+                moved0 or (moved1 and want1 == _DONE), moved1 or (moved0 and want0 == _DONE)
+            )
+        # (Re)arm a socket's one-shot registration if what we wait on changed.
+        armed = self.armed
+        mask = (_IN if want0 == _READ else 0) | (_OUT if want1 == _WRITE else 0)
+        if mask != armed[0]:
+            self.poller.rearm(self.fds[0], mask)
+            armed[0] = mask
+        mask = (_IN if want1 == _READ else 0) | (_OUT if want0 == _WRITE else 0)
+        if mask != armed[1]:
+            self.poller.rearm(self.fds[1], mask)
+            armed[1] = mask
+        return want0 == _YIELD or want1 == _YIELD
+
+    def _move(self, index: int) -> int:
+        wanted = self.ways[index].move()
+        if wanted == _NO_PIPE:
+            # No pipe to be had: this direction copies from now on.
+            self.ways[index] = self.ways[index].as_copy()
+            wanted = self.ways[index].move()
+        return wanted
+
+    def finish(self, result: outcome.Outcome) -> None:
+        """Wake the relay's task with its result; the poller serves us no more."""
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task, result)
+
+    def expire(self) -> None:
+        """Called by the poller once ``deadline`` has passed."""
+        self.finish(outcome.Value(self._blame()))
+
+    def abort(self, raise_cancel) -> trio.lowlevel.Abort:
+        self.task = None  # cancelled: the poller must not touch us any more
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def stop(self) -> None:
+        self.task = None
+        self.scheduled = math.inf  # makes any pending timer entry stale
+        for way in self.ways:
             way.give_back()
+        self.poller.forget(self.fds[0])
+        self.poller.forget(self.fds[1])
+
+    # --- idle deadlines ------------------------------------------------------
+    # Each direction's deadline is "now + the limit for the side it waits on",
+    # pushed forward only for directions that moved, once per wake-up. The
+    # poller keeps one timer per link and re-checks it lazily, so pushing a
+    # deadline forward costs two float stores, not a cancel scope update.
+
+    def _push_deadlines(self, moved0: bool, moved1: bool) -> None:
+        now = trio.current_time()
+        deadlines, want = self.deadlines, self.want
+        tunnel = self.timeouts.tunnel is not None and (moved0 or moved1)
+        for index, moved in ((0, moved0), (1, moved1)):
+            if want[index] == _DONE:
+                deadlines[index] = math.inf
+            elif moved or tunnel:
+                deadlines[index] = now + self._limit(index)
+        self.deadline = deadline = min(deadlines)
+        if deadline < self.scheduled:
+            self.scheduled = deadline
+            self.poller.wake_at(self, deadline)
+
+    def _waited_side(self, index: int) -> int:
+        return 1 - index if self.want[index] == _WRITE else index
+
+    def _limit(self, index: int) -> float:
+        timeouts, side = self.timeouts, self._waited_side(index)
+        if self.want[1 - index] == _DONE and side == index:
+            # Waiting on this direction's sender while the other has ended.
+            fin = timeouts.client_fin if side == _CLIENT else timeouts.server_fin
+            if fin is not None:
+                return fin
+        if timeouts.tunnel is not None:
+            return timeouts.tunnel
+        limit = timeouts.client if side == _CLIENT else timeouts.server
+        return math.inf if limit is None else limit
+
+    def _blame(self) -> Ending:
+        d0, d1 = self.deadlines
+        return _TIMEOUT[self._waited_side(1 if d1 < d0 else 0)]
 
 
 class _Direction:
     """Moves bytes from one socket to the other; ``move`` never blocks."""
 
-    __slots__ = ("relay", "index", "src", "dst", "src_side", "dst_side", "eof")
+    __slots__ = ("link", "index", "src", "dst", "eof")
 
-    def __init__(self, relay: _Relay, index: int) -> None:
-        self.relay = relay
+    def __init__(self, link: _Link, index: int) -> None:
+        self.link = link
         self.index = index
-        self.src_side = index
-        self.dst_side = 1 - index
-        self.src = relay.fds[index]
-        self.dst = relay.fds[1 - index]
+        self.src = link.fds[index]
+        self.dst = link.fds[1 - index]
         self.eof = False
 
     def move(self) -> int:
-        """Move bytes until blocked; return _READ, _WRITE, _YIELD, _DONE or _NO_PIPE."""
+        """Move bytes until blocked or the round's budget is spent; say what next.
+
+        Returns _READ / _WRITE (wait for the source / destination), _YIELD
+        (budget spent, more to move), _DONE (EOF forwarded), or internally
+        _NO_PIPE / _BULK. Raises _SideLost when a connection is gone.
+        """
         raise NotImplementedError
 
     def give_back(self) -> None:
-        """Return any borrowed buffer or pipe (called once the direction stops)."""
-
-    def as_copy(self) -> _Direction:
-        raise NotImplementedError
-
-    def count(self, n: int) -> None:
-        if self.index == _CLIENT_TO_SERVER:
-            self.relay.traffic.bytes_in += n
-        else:
-            self.relay.traffic.bytes_out += n
+        """Return any borrowed buffer or pipe (the direction has stopped)."""
 
     def forward_eof(self) -> int:
-        """Everything read is written: pass the EOF on as a half-close."""
+        """Everything read has been written: pass the EOF on as a half-close."""
         try:
-            self.relay.socks[self.dst_side].shutdown(socket.SHUT_WR)
+            self.link.socks[1 - self.index].shutdown(socket.SHUT_WR)
         except OSError as exc:
-            raise _lost_or_raise(exc, self.dst_side) from exc
+            raise _lost_or_raise(exc, 1 - self.index) from exc
         return _DONE
 
 
@@ -272,20 +381,21 @@ class _CopyDirection(_Direction):
     """The portable path: read into a shared-pool buffer, write it out."""
 
     __slots__ = ("view", "start", "pending")
+    # A full buffer means a bulk transfer: subclasses that splice take over.
+    hands_bulk_over = False
 
-    def __init__(self, relay: _Relay, index: int) -> None:
-        super().__init__(relay, index)
+    def __init__(self, link: _Link, index: int) -> None:
+        super().__init__(link, index)
         self.view: memoryview | None = None
         self.start = 0
-        self.pending = 0
+        self.pending = 0  # bytes read but not yet written, at view[start:]
 
     def move(self) -> int:
         view = self.view
         if view is None:
             view = self.view = _spare_buffers.pop() if _spare_buffers else _new_buffer()
         src, dst, readv, write = self.src, self.dst, os.readv, os.write
-        start, pending, moved = self.start, self.pending, 0
-        short_read = False
+        start, pending, moved, short_read = self.start, self.pending, 0, False
         try:
             while True:
                 if not pending:
@@ -295,12 +405,15 @@ class _CopyDirection(_Direction):
                         self._return_buffer()
                         return _READ
                     except OSError as exc:
-                        raise _lost_or_raise(exc, self.src_side) from exc
+                        raise _lost_or_raise(exc, self.index) from exc
                     if not pending:
                         self.eof = True
                         self._return_buffer()
                         return self.forward_eof()
-                    self.count(pending)
+                    if self.index:
+                        self.link.traffic.bytes_out += pending
+                    else:
+                        self.link.traffic.bytes_in += pending
                     start = 0
                     short_read = pending < len(view)
                 try:
@@ -308,18 +421,23 @@ class _CopyDirection(_Direction):
                 except BlockingIOError:
                     return _WRITE
                 except OSError as exc:
-                    raise _lost_or_raise(exc, self.dst_side) from exc
+                    raise _lost_or_raise(exc, 1 - self.index) from exc
                 start += written
                 pending -= written
                 moved += written
                 if pending:
                     continue
                 if short_read:
-                    # A stream socket's recv stops short only when its queue is
-                    # empty (tcp_recvmsg drains every queued skb up to the
+                    # A stream socket's recv stops short only once its queue
+                    # is empty (tcp_recvmsg takes every queued skb up to the
                     # length): skip the EAGAIN probe and let epoll tell us.
-                    self._return_buffer()
+                    if len(_spare_buffers) < _SPARE_BUFFERS_MAX:
+                        _spare_buffers.append(view)
+                    self.view = None
                     return _READ
+                if self.hands_bulk_over:
+                    self._return_buffer()
+                    return _BULK
                 if moved >= _ROUND_BUDGET:
                     return _YIELD
         finally:
@@ -331,8 +449,8 @@ class _CopyDirection(_Direction):
         self.view = None
 
     def give_back(self) -> None:
-        # A buffer with unsent bytes is simply dropped: memory, unlike a
-        # pipe, is reclaimed by the garbage collector and never reused stale.
+        # A buffer with unsent bytes is simply dropped: unlike a pipe it is
+        # reclaimed by the garbage collector, never reused with stale bytes.
         if self.view is not None and not self.pending:
             self._return_buffer()
         self.view = None
@@ -342,18 +460,34 @@ def _new_buffer() -> memoryview:
     return memoryview(bytearray(_COPY_BUFFER_SIZE))
 
 
-class _SpliceDirection(_Direction):
-    """The zero-copy path: socket -> borrowed pipe -> socket with splice(2)."""
+class _SpliceDirection(_CopyDirection):
+    """The zero-copy path, for bulk: socket -> borrowed pipe -> socket.
 
-    __slots__ = ("pool", "pipe", "pending")
+    Each wake-up starts by copying, as HAProxy's splice-auto does: for a small
+    message one read and one write into a pooled buffer cost less than two
+    splices and a pipe. A read that fills the buffer marks a bulk transfer;
+    from then on bytes are spliced until the source trickles again.
+    """
 
-    def __init__(self, relay: _Relay, index: int, pool: PipePool) -> None:
-        super().__init__(relay, index)
+    __slots__ = ("pool", "pipe", "in_pipe", "bulk")
+    hands_bulk_over = True
+
+    def __init__(self, link: _Link, index: int, pool: PipePool) -> None:
+        super().__init__(link, index)
         self.pool = pool
         self.pipe: Pipe | None = None
-        self.pending = 0  # bytes sitting in the pipe
+        self.in_pipe = 0  # bytes sitting in the pipe
+        self.bulk = False
 
     def move(self) -> int:
+        if not self.bulk:
+            wanted = super().move()
+            if wanted != _BULK:
+                return wanted
+            self.bulk = True
+        return self._splice()
+
+    def _splice(self) -> int:
         pipe = self.pipe
         if pipe is None:
             try:
@@ -365,7 +499,7 @@ class _SpliceDirection(_Direction):
                 return _NO_PIPE
         src, dst, splice, flags = self.src, self.dst, os.splice, _SPLICE_FLAGS
         pipe_in, pipe_out, size = pipe.write_fd, pipe.read_fd, pipe.size
-        pending, moved = self.pending, 0
+        pending, moved = self.in_pipe, 0
         try:
             while True:
                 # EAGAIN into an empty pipe means the socket is empty; into a
@@ -377,11 +511,17 @@ class _SpliceDirection(_Direction):
                     except BlockingIOError:
                         drained = not pending
                     except OSError as exc:
-                        raise _lost_or_raise(exc, self.src_side) from exc
+                        raise _lost_or_raise(exc, self.index) from exc
                     else:
                         if received:
+                            if not pending and received < _SMALL_SPLICE:
+                                drained = True  # a trickle: back to copying
+                                self.bulk = False
                             pending += received
-                            self.count(received)
+                            if self.index:
+                                self.link.traffic.bytes_out += received
+                            else:
+                                self.link.traffic.bytes_in += received
                         else:
                             self.eof = True
                 if pending:
@@ -390,7 +530,7 @@ class _SpliceDirection(_Direction):
                     except BlockingIOError:
                         return _WRITE  # keep the pipe: it holds our bytes
                     except OSError as exc:
-                        raise _lost_or_raise(exc, self.dst_side) from exc
+                        raise _lost_or_raise(exc, 1 - self.index) from exc
                     pending -= written
                     moved += written
                     if pending:
@@ -404,78 +544,151 @@ class _SpliceDirection(_Direction):
                 if moved >= _ROUND_BUDGET:
                     return _YIELD
         finally:
-            self.pending = pending
+            self.in_pipe = pending
 
     def _return_pipe(self) -> None:
         self.pool.release(self.pipe)
         self.pipe = None
 
     def give_back(self) -> None:
+        super().give_back()
         if self.pipe is not None:
-            if self.pending:
-                self.pool.discard(self.pipe)
+            if self.in_pipe:
+                self.pool.discard(self.pipe)  # holds bytes: never reuse it
             else:
                 self.pool.release(self.pipe)
             self.pipe = None
 
     def as_copy(self) -> _Direction:
-        way = _CopyDirection(self.relay, self.index)
+        way = _CopyDirection(self.link, self.index)
         way.eof = self.eof
         return way
 
 
-class _Watchdog:
-    """Both directions' idle deadlines, folded into one cancel scope's deadline.
+class _Poller:
+    """One epoll instance and one timer heap for every relay of a trio run.
 
-    ``arm`` is called before each wait (once per wake-up, not per chunk) with
-    the side being waited on; ``finish`` when a direction has ended. When the
-    scope fires, ``blame`` names the side whose deadline expired.
+    Relays register their sockets here rather than in trio's own epoll, so
+    that one task can serve both sockets of a connection, and so that idle
+    connections cost no task stack of their own. A system task sleeps on this
+    epoll's file descriptor (an epoll fd is readable when it has events) under
+    a cancel scope set to the earliest timer, then serves the links concerned
+    right away: moving bytes never blocks, so no task switch per wake-up is
+    needed. Registrations are one-shot like trio's: a link re-arms only the
+    sockets whose wanted events changed or fired. Links that stopped at their
+    round budget are served again after a checkpoint, so others get a turn.
     """
 
-    __slots__ = ("timeouts", "scope", "deadlines", "sides", "done")
+    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order")
 
-    def __init__(self, timeouts: Timeouts, scope: trio.CancelScope) -> None:
-        self.timeouts = timeouts
-        self.scope = scope
-        self.deadlines = [math.inf, math.inf]
-        self.sides = [_CLIENT, _SERVER]
-        self.done = [False, False]
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._links: dict[int, _Link] = {}
+        self._busy: list[_Link] = []  # links with more to move at once
+        self._timers: list[tuple[float, int, _Link]] = []
+        self._sleep: trio.CancelScope | None = None
+        self._order = itertools.count()  # heap tie-breaker: links don't compare
 
-    def arm(self, direction: int, side: int) -> None:
-        now = trio.current_time()
-        deadlines = self.deadlines
-        self.sides[direction] = side
-        deadlines[direction] = now + self._limit(direction, side)
-        other = 1 - direction
-        if self.timeouts.tunnel is not None and not self.done[other]:
-            # Tunnel: traffic either way keeps the whole connection alive.
-            deadlines[other] = now + self._limit(other, self.sides[other])
-        self.scope.deadline = min(deadlines)
+    def watch(self, fd: int, link: _Link, events: int) -> None:
+        self._epoll.register(fd, events | _ONESHOT)
+        self._links[fd] = link
 
-    def finish(self, direction: int) -> None:
-        self.done[direction] = True
-        self.deadlines[direction] = math.inf
-        other = 1 - direction
-        if not self.done[other]:
-            # The fin timeouts start now, replacing whatever the other
-            # direction was waiting under.
-            limit = self._limit(other, self.sides[other])
-            self.deadlines[other] = trio.current_time() + limit
-        self.scope.deadline = min(self.deadlines)
+    def rearm(self, fd: int, events: int) -> None:
+        self._epoll.modify(fd, events | _ONESHOT)
 
-    def blame(self) -> Ending:
-        d0, d1 = self.deadlines
-        direction = _SERVER_TO_CLIENT if d1 < d0 else _CLIENT_TO_SERVER
-        return _TIMEOUT[self.sides[direction]]
+    def forget(self, fd: int) -> None:
+        if self._links.pop(fd, None) is None:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except OSError as exc:
+            # EBADF/ENOENT: the caller closed the socket under a running relay;
+            # closing already removed it from the epoll set.
+            if exc.errno not in (errno.EBADF, errno.ENOENT):
+                raise
 
-    def _limit(self, direction: int, side: int) -> float:
-        timeouts = self.timeouts
-        if self.done[1 - direction] and side == direction:
-            # Waiting on this direction's sender while the other has ended.
-            fin = timeouts.client_fin if side == _CLIENT else timeouts.server_fin
-            if fin is not None:
-                return fin
-        if timeouts.tunnel is not None:
-            return timeouts.tunnel
-        limit = timeouts.client if side == _CLIENT else timeouts.server
-        return math.inf if limit is None else limit
+    def wake_at(self, link: _Link, when: float) -> None:
+        heapq.heappush(self._timers, (when, next(self._order), link))
+        if self._sleep is not None and when < self._sleep.deadline:
+            self._sleep.deadline = when
+
+    async def run(self) -> None:
+        epoll_fd = self._epoll.fileno()
+        timers = self._timers
+        try:
+            while True:
+                # One cancel scope per timer expiry, not per batch of events:
+                # its deadline follows the earliest timer.
+                with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as sleep:
+                    self._sleep = sleep
+                    while True:
+                        if self._busy:
+                            await trio.lowlevel.checkpoint()
+                        else:
+                            await trio.lowlevel.wait_readable(epoll_fd)
+                        self._serve_ready_links()
+                        if timers:
+                            self._fire_timers(trio.current_time())
+                            earliest = timers[0][0] if timers else math.inf
+                            if earliest != sleep.deadline:
+                                sleep.deadline = earliest
+                self._sleep = None
+                self._fire_timers(trio.current_time())
+        finally:
+            self._epoll.close()
+
+    def _serve_ready_links(self) -> None:
+        ready, self._busy = self._busy, []
+        for link in ready:
+            link.queued = True
+        links = self._links
+        for fd, events in self._epoll.poll(0):
+            link = links.get(fd)
+            if link is None:
+                continue
+            side = 0 if fd == link.fds[0] else 1
+            link.events[side] |= events
+            link.armed[side] = 0  # EPOLLONESHOT disarmed it
+            if not link.queued:
+                link.queued = True
+                ready.append(link)
+        busy = self._busy
+        for link in ready:
+            link.queued = False
+            if link.task is None:
+                continue  # finished or cancelled since
+            try:
+                if link.serve():
+                    busy.append(link)
+            except Exception as exc:
+                # A bug or an unexpected OS error: it belongs to the relay's
+                # caller, not to the poller (which serves everyone).
+                link.finish(outcome.Error(exc))
+
+    def _fire_timers(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, link = heapq.heappop(timers)
+            if when != link.scheduled or link.task is None:
+                continue  # superseded by an earlier timer, or the relay ended
+            if link.deadline <= now:
+                link.scheduled = math.inf
+                link.expire()
+            else:
+                # Pushed back by traffic since: look again then.
+                link.scheduled = link.deadline
+                heapq.heappush(timers, (link.deadline, next(self._order), link))
+
+
+_POLLER: trio.lowlevel.RunVar[_Poller] = trio.lowlevel.RunVar("warren_relay_poller")
+
+
+def _current_poller() -> _Poller:
+    """The run's poller, started as a system task on first use."""
+    try:
+        return _POLLER.get()
+    except LookupError:
+        poller = _Poller()
+        trio.lowlevel.spawn_system_task(poller.run, name="warren.relay.poller")
+        _POLLER.set(poller)
+        return poller

@@ -12,12 +12,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 
-from proxy.frontends.pipes import PipePool, splice_supported
+from proxy.frontends.pipes import Pipe, PipePool, splice_supported
 from proxy.frontends.relay import Ending, Timeouts, Traffic, relay
 
 IO_BOUND = 30  # seconds; every real-time test fails rather than hangs
+VIRTUAL_BOUND = 30 * 24 * 3600  # the same for autojump-clock tests, in virtual time
 
 
 @pytest.fixture(params=["copy", "splice"])
@@ -106,6 +109,13 @@ async def send_all(sock, data) -> None:
         view = view[await sock.send(view[: 1 << 20]) :]
 
 
+async def send_forever(sock) -> None:
+    """Keep sending until cancelled (the relay stops reading: backpressure)."""
+    chunk = b"f" * (1 << 20)
+    while True:
+        await send_all(sock, chunk)
+
+
 async def recv_exactly(sock, size: int) -> bytes:
     data = bytearray()
     while len(data) < size:
@@ -139,6 +149,15 @@ def reset(sock) -> None:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+async def fds_after_a_first_relay() -> int:
+    """Open fds once the run's shared relay poller (one epoll fd) exists."""
+    async with relayed(None, kind="unix") as link:
+        link.client.shutdown(socket.SHUT_WR)
+        link.server.shutdown(socket.SHUT_WR)
+        assert await link.wait_ending() is Ending.NORMAL
+    return open_fds()
 
 
 async def wait_until(predicate) -> None:
@@ -217,7 +236,7 @@ async def test_half_close_is_forwarded_and_the_other_way_keeps_flowing(pipes, ki
             await send_all(closer, b"last words")
             closer.shutdown(socket.SHUT_WR)
             assert await recv_to_eof(talker) == b"last words"
-            for _ in range(3):  # the open direction still carries data, both ways of size
+            for _ in range(3):  # the open direction still carries bulk data
                 await send_all(talker, b"x" * 300_000)
                 assert await recv_exactly(closer, 300_000) == b"x" * 300_000
             assert not link.done.is_set()
@@ -253,7 +272,7 @@ async def test_reset_of_the_receiving_side_during_a_stream_is_that_sides_abort(
             receiver = getattr(link, side)
             sender = link.server if side == "client" else link.client
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(send_all, sender, b"z" * (64 << 20))
+                nursery.start_soon(send_forever, sender)
                 counter = "bytes_out" if side == "client" else "bytes_in"
                 await wait_until(lambda: getattr(link.traffic, counter) > 1 << 20)
                 reset(receiver)
@@ -265,10 +284,11 @@ async def test_reset_of_the_receiving_side_during_a_stream_is_that_sides_abort(
 
 
 async def test_without_timeouts_an_idle_connection_lives_on(pipes, autojump_clock):
-    async with relayed(pipes) as link:
-        with trio.move_on_after(7 * 24 * 3600):
-            await link.done.wait()
-        assert not link.done.is_set()
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(pipes) as link:
+            with trio.move_on_after(7 * 24 * 3600):
+                await link.done.wait()
+            assert not link.done.is_set()
 
 
 @pytest.mark.parametrize(
@@ -282,10 +302,11 @@ async def test_without_timeouts_an_idle_connection_lives_on(pipes, autojump_cloc
 async def test_silence_ends_the_relay_after_the_idle_timeout(
     pipes, autojump_clock, timeouts, expected
 ):
-    async with relayed(pipes, timeouts=timeouts) as link:
-        start = trio.current_time()
-        assert await link.wait_ending() is expected
-        assert link.ended_at - start == pytest.approx(10)
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(pipes, timeouts=timeouts) as link:
+            start = trio.current_time()
+            assert await link.wait_ending() is expected
+            assert link.ended_at - start == pytest.approx(10)
 
 
 @pytest.mark.parametrize(
@@ -299,43 +320,46 @@ async def test_silence_ends_the_relay_after_the_idle_timeout(
 async def test_a_side_timeout_counts_only_that_sides_silence(
     pipes, autojump_clock, timeouts, talker, expected
 ):
-    async with relayed(pipes, timeouts=timeouts) as link:
-        start = trio.current_time()
-        sender = getattr(link, talker)
-        receiver = link.client if talker == "server" else link.server
-        while not link.done.is_set():
-            await send_all(sender, b"tick")
-            await recv_exactly(receiver, 4)
-            await trio.sleep(3)
-        assert link.ending is expected
-        assert link.ended_at - start == pytest.approx(10)
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(pipes, timeouts=timeouts) as link:
+            start = trio.current_time()
+            sender = getattr(link, talker)
+            receiver = link.client if talker == "server" else link.server
+            while not link.done.is_set():
+                await send_all(sender, b"tick")
+                await recv_exactly(receiver, 4)
+                await trio.sleep(3)
+            assert link.ending is expected
+            assert link.ended_at - start == pytest.approx(10)
 
 
 @pytest.mark.parametrize("talker", ["client", "server"])
 async def test_tunnel_timeout_is_pushed_back_by_traffic_either_way(
     pipes, autojump_clock, talker
 ):
-    async with relayed(pipes, timeouts=Timeouts(tunnel=10, client=1, server=1)) as link:
-        start = trio.current_time()
-        sender = getattr(link, talker)
-        receiver = link.client if talker == "server" else link.server
-        for _ in range(5):
-            await trio.sleep(6)
-            await send_all(sender, b"tick")
-            assert await recv_exactly(receiver, 4) == b"tick"
-        assert not link.done.is_set()
-        # Both directions idle: the client is the one the relay was waiting on.
-        assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
-        assert link.ended_at - start == pytest.approx(40)
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(pipes, timeouts=Timeouts(tunnel=10, client=1, server=1)) as link:
+            start = trio.current_time()
+            sender = getattr(link, talker)
+            receiver = link.client if talker == "server" else link.server
+            for _ in range(5):
+                await trio.sleep(6)
+                await send_all(sender, b"tick")
+                assert await recv_exactly(receiver, 4) == b"tick"
+            assert not link.done.is_set()
+            # Both directions idle: the client is the one the relay was waiting on.
+            assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
+            assert link.ended_at - start == pytest.approx(40)
 
 
 async def test_a_side_not_reading_is_blamed_for_the_timeout(pipes, autojump_clock):
     """The client keeps sending; the server reads nothing, so the relay waits on it."""
-    async with relayed(pipes, timeouts=Timeouts(client=10, server=30)) as link:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_all, link.client, b"q" * (256 << 20))
-            assert await link.wait_ending() is Ending.SERVER_TIMEOUT
-            nursery.cancel_scope.cancel()
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(pipes, timeouts=Timeouts(client=10, server=30)) as link:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_forever, link.client)
+                assert await link.wait_ending() is Ending.SERVER_TIMEOUT
+                nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("base", [Timeouts(client=100, server=100), Timeouts(tunnel=100)])
@@ -343,13 +367,14 @@ async def test_client_fin_bounds_the_wait_for_the_client_after_the_server_ended(
     pipes, autojump_clock, base
 ):
     timeouts = Timeouts(**{**_fields(base), "client_fin": 5})
-    async with relayed(pipes, timeouts=timeouts) as link:
-        await trio.sleep(50)
-        link.server.shutdown(socket.SHUT_WR)
-        assert await recv_to_eof(link.client) == b""
-        shut = trio.current_time()
-        assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
-        assert link.ended_at - shut == pytest.approx(5)
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(pipes, timeouts=timeouts) as link:
+            await trio.sleep(50)
+            link.server.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(link.client) == b""
+            shut = trio.current_time()
+            assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
+            assert link.ended_at - shut == pytest.approx(5)
 
 
 @pytest.mark.parametrize("base", [Timeouts(client=100, server=100), Timeouts(tunnel=100)])
@@ -357,13 +382,14 @@ async def test_server_fin_bounds_the_wait_for_the_server_after_the_client_ended(
     pipes, autojump_clock, base
 ):
     timeouts = Timeouts(**{**_fields(base), "server_fin": 5})
-    async with relayed(pipes, timeouts=timeouts) as link:
-        await trio.sleep(50)
-        link.client.shutdown(socket.SHUT_WR)
-        assert await recv_to_eof(link.server) == b""
-        shut = trio.current_time()
-        assert await link.wait_ending() is Ending.SERVER_TIMEOUT
-        assert link.ended_at - shut == pytest.approx(5)
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(pipes, timeouts=timeouts) as link:
+            await trio.sleep(50)
+            link.client.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(link.server) == b""
+            shut = trio.current_time()
+            assert await link.wait_ending() is Ending.SERVER_TIMEOUT
+            assert link.ended_at - shut == pytest.approx(5)
 
 
 def _fields(timeouts: Timeouts) -> dict:
@@ -380,11 +406,11 @@ def test_timeouts_must_be_positive():
 
 async def test_cancellation_leaves_no_pipe_behind(pipes):
     """Cancelled while a pipe holds bytes the server will not read."""
-    fds_before = open_fds()
     with trio.fail_after(IO_BOUND):
+        fds_before = await fds_after_a_first_relay()
         async with relayed(pipes) as link:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(send_all, link.client, b"s" * (64 << 20))
+                nursery.start_soon(send_forever, link.client)
                 await wait_until(lambda: link.traffic.bytes_in > 1 << 20)
                 if pipes is not None:
                     await wait_until(lambda: pipes.statistics().in_use == 1)
@@ -402,31 +428,49 @@ async def test_idle_connections_hold_no_pipe(splice_pool):
     with trio.fail_after(IO_BOUND):
         async with relayed(splice_pool) as first, relayed(splice_pool) as second:
             for link in (first, second):
-                await send_all(link.client, b"ping" * 10_000)
-                await recv_exactly(link.server, 40_000)
-                await send_all(link.server, b"pong")
-                await recv_exactly(link.client, 4)
+                async with trio.open_nursery() as nursery:  # bulk both ways: spliced
+                    nursery.start_soon(send_all, link.client, b"b" * (8 << 20))
+                    nursery.start_soon(send_all, link.server, b"B" * (8 << 20))
+                    await recv_exactly(link.server, 8 << 20)
+                    await recv_exactly(link.client, 8 << 20)
+            assert splice_pool.statistics().created >= 1
             await wait_until(lambda: splice_pool.statistics().in_use == 0)
-            stats = splice_pool.statistics()
-            assert stats.idle >= 1
             assert not first.done.is_set() and not second.done.is_set()
+
+
+async def test_small_messages_are_copied_and_bulk_is_spliced(splice_pool):
+    """Like HAProxy's splice-auto: two splices cost more than a copy for a few bytes."""
+    with trio.fail_after(IO_BOUND):
+        async with relayed(splice_pool) as link:
+            for _ in range(20):
+                await send_all(link.client, b"publish" * 100)
+                await recv_exactly(link.server, 700)
+                await send_all(link.server, b"ack")
+                await recv_exactly(link.client, 3)
+            assert splice_pool.statistics().created == 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, link.client, b"m" * (16 << 20))
+                assert await recv_exactly(link.server, 16 << 20) == b"m" * (16 << 20)
+            assert splice_pool.statistics().created == 1
 
 
 async def test_pipes_are_reused_across_connections(splice_pool):
     with trio.fail_after(IO_BOUND):
         for _ in range(10):
             async with relayed(splice_pool) as link:
-                await send_all(link.client, b"m" * 1000)
-                await recv_exactly(link.server, 1000)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_all, link.client, b"m" * (4 << 20))
+                    await recv_exactly(link.server, 4 << 20)
                 link.client.shutdown(socket.SHUT_WR)
                 link.server.shutdown(socket.SHUT_WR)
                 assert await link.wait_ending() is Ending.NORMAL
-    assert splice_pool.statistics().created <= 2
+    stats = splice_pool.statistics()
+    assert 1 <= stats.created <= 2 and stats.in_use == 0
 
 
 async def test_a_batch_of_relays_leaks_no_file_descriptor(pipes):
-    fds_before = open_fds()
     with trio.fail_after(IO_BOUND):
+        fds_before = await fds_after_a_first_relay()
         for round_ in range(12):
             async with relayed(pipes, kind="tcp" if round_ % 2 else "unix") as link:
                 await send_all(link.client, b"d" * 200_000)
@@ -452,7 +496,7 @@ class _NoPipesLeft(PipePool):
 
 
 async def test_splice_falls_back_to_copying_when_no_pipe_can_be_made():
-    with trio.fail_after(IO_BOUND):
+    with trio.fail_after(IO_BOUND), structlog.testing.capture_logs() as logs:
         async with relayed(_NoPipesLeft()) as link:
             await send_all(link.client, b"a" * 500_000)
             assert await recv_exactly(link.server, 500_000) == b"a" * 500_000
@@ -462,3 +506,26 @@ async def test_splice_falls_back_to_copying_when_no_pipe_can_be_made():
             link.server.shutdown(socket.SHUT_WR)
             assert await link.wait_ending() is Ending.NORMAL
             assert (link.traffic.bytes_in, link.traffic.bytes_out) == (500_000, 500_000)
+    assert {"event": "relay.splice_fallback", "errno": errno.EMFILE, "log_level": "warning"} in logs
+
+
+class _PipesWithBadFds(PipePool):
+    """Lends a 'pipe' whose fds are not open: splice fails with EBADF, a bug."""
+
+    def acquire(self):
+        return Pipe(read_fd=2**20, write_fd=2**20 + 1, size=1 << 20)
+
+    def release(self, pipe):
+        pass
+
+    def discard(self, pipe):
+        pass
+
+
+async def test_unexpected_errors_propagate_instead_of_ending_the_relay():
+    with trio.fail_after(IO_BOUND):
+        with pytest.raises(BaseExceptionGroup) as caught:
+            async with relayed(_PipesWithBadFds()) as link:
+                await send_all(link.client, b"e" * (1 << 20))  # bulk: spliced
+                await link.wait_ending()
+    assert caught.group_contains(OSError, match="Bad file descriptor")
