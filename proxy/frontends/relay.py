@@ -5,7 +5,7 @@ One connection's data path once the broker connection is established.
 cost little while idle: no task, nursery or wait stack of its own. The
 caller's task just sleeps in ``relay()`` until the outcome is known; both
 sockets of every relay are registered in one epoll instance shared by the
-trio run (``_Poller``), whose single system task also keeps the relays' idle
+trio run (``proxy.frontends.poller``), whose single system task also keeps the relays' idle
 deadlines. When a socket is ready, that task moves what the kernel allows
 right away, with non-blocking system calls (moving never blocks, so there is
 no task switch per wake-up):
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import heapq
-import itertools
 import math
 import os
 import select
@@ -41,6 +39,7 @@ import structlog
 import trio
 
 from .pipes import Pipe, PipePool
+from .poller import current_poller
 
 log = structlog.get_logger("warren.relay")
 
@@ -112,7 +111,7 @@ async def relay(
     (closing those that still hold data). Unexpected OS errors propagate
     (raised here, although the bytes are moved by the shared poller task).
     """
-    link = _Link(client, server, traffic, timeouts, pipes, _current_poller())
+    link = _Link(client, server, traffic, timeouts, pipes, current_poller())
     try:
         # The poller moves the bytes; this task only waits for the outcome.
         return await trio.lowlevel.wait_task_rescheduled(link.abort)
@@ -563,132 +562,3 @@ class _SpliceDirection(_CopyDirection):
         way = _CopyDirection(self.link, self.index)
         way.eof = self.eof
         return way
-
-
-class _Poller:
-    """One epoll instance and one timer heap for every relay of a trio run.
-
-    Relays register their sockets here rather than in trio's own epoll, so
-    that one task can serve both sockets of a connection, and so that idle
-    connections cost no task stack of their own. A system task sleeps on this
-    epoll's file descriptor (an epoll fd is readable when it has events) under
-    a cancel scope set to the earliest timer, then serves the links concerned
-    right away: moving bytes never blocks, so no task switch per wake-up is
-    needed. Registrations are one-shot like trio's: a link re-arms only the
-    sockets whose wanted events changed or fired. Links that stopped at their
-    round budget are served again after a checkpoint, so others get a turn.
-    """
-
-    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order")
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._links: dict[int, _Link] = {}
-        self._busy: list[_Link] = []  # links with more to move at once
-        self._timers: list[tuple[float, int, _Link]] = []
-        self._sleep: trio.CancelScope | None = None
-        self._order = itertools.count()  # heap tie-breaker: links don't compare
-
-    def watch(self, fd: int, link: _Link, events: int) -> None:
-        self._epoll.register(fd, events | _ONESHOT)
-        self._links[fd] = link
-
-    def rearm(self, fd: int, events: int) -> None:
-        self._epoll.modify(fd, events | _ONESHOT)
-
-    def forget(self, fd: int) -> None:
-        if self._links.pop(fd, None) is None:
-            return
-        try:
-            self._epoll.unregister(fd)
-        except OSError as exc:
-            # EBADF/ENOENT: the caller closed the socket under a running relay;
-            # closing already removed it from the epoll set.
-            if exc.errno not in (errno.EBADF, errno.ENOENT):
-                raise
-
-    def wake_at(self, link: _Link, when: float) -> None:
-        heapq.heappush(self._timers, (when, next(self._order), link))
-        if self._sleep is not None and when < self._sleep.deadline:
-            self._sleep.deadline = when
-
-    async def run(self) -> None:
-        epoll_fd = self._epoll.fileno()
-        timers = self._timers
-        try:
-            while True:
-                # One cancel scope per timer expiry, not per batch of events:
-                # its deadline follows the earliest timer.
-                with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as sleep:
-                    self._sleep = sleep
-                    while True:
-                        if self._busy:
-                            await trio.lowlevel.checkpoint()
-                        else:
-                            await trio.lowlevel.wait_readable(epoll_fd)
-                        self._serve_ready_links()
-                        if timers:
-                            self._fire_timers(trio.current_time())
-                            earliest = timers[0][0] if timers else math.inf
-                            if earliest != sleep.deadline:
-                                sleep.deadline = earliest
-                self._sleep = None
-                self._fire_timers(trio.current_time())
-        finally:
-            self._epoll.close()
-
-    def _serve_ready_links(self) -> None:
-        ready, self._busy = self._busy, []
-        for link in ready:
-            link.queued = True
-        links = self._links
-        for fd, events in self._epoll.poll(0):
-            link = links.get(fd)
-            if link is None:
-                continue
-            side = 0 if fd == link.fds[0] else 1
-            link.events[side] |= events
-            link.armed[side] = 0  # EPOLLONESHOT disarmed it
-            if not link.queued:
-                link.queued = True
-                ready.append(link)
-        busy = self._busy
-        for link in ready:
-            link.queued = False
-            if link.task is None:
-                continue  # finished or cancelled since
-            try:
-                if link.serve():
-                    busy.append(link)
-            except Exception as exc:
-                # A bug or an unexpected OS error: it belongs to the relay's
-                # caller, not to the poller (which serves everyone).
-                link.finish(outcome.Error(exc))
-
-    def _fire_timers(self, now: float) -> None:
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            when, _, link = heapq.heappop(timers)
-            if when != link.scheduled or link.task is None:
-                continue  # superseded by an earlier timer, or the relay ended
-            if link.deadline <= now:
-                link.scheduled = math.inf
-                link.expire()
-            else:
-                # Pushed back by traffic since: look again then.
-                link.scheduled = link.deadline
-                heapq.heappush(timers, (link.deadline, next(self._order), link))
-
-
-_POLLER: trio.lowlevel.RunVar[_Poller] = trio.lowlevel.RunVar("warren_relay_poller")
-
-
-def _current_poller() -> _Poller:
-    """The run's poller, started as a system task on first use."""
-    try:
-        return _POLLER.get()
-    except LookupError:
-        poller = _Poller()
-        trio.lowlevel.spawn_system_task(poller.run, name="warren.relay.poller")
-        _POLLER.set(poller)
-        return poller
