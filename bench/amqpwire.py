@@ -1,0 +1,161 @@
+"""Just enough AMQP 0-9-1 to open a connection and a channel: plain bytes, no I/O.
+
+The reconnect storm needs a thousand clients that reconnect at once; a real
+client library would spend more CPU than the proxies do. A connection here is
+the client half of the handshake (AMQP 0-9-1 spec, section 2.2.4):
+
+    C: protocol header          S: Connection.Start
+    C: Connection.Start-Ok      S: Connection.Tune
+    C: Connection.Tune-Ok, Connection.Open
+                                S: Connection.Open-Ok
+    C: Channel.Open             S: Channel.Open-Ok
+
+Frames (section 4.2.3): type (1 octet), channel (2), payload size (4),
+payload, frame-end 0xCE. A method payload starts with class id and method id
+(2 octets each).
+"""
+
+from __future__ import annotations
+
+import struct
+
+PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+FRAME_METHOD = 1
+FRAME_HEARTBEAT = 8
+FRAME_END = 0xCE
+
+CONNECTION_START = (10, 10)
+CONNECTION_TUNE = (10, 30)
+CONNECTION_OPEN_OK = (10, 41)
+CONNECTION_CLOSE = (10, 50)
+CONNECTION_CLOSE_OK = (10, 51)
+CHANNEL_OPEN_OK = (20, 11)
+
+
+class ProtocolError(Exception):
+    """The peer sent something a client handshake does not expect."""
+
+
+def _shortstr(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack("!B", len(data)) + data
+
+
+def _longstr(data: bytes) -> bytes:
+    return struct.pack("!I", len(data)) + data
+
+
+def method_frame(channel: int, class_id: int, method_id: int, args: bytes) -> bytes:
+    payload = struct.pack("!HH", class_id, method_id) + args
+    return struct.pack("!BHI", FRAME_METHOD, channel, len(payload)) + payload + bytes([FRAME_END])
+
+
+def start_ok(user: str = "guest", password: str = "guest") -> bytes:
+    """Connection.Start-Ok: no client properties, PLAIN login."""
+    response = b"\x00" + user.encode() + b"\x00" + password.encode()
+    args = struct.pack("!I", 0) + _shortstr("PLAIN") + _longstr(response) + _shortstr("en_US")
+    return method_frame(0, 10, 11, args)
+
+
+def tune_ok_and_open(tune_args: bytes, vhost: str = "/") -> bytes:
+    """Connection.Tune-Ok accepting the broker's channel-max and frame-max with
+    heartbeats off (a dead broker is noticed through the proxy closing the
+    connection), then Connection.Open."""
+    channel_max, frame_max, _heartbeat = struct.unpack_from("!HIH", tune_args)
+    tune_ok = method_frame(0, 10, 31, struct.pack("!HIH", channel_max, frame_max, 0))
+    open_ = method_frame(0, 10, 40, _shortstr(vhost) + _shortstr("") + b"\x00")
+    return tune_ok + open_
+
+
+def channel_open(channel: int = 1) -> bytes:
+    return method_frame(channel, 20, 10, _shortstr(""))
+
+
+def connection_close() -> bytes:
+    return method_frame(0, 10, 50, struct.pack("!H", 200) + _shortstr("bye") + struct.pack("!HH", 0, 0))
+
+
+class FrameReader:
+    """Splits received bytes into frames: feed(data), then frames()."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def frames(self) -> list[tuple[int, int, bytes]]:
+        """Complete frames so far as (type, channel, payload); ProtocolError
+        on a bad frame-end or on a protocol header sent back (a broker that
+        refuses our version answers with its own header)."""
+        out = []
+        while len(self._buffer) >= 7:
+            if self._buffer[:4] == b"AMQP":
+                raise ProtocolError(f"broker answered with protocol header {bytes(self._buffer[:8])!r}")
+            kind, channel, size = struct.unpack_from("!BHI", self._buffer)
+            if len(self._buffer) < 8 + size:
+                break
+            if self._buffer[7 + size] != FRAME_END:
+                raise ProtocolError("bad frame-end octet")
+            out.append((kind, channel, bytes(self._buffer[7:7 + size])))
+            del self._buffer[:8 + size]
+        return out
+
+
+def method_of(payload: bytes) -> tuple[tuple[int, int], bytes]:
+    """((class id, method id), arguments) of a method frame's payload."""
+    class_id, method_id = struct.unpack_from("!HH", payload)
+    return (class_id, method_id), payload[4:]
+
+
+class ClientHandshake:
+    """The client side of opening a connection and channel 1, as a state machine.
+
+    `start()` returns the bytes to send first; `received(data)` returns bytes
+    to send in answer (possibly b""). `ready` turns True at Channel.Open-Ok;
+    `greeting` holds the Connection.Start arguments (server properties name
+    the node). A Connection.Close from the broker raises ProtocolError."""
+
+    def __init__(self, user: str = "guest", password: str = "guest", vhost: str = "/"):
+        self.user, self.password, self.vhost = user, password, vhost
+        self.reader = FrameReader()
+        self.greeting = b""
+        self.ready = False
+
+    def start(self) -> bytes:
+        return PROTOCOL_HEADER
+
+    def received(self, data: bytes) -> bytes:
+        self.reader.feed(data)
+        reply = b""
+        for kind, _channel, payload in self.reader.frames():
+            if kind == FRAME_HEARTBEAT:
+                continue
+            if kind != FRAME_METHOD:
+                raise ProtocolError(f"unexpected frame type {kind}")
+            method, args = method_of(payload)
+            if method == CONNECTION_START:
+                self.greeting = args
+                reply += start_ok(self.user, self.password)
+            elif method == CONNECTION_TUNE:
+                reply += tune_ok_and_open(args, self.vhost)
+            elif method == CONNECTION_OPEN_OK:
+                reply += channel_open(1)
+            elif method == CHANNEL_OPEN_OK:
+                self.ready = True
+            elif method == CONNECTION_CLOSE:
+                code = struct.unpack_from("!H", args)[0]
+                raise ProtocolError(f"broker closed the connection: {code} {args[3:3 + args[2]]!r}")
+            else:
+                raise ProtocolError(f"unexpected method {method}")
+        return reply
+
+
+def node_in(greeting: bytes, node_names: list[str]) -> str | None:
+    """Which of `node_names` (RabbitMQ node names, "name@host") sent this
+    Connection.Start: its server properties carry the cluster name, which
+    for a node that is not clustered starts with the node's own name."""
+    for name in node_names:
+        if name.split("@")[0].encode() + b"@" in greeting:
+            return name
+    return None

@@ -1,0 +1,100 @@
+"""What the benchmarks of one run share: the mode, a work directory, the
+progress display, and (started on first use) two local RabbitMQ nodes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from proxy.devcluster import NodeSpec, RabbitCluster, RabbitNode, unavailable_reason
+
+from .progress import Progress
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How long a run is: "full" (make bench), "quick" (QUICK=1) or "smoke"
+    (the test suite: one round of tiny sizes, numbers meaningless)."""
+
+    name: str
+    rounds: int | None = None  # overrides each benchmark's own round count
+
+    def pick(self, full: T, quick: T, smoke: T) -> T:
+        return {"full": full, "quick": quick, "smoke": smoke}[self.name]
+
+
+class Lab:
+    """Shared resources; close() releases all of them (also on errors)."""
+
+    def __init__(self, mode: Mode, workdir: Path | None = None, progress: Progress | None = None):
+        self.mode = mode
+        self.progress = progress or Progress()
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="warren-bench-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._cluster: RabbitCluster | None = None
+        self._cluster_error: BaseException | None = None
+        self._starter: threading.Thread | None = None
+        self.kept = False
+
+    def dir(self, *parts: str) -> Path:
+        """A fresh sub-directory of the work directory."""
+        path = self.workdir.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- RabbitMQ ----------------------------------------------------------
+    @staticmethod
+    def rabbit_missing() -> str | None:
+        return unavailable_reason()
+
+    def start_rabbit_in_background(self) -> None:
+        """Begins starting the nodes now (the smoke run overlaps it with the
+        other benchmarks; full runs do not, to keep the CPU quiet)."""
+        if self._starter is None and self._cluster is None and self.rabbit_missing() is None:
+            self._starter = threading.Thread(target=self._start_rabbit, daemon=True)
+            self._starter.start()
+
+    def rabbit_nodes(self) -> list[RabbitNode]:
+        """Two independent (not clustered) nodes, started on first use."""
+        if self._cluster is None and self._cluster_error is None:
+            if self._starter is None:
+                self.progress.note("starting two RabbitMQ nodes ...")
+                self._start_rabbit()
+            else:
+                self._starter.join()
+        if self._cluster_error is not None:
+            raise RuntimeError(f"RabbitMQ nodes did not start: {self._cluster_error}")
+        return self._cluster.nodes
+
+    def _start_rabbit(self) -> None:
+        tag = f"bench{os.getpid()}"
+        specs = [NodeSpec.on_free_ports(f"{tag}-{letter}") for letter in "ab"]
+        try:
+            self._cluster = RabbitCluster(specs, cluster=False, start_timeout=90.0).start()
+        except BaseException as error:  # reported by rabbit_nodes()
+            self._cluster_error = error
+
+    # -- cleanup ------------------------------------------------------------
+    def close(self, keep_workdir: bool = False) -> None:
+        if self._starter is not None:
+            self._starter.join(timeout=120)
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+        self.kept = keep_workdir or not self._own_workdir
+        if not self.kept:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,19 @@
+"""The benchmarks, in the order a run performs them (AMQP last: the RabbitMQ
+nodes they need are started only then, so they do not disturb the others)."""
+
+from __future__ import annotations
+
+from .amqp_publish import AmqpPublish
+from .base import Benchmark, MeasureError
+from .bulk import Bulk
+from .connrate import ConnRate
+from .detection import Detection
+from .idle import Idle
+from .keepalive import KeepAlive
+from .storm import Storm
+from .stats import Stats
+
+ALL: tuple[type[Benchmark], ...] = (Bulk, KeepAlive, ConnRate, Idle, AmqpPublish, Storm, Stats, Detection)
+NAMES = tuple(b.name for b in ALL)
+
+__all__ = ["ALL", "NAMES", "Benchmark", "MeasureError"]

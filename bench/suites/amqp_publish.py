@@ -1,0 +1,77 @@
+"""AMQP publish with confirms: pika publishing persistent messages through the
+contender to a real RabbitMQ node, with a consumer (also through it) draining
+the queue at the same time.
+
+Two figures: the publish rate (messages confirmed per second: pika's
+BlockingChannel waits for each confirm, so this is dominated by round trips,
+which is where a proxy shows) and the end-to-end rate (messages consumed per
+second, from the first publish to the last delivery).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from .. import contenders as C
+from ..model import Metric, Target
+from ..procs import read_event, spawn
+from ._amqp import wait_routes_to
+from .base import Benchmark
+
+_queues = itertools.count(1)
+
+
+class AmqpPublish(Benchmark):
+    name = "amqp"
+    title = "AMQP publish with confirms (pika, RabbitMQ)"
+    description = ("pika publishes COUNT persistent 1 kB messages with publisher confirms (one at a "
+                   "time) to a durable queue while a second pika client consumes and acks them, both "
+                   "through the contender to one RabbitMQ node.")
+    python_modules = ("pika",)
+    needs_rabbit = True
+    metrics = (
+        Metric("publish", "publish rate (confirmed)", "msg/s", True, 0),
+        Metric("e2e", "end-to-end rate (consumed)", "msg/s", True, 0),
+    )
+    targets = (Target("publish", ">=", 0.95, baseline="direct"), Target("publish", ">=", 1.0))
+
+    def count(self) -> int:
+        return self.mode.pick(4000, 1500, 50)
+
+    @contextmanager
+    def environment(self) -> Iterator[dict[str, C.Contender]]:
+        node = self.lab.rabbit_nodes()[0]
+        spec = C.ProxySpec(servers=(C.Server(node.spec.name, node.spec.amqp_port),),
+                           health=C.Health(protocol="amqp"))
+        self.notes.append(f"{self.count()} messages per measurement; RabbitMQ node {node.nodename}.")
+        with C.all_running(self.contenders, spec, self.lab.dir(self.name)) as running:
+            for contender in running.values():
+                wait_routes_to(contender.address, [node.nodename], [node.nodename], timeout=30)
+            yield running
+
+    def measure(self, env: dict[str, C.Contender], contender: str, round_index: int) -> dict[str, float]:
+        host, port = env[contender].address
+        queue = f"bench-{os.getpid()}-{next(_queues)}"
+        work = self.lab.dir(self.name, "clients")
+        common = [host, str(port), queue, str(self.count())]
+        consume = [sys.executable, "-m", "bench.tools.amqp_pubsub", "consume", *common]
+        publish = [sys.executable, "-m", "bench.tools.amqp_pubsub", "publish", *common, "--size", "1024"]
+        self.remember("consumer", consume)
+        self.remember("publisher", publish)
+        timeout = 60 + self.count() / 50
+        with spawn("consumer", consume, log_path=work / "consumer.log", cwd=C.REPO, pipe_stdio=True) as consumer:
+            read_event(consumer, "ready", timeout=30)
+            with spawn("publisher", publish, log_path=work / "publisher.log", cwd=C.REPO,
+                       pipe_stdio=True) as publisher:
+                published = read_event(publisher, "done", timeout=timeout)
+            consumed = read_event(consumer, "done", timeout=timeout)
+        env[contender].check_alive()
+        count = self.count()
+        return {
+            "publish": count / (published["end"] - published["start"]),
+            "e2e": count / (consumed["last"] - published["start"]),
+        }

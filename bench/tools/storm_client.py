@@ -1,0 +1,195 @@
+"""COUNT AMQP clients that reconnect as soon as they lose their connection.
+
+Usage: python -m bench.tools.storm_client HOST PORT COUNT --nodes A,B [--deadline S]
+
+Each client opens a connection and channel 1 through HOST:PORT (a minimal
+handshake, bench.amqpwire, so the clients cost little CPU) and notes which
+node answered. Protocol, JSON lines:
+
+  out {"event": "connected", "count": N, "per_node": {...}, "seconds": ...}
+  in  {"killing": NODE}           -- the driver is about to kill NODE
+  out {"event": "armed"}          -- then the driver kills it
+  out {"event": "recovered", "at": T, "lost": L, "attempts": A, "per_node": {...}}
+      once every client again has a working connection and none is on NODE
+      (T is time.monotonic(), the same clock as the driver's on Linux; the
+      condition cannot hold before the kill, as NODE had clients)
+  in  {"command": "quit"}         -- or EOF: close everything
+  out {"event": "closed"}
+
+A lost client retries at once, then every RETRY_DELAY (with jitter) until
+the deadline; {"event": "error"} reports a deadline missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+
+from bench.amqpwire import ClientHandshake, ProtocolError, connection_close, node_in
+
+RETRY_DELAY = 0.1
+CONNECT_TIMEOUT = 10.0
+
+
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+class Storm:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.nodes: list[str] = args.nodes
+        self.on_node: list[str | None] = [None] * args.count
+        self.per_node = {name: 0 for name in self.nodes}
+        self.per_node["?"] = 0
+        self.writers: list[asyncio.StreamWriter | None] = [None] * args.count
+        self.killed: str | None = None
+        self.lost = 0
+        self.attempts = 0
+        self.changed = asyncio.Event()
+        self.stopping = False
+
+    @property
+    def ready(self) -> int:
+        return sum(self.per_node.values())
+
+    def _set(self, index: int, node: str | None) -> None:
+        old = self.on_node[index]
+        if old is not None:
+            self.per_node[old] -= 1
+        if node is not None:
+            self.per_node[node] += 1
+        self.on_node[index] = node
+        self.changed.set()
+
+    async def _open(self, index: int) -> asyncio.StreamReader:
+        """One connection through the proxy, handshake done; raises on failure."""
+        reader, writer = await asyncio.open_connection(self.args.host, self.args.port)
+        self.writers[index] = writer
+        handshake = ClientHandshake()
+        writer.write(handshake.start())
+        while not handshake.ready:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            writer.write(handshake.received(data))
+        self._set(index, node_in(handshake.greeting, self.nodes) or "?")
+        return reader
+
+    async def client(self, index: int, gate: asyncio.Semaphore) -> None:
+        async with gate:  # the first connections ramp up; reconnections do not wait
+            reader = await self._connect_until_ready(index)
+        while not self.stopping:
+            try:
+                while await reader.read(65536):  # heartbeats are off; anything else is ignored
+                    pass
+            except (ConnectionError, OSError):
+                pass
+            if self.stopping:
+                return
+            if self.on_node[index] == self.killed:
+                self.lost += 1
+            self._set(index, None)
+            self._close_writer(index)
+            reader = await self._connect_until_ready(index)
+
+    async def _connect_until_ready(self, index: int) -> asyncio.StreamReader:
+        while True:
+            self.attempts += 1
+            try:
+                return await asyncio.wait_for(self._open(index), CONNECT_TIMEOUT)
+            except (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                self._close_writer(index)
+            await asyncio.sleep(RETRY_DELAY * (0.5 + random.random()))
+
+    def _close_writer(self, index: int) -> None:
+        writer, self.writers[index] = self.writers[index], None
+        if writer is not None:
+            writer.close()
+
+    async def wait_for(self, condition, deadline: float) -> bool:
+        while not condition():
+            self.changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return condition()
+        return True
+
+    def counts(self) -> dict[str, int]:
+        return {name: n for name, n in self.per_node.items() if n}
+
+    def close_all(self) -> None:
+        self.stopping = True
+        for index, writer in enumerate(self.writers):
+            if writer is not None:
+                try:
+                    writer.write(connection_close())
+                except (ConnectionError, OSError, RuntimeError):
+                    pass
+                self._close_writer(index)
+
+
+async def read_command(stdin: asyncio.StreamReader) -> dict:
+    line = await stdin.readline()
+    return json.loads(line) if line.strip() else {"command": "quit"}
+
+
+async def main(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    storm = Storm(args)
+    gate = asyncio.Semaphore(args.concurrency)
+    began = time.monotonic()
+    tasks = [asyncio.create_task(storm.client(i, gate)) for i in range(args.count)]
+    status = 0
+    if not await storm.wait_for(lambda: storm.ready == args.count, began + args.deadline):
+        emit("error", message=f"only {storm.ready} of {args.count} connected after {args.deadline}s")
+        status = 1
+    else:
+        emit("connected", count=args.count, per_node=storm.counts(), seconds=round(time.monotonic() - began, 3))
+        command = await read_command(stdin)
+        if "killing" in command:
+            storm.killed = command["killing"]
+            storm.attempts = 0
+            emit("armed")
+            deadline = time.monotonic() + args.deadline
+            done = await storm.wait_for(
+                lambda: storm.ready == args.count and storm.per_node.get(storm.killed, 0) == 0, deadline)
+            if done:
+                emit("recovered", at=time.monotonic(), lost=storm.lost, attempts=storm.attempts,
+                     per_node=storm.counts())
+            else:
+                emit("error", message=f"not recovered after {args.deadline}s: {storm.ready} of "
+                                      f"{args.count} connected, per node {storm.counts()}")
+                status = 1
+            await read_command(stdin)
+    storm.close_all()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    emit("closed")
+    return status
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="storm_client")
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("count", type=int)
+    parser.add_argument("--nodes", type=lambda s: s.split(","), required=True)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--deadline", type=float, default=60.0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse(sys.argv[1:]))))
