@@ -7,13 +7,14 @@ from .amqp_publish import AmqpPublish
 from .base import Benchmark, MeasureError
 from .bulk import Bulk
 from .connrate import ConnRate
+from .failover import Failover
 from .detection import Detection
 from .idle import Idle
 from .keepalive import KeepAlive
 from .storm import Storm
 from .stats import Stats
 
-ALL: tuple[type[Benchmark], ...] = (Bulk, KeepAlive, ConnRate, Idle, AmqpPublish, Storm, Stats, Detection)
+ALL: tuple[type[Benchmark], ...] = (Bulk, KeepAlive, ConnRate, Idle, AmqpPublish, Storm, Stats, Detection, Failover)
 NAMES = tuple(b.name for b in ALL)
 
 __all__ = ["ALL", "NAMES", "Benchmark", "MeasureError"]
