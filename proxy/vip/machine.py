@@ -49,6 +49,12 @@ OWNER_PRIORITY = 255
 STALL_ADVERTS = 3  # a master silent for this many intervals may have been replaced
 
 
+# The interval a leaving master puts in its priority-0 advert (the protocol's
+# minimum, one centisecond): Warren backups hand over after a skew computed
+# from it. See _backup_heard.
+HANDOVER_INTERVAL = 0.01
+
+
 class State(enum.StrEnum):
     INIT = "init"
     BACKUP = "backup"
@@ -284,8 +290,14 @@ class VrrpMachine:
 
     def _backup_heard(self, now: float, advert: Advert, src: IPAddress) -> list[Action]:
         if advert.priority == 0:
-            # RFC 6.4.2: the master is leaving; the best backup (smallest skew) goes first.
-            self._set_deadline(now + self.skew)
+            # RFC 6.4.2: the master is leaving; the best backup (smallest skew) goes
+            # first. Warren's leaving master advertises the shortest interval
+            # (HANDOVER_INTERVAL) so that the skew, and the handover, shrink to a
+            # few milliseconds; the priorities still order the backups. (The RFC
+            # keeps Master_Adver_Interval here; a plain VRRPv3 backup does, and
+            # still takes over after its usual skew.)
+            interval = min(self.master_adver_interval, advert.interval)
+            self._set_deadline(now + (256 - self.priority) * interval / 256)
             self._down_reason = "master_left"
             self.master_ip = None
             self._lower_master_since = None
@@ -385,6 +397,7 @@ class VrrpMachine:
         self.counters.adverts_sent += 1
         if priority == 0:
             self.counters.priority_zero_sent += 1
+            return SendAdvert(0, HANDOVER_INTERVAL)
         return SendAdvert(priority, self.config.advert_interval)
 
     def _transition(self, new: State, reason: str) -> StateChanged:

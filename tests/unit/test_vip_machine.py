@@ -248,7 +248,7 @@ class TestShutdown:
         vrrp = master()
         assert vrrp.shutdown(9.0) == [
             StateChanged(State.MASTER, State.INIT, "shutdown"),
-            SendAdvert(0, 1.0),
+            SendAdvert(0, 0.01),  # the shortest interval: backups hand over after a tiny skew
             ReleaseAddresses(),
         ]
         assert (vrrp.state, vrrp.next_deadline, vrrp.master_ip) == (State.INIT, None, None)
@@ -345,7 +345,7 @@ class TestResign:
         vrrp.set_effective_priority(5.0, 40)
         assert vrrp.resign(5.1) == [
             StateChanged(State.MASTER, State.BACKUP, "resign"),
-            SendAdvert(0, 1.0),
+            SendAdvert(0, 0.01),
             ReleaseAddresses(),
         ]
         assert vrrp.next_deadline == pytest.approx(5.1 + 3 + 216 / 256)
@@ -594,7 +594,19 @@ class TestElections:
         segment.do(0, "shutdown")
         stopped = segment.now
         segment.run_until(20.0)
-        assert segment.took_vip[1][0] - stopped == pytest.approx(156 / 256, abs=0.01)  # keepalived: 0.61 s
+        # skew from the leaving master's 10 ms handover interval (keepalived: 0.61 s)
+        assert segment.took_vip[1][0] - stopped == pytest.approx(156 / 256 * 0.01, abs=0.002)
+
+    def test_a_plain_vrrp_backup_keeps_its_rfc_skew_on_priority_zero(self):
+        vrrp = backup()  # interval 1 s, priority 100
+        vrrp.on_advert(20.0, advert(0, interval_cs=100), PEER_HIGH_IP)  # a keepalived master leaving
+        assert vrrp.next_deadline == pytest.approx(20.0 + 156 / 256)
+
+    def test_two_backups_keep_their_priority_order_on_a_fast_handover(self):
+        high, low = backup(priority=200), backup(priority=100)
+        for vrrp in (high, low):
+            vrrp.on_advert(20.0, advert(0, interval_cs=1), PEER_HIGH_IP)
+        assert high.next_deadline < low.next_deadline < 20.0 + 0.01
 
     def test_resign_hands_over_after_skew_and_does_not_flap_back(self):
         segment = pair()
@@ -604,7 +616,7 @@ class TestElections:
         segment.do(0, "resign")
         resigned = segment.now
         segment.run_until(60.0)
-        assert segment.took_vip[1][0] - resigned == pytest.approx(156 / 256, abs=0.01)  # keepalived: 4.06 s
+        assert segment.took_vip[1][0] - resigned == pytest.approx(156 / 256 * 0.01, abs=0.002)  # keepalived: 4.06 s
         assert segment.masters() == [1] and segment.took_vip[0] == [pytest.approx(3 + 106 / 256)]
 
     def test_reinstated_higher_priority_node_preempts_back(self):
