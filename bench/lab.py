@@ -63,7 +63,9 @@ class Lab:
             self._starter.start()
 
     def rabbit_nodes(self) -> list[RabbitNode]:
-        """Two independent (not clustered) nodes, started on first use."""
+        """Two independent (not clustered) nodes, started on first use and
+        serving when handed out: a suite that killed one (storm, detection)
+        does not leave it dead for the next."""
         if self._cluster is None and self._cluster_error is None:
             if self._starter is None:
                 self.progress.note("starting two RabbitMQ nodes ...")
@@ -72,6 +74,7 @@ class Lab:
                 self._starter.join()
         if self._cluster_error is not None:
             raise RuntimeError(f"RabbitMQ nodes did not start: {self._cluster_error}")
+        self._cluster.heal()
         return self._cluster.nodes
 
     def _start_rabbit(self) -> None:
