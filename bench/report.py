@@ -316,11 +316,17 @@ def write_chart(path: Path, results: list[BenchResult], meta: dict) -> bool:
     return True
 
 
+def _optimisations() -> str:
+    """The hand-kept record of what each optimisation bought (bench/OPTIMISATIONS.md)."""
+    notes = Path(__file__).with_name("OPTIMISATIONS.md")
+    return "\n" + notes.read_text() if notes.exists() else ""
+
+
 def write_all(out_dir: Path, results: list[BenchResult], meta: dict) -> list[Path]:
     """Writes RESULTS.md, results.json and ratios.png into out_dir; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "RESULTS.md", out_dir / "results.json"]
-    written[0].write_text(markdown(results, meta))
+    written[0].write_text(markdown(results, meta) + _optimisations())
     write_json(written[1], results, meta)
     if write_chart(out_dir / "ratios.png", results, meta):
         written.append(out_dir / "ratios.png")
