@@ -48,7 +48,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dist-base-port", type=int, default=0,
                    help="Erlang distribution port of the first node (default: AMQP port + 20000)")
     p.add_argument("--mgmt-base-port", type=int, default=15681, help="management port of the first node (0: off)")
-    p.add_argument("--dir", default="run/devcluster", help="node directories (removed at exit)")
+    p.add_argument("--dir", default=None,
+                   help="node directories (default: a new directory under /tmp, which the rabbitmq "
+                        "user can enter even when the checkout is under a private home; removed at exit)")
     p.add_argument("--command", help="run this instead of Warren (shell words; for tests)")
     return p.parse_args(argv)
 
