@@ -55,12 +55,8 @@ def _load(path: str) -> Config | None:
         return load_config(path)
     except ConfigError as error:
         for problem in error.problems:
-            print(_line(problem), file=sys.stderr)
+            print(problem, file=sys.stderr)
         return None
-
-
-def _line(problem) -> str:
-    return str(problem)
 
 
 def _check(args: argparse.Namespace) -> int:

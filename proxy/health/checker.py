@@ -226,9 +226,9 @@ class ServerChecker:
                     finally:
                         self.server.watching = False
                 nursery.cancel_scope.cancel()
-            if not verdicts:
+            if not verdicts:  # could not open: try again after an interval
                 await trio.sleep(self.health.inter)
-            if verdicts:
+            else:
                 self.server.last_check = verdicts[0]
                 self._apply(self.counter.force_down(), verdicts[0], "watch connection lost")
                 self.wake.set()  # start checking at once, to bring it back through rise
