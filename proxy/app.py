@@ -106,7 +106,7 @@ class App:
         opened, problems = [], []
         for frontend, bind in wanted:
             try:
-                opened.append((frontend.name, bind, await open_listener(bind, frontend.backlog)))
+                opened.append((frontend.name, bind, open_listener(bind, frontend.backlog)))
             except BindError as error:
                 problems.append(f"frontend {frontend.name}: {error}")
         if problems:

@@ -23,17 +23,20 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BACKOFF = 0.1
 
-Handler = Callable[[trio.socket.SocketType, tuple, FrontendRuntime, object], Awaitable[None]]
+# Clients accepted in a row before other tasks get a turn.
+_ACCEPT_BATCH = 16
+
+Handler = Callable[[socket.socket, tuple, FrontendRuntime, object], Awaitable[None]]
 
 
 class BindError(Exception):
     """A bind address could not be listened on; the message says which and why."""
 
 
-async def open_listener(bind: BindAddress, backlog: int) -> trio.socket.SocketType:
-    """Binds and listens; raises BindError (e.g. address already in use)."""
+def open_listener(bind: BindAddress, backlog: int) -> socket.socket:
+    """Binds and listens (non-blocking); raises BindError (e.g. address already in use)."""
     family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Accepted sockets inherit it (Linux): no per-connection syscall.
@@ -44,7 +47,7 @@ async def open_listener(bind: BindAddress, backlog: int) -> trio.socket.SocketTy
             sock.setsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_FREEBIND", 78), 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-        await sock.bind((bind.host, bind.port))
+        sock.bind((bind.host, bind.port))
         sock.listen(backlog)
     except OSError as error:
         sock.close()
@@ -53,7 +56,7 @@ async def open_listener(bind: BindAddress, backlog: int) -> trio.socket.SocketTy
 
 
 async def serve_listener(
-    sock: trio.socket.SocketType,
+    sock: socket.socket,
     frontend: FrontendRuntime,
     handler: Handler,
     handler_nursery: trio.Nursery,
@@ -64,20 +67,36 @@ async def serve_listener(
 
     A frontend slot is taken *before* accepting, so beyond `maxconn` clients
     wait in the kernel's backlog until a slot frees instead of being reset.
-    Each accepted client runs `handler(sock, peer, frontend, slot)` in
-    `handler_nursery`; the handler releases the slot.
+    Each accepted client (a non-blocking socket) runs
+    `handler(sock, peer, frontend, slot)` in `handler_nursery`; the handler
+    releases the slot. Clients are accepted in batches while the backlog
+    has them, and the task waits for the listener only when it is empty.
     """
     bound = sock.getsockname()
     log.info("listener.started", frontend=frontend.name, address=_format(bound))
     task_status.started()
-    with sock:
+    limiter = frontend.limiter
+    slot = None  # taken, not yet handed to a client
+    try:
+        in_a_row = 0
         while True:
-            slot = object()
-            await frontend.limiter.acquire_on_behalf_of(slot)
+            if slot is None:
+                slot = object()
+                try:
+                    limiter.acquire_on_behalf_of_nowait(slot)
+                except trio.WouldBlock:
+                    try:
+                        await limiter.acquire_on_behalf_of(slot)
+                    except BaseException:
+                        slot = None
+                        raise
             try:
-                client, peer = await sock.accept()
+                client, peer = sock.accept()
+            except BlockingIOError:
+                in_a_row = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
             except OSError as error:
-                frontend.limiter.release_on_behalf_of(slot)
                 if error.errno not in _TRANSIENT_ACCEPT_ERRORS:
                     raise
                 log.error(
@@ -86,10 +105,18 @@ async def serve_listener(
                 )
                 await trio.sleep(_ACCEPT_BACKOFF)
                 continue
-            except BaseException:
-                frontend.limiter.release_on_behalf_of(slot)
-                raise
+            client.setblocking(False)
             handler_nursery.start_soon(handler, client, peer, frontend, slot)
+            slot = None
+            in_a_row += 1
+            if in_a_row == _ACCEPT_BATCH:
+                in_a_row = 0
+                await trio.lowlevel.checkpoint()
+    finally:
+        if slot is not None:
+            limiter.release_on_behalf_of(slot)
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
 
 
 def _format(address: tuple) -> str:

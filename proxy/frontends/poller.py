@@ -2,7 +2,7 @@
 
 See :mod:`proxy.frontends.relay` for why relays do not use trio's own I/O
 waits. A link is anything with the attributes and methods the relay's
-``_Link`` has: ``fds``, ``events``, ``armed``, ``queued``, ``task``,
+``_Link`` has: ``fds``, ``events``, ``queued``, ``task``,
 ``scheduled``, ``deadline``, ``serve()``, ``finish(outcome)``, ``expire()``.
 """
 
@@ -20,8 +20,6 @@ import trio
 
 Link = Any  # proxy.frontends.relay._Link (typed loosely to avoid an import cycle)
 
-# Registrations are one-shot, like trio's own: a link re-arms what it wants.
-_ONESHOT = select.EPOLLONESHOT
 
 
 class Poller:
@@ -33,9 +31,11 @@ class Poller:
     epoll's file descriptor (an epoll fd is readable when it has events) under
     a cancel scope set to the earliest timer, then serves the links concerned
     right away: moving bytes never blocks, so no task switch per wake-up is
-    needed. Registrations are one-shot like trio's: a link re-arms only the
-    sockets whose wanted events changed or fired. Links that stopped at their
-    round budget are served again after a checkpoint, so others get a turn.
+    needed. Relay sockets are registered once, edge-triggered, for both
+    reading and writing: no system call per event to re-arm them (a relay
+    only waits for an edge after draining a socket or filling it). Links
+    that stopped at their round budget are served again after a checkpoint,
+    so others get a turn.
     """
 
     __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order")
@@ -48,12 +48,21 @@ class Poller:
         self._sleep: trio.CancelScope | None = None
         self._order = itertools.count()  # heap tie-breaker: links don't compare
 
-    def watch(self, fd: int, link: Link, events: int) -> None:
-        self._epoll.register(fd, events | _ONESHOT)
-        self._links[fd] = link
+    def watch(self, fd: int, link: Link, mask: int) -> None:
+        """Serve `link` when `fd` reports events of the epoll `mask`.
 
-    def rearm(self, fd: int, events: int) -> None:
-        self._epoll.modify(fd, events | _ONESHOT)
+        An fd already registered (a connect just completed on it) is taken
+        over with one modify instead of a second registration; like a
+        registration, the modify reports the fd at once if already ready.
+        """
+        if fd in self._links:
+            try:
+                self._epoll.modify(fd, mask)
+            except FileNotFoundError:  # a stale entry: that fd was closed since
+                self._epoll.register(fd, mask)
+        else:
+            self._epoll.register(fd, mask)
+        self._links[fd] = link
 
     def forget(self, fd: int) -> None:
         if self._links.pop(fd, None) is None:
@@ -65,6 +74,23 @@ class Poller:
             # closing already removed it from the epoll set.
             if exc.errno not in (errno.EBADF, errno.ENOENT):
                 raise
+
+    def drop(self, fd: int) -> None:
+        """Forget `fd` without a system call: the caller closes it right away,
+        which removes it from the epoll set anyway."""
+        self._links.pop(fd, None)
+
+    async def wait_writable(self, fd: int, deadline: float) -> int:
+        """Sleeps until `fd` is writable or has failed; returns its epoll
+        events, or 0 once `deadline` passes (a connect in progress).
+
+        The registration is left in place for the relay to take over
+        (``watch``); whoever closes the fd first calls ``drop`` or ``forget``.
+        """
+        waiter = _Writable(fd, deadline)
+        self.watch(fd, waiter, select.EPOLLOUT | select.EPOLLONESHOT)
+        self.wake_at(waiter, deadline)
+        return await trio.lowlevel.wait_task_rescheduled(waiter.abort)
 
     def wake_at(self, link: Link, when: float) -> None:
         heapq.heappush(self._timers, (when, next(self._order), link))
@@ -107,7 +133,6 @@ class Poller:
                 continue
             side = 0 if fd == link.fds[0] else 1
             link.events[side] |= events
-            link.armed[side] = 0  # EPOLLONESHOT disarmed it
             if not link.queued:
                 link.queued = True
                 ready.append(link)
@@ -151,3 +176,35 @@ def current_poller() -> Poller:
         trio.lowlevel.spawn_system_task(poller.run, name="warren.relay.poller")
         _POLLER.set(poller)
         return poller
+
+
+class _Writable:
+    """A link that waits for one fd to turn writable (a connect completing)."""
+
+    __slots__ = ("fds", "events", "queued", "task", "scheduled", "deadline")
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        self.fds = (fd,)
+        self.events = [0]
+        self.queued = False
+        self.task = trio.lowlevel.current_task()
+        self.scheduled = self.deadline = deadline
+
+    def serve(self) -> bool:
+        self.scheduled = math.inf  # the timer entry is stale from now on
+        self.finish(outcome.Value(self.events[0]))
+        return False
+
+    def finish(self, result: outcome.Outcome) -> None:
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task, result)
+
+    def expire(self) -> None:
+        self.finish(outcome.Value(0))
+
+    def abort(self, raise_cancel) -> trio.lowlevel.Abort:
+        self.task = None
+        self.scheduled = math.inf
+        return trio.lowlevel.Abort.SUCCEEDED

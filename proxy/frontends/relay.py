@@ -99,6 +99,7 @@ async def relay(
     timeouts: Timeouts = Timeouts(),
     *,
     pipes: PipePool | None = None,
+    owned: bool = False,
 ) -> Ending:
     """Pump bytes both ways until both directions end, a side fails or idles out.
 
@@ -106,12 +107,21 @@ async def relay(
     socket reports a connection error (reset, broken pipe, ...), and
     CLIENT_/SERVER_TIMEOUT when an idle timeout expires; the other direction
     simply stops. Uses splice through ``pipes`` when given (the caller checks
-    ``splice_supported()`` first), else copies. Does not close the sockets. On
-    cancellation, raises Cancelled after returning every borrowed pipe
-    (closing those that still hold data). Unexpected OS errors propagate
-    (raised here, although the bytes are moved by the shared poller task).
+    ``splice_supported()`` first), else copies. With ``owned`` the relay
+    closes both sockets when it ends, however it ends (which spares the
+    system calls that unregister them and the last half-close); otherwise the
+    caller keeps them. On cancellation, raises Cancelled after returning every
+    borrowed pipe (closing those that still hold data). Unexpected OS errors
+    propagate (raised here, although the bytes are moved by the shared poller
+    task).
     """
-    link = _Link(client, server, traffic, timeouts, pipes, current_poller())
+    try:
+        link = _Link(client, server, traffic, timeouts, pipes, current_poller(), owned)
+    except BaseException:
+        if owned:
+            client.close()
+            server.close()
+        raise
     try:
         # The poller moves the bytes; this task only waits for the outcome.
         return await trio.lowlevel.wait_task_rescheduled(link.abort)
@@ -128,7 +138,16 @@ _TIMEOUT = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
 # What a direction waits for after a round of moving bytes.
 _READ, _WRITE, _YIELD, _DONE, _NO_PIPE, _BULK = range(6)
 
-_IN, _OUT, _ONESHOT = select.EPOLLIN, select.EPOLLOUT, select.EPOLLONESHOT
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+# Both sockets stay registered for both events, edge-triggered: an event says
+# "something changed", and a direction that waits has always drained its
+# source (EAGAIN, or a short read with no end of stream announced) or filled
+# its destination (EAGAIN) first, so the next change is an edge that reaches
+# us. Nothing to re-arm per event.
+_MASK = _IN | _OUT | select.EPOLLRDHUP | select.EPOLLET
+# The peer has sent its FIN, or the connection failed: after the data still
+# queued, a read returns the end (or the error) without a further edge.
+_ENDING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # As in trio and selectors: EPOLLHUP/EPOLLERR wake readers and writers alike.
 _WAKES_READER = ~_OUT
 _WAKES_WRITER = ~_IN
@@ -191,11 +210,11 @@ class _Link:
     """
 
     __slots__ = (
-        "socks", "fds", "traffic", "poller", "ways", "want", "events", "armed",
-        "task", "queued", "timeouts", "deadlines", "deadline", "scheduled",
+        "socks", "fds", "traffic", "poller", "ways", "want", "events",
+        "task", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned",
     )  # fmt: skip
 
-    def __init__(self, client, server, traffic, timeouts, pipes, poller) -> None:
+    def __init__(self, client, server, traffic, timeouts, pipes, poller, owned) -> None:
         self.socks = (client, server)
         self.fds = (client.fileno(), server.fileno())
         self.traffic = traffic
@@ -206,16 +225,16 @@ class _Link:
             self.ways = [_SpliceDirection(self, 0, pipes), _SpliceDirection(self, 1, pipes)]
         self.want = [_READ, _READ]
         self.events = [0, 0]  # epoll events per side, delivered by the poller
-        self.armed = [_IN, _IN]  # what each side's registration is armed for
         self.task = trio.lowlevel.current_task()  # None once finished or cancelled
         self.queued = False  # in the poller's list of links to serve
         self.timeouts = timeouts if timeouts.enabled else None
         self.deadlines = [math.inf, math.inf]  # per direction
         self.deadline = math.inf  # the earlier of the two
         self.scheduled = math.inf  # when the poller will next look at us
-        poller.watch(self.fds[0], self, _IN)
+        self.owned = owned  # close the sockets at the end
+        poller.watch(self.fds[0], self, _MASK)
         try:
-            poller.watch(self.fds[1], self, _IN)
+            poller.watch(self.fds[1], self, _MASK)
         except BaseException:
             poller.forget(self.fds[0])
             raise
@@ -230,6 +249,11 @@ class _Link:
         want, events = self.want, self.events
         client_events, server_events = events
         events[0] = events[1] = 0
+        if (client_events | server_events) & _ENDING:
+            if client_events & _ENDING:
+                self.ways[0].ending = True
+            if server_events & _ENDING:
+                self.ways[1].ending = True
         moved0 = moved1 = False
         try:
             wanted = want[0]
@@ -260,16 +284,6 @@ class _Link:
             self._push_deadlines(
                 moved0 or (moved1 and want1 == _DONE), moved1 or (moved0 and want0 == _DONE)
             )
-        # (Re)arm a socket's one-shot registration if what we wait on changed.
-        armed = self.armed
-        mask = (_IN if want0 == _READ else 0) | (_OUT if want1 == _WRITE else 0)
-        if mask != armed[0]:
-            self.poller.rearm(self.fds[0], mask)
-            armed[0] = mask
-        mask = (_IN if want1 == _READ else 0) | (_OUT if want0 == _WRITE else 0)
-        if mask != armed[1]:
-            self.poller.rearm(self.fds[1], mask)
-            armed[1] = mask
         return want0 == _YIELD or want1 == _YIELD
 
     def _move(self, index: int) -> int:
@@ -300,8 +314,14 @@ class _Link:
         self.scheduled = math.inf  # makes any pending timer entry stale
         for way in self.ways:
             way.give_back()
-        self.poller.forget(self.fds[0])
-        self.poller.forget(self.fds[1])
+        if self.owned:
+            # Closing removes them from the epoll set: no unregistering.
+            for fd, sock in zip(self.fds, self.socks):
+                self.poller.drop(fd)
+                sock.close()
+        else:
+            self.poller.forget(self.fds[0])
+            self.poller.forget(self.fds[1])
 
     # --- idle deadlines ------------------------------------------------------
     # Each direction's deadline is "now + the limit for the side it waits on",
@@ -346,14 +366,15 @@ class _Link:
 class _Direction:
     """Moves bytes from one socket to the other; ``move`` never blocks."""
 
-    __slots__ = ("link", "index", "src", "dst", "eof")
+    __slots__ = ("link", "index", "src", "dst", "eof", "ending")
 
     def __init__(self, link: _Link, index: int) -> None:
         self.link = link
         self.index = index
         self.src = link.fds[index]
         self.dst = link.fds[1 - index]
-        self.eof = False
+        self.eof = False  # the source's end of stream has been read
+        self.ending = False  # ... is announced: read until it comes
 
     def move(self) -> int:
         """Move bytes until blocked or the round's budget is spent; say what next.
@@ -368,7 +389,14 @@ class _Direction:
         """Return any borrowed buffer or pipe (the direction has stopped)."""
 
     def forward_eof(self) -> int:
-        """Everything read has been written: pass the EOF on as a half-close."""
+        """Everything read has been written: pass the EOF on as a half-close.
+
+        When the other direction has ended too and the relay closes the
+        sockets, the close about to come sends that FIN instead.
+        """
+        link = self.link
+        if link.owned and link.want[1 - self.index] == _DONE:
+            return _DONE
         try:
             self.link.socks[1 - self.index].shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -426,10 +454,11 @@ class _CopyDirection(_Direction):
                 moved += written
                 if pending:
                     continue
-                if short_read:
+                if short_read and not self.ending:
                     # A stream socket's recv stops short only once its queue
                     # is empty (tcp_recvmsg takes every queued skb up to the
-                    # length): skip the EAGAIN probe and let epoll tell us.
+                    # length): skip the EAGAIN probe, the next arrival is a
+                    # new edge. (An end already announced is read at once.)
                     if len(_spare_buffers) < _SPARE_BUFFERS_MAX:
                         _spare_buffers.append(view)
                     self.view = None
@@ -513,7 +542,7 @@ class _SpliceDirection(_CopyDirection):
                         raise _lost_or_raise(exc, self.index) from exc
                     else:
                         if received:
-                            if not pending and received < _SMALL_SPLICE:
+                            if not pending and received < _SMALL_SPLICE and not self.ending:
                                 drained = True  # a trickle: back to copying
                                 self.bulk = False
                             pending += received
@@ -560,5 +589,5 @@ class _SpliceDirection(_CopyDirection):
 
     def as_copy(self) -> _Direction:
         way = _CopyDirection(self.link, self.index)
-        way.eof = self.eof
+        way.eof, way.ending = self.eof, self.ending
         return way

@@ -16,6 +16,7 @@ or what ended the connection, the second in which phase.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import structlog
@@ -26,6 +27,7 @@ from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import SendProxy
 from ..runtime import Connection, FrontendRuntime, KillReason, Runtime
 from .pipes import PipePool
+from .poller import current_poller
 from .relay import Ending, Timeouts, Traffic, relay
 
 log = structlog.get_logger("warren.session")
@@ -54,7 +56,7 @@ class Sessions:
             conn.kill(reason)
 
     async def handle(
-        self, client: trio.socket.SocketType, peer: tuple, frontend: FrontendRuntime, slot: object
+        self, client: socket.socket, peer: tuple, frontend: FrontendRuntime, slot: object
     ) -> None:
         """Serves one accepted client; always closes it and frees its frontend slot."""
         started = time.monotonic()
@@ -66,11 +68,11 @@ class Sessions:
         timing = Timing()
         termination = "--"
         reason = None
-        server_sock = None
+        sockets = [client]  # closed at the end unless the relay closed them
         try:
             with trio.CancelScope() as scope:
                 conn.cancel_scope = scope
-                termination, reason, server_sock = await self._serve(client, frontend, conn, timing)
+                termination, reason = await self._serve(client, frontend, conn, timing, sockets)
             if scope.cancelled_caught:
                 termination = (conn.kill_reason or KillReason.KILLED).value + "D"
         except* trio.Cancelled:  # the stop grace period is over (a nursery may group it)
@@ -79,24 +81,22 @@ class Sessions:
         except* Exception as group:  # one connection's failure never stops the others
             termination, reason = "PD", f"internal error: {group.exceptions[0]!r}"
             log.error("session.failed", conn=conn.id, client=_addr(conn.client), exc_info=group)
-        finally:
-            with trio.CancelScope(shield=True):
-                client.close()
-                if server_sock is not None:
-                    server_sock.close()
-                if conn.server is not None:
-                    conn.server.detach(conn)
-                self.live.discard(conn)
-                if not self.live:
-                    self.drained.set()
-                    self.drained = trio.Event()
-                frontend.current -= 1
-                frontend.limiter.release_on_behalf_of(slot)
-                if self.log_connections:
-                    self._log_closed(conn, timing, termination, reason, started)
+        finally:  # no checkpoint in here: nothing can interrupt it
+            for sock in sockets:
+                _close(sock)
+            if conn.server is not None:
+                conn.server.detach(conn)
+            self.live.discard(conn)
+            if not self.live:
+                self.drained.set()
+                self.drained = trio.Event()
+            frontend.current -= 1
+            frontend.limiter.release_on_behalf_of(slot)
+            if self.log_connections:
+                self._log_closed(conn, timing, termination, reason, started)
 
-    async def _serve(self, client, frontend, conn, timing):
-        """Returns (termination, reason, server socket or None)."""
+    async def _serve(self, client, frontend, conn, timing, sockets):
+        """Returns (termination, reason); adds the server socket to `sockets`."""
         backend = self.runtime.backends[frontend.config.backend]
         conn.backend = backend
         backend.total_sessions += 1
@@ -108,18 +108,19 @@ class Sessions:
                     "backend.no_server", backend=backend.name, client=_addr(conn.client),
                     servers=len(backend.servers),
                 )
-            return failure.code, failure.reason, None
+            return failure.code, failure.reason
+        sockets.append(server_sock)
         config = server.config
         if config.send_proxy is not SendProxy.NONE:
             try:
                 local = client.getsockname()[:2]
             except OSError:  # the client is already gone
-                return "CC", "client closed while connecting", server_sock
+                return "CC", "client closed while connecting"
             header = encode_proxy_header(config.send_proxy.value, conn.client, local)
             try:
                 await _send_all(server_sock, header)
             except OSError as error:
-                return "SD", f"sending the PROXY header failed: {error.strerror}", server_sock
+                return "SD", f"sending the PROXY header failed: {error.strerror}"
         timeouts = Timeouts(
             client=frontend.config.timeout.client,
             client_fin=frontend.config.timeout.client_fin,
@@ -127,8 +128,9 @@ class Sessions:
             tunnel=backend.config.timeout.tunnel,
             server_fin=backend.config.timeout.server_fin,
         )
-        ending = await relay(client, server_sock, conn.traffic, timeouts, pipes=self.pipes)
-        return _ENDINGS[ending], None, server_sock
+        # The relay owns (and closes) both sockets from here on.
+        ending = await relay(client, server_sock, conn.traffic, timeouts, pipes=self.pipes, owned=True)
+        return _ENDINGS[ending], None
 
     def _log_closed(self, conn, timing, termination, reason, started) -> None:
         total = time.monotonic() - started
@@ -152,11 +154,23 @@ class Sessions:
         log.info("connection.closed", **fields)
 
 
-async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    """Sends on a non-blocking socket (the PROXY header: it fits in a fresh
+    socket's buffer, so the wait is there for form's sake)."""
     view = memoryview(data)
     while view:
-        sent = await sock.send(view)
-        view = view[sent:]
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+def _close(sock: socket.socket) -> None:
+    """Closes a socket the relay did not (the poller may still know its fd)."""
+    fd = sock.fileno()
+    if fd != -1:
+        current_poller().drop(fd)
+        sock.close()
 
 
 def _addr(address: tuple[str, int]) -> str:

@@ -245,6 +245,28 @@ async def test_half_close_is_forwarded_and_the_other_way_keeps_flowing(pipes, ki
             assert await link.wait_ending() is Ending.NORMAL
 
 
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+@pytest.mark.parametrize("first", ["client", "server"])
+async def test_data_and_its_end_arriving_together_are_both_forwarded(pipes, kind, first):
+    """Bytes and the FIN right behind them reach the relay in one readiness
+    report; the end must still be read and passed on, not waited for."""
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pipes, kind=kind) as link:
+            closer, talker = (
+                (link.client, link.server) if first == "client" else (link.server, link.client)
+            )
+            await send_all(closer, b"ping")
+            assert await recv_exactly(talker, 4) == b"ping"  # the relay is idle again
+            # No checkpoint between the two: both are queued before the relay looks.
+            os.write(closer.fileno(), b"tail")
+            closer.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(talker) == b"tail"
+            os.write(talker.fileno(), b"bye")
+            talker.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(closer) == b"bye"
+            assert await link.wait_ending() is Ending.NORMAL
+
+
 # --- aborts -----------------------------------------------------------------
 
 
