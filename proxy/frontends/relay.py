@@ -88,8 +88,11 @@ class Timeouts:
 
     @property
     def enabled(self) -> bool:
-        """True if at least one timeout is set."""
-        return any(getattr(self, name) is not None for name in self.__slots__)
+        """True if at least one timeout is set (asked once per connection)."""
+        return not (
+            self.client is None and self.server is None and self.tunnel is None
+            and self.client_fin is None and self.server_fin is None
+        )
 
 
 async def relay(
@@ -454,11 +457,13 @@ class _CopyDirection(_Direction):
                 moved += written
                 if pending:
                     continue
-                if short_read and not self.ending:
+                if short_read:
+                    if self.ending:
+                        continue  # announced: read the end (or error) now
                     # A stream socket's recv stops short only once its queue
                     # is empty (tcp_recvmsg takes every queued skb up to the
                     # length): skip the EAGAIN probe, the next arrival is a
-                    # new edge. (An end already announced is read at once.)
+                    # new edge.
                     if len(_spare_buffers) < _SPARE_BUFFERS_MAX:
                         _spare_buffers.append(view)
                     self.view = None

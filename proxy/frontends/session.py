@@ -25,7 +25,7 @@ import trio
 from ..backends.connect import ConnectFailed, Timing, connect_to_backend
 from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import SendProxy
-from ..runtime import Connection, FrontendRuntime, KillReason, Runtime
+from ..runtime import BackendRuntime, Connection, FrontendRuntime, KillReason, Runtime
 from .pipes import PipePool
 from .poller import current_poller
 from .relay import Ending, Timeouts, Traffic, relay
@@ -50,6 +50,8 @@ class Sessions:
         self.log_connections = log_connections
         self.live: set[Connection] = set()
         self.drained = trio.Event()  # set (and replaced) whenever live becomes empty
+        # frontend name -> (its config, its backend's config, relay timeouts)
+        self._relay_timeouts: dict[str, tuple[object, object, Timeouts]] = {}
 
     def kill_all(self, reason: KillReason) -> None:
         for conn in list(self.live):
@@ -121,16 +123,25 @@ class Sessions:
                 await _send_all(server_sock, header)
             except OSError as error:
                 return "SD", f"sending the PROXY header failed: {error.strerror}"
-        timeouts = Timeouts(
-            client=frontend.config.timeout.client,
-            client_fin=frontend.config.timeout.client_fin,
-            server=backend.config.timeout.server,
-            tunnel=backend.config.timeout.tunnel,
-            server_fin=backend.config.timeout.server_fin,
-        )
+        timeouts = self._timeouts(frontend, backend)
         # The relay owns (and closes) both sockets from here on.
         ending = await relay(client, server_sock, conn.traffic, timeouts, pipes=self.pipes, owned=True)
         return _ENDINGS[ending], None
+
+    def _timeouts(self, frontend: FrontendRuntime, backend: BackendRuntime) -> Timeouts:
+        """The relay timeouts for this frontend and backend, made once per config."""
+        fconfig, bconfig = frontend.config, backend.config
+        cached = self._relay_timeouts.get(frontend.name)
+        if cached is None or cached[0] is not fconfig or cached[1] is not bconfig:
+            timeouts = Timeouts(
+                client=fconfig.timeout.client,
+                client_fin=fconfig.timeout.client_fin,
+                server=bconfig.timeout.server,
+                tunnel=bconfig.timeout.tunnel,
+                server_fin=bconfig.timeout.server_fin,
+            )
+            cached = self._relay_timeouts[frontend.name] = (fconfig, bconfig, timeouts)
+        return cached[2]
 
     def _log_closed(self, conn, timing, termination, reason, started) -> None:
         total = time.monotonic() - started
