@@ -10,7 +10,7 @@ honest ratios.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Target:
     value: float
     baseline: str | None = "haproxy"
     contender: str = "warren"
+    # Judged on this metric instead when the baseline's median is not positive
+    # (a difference such as "latency added" means nothing once it is negative).
+    fallback: str | None = None
 
     def describe(self) -> str:
         if self.baseline is None:
@@ -96,6 +99,14 @@ class BenchResult:
         benchmark's order (added latency, for one, has no direct value)."""
         seen = {c for r in self.rounds for c, values in r.items() if metric in values}
         return tuple(c for c in self.contenders if c in seen)
+
+    def judge(self, target: Target) -> tuple[Target, float | None, bool | None]:
+        """(the target actually judged, observed, met): `target`, or its
+        fallback when the baseline's median of its metric is not positive."""
+        base = self.medians(target.metric).get(target.baseline) if target.baseline else None
+        if target.fallback is not None and base is not None and base <= 0:
+            target = replace(target, metric=target.fallback, fallback=None)
+        return (target, *target.evaluate(self.medians(target.metric)))
 
     def round_count(self, metric: str) -> int:
         """Rounds in which every contender of `metric` produced it."""

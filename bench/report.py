@@ -116,8 +116,11 @@ def records(results: list[BenchResult]) -> list[dict]:
             if targets:
                 record["targets"] = []
                 for target in targets:
-                    observed, met = target.evaluate(result.medians(metric.key))
-                    record["targets"].append({"target": target.describe(), "observed": observed, "met": met})
+                    judged, observed, met = result.judge(target)
+                    entry = {"target": target.describe(), "observed": observed, "met": met}
+                    if judged.metric != target.metric:
+                        entry["judged_on"] = judged.metric
+                    record["targets"].append(entry)
             out.append(record)
     return out
 
@@ -142,10 +145,13 @@ def target_rows(results: list[BenchResult]) -> list[tuple[BenchResult, str, str,
             continue
         by_key = {m.key: m for m in result.metrics}
         for target in result.targets:
-            metric = by_key[target.metric]
-            observed, met = target.evaluate(result.medians(target.metric))
-            medians = result.medians(target.metric)
-            if target.baseline is None:
+            judged, observed, met = result.judge(target)
+            metric = by_key[judged.metric]
+            medians = result.medians(judged.metric)
+            if judged is not target:
+                shown = (f"{observed:.2f}x on {metric.label} ({by_key[target.metric].label} "
+                         f"is negative for {target.baseline}: not a measure here)")
+            elif target.baseline is None:
                 shown = "–" if observed is None else f"{observed:.{metric.digits}f} {metric.unit}"
             elif observed is not None:
                 shown = f"{observed:.2f}x"
@@ -155,7 +161,7 @@ def target_rows(results: list[BenchResult]) -> list[tuple[BenchResult, str, str,
             else:
                 shown = "–"
             verdict = {True: "met", False: "**missed**", None: "no data"}[met]
-            rows.append((result, metric.label, target.describe(), shown, verdict))
+            rows.append((result, by_key[target.metric].label, target.describe(), shown, verdict))
     return rows
 
 
@@ -269,7 +275,7 @@ def chart_bars(results: list[BenchResult]) -> list[tuple[str, float, bool | None
             for target in result.targets:
                 if target.metric != metric.key:
                     continue
-                _, this_met = target.evaluate(result.medians(metric.key))
+                _, _, this_met = result.judge(target)
                 met = this_met if met is None else (met and this_met)
                 if target.baseline == "haproxy":
                     line = target.value if metric.higher_is_better else 1 / target.value

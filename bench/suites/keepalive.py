@@ -33,7 +33,10 @@ class KeepAlive(Benchmark):
     targets = (
         Target("rate", ">=", 0.6),
         Target("p50_added", "<=", 2.0),
-        Target("p99_added", "<=", 2.0),
+        # Under this load the direct connection's own p99 (wrk saturating the
+        # machine) often exceeds the proxies': "added" is then negative and
+        # the absolute p99 is compared instead.
+        Target("p99_added", "<=", 2.0, fallback="p99"),
     )
 
     def seconds(self) -> int:

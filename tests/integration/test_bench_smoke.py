@@ -139,6 +139,23 @@ def test_targets_compare_medians_against_their_baseline() -> None:
     assert Target("per_conn", "<=", 8.0, baseline=None).evaluate({"warren": 5.0}) == (5.0, True)
 
 
+def test_a_difference_that_went_negative_is_judged_on_its_fallback_metric() -> None:
+    metrics = (Metric("p99", "p99", "ms", False), Metric("p99_added", "added", "ms", False))
+    target = Target("p99_added", "<=", 2.0, fallback="p99")
+    result = BenchResult("x", "x", "", ("direct", "haproxy", "warren"), metrics, (target,))
+    result.record(0, "direct", {"p99": 7.0})
+    result.record(0, "haproxy", {"p99": 3.0, "p99_added": -4.0})
+    result.record(0, "warren", {"p99": 4.5, "p99_added": -2.5})
+    judged, observed, met = result.judge(target)
+    assert (judged.metric, observed, met) == ("p99", 1.5, True)
+    result.rounds[0]["warren"].update(p99=6.5, p99_added=-0.5)
+    assert result.judge(target)[1:] == (6.5 / 3.0, False)
+    # While the baseline's difference is positive, the difference itself is judged.
+    result.rounds[0]["haproxy"].update(p99=8.0, p99_added=1.0)
+    judged, observed, met = result.judge(target)
+    assert (judged.metric, observed, met) == ("p99_added", -0.5, True)
+
+
 def test_medians_and_added_latency_are_per_round() -> None:
     metrics = (Metric("p50", "p50", "ms", False), Metric("p50_added", "added", "ms", False))
     result = BenchResult("x", "x", "", ("direct", "haproxy", "warren"), metrics, ())
