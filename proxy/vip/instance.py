@@ -353,6 +353,7 @@ class VipInstance:
             self._apply(self.machine.interface_down(now))
 
     def _reopen_channel(self) -> None:
+        self._keeper.forget_mac()
         self._receive_scope.cancel()
         if self._channel is not None:
             self._channel.close()

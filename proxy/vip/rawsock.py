@@ -22,7 +22,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -119,52 +119,56 @@ class LinuxPlumbing:
 
     Raising contract: :class:`proxy.vip.netlink.InterfaceNotFound` when the
     interface is missing; other kernel refusals as ``OSError`` (pyroute2's
-    ``NetlinkError`` is one).
+    ``NetlinkError`` is one). Netlink requests share one open socket
+    (:class:`proxy.vip.netlink.RouteSocket`).
     """
+
+    def __init__(self) -> None:
+        self._route = netlink.RouteSocket()
 
     def open_channel(self, ifname: str, version: int) -> VrrpChannel:
         return VrrpChannel(ifname, version)
 
     async def link(self, ifname: str) -> LinkInfo:
-        return await trio.to_thread.run_sync(_link_sync, ifname)
+        return await self._route.run(_link_sync, ifname)
 
     async def interface_ips(self, ifname: str) -> list[IPAddress]:
-        return [info.ip for info in await netlink.list_addresses(ifname)]
+        return [info.ip for info in await self._route.run(netlink.list_addresses_sync, ifname)]
 
     async def mac_address(self, ifname: str) -> bytes:
-        return await netlink.mac_address(ifname)
+        return await self._route.run(netlink.mac_address_sync, ifname)
 
     async def add_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
-        await trio.to_thread.run_sync(_add_all_sync, ifname, list(addresses), lifetime)
+        await self._route.run(_add_all_sync, ifname, list(addresses), lifetime)
 
     async def remove_addresses(self, ifname: str, addresses: Iterable[str]) -> None:
-        await trio.to_thread.run_sync(_remove_all_sync, ifname, list(addresses))
+        await self._route.run(_remove_all_sync, ifname, list(addresses))
 
     async def remove_stale(self, ifname: str, addresses: Iterable[str]) -> list[IPAddress]:
-        return await netlink.remove_stale(ifname, addresses)
+        return await self._route.run(netlink.remove_stale_sync, ifname, list(addresses))
 
     def send_frames(self, ifname: str, frames: list[bytes]) -> int:
         return send_frames(ifname, frames)
 
 
-def _link_sync(ifname: str) -> LinkInfo:
+def _link_sync(ifname: str, *, ipr: Any = None) -> LinkInfo:
     try:
         index = socket.if_nametoindex(ifname)
-        up = netlink.link_state_sync(ifname) is netlink.LinkState.UP
+        up = netlink.link_state_sync(ifname, ipr=ipr) is netlink.LinkState.UP
     except (OSError, netlink.InterfaceNotFound):
         return LinkInfo(up=False, index=None)
     return LinkInfo(up=up, index=index)
 
 
-def _add_all_sync(ifname: str, addresses: list[str], lifetime: float | None) -> None:
+def _add_all_sync(ifname: str, addresses: list[str], lifetime: float | None, *, ipr: Any = None) -> None:
     # One thread hop for the whole set: renewals happen every second.
     for address in addresses:
-        netlink.add_lease_sync(ifname, address, lifetime)
+        netlink.add_lease_sync(ifname, address, lifetime, ipr=ipr)
 
 
-def _remove_all_sync(ifname: str, addresses: list[str]) -> None:
+def _remove_all_sync(ifname: str, addresses: list[str], *, ipr: Any = None) -> None:
     for address in addresses:
-        netlink.remove_sync(ifname, address)
+        netlink.remove_sync(ifname, address, ipr=ipr)
 
 
 class Channel(Protocol):
@@ -235,6 +239,8 @@ class AddressKeeper:
         self._wake = trio.Event()
         self._announce_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        # The interface's MAC, fetched ahead: a new master announces at once.
+        self._mac: bytes | None = None
         self.released = trio.Event()
         self.released.set()
 
@@ -257,9 +263,27 @@ class AddressKeeper:
             self._announce_pending = True
             self._wake.set()
 
+    def forget_mac(self) -> None:
+        """The interface was replaced: look its hardware address up again."""
+        self._mac = None
+        if self._nursery is not None:
+            self._nursery.start_soon(self._prefetch_mac)
+
+    async def _fetch_mac(self) -> bytes:
+        if self._mac is None:
+            self._mac = await self._plumbing.mac_address(self._config.interface)
+        return self._mac
+
+    async def _prefetch_mac(self) -> None:
+        try:
+            await self._fetch_mac()
+        except _HOST_ERRORS:
+            pass  # no interface yet: fetched when first announcing
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._prefetch_mac)
             task_status.started()
             while True:
                 self._wake = trio.Event()
@@ -341,7 +365,7 @@ class AddressKeeper:
         config = self._config
         with scope:
             try:
-                mac = await self._plumbing.mac_address(config.interface)
+                mac = await self._fetch_mac()
             except _HOST_ERRORS as error:
                 self._counters["announce_errors"] += 1
                 log.warning("vip.announce_failed", instance=config.name, error=str(error))

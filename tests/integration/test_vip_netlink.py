@@ -279,6 +279,27 @@ async def test_link_state_and_mac(pair):
         assert (await in_ns(pair.a.ns, code))[0] == "down"
 
 
+async def test_a_route_socket_serves_every_request_on_one_netlink_socket(pair):
+    """Opening an IPRoute costs more than a request: a new master must not pay it."""
+    with trio.fail_after(30):
+        code = f"""
+            async def main():
+                route = netlink.RouteSocket()
+                await route.run(netlink.add_lease_sync, "{pair.a.ifname}", "10.213.0.120/32", 30)
+                first = route._ipr
+                listed = await route.run(netlink.list_addresses_sync, "{pair.a.ifname}")
+                removed = await route.run(netlink.remove_sync, "{pair.a.ifname}", "10.213.0.120")
+                again = await route.run(netlink.list_addresses_sync, "{pair.a.ifname}")
+                same = route._ipr is first
+                route.close()
+                return [same, [str(i.interface) for i in listed], removed, [str(i.interface) for i in again]]
+            print(json.dumps(trio.run(main)))
+            """
+        same, listed, removed, again = await in_ns(pair.a.ns, code)
+    assert same is True
+    assert "10.213.0.120/32" in listed and removed is True and "10.213.0.120/32" not in again
+
+
 async def test_a_missing_interface_is_reported_as_such(pair):
     with trio.fail_after(30):
         result = await in_ns(
