@@ -75,6 +75,7 @@ class App:
         opened = await self._open_listeners(self.config)  # before any nursery: a plain error
         async with trio.open_nursery() as session_nursery:
             self._session_nursery = session_nursery
+            self.sessions.nursery = session_nursery
             if self.handle_signals:  # here, so a second SIGTERM works while draining
                 session_nursery.start_soon(self._handle_signals, session_nursery.cancel_scope)
             async with trio.open_nursery() as services:
@@ -93,11 +94,10 @@ class App:
                 services.cancel_scope.cancel()
             grace = self.config.global_.grace
             log.info("warren.stopping", live_connections=len(self.sessions.live), grace=grace)
-            session_nursery.cancel_scope.deadline = trio.current_time() + grace
             if not self.sessions.live:
                 session_nursery.cancel_scope.cancel()  # only the signal handler is left
             else:
-                session_nursery.start_soon(self._cancel_when_drained, session_nursery.cancel_scope)
+                session_nursery.start_soon(self._end_sessions, session_nursery.cancel_scope, grace)
         log.info("warren.stopped")
 
     async def _open_listeners(self, config: Config) -> list[tuple[str, BindAddress, Any]]:
@@ -124,10 +124,7 @@ class App:
 
     async def _run_listener(self, sock, frontend: FrontendRuntime, *, task_status) -> None:
         with trio.CancelScope() as scope:
-            await serve_listener(
-                sock, frontend, self.sessions.handle, self._session_nursery,
-                task_status=_Started(task_status, scope),
-            )
+            await serve_listener(sock, frontend, self.sessions.start, task_status=_Started(task_status, scope))
 
     async def _announce_stop(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_STOPPING_BUDGET):
@@ -136,9 +133,13 @@ class App:
                 if stopping is not None:
                     await stopping()
 
-    async def _cancel_when_drained(self, scope: trio.CancelScope) -> None:
-        while self.sessions.live:
-            await self.sessions.drained.wait()
+    async def _end_sessions(self, scope: trio.CancelScope, grace: float) -> None:
+        """Lets connections finish for `grace` seconds, then kills the rest
+        (most sessions have no task a cancelled nursery would reach)."""
+        with trio.move_on_after(grace):
+            while self.sessions.live:
+                await self.sessions.drained.wait()
+        self.sessions.kill_all(KillReason.KILLED)
         scope.cancel()
 
     async def _handle_signals(self, everything: trio.CancelScope) -> None:
@@ -150,6 +151,7 @@ class App:
                     continue
                 log.info("warren.signal", signal=signal.Signals(signum).name)
                 if self._stop.is_set():  # a second one while draining: stop now
+                    self.sessions.kill_all(KillReason.KILLED)
                     everything.cancel()
                 self.stop()
 

@@ -15,7 +15,7 @@ import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import trio
 
@@ -45,7 +45,7 @@ class Connection:
 
     __slots__ = (
         "id", "client", "frontend", "backend", "server", "traffic",
-        "started", "cancel_scope", "kill_reason",
+        "started", "interrupt", "kill_reason",
     )
 
     def __init__(self, conn_id: int, client: tuple[str, int], frontend: str, traffic: Traffic):
@@ -56,15 +56,17 @@ class Connection:
         self.server: ServerRuntime | None = None
         self.traffic = traffic
         self.started = time.monotonic()
-        self.cancel_scope: trio.CancelScope | None = None
+        # Ends whatever the session is waiting for (a cancel scope's cancel,
+        # the relay's interrupt, ...); set by the session as it goes.
+        self.interrupt: Callable[[], None] | None = None
         self.kill_reason: KillReason | None = None
 
     def kill(self, reason: KillReason) -> None:
         """Ends the connection from outside; the session logs `reason`."""
         if self.kill_reason is None:
             self.kill_reason = reason
-        if self.cancel_scope is not None:
-            self.cancel_scope.cancel()
+        if self.interrupt is not None:
+            self.interrupt()
 
 
 class ServerRuntime:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Iterator
 
 import trio
 
@@ -38,6 +40,28 @@ def dead_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose listener never completes a new connect: its
+    accept queue (backlog 0) is full and never drained, so the kernel drops
+    further SYNs. Yields the port; everything is closed afterwards."""
+    listener = socket.socket()
+    fillers = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(2):  # the queue holds backlog + 1
+            filler = socket.socket()
+            filler.setblocking(False)
+            fillers.append(filler)
+            filler.connect_ex(("127.0.0.1", port))
+        yield port
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
 
 
 def make_config(servers, *, balance="roundrobin", retries=3, redispatch=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Awaitable, Callable
+from typing import Callable
 
 import structlog
 import trio
@@ -26,7 +26,8 @@ _ACCEPT_BACKOFF = 0.1
 # Clients accepted in a row before other tasks get a turn.
 _ACCEPT_BATCH = 16
 
-Handler = Callable[[socket.socket, tuple, FrontendRuntime, object], Awaitable[None]]
+# Starts serving one accepted client without blocking (and never raises).
+Handler = Callable[[socket.socket, tuple, FrontendRuntime, object], None]
 
 
 class BindError(Exception):
@@ -59,7 +60,6 @@ async def serve_listener(
     sock: socket.socket,
     frontend: FrontendRuntime,
     handler: Handler,
-    handler_nursery: trio.Nursery,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -67,10 +67,10 @@ async def serve_listener(
 
     A frontend slot is taken *before* accepting, so beyond `maxconn` clients
     wait in the kernel's backlog until a slot frees instead of being reset.
-    Each accepted client (a non-blocking socket) runs
-    `handler(sock, peer, frontend, slot)` in `handler_nursery`; the handler
-    releases the slot. Clients are accepted in batches while the backlog
-    has them, and the task waits for the listener only when it is empty.
+    Each accepted client (a non-blocking socket) goes to
+    `handler(sock, peer, frontend, slot)`, which releases the slot when the
+    client is done. Clients are accepted in batches while the backlog has
+    them, and the task waits for the listener only when it is empty.
     """
     bound = sock.getsockname()
     log.info("listener.started", frontend=frontend.name, address=_format(bound))
@@ -106,7 +106,7 @@ async def serve_listener(
                 await trio.sleep(_ACCEPT_BACKOFF)
                 continue
             client.setblocking(False)
-            handler_nursery.start_soon(handler, client, peer, frontend, slot)
+            handler(client, peer, frontend, slot)
             slot = None
             in_a_row += 1
             if in_a_row == _ACCEPT_BATCH:

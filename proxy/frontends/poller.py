@@ -2,18 +2,21 @@
 
 See :mod:`proxy.frontends.relay` for why relays do not use trio's own I/O
 waits. A link is anything with the attributes and methods the relay's
-``_Link`` has: ``fds``, ``events``, ``queued``, ``task``,
+``_Link`` has: ``fds``, ``events``, ``queued``, ``notify``,
 ``scheduled``, ``deadline``, ``serve()``, ``finish(outcome)``, ``expire()``.
+``notify`` is whoever gets the outcome (a callable taking it: a sleeping
+task's ``reschedule``, or a callback); None once the link is finished.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import itertools
 import math
 import select
-from typing import Any
+from typing import Any, Callable
 
 import outcome
 import trio
@@ -87,10 +90,17 @@ class Poller:
         The registration is left in place for the relay to take over
         (``watch``); whoever closes the fd first calls ``drop`` or ``forget``.
         """
-        waiter = _Writable(fd, deadline)
+        waiter = self.when_writable(fd, deadline, _reschedule_current_task())
+        return await trio.lowlevel.wait_task_rescheduled(waiter.abort)
+
+    def when_writable(self, fd: int, deadline: float, notify: Callable[[outcome.Outcome], Any]) -> Writable:
+        """Like :meth:`wait_writable`, for a callback: `notify` gets the
+        outcome (``Value(events)``, 0 on timeout) unless the returned waiter
+        is cancelled first."""
+        waiter = Writable(fd, deadline, notify)
         self.watch(fd, waiter, select.EPOLLOUT | select.EPOLLONESHOT)
         self.wake_at(waiter, deadline)
-        return await trio.lowlevel.wait_task_rescheduled(waiter.abort)
+        return waiter
 
     def wake_at(self, link: Link, when: float) -> None:
         heapq.heappush(self._timers, (when, next(self._order), link))
@@ -139,7 +149,7 @@ class Poller:
         busy = self._busy
         for link in ready:
             link.queued = False
-            if link.task is None:
+            if link.notify is None:
                 continue  # finished or cancelled since
             try:
                 if link.serve():
@@ -153,7 +163,7 @@ class Poller:
         timers = self._timers
         while timers and timers[0][0] <= now:
             when, _, link = heapq.heappop(timers)
-            if when != link.scheduled or link.task is None:
+            if when != link.scheduled or link.notify is None:
                 continue  # superseded by an earlier timer, or the relay ended
             if link.deadline <= now:
                 link.scheduled = math.inf
@@ -178,16 +188,20 @@ def current_poller() -> Poller:
         return poller
 
 
-class _Writable:
+def _reschedule_current_task() -> Callable[[outcome.Outcome], None]:
+    return functools.partial(trio.lowlevel.reschedule, trio.lowlevel.current_task())
+
+
+class Writable:
     """A link that waits for one fd to turn writable (a connect completing)."""
 
-    __slots__ = ("fds", "events", "queued", "task", "scheduled", "deadline")
+    __slots__ = ("fds", "events", "queued", "notify", "scheduled", "deadline")
 
-    def __init__(self, fd: int, deadline: float) -> None:
+    def __init__(self, fd: int, deadline: float, notify: Callable[[outcome.Outcome], Any]) -> None:
         self.fds = (fd,)
         self.events = [0]
         self.queued = False
-        self.task = trio.lowlevel.current_task()
+        self.notify: Callable[[outcome.Outcome], Any] | None = notify
         self.scheduled = self.deadline = deadline
 
     def serve(self) -> bool:
@@ -196,15 +210,19 @@ class _Writable:
         return False
 
     def finish(self, result: outcome.Outcome) -> None:
-        task = self.task
-        if task is not None:
-            self.task = None
-            trio.lowlevel.reschedule(task, result)
+        notify = self.notify
+        if notify is not None:
+            self.notify = None
+            notify(result)
 
     def expire(self) -> None:
         self.finish(outcome.Value(0))
 
-    def abort(self, raise_cancel) -> trio.lowlevel.Abort:
-        self.task = None
+    def cancel(self) -> None:
+        """No outcome will be delivered (the caller gave up waiting)."""
+        self.notify = None
         self.scheduled = math.inf
+
+    def abort(self, raise_cancel) -> trio.lowlevel.Abort:
+        self.cancel()
         return trio.lowlevel.Abort.SUCCEEDED

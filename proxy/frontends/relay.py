@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import math
 import os
 import select
 import socket
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import outcome
 import structlog
@@ -118,18 +120,38 @@ async def relay(
     propagate (raised here, although the bytes are moved by the shared poller
     task).
     """
-    try:
-        link = _Link(client, server, traffic, timeouts, pipes, current_poller(), owned)
-    except BaseException:
-        if owned:
-            client.close()
-            server.close()
-        raise
+    task = trio.lowlevel.current_task()
+    notify = functools.partial(trio.lowlevel.reschedule, task)
+    link = start_relay(client, server, traffic, timeouts, pipes=pipes, owned=owned, notify=notify)
     try:
         # The poller moves the bytes; this task only waits for the outcome.
         return await trio.lowlevel.wait_task_rescheduled(link.abort)
     finally:
         link.stop()
+
+
+def start_relay(
+    client: socket.socket,
+    server: socket.socket,
+    traffic: Traffic,
+    timeouts: Timeouts,
+    *,
+    pipes: PipePool | None,
+    owned: bool,
+    notify: Callable[[outcome.Outcome], Any],
+) -> _Link:
+    """:func:`relay` without a task: `notify` gets the outcome (an Ending,
+    None after ``interrupt()``, or an unexpected error) from the poller task
+    and must then call the link's ``stop()``. Nothing is delivered once the
+    link is stopped first. Raises (closing owned sockets) if the sockets
+    cannot be registered."""
+    try:
+        return _Link(client, server, traffic, timeouts, pipes, current_poller(), owned, notify)
+    except BaseException:
+        if owned:
+            client.close()
+            server.close()
+        raise
 
 
 _CLIENT = 0  # side index; the server is side 1
@@ -214,10 +236,10 @@ class _Link:
 
     __slots__ = (
         "socks", "fds", "traffic", "poller", "ways", "want", "events",
-        "task", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned",
+        "notify", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned",
     )  # fmt: skip
 
-    def __init__(self, client, server, traffic, timeouts, pipes, poller, owned) -> None:
+    def __init__(self, client, server, traffic, timeouts, pipes, poller, owned, notify) -> None:
         self.socks = (client, server)
         self.fds = (client.fileno(), server.fileno())
         self.traffic = traffic
@@ -228,7 +250,7 @@ class _Link:
             self.ways = [_SpliceDirection(self, 0, pipes), _SpliceDirection(self, 1, pipes)]
         self.want = [_READ, _READ]
         self.events = [0, 0]  # epoll events per side, delivered by the poller
-        self.task = trio.lowlevel.current_task()  # None once finished or cancelled
+        self.notify = notify  # gets the outcome; None once finished or cancelled
         self.queued = False  # in the poller's list of links to serve
         self.timeouts = timeouts if timeouts.enabled else None
         self.deadlines = [math.inf, math.inf]  # per direction
@@ -298,25 +320,32 @@ class _Link:
         return wanted
 
     def finish(self, result: outcome.Outcome) -> None:
-        """Wake the relay's task with its result; the poller serves us no more."""
-        task = self.task
-        if task is not None:
-            self.task = None
-            trio.lowlevel.reschedule(task, result)
+        """Hand the result over; the poller serves us no more."""
+        notify = self.notify
+        if notify is not None:
+            self.notify = None
+            notify(result)
+
+    def interrupt(self) -> None:
+        """End the relay from outside (a kill): the outcome is None."""
+        self.finish(outcome.Value(None))
 
     def expire(self) -> None:
         """Called by the poller once ``deadline`` has passed."""
         self.finish(outcome.Value(self._blame()))
 
     def abort(self, raise_cancel) -> trio.lowlevel.Abort:
-        self.task = None  # cancelled: the poller must not touch us any more
+        self.notify = None  # cancelled: the poller must not touch us any more
         return trio.lowlevel.Abort.SUCCEEDED
 
     def stop(self) -> None:
-        self.task = None
+        if self.ways is None:
+            return  # stopped already
+        self.notify = None
         self.scheduled = math.inf  # makes any pending timer entry stale
         for way in self.ways:
             way.give_back()
+        self.ways = None
         if self.owned:
             # Closing removes them from the epoll set: no unregistering.
             for fd, sock in zip(self.fds, self.socks):

@@ -16,7 +16,7 @@ from proxy.config.model import SendProxy
 from proxy.runtime import AdminState, KillReason
 from tests.proxyutil import (
     connect_and_greet, dead_port, front, make_config, read_line, serve_named, server,
-    start_warren,
+    start_warren, unanswered_port,
 )
 
 pytestmark = pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
@@ -91,6 +91,39 @@ async def test_all_servers_dead_closes_client_with_sc(splice):
                 assert await stream.receive_some(10) == b""
                 await _wait_for(lambda: _closed(logs))
             assert _closed(logs)[0]["termination"] == "SC"
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_connect_that_never_completes_ends_with_sc_after_the_timeout(splice, retries):
+    with trio.fail_after(20), unanswered_port() as port:
+        async with trio.open_nursery() as nursery:
+            config = make_config([server("x", port)], retries=retries, connect=0.2)
+            app = await start_warren(nursery, config, splice=splice)
+            with structlog.testing.capture_logs() as logs:
+                stream = await trio.open_tcp_stream(*front(app))
+                assert await stream.receive_some(10) == b""
+                await _wait_for(lambda: _closed(logs))
+            closed = _closed(logs)[0]
+            assert (closed["termination"], closed["retries"]) == ("sC", retries)
+            assert closed["tc_ms"] >= 200 * (retries + 1) - 20  # every attempt waited its timeout
+            assert not app.runtime.server("be", "x").connections
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_session_killed_while_connecting_ends_at_once_with_kd(splice):
+    with trio.fail_after(20), unanswered_port() as port:
+        async with trio.open_nursery() as nursery:
+            app = await start_warren(nursery, make_config([server("x", port)], connect=30.0), splice=splice)
+            target = app.runtime.server("be", "x")
+            with structlog.testing.capture_logs() as logs:
+                stream = await trio.open_tcp_stream(*front(app))
+                await _wait_for(lambda: target.connections)  # attached: connecting
+                assert target.kill_sessions(KillReason.KILLED) == 1
+                assert await stream.receive_some(10) == b""
+                await _wait_for(lambda: _closed(logs))
+            assert _closed(logs)[0]["termination"] == "KD"
+            assert not target.connections and not app.sessions.live
             nursery.cancel_scope.cancel()
 
 
@@ -284,23 +317,23 @@ async def _wait_for_refused(address):
 async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
     import proxy.frontends.session as session_module
 
-    real_relay = session_module.relay
+    real_start_relay = session_module.start_relay
 
-    async def broken_relay(*args, **kwargs):
+    def broken_start_relay(*args, **kwargs):
         raise RuntimeError("a bug in one connection")
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
             app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
-            monkeypatch.setattr(session_module, "relay", broken_relay)
+            monkeypatch.setattr(session_module, "start_relay", broken_start_relay)
             with structlog.testing.capture_logs() as logs:
                 victim = await trio.open_tcp_stream(*front(app))
                 assert await victim.receive_some(10) in (b"", b"a\n")
                 await _wait_for(lambda: _closed(logs))
             assert any(e["event"] == "session.failed" for e in logs)
             assert _closed(logs)[0]["termination"] == "PD"
-            monkeypatch.setattr(session_module, "relay", real_relay)
+            monkeypatch.setattr(session_module, "start_relay", real_start_relay)
             stream, name = await connect_and_greet(app)  # the proxy still serves
             assert name == "a"
             nursery.cancel_scope.cancel()
