@@ -78,7 +78,14 @@ class Sessions:
     def start(self, client: socket.socket, peer: tuple, frontend: FrontendRuntime, slot: object) -> None:
         """Serves an accepted client (non-blocking); always closes it and
         frees its frontend slot in the end. Never raises."""
-        _Session(self, client, peer, frontend, slot).begin()
+        try:
+            session = _Session(self, client, peer, frontend, slot)
+        except Exception:  # a bug: this client only, never the listener
+            log.exception("session.failed", client=_addr(peer))
+            client.close()
+            frontend.limiter.release_on_behalf_of(slot)
+            return
+        session.begin()
 
     def timeouts(self, frontend: FrontendRuntime, backend: BackendRuntime) -> Timeouts:
         """The relay timeouts for this frontend and backend, made once per config."""
