@@ -13,16 +13,16 @@ from __future__ import annotations
 import trio
 
 from proxy.config.model import AmqpCheck, CheckKind
-from proxy.health.amqp_codec import (
+from proxy.health.amqp_client import (
     NEED_DATA,
     ClientState,
     Closed,
     Event,
     HandshakeClient,
-    HandshakeError,
     Opened,
     describe_server,
 )
+from proxy.health.amqp_wire import HandshakeError
 from proxy.health.results import CheckCode, CheckResult
 from proxy.health.tcp import CheckRun, close_stream, open_check_stream, run_check
 

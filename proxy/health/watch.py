@@ -17,13 +17,8 @@ import trio
 
 from proxy.config.model import AmqpCheck, CheckKind
 from proxy.health.amqp import READ_SIZE, flush, flush_quietly, handshake_phase, next_amqp_event
-from proxy.health.amqp_codec import (
-    NEED_DATA,
-    HandshakeClient,
-    HandshakeError,
-    Opened,
-    ServerClosed,
-)
+from proxy.health.amqp_client import NEED_DATA, HandshakeClient, Opened, ServerClosed
+from proxy.health.amqp_wire import HandshakeError
 from proxy.health.results import CheckCode, CheckFailed, CheckResult
 from proxy.health.tcp import CHECK_ERRORS, CheckRun, close_stream, describe_os_error, open_check_stream
 

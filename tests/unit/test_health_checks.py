@@ -21,10 +21,7 @@ import trio.testing
 
 from proxy.config.model import AmqpCheck, CheckKind, HttpCheck
 from proxy.health.amqp import check_amqp
-from proxy.health.amqp_codec import (
-    FRAME_HEARTBEAT,
-    HEARTBEAT_FRAME,
-    PROTOCOL_HEADER,
+from proxy.health.amqp_methods import (
     ConnectionClose,
     ConnectionCloseOk,
     ConnectionOpen,
@@ -33,10 +30,10 @@ from proxy.health.amqp_codec import (
     ConnectionStartOk,
     ConnectionTune,
     ConnectionTuneOk,
-    FrameBuffer,
     Method,
     decode_method,
 )
+from proxy.health.amqp_wire import FRAME_HEARTBEAT, HEARTBEAT_FRAME, PROTOCOL_HEADER, FrameBuffer
 from proxy.health.http import MAX_BODY, check_http
 from proxy.health.results import CheckCode, CheckResult
 from proxy.health.tcp import check_tcp

@@ -7,13 +7,16 @@ from decimal import Decimal
 
 import pytest
 
-from proxy.health.amqp_codec import (
-    DEFAULT_MAX_FRAME,
-    HEARTBEAT_FRAME,
+from proxy.health.amqp_client import (
     NEED_DATA,
-    PROTOCOL_HEADER,
     ClientState,
     Closed,
+    HandshakeClient,
+    Opened,
+    ServerClosed,
+    describe_server,
+)
+from proxy.health.amqp_methods import (
     ConnectionBlocked,
     ConnectionClose,
     ConnectionCloseOk,
@@ -24,15 +27,16 @@ from proxy.health.amqp_codec import (
     ConnectionTune,
     ConnectionTuneOk,
     ConnectionUnblocked,
-    FrameBuffer,
-    HandshakeClient,
-    HandshakeError,
-    Opened,
-    ServerClosed,
     UnknownMethod,
     decode_method,
+)
+from proxy.health.amqp_wire import (
+    DEFAULT_MAX_FRAME,
+    HEARTBEAT_FRAME,
+    PROTOCOL_HEADER,
+    FrameBuffer,
+    HandshakeError,
     decode_table,
-    describe_server,
     encode_frame,
     encode_table,
 )

@@ -1,0 +1,313 @@
+"""AMQP 0-9-1 wire format, sans-I/O: frames, field tables, argument domains.
+
+Everything here is about bytes, not about any class or method: the
+protocol header, cutting frames out of a byte stream (spec 4.2.3), field
+tables with RabbitMQ's errata type letters (spec 4.2.5.5), and how each
+argument domain (octet, short, long, shortstr, longstr, table) is read and
+written.  :mod:`proxy.health.amqp_methods` builds the Connection methods on
+it and :mod:`proxy.health.amqp_client` the handshake state machine.  Spec
+references are to the AMQP 0-9-1 specification (section 4.2 "Protocol
+grammar"/"frame format") and RabbitMQ's errata for field-table types.
+
+Hostile input costs bounded time and space: a frame larger than the limit is
+refused as soon as its 7-byte header arrives, every length is checked against
+the bytes actually present before anything is sliced, and field tables nest
+at most :data:`MAX_TABLE_DEPTH` deep.  Every malformed input surfaces as a
+:class:`HandshakeError` carrying the HAProxy code it means; it is defined
+here, the lowest layer, because framing, method decoding and the client all
+raise it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from proxy.health.results import CheckCode, CheckFailed
+
+PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
+FRAME_END = 0xCE
+FRAME_MIN_SIZE = 4096  # spec 4.2.3: every peer accepts frames this large
+DEFAULT_MAX_FRAME = 128 * 1024  # before Tune, and what we offer in Tune-Ok
+MAX_TABLE_DEPTH = 8
+_FRAME_HEAD = struct.Struct("!BHI")  # type, channel, payload size
+_OVERHEAD = _FRAME_HEAD.size + 1  # header plus the frame-end octet
+
+
+class HandshakeError(CheckFailed):
+    """The broker did not complete the conversation; `code` is the HAProxy verdict.
+
+    L6RSP: not AMQP 0-9-1 framing (foreign bytes, the broker's own protocol
+    header, bad or oversized frames, EOF mid-frame).  L7RSP: AMQP, but the
+    wrong method or malformed arguments.  L7STS: the broker refused with
+    Connection.Close; `reply_code` is its reply code, also in
+    ``details["status"]`` (so results read "L7STS/403").  L4CON: an open
+    connection ended without Connection.Close.
+    """
+
+    def __init__(self, code: CheckCode, description: str, *, reply_code: int | None = None):
+        status = {"status": str(reply_code)} if reply_code is not None else {}
+        super().__init__(code, description, status)
+        self.reply_code = reply_code
+
+
+def framing_error(description: str) -> HandshakeError:
+    """L6RSP: the bytes are not AMQP 0-9-1 framing."""
+    return HandshakeError(CheckCode.L6RSP, description)
+
+
+def protocol_error(description: str) -> HandshakeError:
+    """L7RSP: well-framed AMQP, but the wrong method or malformed arguments."""
+    return HandshakeError(CheckCode.L7RSP, description)
+
+
+def printable(data: bytes, limit: int = 32) -> str:
+    """Foreign bytes as a short, safe string for a description."""
+    text = repr(bytes(data[:limit]))[2:-1]
+    return text + ("..." if len(data) > limit else "")
+
+
+# --- Field tables (spec 4.2.5.5, RabbitMQ errata type letters) -------------
+
+
+class Truncated(Exception):
+    """Fewer bytes than a length field announced.
+
+    Never escapes the codec: decoders turn it into ValueError (tables) or
+    HandshakeError (methods), with the context the caller needs.
+    """
+
+
+class Cursor:
+    """Reads big-endian fields from bytes, never past the end."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise Truncated
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, fmt: struct.Struct) -> Any:
+        return fmt.unpack(self.take(fmt.size))[0]
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.data)
+
+    def octet(self) -> int:
+        return self.unpack(_U8)
+
+    def short(self) -> int:
+        return self.unpack(_U16)
+
+    def long(self) -> int:
+        return self.unpack(_U32)
+
+    def shortstr(self) -> str:
+        return self.take(self.octet()).decode("utf-8", "replace")
+
+    def longstr(self) -> bytes:
+        return self.take(self.long())
+
+
+_U8, _U16, _U32 = struct.Struct("!B"), struct.Struct("!H"), struct.Struct("!I")
+_NUMBERS = {
+    ord("b"): struct.Struct("!b"),
+    ord("B"): struct.Struct("!B"),
+    ord("s"): struct.Struct("!h"),
+    ord("u"): struct.Struct("!H"),
+    ord("I"): struct.Struct("!i"),
+    ord("i"): struct.Struct("!I"),
+    ord("l"): struct.Struct("!q"),
+    ord("L"): struct.Struct("!Q"),
+    ord("f"): struct.Struct("!f"),
+    ord("d"): struct.Struct("!d"),
+    ord("T"): struct.Struct("!Q"),  # timestamp, seconds since the epoch
+}
+
+
+def _decode_value(cur: Cursor, depth: int) -> Any:
+    kind = cur.octet()
+    if kind in _NUMBERS:
+        return cur.unpack(_NUMBERS[kind])
+    if kind == ord("t"):
+        return cur.octet() != 0
+    if kind == ord("S"):
+        return cur.longstr().decode("utf-8", "replace")
+    if kind == ord("x"):
+        return cur.longstr()
+    if kind == ord("D"):
+        scale = cur.octet()
+        return Decimal(cur.unpack(_NUMBERS[ord("I")])).scaleb(-scale)
+    if kind == ord("V"):
+        return None
+    if kind == ord("F"):
+        return _decode_table(cur, depth + 1)
+    if kind == ord("A"):
+        return _decode_array(cur, depth + 1)
+    raise ValueError(f"unknown field type {kind:#04x}")
+
+
+def _nested(cur: Cursor, depth: int) -> Cursor:
+    if depth > MAX_TABLE_DEPTH:
+        raise ValueError("field tables nested too deep")
+    return Cursor(cur.longstr())
+
+
+def _decode_table(cur: Cursor, depth: int = 0) -> dict[str, Any]:
+    inner = _nested(cur, depth)
+    table: dict[str, Any] = {}
+    while not inner.at_end():
+        key = inner.shortstr()
+        table[key] = _decode_value(inner, depth)
+    return table
+
+
+def _decode_array(cur: Cursor, depth: int) -> list[Any]:
+    inner = _nested(cur, depth)
+    items = []
+    while not inner.at_end():
+        items.append(_decode_value(inner, depth))
+    return items
+
+
+def encode_shortstr(text: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > 255:
+        raise ValueError("short string longer than 255 bytes")
+    return _U8.pack(len(raw)) + raw
+
+
+def encode_longstr(raw: bytes | str) -> bytes:
+    if isinstance(raw, str):
+        raw = raw.encode()
+    return _U32.pack(len(raw)) + raw
+
+
+def _encode_value(value: Any) -> bytes:
+    if isinstance(value, bool):
+        return b"t" + _U8.pack(value)
+    if isinstance(value, int):
+        small = -(2**31) <= value < 2**31
+        return b"I" + struct.pack("!i", value) if small else b"l" + struct.pack("!q", value)
+    if isinstance(value, float):
+        return b"d" + struct.pack("!d", value)
+    if isinstance(value, str):
+        return b"S" + encode_longstr(value)
+    if isinstance(value, bytes):
+        return b"x" + encode_longstr(value)
+    if isinstance(value, Mapping):
+        return b"F" + encode_table(value)
+    if isinstance(value, (list, tuple)):
+        return b"A" + encode_longstr(b"".join(_encode_value(item) for item in value))
+    if value is None:
+        return b"V"
+    raise TypeError(f"cannot encode {type(value).__name__} in a field table")
+
+
+def encode_table(table: Mapping[str, Any]) -> bytes:
+    body = b"".join(encode_shortstr(key) + _encode_value(value) for key, value in table.items())
+    return encode_longstr(body)
+
+
+def decode_table(data: bytes) -> dict[str, Any]:
+    """Decode one complete field table (length prefix included); ValueError if malformed."""
+    cur = Cursor(data)
+    try:
+        table = _decode_table(cur)
+    except Truncated:
+        raise ValueError("field table truncated") from None
+    if not cur.at_end():
+        raise ValueError("bytes after the field table")
+    return table
+
+
+# --- Frames (spec 4.2.3) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: int
+    channel: int
+    payload: bytes
+
+
+def encode_frame(frame_type: int, channel: int, payload: bytes) -> bytes:
+    return _FRAME_HEAD.pack(frame_type, channel, len(payload)) + payload + bytes([FRAME_END])
+
+
+HEARTBEAT_FRAME = encode_frame(FRAME_HEARTBEAT, 0, b"")
+
+
+class FrameBuffer:
+    """Accumulates received bytes and cuts complete frames out of them.
+
+    `max_frame` bounds a whole frame (header, payload, end octet), as
+    frame-max does in Connection.Tune.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def peek(self, n: int) -> bytes:
+        return bytes(self._buffer[:n])
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, None if more bytes are needed; HandshakeError(L6RSP)."""
+        if len(self._buffer) < _FRAME_HEAD.size:
+            return None
+        frame_type, channel, size = _FRAME_HEAD.unpack_from(self._buffer)
+        if frame_type not in (FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT):
+            raise framing_error(f"unknown frame type {frame_type} ({printable(self._buffer)})")
+        if size + _OVERHEAD > self.max_frame:
+            raise framing_error(f"frame of {size + _OVERHEAD} bytes exceeds frame-max {self.max_frame}")
+        end = _FRAME_HEAD.size + size
+        if len(self._buffer) <= end:
+            return None
+        if self._buffer[end] != FRAME_END:
+            raise framing_error(f"frame-end octet is {self._buffer[end]:#04x}, not 0xce")
+        payload = bytes(self._buffer[_FRAME_HEAD.size : end])
+        del self._buffer[: end + 1]
+        return Frame(frame_type, channel, payload)
+
+
+# --- Argument domains (spec 4.2.5) --------------------------------------------
+
+# Argument types by name: how to read one from a cursor and how to write one.
+ARGUMENT_READERS = {
+    "octet": Cursor.octet,
+    "short": Cursor.short,
+    "long": Cursor.long,
+    "shortstr": Cursor.shortstr,
+    "longstr": lambda cur: cur.longstr().decode("utf-8", "replace"),
+    "bytes": Cursor.longstr,
+    "table": _decode_table,
+}
+ARGUMENT_WRITERS = {
+    "octet": _U8.pack,
+    "short": _U16.pack,
+    "long": _U32.pack,
+    "shortstr": encode_shortstr,
+    "longstr": encode_longstr,
+    "bytes": encode_longstr,
+    "table": encode_table,
+}
