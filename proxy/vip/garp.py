@@ -1,7 +1,7 @@
 """Announcing a VIP on the wire: gratuitous ARP / unsolicited neighbour advertisement.
 
 Frame building and the :class:`GarpPlan` schedule are sans-I/O; only
-:func:`send_frames` touches a socket (AF_PACKET, so it needs CAP_NET_RAW).
+:class:`FrameSender` touches sockets (AF_PACKET, so it needs CAP_NET_RAW).
 
 Linux hosts (arp_accept=0, the default) ignore a gratuitous ARP for an address
 they have no entry for, but update an existing entry: exactly what moving a VIP
@@ -11,6 +11,7 @@ neighbour entry (RFC 4861 7.2.5/7.2.6).
 
 from __future__ import annotations
 
+import errno
 import heapq
 import ipaddress
 import itertools
@@ -146,18 +147,73 @@ class GarpPlan:
             yield at + index * self.burst_delay
 
 
-def send_frames(ifname: str, frames: Iterable[bytes]) -> int:
-    """Send raw Ethernet frames on ``ifname``; returns how many were sent.
+class FrameSender:
+    """Sends raw Ethernet frames, with one packet socket kept open per interface.
 
-    Thin blocking I/O, but a local NIC accepts a few small frames at once, so
-    calling it from the event loop is fine. ``OSError`` if the interface is
-    missing or down (ENETDOWN) or its queue is full (ENOBUFS).
+    Opening a packet socket is cheap, but closing one waits for an RCU grace
+    period (``synchronize_net()`` in the kernel's ``packet_release``: 5-16 ms
+    measured on this kind of machine), and the close would block the event
+    loop on every burst of a failover. So sockets stay open for the life of
+    the process. A socket bound to an interface that was deleted (and perhaps
+    recreated under the same name) fails with ENXIO/ENODEV: it is replaced
+    and the frames sent once more. The sockets are non-blocking: a full queue
+    raises ``BlockingIOError`` instead of stalling the loop. Other failures
+    (ENETDOWN, no such interface) raise ``OSError``.
     """
-    # Protocol 0: a send-only socket, the kernel queues nothing for us to read.
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
-        sock.bind((ifname, 0))
-        sent = 0
-        for frame in frames:
-            sock.send(frame)
-            sent += 1
-        return sent
+
+    def __init__(self) -> None:
+        self._sockets: dict[str, socket.socket] = {}
+
+    def send(self, ifname: str, frames: Iterable[bytes]) -> int:
+        """Send `frames` on `ifname` in order; returns how many were sent."""
+        frames = list(frames)
+        try:
+            return _send_all(self._socket(ifname), frames)
+        except OSError as error:
+            if error.errno not in _INTERFACE_GONE:
+                raise
+            self._forget(ifname)
+            return _send_all(self._socket(ifname), frames)
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+    def _socket(self, ifname: str) -> socket.socket:
+        sock = self._sockets.get(ifname)
+        if sock is None:
+            # Protocol 0: a send-only socket, the kernel queues nothing for us to read.
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            try:
+                sock.setblocking(False)
+                sock.bind((ifname, 0))
+            except BaseException:
+                sock.close()
+                raise
+            self._sockets[ifname] = sock
+        return sock
+
+    def _forget(self, ifname: str) -> None:
+        sock = self._sockets.pop(ifname, None)
+        if sock is not None:
+            sock.close()
+
+
+_INTERFACE_GONE = frozenset({errno.ENXIO, errno.ENODEV})
+
+
+def _send_all(sock: socket.socket, frames: list[bytes]) -> int:
+    for frame in frames:
+        sock.send(frame)
+    return len(frames)
+
+
+def send_frames(ifname: str, frames: Iterable[bytes]) -> int:
+    """Send raw Ethernet frames on ``ifname`` once, with a socket of their own
+    (closing it blocks for a few ms: :class:`FrameSender` for repeated sends)."""
+    sender = FrameSender()
+    try:
+        return sender.send(ifname, frames)
+    finally:
+        sender.close()
