@@ -5,12 +5,15 @@ Warren process started with ``ip netns exec`` manages that namespace.
 
 pyroute2 calls block: each ``*_sync`` function opens its own short-lived
 IPRoute unless given one (``ipr=``), and has an ``async`` twin that runs it in
-``trio.to_thread.run_sync``. :class:`RouteSocket` keeps one IPRoute open for
+``trio.to_thread.run_sync``. The one request on a failover's critical path,
+adding the leases, has a non-blocking form instead (:class:`LeaseRequests`). :class:`RouteSocket` keeps one IPRoute open for
 a process and lends it to one worker thread at a time: opening an IPRoute
 costs more than the request itself (about 2 ms against 0.3 ms here), which a
 host becoming master pays before its gratuitous ARP. Raising contract: a missing interface
 raises :class:`InterfaceNotFound`; other kernel refusals surface as
-``pyroute2.NetlinkError`` (an ``OSError``-like error with ``.code``).
+``pyroute2.NetlinkError`` from the ``*_sync`` functions (not an ``OSError``
+subclass: it has ``.code``), and as ``OSError`` from :class:`RouteSocket`
+and :class:`LeaseRequests`, which the VIP instance uses.
 
 Leases. The VIP is configured with a finite ``valid_lft`` and renewed while
 Warren is master: if Warren is SIGKILLed (or hangs) the kernel deletes the
@@ -33,6 +36,7 @@ import errno
 import functools
 import ipaddress
 import math
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +45,10 @@ from typing import Any, TypeVar
 
 import trio
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_NEWADDR
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 from proxy.vip.packet import MULTICAST_V4, MULTICAST_V6, REQUIRED_TTL, VRRP_PROTOCOL, IPAddress
 
@@ -99,6 +106,8 @@ def _route(ipr: IPRoute | None) -> Iterator[IPRoute]:
 class RouteSocket:
     """One IPRoute kept open, used by one worker thread at a time.
 
+    Kernel refusals come out as ``OSError`` (errno = the netlink error code).
+
     ``await route.run(add_lease_sync, ifname, address, lifetime)`` calls the
     function with ``ipr=`` this socket in a worker thread. A socket-level
     failure (not a kernel refusal) drops the socket; the next call opens a
@@ -119,8 +128,10 @@ class RouteSocket:
             self._ipr = IPRoute()
         try:
             return function(*args, ipr=self._ipr)
-        except NetlinkError:
-            raise
+        except NetlinkError as refusal:
+            # A kernel refusal; the socket is fine. pyroute2's NetlinkError is
+            # not an OSError: callers catch OSError for every host failure.
+            raise OSError(refusal.code, os.strerror(refusal.code)) from refusal
         except OSError:
             self.close()
             raise
@@ -173,6 +184,90 @@ def add_lease_sync(
 
 
 renew_lease_sync = add_lease_sync  # NLM_F_REPLACE: same call, the lifetime restarts
+
+
+class LeaseRequests:
+    """Adds or renews address leases from the event loop itself, without a thread.
+
+    The kernel handles an rtnetlink request inside the ``send()`` that
+    carries it (``rtnetlink_rcv`` runs in the sender's context) and queues
+    the acknowledgement before ``send()`` returns, so a non-blocking netlink
+    socket never waits: the request costs tens of microseconds where a trip
+    through a worker thread and pyroute2's blocking request costs 1-2 ms,
+    which a host becoming master would pay before its gratuitous ARP. The
+    messages are pyroute2's ``ifaddrmsg``, encoded once per address and
+    lifetime (only the sequence number changes). Same request and contract
+    as :func:`add_lease_sync` (NLM_F_REPLACE: add, or restart the lifetimes
+    in place): :class:`InterfaceNotFound`, or ``OSError`` (errno = the
+    netlink error code) for a kernel refusal. A missing acknowledgement raises ``OSError`` and drops the
+    socket (the next request opens a new one).
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._encoded: dict[tuple[int, str, int], bytearray] = {}
+        self._seq = 0
+
+    def add(self, ifname: str, address: object, valid_lft: float | None) -> None:
+        index = _index(None, ifname)
+        valid = _lifetime(valid_lft)
+        key = (index, str(address), valid)
+        message = self._encoded.get(key)
+        if message is None:
+            message = self._encoded[key] = _encode_newaddr(index, _as_interface(address), valid)
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        struct.pack_into("=I", message, 8, self._seq)  # nlmsghdr.nlmsg_seq
+        self._request(bytes(message), self._seq)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _request(self, message: bytes, seq: int) -> None:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            sock.setblocking(False)
+            self._sock = sock
+        try:
+            self._sock.send(message)
+            while True:
+                reply = self._sock.recv(65536)
+                length, kind, _flags, reply_seq, _pid = struct.unpack_from("=IHHII", reply)
+                if kind == _NLMSG_ERROR and reply_seq == seq and length >= 20:
+                    break  # older replies (from a request that failed half-way) are skipped
+        except OSError as error:
+            self.close()
+            if isinstance(error, BlockingIOError):
+                raise OSError(errno.EIO, "rtnetlink sent no acknowledgement") from None
+            raise
+        (code,) = struct.unpack_from("=i", reply, 16)
+        if code:
+            raise OSError(-code, os.strerror(-code))
+
+
+_NLMSG_ERROR = 2
+
+
+def _encode_newaddr(
+    index: int, interface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, valid: int
+) -> bytearray:
+    """RTM_NEWADDR with NLM_F_REPLACE, as ``IPRoute.addr("replace", ...)`` sends it."""
+    message = ifaddrmsg()
+    message["family"] = socket.AF_INET if interface.version == 4 else socket.AF_INET6
+    message["prefixlen"] = interface.network.prefixlen
+    message["flags"] = IFA_F_NODAD if interface.version == 6 else 0
+    message["index"] = index
+    address = str(interface.ip)
+    attrs = [("IFA_ADDRESS", address)]
+    if interface.version == 4:
+        attrs.insert(0, ("IFA_LOCAL", address))
+    lifetimes = {"ifa_preferred": valid, "ifa_valid": valid, "cstamp": 0, "tstamp": 0}
+    message["attrs"] = attrs + [("IFA_CACHEINFO", lifetimes)]
+    message["header"]["type"] = RTM_NEWADDR
+    message["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+    message.encode()
+    return bytearray(message.data)
 
 
 def list_addresses_sync(ifname: str, *, ipr: IPRoute | None = None) -> list[AddressInfo]:

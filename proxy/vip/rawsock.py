@@ -29,7 +29,7 @@ import trio
 
 from proxy.config.model import Vip
 from proxy.vip import netlink
-from proxy.vip.garp import GarpPlan, announcement_frames, format_mac, send_frames
+from proxy.vip.garp import FrameSender, GarpPlan, announcement_frames, format_mac
 from proxy.vip.netlink import InterfaceNotFound
 from proxy.vip.packet import IPAddress, PacketError, check_hop_limit, parse_ipv4_packet
 
@@ -118,13 +118,17 @@ class LinuxPlumbing:
     """The host operations of :class:`proxy.vip.instance.VipInstance`, for real.
 
     Raising contract: :class:`proxy.vip.netlink.InterfaceNotFound` when the
-    interface is missing; other kernel refusals as ``OSError`` (pyroute2's
-    ``NetlinkError`` is one). Netlink requests share one open socket
-    (:class:`proxy.vip.netlink.RouteSocket`).
+    interface is missing; other kernel refusals as ``OSError``. Netlink
+    requests share one open socket (:class:`proxy.vip.netlink.RouteSocket`),
+    except lease requests, which are non-blocking
+    (:class:`proxy.vip.netlink.LeaseRequests`); announcement frames go out on
+    packet sockets kept open per interface (:class:`proxy.vip.garp.FrameSender`).
     """
 
     def __init__(self) -> None:
         self._route = netlink.RouteSocket()
+        self._leases = netlink.LeaseRequests()
+        self._frames = FrameSender()
 
     def open_channel(self, ifname: str, version: int) -> VrrpChannel:
         return VrrpChannel(ifname, version)
@@ -139,7 +143,9 @@ class LinuxPlumbing:
         return await self._route.run(netlink.mac_address_sync, ifname)
 
     async def add_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
-        await self._route.run(_add_all_sync, ifname, list(addresses), lifetime)
+        # Non-blocking: the kernel answers within the send (netlink.LeaseRequests).
+        for address in addresses:
+            self._leases.add(ifname, address, lifetime)
 
     async def remove_addresses(self, ifname: str, addresses: Iterable[str]) -> None:
         await self._route.run(_remove_all_sync, ifname, list(addresses))
@@ -148,7 +154,7 @@ class LinuxPlumbing:
         return await self._route.run(netlink.remove_stale_sync, ifname, list(addresses))
 
     def send_frames(self, ifname: str, frames: list[bytes]) -> int:
-        return send_frames(ifname, frames)
+        return self._frames.send(ifname, frames)
 
 
 def _link_sync(ifname: str, *, ipr: Any = None) -> LinkInfo:
@@ -158,12 +164,6 @@ def _link_sync(ifname: str, *, ipr: Any = None) -> LinkInfo:
     except (OSError, netlink.InterfaceNotFound):
         return LinkInfo(up=False, index=None)
     return LinkInfo(up=up, index=index)
-
-
-def _add_all_sync(ifname: str, addresses: list[str], lifetime: float | None, *, ipr: Any = None) -> None:
-    # One thread hop for the whole set: renewals happen every second.
-    for address in addresses:
-        netlink.add_lease_sync(ifname, address, lifetime, ipr=ipr)
 
 
 def _remove_all_sync(ifname: str, addresses: list[str], *, ipr: Any = None) -> None:

@@ -9,6 +9,7 @@ process started with ``ip netns exec``.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import json
@@ -300,6 +301,45 @@ async def test_a_route_socket_serves_every_request_on_one_netlink_socket(pair):
     assert "10.213.0.120/32" in listed and removed is True and "10.213.0.120/32" not in again
 
 
+async def test_lease_requests_add_and_renew_without_blocking(pair):
+    """The failover path: RTM_NEWADDR on a non-blocking socket, answered within the send."""
+    with trio.fail_after(30):
+        result = await in_ns(
+            pair.a.ns,
+            f"""
+            import subprocess
+            leases = netlink.LeaseRequests()
+            leases.add("{pair.a.ifname}", "10.213.0.130/32", 2)
+            leases.add("{pair.a.ifname}", "fd00:213::130/64", 30)
+            time.sleep(1.2)
+            leases.add("{pair.a.ifname}", "10.213.0.130/32", 2)  # renewal restarts the lifetime
+            listed = {{str(i.interface): i.valid_lft for i in netlink.list_addresses_sync("{pair.a.ifname}")}}
+            shown = subprocess.run(["ip", "-j", "addr", "show", "dev", "{pair.a.ifname}"], capture_output=True)
+            nodad = [info.get("nodad") for info in json.loads(shown.stdout)[0]["addr_info"]
+                     if info["local"] == "fd00:213::130"]
+            errors = []
+            try:
+                leases.add("nope0", "10.213.0.131", 2)
+            except netlink.InterfaceNotFound:
+                errors.append("missing")
+            subprocess.run(["sysctl", "-qw", "net.ipv6.conf.{pair.a.ifname}.disable_ipv6=1"], check=True)
+            try:
+                leases.add("{pair.a.ifname}", "fd00:213::131/64", 2)
+            except OSError as error:  # EACCES: IPv6 is off on that interface
+                errors.append(error.errno)
+            leases.add("{pair.a.ifname}", "10.213.0.132/32", 2)  # the socket still serves
+            print(json.dumps([listed, nodad, errors]))
+            """,
+        )
+        seen = await addresses(pair.a)
+    listed, nodad, errors = result
+    assert listed["10.213.0.130/32"] == 2  # renewed: a whole lifetime again
+    assert 25 <= listed["fd00:213::130/64"] <= 30
+    assert errors == ["missing", errno.EACCES]
+    assert "10.213.0.132/32" in seen
+    assert nodad == [True]
+
+
 async def test_a_missing_interface_is_reported_as_such(pair):
     with trio.fail_after(30):
         result = await in_ns(
@@ -358,6 +398,37 @@ async def test_gratuitous_arp_reaches_the_peer_and_moves_its_neighbour_entry(pai
         assert frame[:60] == gratuitous_arp(bytes.fromhex(mac_hex), ipaddress.IPv4Address(vip))
         done = await trio.run_process(["ip", "-n", pair.b.ns, "-j", "neigh", "show", vip], capture_stdout=True)
     assert json.loads(done.stdout)[0]["lladdr"].replace(":", "") == mac_hex
+
+
+async def test_frame_sender_keeps_its_socket_and_follows_a_recreated_interface(pair):
+    # The socket stays open between sends (closing one blocks for an RCU grace
+    # period); when its interface is deleted and created again under the same
+    # name, the next send reopens on the new interface instead of failing.
+    with trio.fail_after(30):
+        result = await in_ns(
+            pair.a.ns,
+            """
+            import subprocess
+            def link(*args):
+                subprocess.run(["ip", "link", *args], check=True)
+            link("add", "fs0", "type", "veth", "peer", "name", "fs1")
+            link("set", "fs0", "up"); link("set", "fs1", "up")
+            frame = gratuitous_arp(b"\\x02\\x00\\x00\\x00\\x00\\x07", ipaddress.IPv4Address("10.213.0.7"))
+            sender = FrameSender()
+            first = sender.send("fs0", [frame, frame])
+            fd = sender._sockets["fs0"].fileno()
+            again = sender.send("fs0", [frame])
+            kept = sender._sockets["fs0"].fileno() == fd
+            link("del", "fs0")
+            link("add", "fs0", "type", "veth", "peer", "name", "fs1")
+            link("set", "fs0", "up"); link("set", "fs1", "up")
+            after = sender.send("fs0", [frame])
+            sender.close()
+            link("del", "fs0")
+            print(json.dumps([first, again, kept, after]))
+            """,
+        )
+    assert result == [2, 1, True, 1]
 
 
 async def test_unsolicited_na_moves_the_peers_ipv6_neighbour_entry(pair):
