@@ -37,6 +37,7 @@ from typing import Any
 
 import structlog
 import trio
+import trio.testing
 
 from proxy.config.model import Vip
 from proxy.errors import StartupError
@@ -58,6 +59,7 @@ log = structlog.get_logger("warren.vip")
 class VipNotPermitted(StartupError, PermissionError):
     """Raw sockets or address changes are not allowed to this process."""
 
+PRECISE_WINDOW = 0.002  # seconds of a backup's master-down timer spun rather than slept
 TRACK_POLL = 0.1  # the health checks' own inter x fall dominates the reaction time anyway
 CLEANUP_BUDGET = 3.0  # seconds to remove the addresses when the instance ends abnormally
 STATE_EVENTS = {
@@ -324,11 +326,24 @@ class VipInstance:
 
     async def _run_timer(self) -> None:
         assert self.machine is not None
+        # Only on the real clock: under a test's mock clock a spin would never end.
+        precise = not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
         while True:
             self._timer_wake = trio.Event()
             deadline = self.machine.next_deadline
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            if deadline is None:
+                deadline = math.inf
+            # The master-down timer decides how soon a backup takes over. trio
+            # sleeps in epoll_wait, whose timeout has whole milliseconds (rounded
+            # up), so such a sleep ends up to ~1.5 ms late: a backup sleeps until
+            # PRECISE_WINDOW before its deadline and spins the rest (once per
+            # takeover: an advert re-arms the timer long before that point).
+            spin = precise and self.machine.state is State.BACKUP
+            with trio.move_on_at(deadline - PRECISE_WINDOW if spin else deadline):
                 await self._timer_wake.wait()
+            if spin:
+                while not self._timer_wake.is_set() and trio.current_time() < deadline:
+                    await trio.lowlevel.checkpoint()
             self._run_due_timer()
 
     async def _watch_link(self) -> None:
