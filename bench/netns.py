@@ -114,17 +114,6 @@ class Lan:
         done = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10)
         return [int(pid) for pid in done.stdout.split()]
 
-    def crash(self, ns: str) -> None:
-        """Every process in `ns` dies at once, as in a host crash: all are
-        stopped first (SIGSTOP), then SIGKILLed, so none can react to
-        another's death (keepalived's children would otherwise get their
-        parent-death signal and shut down gracefully)."""
-        pids = self.pids(ns)
-        for pid in pids:
-            _signal(pid, signal.SIGSTOP)
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
-
     def destroy(self) -> None:
         """Kills what runs in our namespaces, reaps our children, deletes the namespaces."""
         for ns in self.namespaces:

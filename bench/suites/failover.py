@@ -11,7 +11,8 @@ VIP:5672 every 5 ms, each bounded by 200 ms and successful only when a
 responder's name arrives; the metric is the longest gap between the starts of
 successful connections, from the last success before the event on. Then the
 event: the master host crashes (every process in it SIGSTOPped, then
-SIGKILLed), its contender is stopped gracefully (SIGTERM to Warren / to
+SIGKILLed, half an advert interval after one of its adverts, so that both
+contenders crash at the same point of the cycle), its contender is stopped gracefully (SIGTERM to Warren / to
 keepalived), or its responder is killed (the proxy's only backend lost).
 After a crash at 0.1 s intervals, whether the VIP is still configured on the
 dead master's interface 10 s after the crash (1 = yes) is recorded too.
@@ -116,6 +117,40 @@ while True:
             data = b""
         finish(sock, bool(data), data.decode(errors="replace"))
 """
+
+
+# A crash at a random moment of the advert cycle moves the gap by up to one
+# interval (100 ms at 0.1 s), far more than the contenders differ by; so the
+# crash is placed at the same point of the cycle for both: half an interval
+# after an advert of the master, seen on its bridge port. Prints the
+# monotonic time of the SIGSTOP (the same clock as the prober's).
+CRASHER = r"""
+import json, os, signal, socket, sys, time
+port, master, offset = sys.argv[1], socket.inet_aton(sys.argv[2]), float(sys.argv[3])
+pids = [int(pid) for pid in sys.argv[4:]]
+# ETH_P_ALL: a bridge port hands its frames to the bridge before any
+# protocol-specific packet socket would see them.
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+sock.bind((port, 0))
+deadline = time.monotonic() + 10
+while True:
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    try:
+        frame = sock.recv(256)
+    except socket.timeout:
+        print(json.dumps({"event": "error", "message": "no advert from the master within 10 s"}), flush=True)
+        sys.exit(1)
+    if frame[12:14] == b"\x08\x00" and frame[14 + 9] == 112 and frame[14 + 12 : 14 + 16] == master:
+        break
+time.sleep(offset)
+at = time.monotonic()
+for pid in pids:
+    os.kill(pid, signal.SIGSTOP)
+for pid in pids:
+    os.kill(pid, signal.SIGKILL)
+print(json.dumps({"event": "crashed", "at": at}), flush=True)
+"""
+CRASH_PHASE = 0.5  # of the advert interval, after the master's advert
 
 
 @dataclass(frozen=True)
@@ -310,8 +345,7 @@ class Failover(Benchmark):
                                workdir / "prober.log", pipe_stdio=True)
             read_event(prober, "ready", 10)
             _wait(lambda: _last_served(prober) == "h1", 10, "the client never reached h1 via the VIP", master)
-            event = time.monotonic()
-            self._trigger(lan, case, master)
+            event = self._trigger(lan, case, master)
             _wait(lambda: _last_served(prober) == "h2", 30, "the client never reached h2 via the VIP")
             time.sleep(0.2)  # a few more probes: the gap is closed by then
             _send(prober, "stop")
@@ -354,13 +388,21 @@ class Failover(Benchmark):
         return Side(host, responder, main, log)
 
     @staticmethod
-    def _trigger(lan: Lan, case: Case, master: Side) -> None:
+    def _trigger(lan: Lan, case: Case, master: Side) -> float:
+        """Brings the event about; returns when it happened (time.monotonic())."""
         if case.event == "crash":
-            lan.crash(master.host.ns)
-        elif case.event == "stop":
+            host = master.host
+            pids = [str(pid) for pid in lan.pids(host.ns)]
+            crasher = lan.spawn(lan.ns, "crasher", [sys.executable, "-c", CRASHER, host.port, host.ip,
+                                                    str(CRASH_PHASE * case.advert), *pids],
+                                None, pipe_stdio=True)
+            return read_event(crasher, "crashed", 15)["at"]
+        event = time.monotonic()
+        if case.event == "stop":
             master.main.popen.send_signal(signal.SIGTERM)
         else:
             master.responder.popen.kill()
+        return event
 
     def _configs_note(self) -> str:
         vip = "10.216.1.100"
@@ -374,7 +416,9 @@ class Failover(Benchmark):
                   "", "```", haproxy_config(vip).rstrip(), "```", "",
                   "keepalived runs a track script at most once a second (its minimum `interval`); "
                   "Warren tracks its own health checks (every 100 ms). A crash SIGSTOPs then SIGKILLs "
-                  "every process of the host (keepalived and HAProxy / Warren, and the responder); a "
+                  "every process of the host (keepalived and HAProxy / Warren, and the responder), half "
+                  "an advert interval after an advert of the master (the same point of the cycle for "
+                  "both contenders: a crash at a random moment moves the gap by up to an interval); a "
                   "graceful stop is SIGTERM to Warren or to keepalived (HAProxy keeps running). Warren "
                   "logs at info level (its VRRP state is read from the log)."]
         return "\n".join(parts)
