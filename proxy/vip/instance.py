@@ -59,6 +59,7 @@ log = structlog.get_logger("warren.vip")
 class VipNotPermitted(StartupError, PermissionError):
     """Raw sockets or address changes are not allowed to this process."""
 
+
 PRECISE_WINDOW = 0.002  # seconds of a backup's master-down timer spun rather than slept
 TRACK_POLL = 0.1  # the health checks' own inter x fall dominates the reaction time anyway
 CLEANUP_BUDGET = 3.0  # seconds to remove the addresses when the instance ends abnormally

@@ -5,12 +5,12 @@ Warren process started with ``ip netns exec`` manages that namespace.
 
 pyroute2 calls block: each ``*_sync`` function opens its own short-lived
 IPRoute unless given one (``ipr=``), and has an ``async`` twin that runs it in
-``trio.to_thread.run_sync``. The one request on a failover's critical path,
-adding the leases, has a non-blocking form instead (:class:`LeaseRequests`). :class:`RouteSocket` keeps one IPRoute open for
+``trio.to_thread.run_sync``. :class:`RouteSocket` keeps one IPRoute open for
 a process and lends it to one worker thread at a time: opening an IPRoute
-costs more than the request itself (about 2 ms against 0.3 ms here), which a
-host becoming master pays before its gratuitous ARP. Raising contract: a missing interface
-raises :class:`InterfaceNotFound`; other kernel refusals surface as
+costs more than the request itself (about 2 ms against 0.3 ms here). The one
+request on a failover's critical path, adding the leases, has a non-blocking
+form that needs no thread (:class:`LeaseRequests`). Raising contract: a
+missing interface raises :class:`InterfaceNotFound`; other kernel refusals surface as
 ``pyroute2.NetlinkError`` from the ``*_sync`` functions (not an ``OSError``
 subclass: it has ``.code``), and as ``OSError`` from :class:`RouteSocket`
 and :class:`LeaseRequests`, which the VIP instance uses.
@@ -199,8 +199,8 @@ class LeaseRequests:
     lifetime (only the sequence number changes). Same request and contract
     as :func:`add_lease_sync` (NLM_F_REPLACE: add, or restart the lifetimes
     in place): :class:`InterfaceNotFound`, or ``OSError`` (errno = the
-    netlink error code) for a kernel refusal. A missing acknowledgement raises ``OSError`` and drops the
-    socket (the next request opens a new one).
+    netlink error code) for a kernel refusal. A missing acknowledgement
+    raises ``OSError`` and drops the socket (the next request opens a new one).
     """
 
     def __init__(self) -> None:
