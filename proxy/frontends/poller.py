@@ -23,6 +23,12 @@ import trio
 
 Link = Any  # proxy.frontends.relay._Link (typed loosely to avoid an import cycle)
 
+# How relay sockets are registered: once, edge-triggered, for reading and
+# writing (see ``Poller``). A connect waits on the same registration, so the
+# relay that follows takes the socket over without a system call.
+EDGE_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# What ends a connect wait: the socket is writable (connected) or failed.
+_CONNECT_ENDED = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class Poller:
@@ -54,10 +60,25 @@ class Poller:
     def watch(self, fd: int, link: Link, mask: int) -> None:
         """Serve `link` when `fd` reports events of the epoll `mask`.
 
-        An fd already registered (a connect just completed on it) is taken
-        over with one modify instead of a second registration; like a
+        An fd whose connect wait just ended (``when_writable``) is already
+        registered with ``EDGE_MASK``: taken over with that mask, it costs no
+        system call, unless events came for it since the connect completed
+        (a server speaking first), which a modify reports again. Any other
+        fd already registered is taken over with one modify; like a
         registration, the modify reports the fd at once if already ready.
+        Whoever closes a watched fd calls ``drop`` or ``forget`` first, so
+        an entry here always describes the fd's current registration.
         """
+        old = self._links.get(fd)
+        if (
+            mask == EDGE_MASK and type(old) is Writable and old.connected
+            and old.notify is None and not old.events[0]
+        ):
+            self._links[fd] = link
+        else:
+            self._register(fd, link, mask)
+
+    def _register(self, fd: int, link: Link, mask: int) -> None:
         if fd in self._links:
             try:
                 self._epoll.modify(fd, mask)
@@ -98,7 +119,7 @@ class Poller:
         outcome (``Value(events)``, 0 on timeout) unless the returned waiter
         is cancelled first."""
         waiter = Writable(fd, deadline, notify)
-        self.watch(fd, waiter, select.EPOLLOUT | select.EPOLLONESHOT)
+        self._register(fd, waiter, EDGE_MASK)
         self.wake_at(waiter, deadline)
         return waiter
 
@@ -193,9 +214,14 @@ def _reschedule_current_task() -> Callable[[outcome.Outcome], None]:
 
 
 class Writable:
-    """A link that waits for one fd to turn writable (a connect completing)."""
+    """A link that waits for one fd to turn writable (a connect completing).
 
-    __slots__ = ("fds", "events", "queued", "notify", "scheduled", "deadline")
+    The fd is registered with ``EDGE_MASK``, so whoever takes it over next
+    (the relay) finds it registered. Events that come after the connect
+    completed are kept in ``events`` until then.
+    """
+
+    __slots__ = ("fds", "events", "queued", "notify", "scheduled", "deadline", "connected")
 
     def __init__(self, fd: int, deadline: float, notify: Callable[[outcome.Outcome], Any]) -> None:
         self.fds = (fd,)
@@ -203,10 +229,16 @@ class Writable:
         self.queued = False
         self.notify: Callable[[outcome.Outcome], Any] | None = notify
         self.scheduled = self.deadline = deadline
+        self.connected = False  # the wait ended with the fd's readiness
 
     def serve(self) -> bool:
+        events = self.events[0]
+        if not events & _CONNECT_ENDED:
+            return False
+        self.events[0] = events & ~_CONNECT_ENDED  # anything else is news for the next owner
         self.scheduled = math.inf  # the timer entry is stale from now on
-        self.finish(outcome.Value(self.events[0]))
+        self.connected = True
+        self.finish(outcome.Value(events))
         return False
 
     def finish(self, result: outcome.Outcome) -> None:

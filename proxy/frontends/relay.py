@@ -41,7 +41,7 @@ import structlog
 import trio
 
 from .pipes import Pipe, PipePool
-from .poller import current_poller
+from .poller import EDGE_MASK, current_poller
 
 log = structlog.get_logger("warren.relay")
 
@@ -145,12 +145,14 @@ def start_relay(
     and must then call the link's ``stop()``. Nothing is delivered once the
     link is stopped first. Raises (closing owned sockets) if the sockets
     cannot be registered."""
+    poller = current_poller()
     try:
-        return _Link(client, server, traffic, timeouts, pipes, current_poller(), owned, notify)
+        return _Link(client, server, traffic, timeouts, pipes, poller, owned, notify)
     except BaseException:
         if owned:
-            client.close()
-            server.close()
+            for sock in (client, server):
+                poller.drop(sock.fileno())
+                sock.close()
         raise
 
 
@@ -164,12 +166,11 @@ _TIMEOUT = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
 _READ, _WRITE, _YIELD, _DONE, _NO_PIPE, _BULK = range(6)
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
-# Both sockets stay registered for both events, edge-triggered: an event says
-# "something changed", and a direction that waits has always drained its
-# source (EAGAIN, or a short read with no end of stream announced) or filled
-# its destination (EAGAIN) first, so the next change is an edge that reaches
-# us. Nothing to re-arm per event.
-_MASK = _IN | _OUT | select.EPOLLRDHUP | select.EPOLLET
+# Both sockets stay registered for both events, edge-triggered (EDGE_MASK):
+# an event says "something changed", and a direction that waits has always
+# drained its source (EAGAIN, or a short read with no end of stream
+# announced) or filled its destination (EAGAIN) first, so the next change is
+# an edge that reaches us. Nothing to re-arm per event.
 # The peer has sent its FIN, or the connection failed: after the data still
 # queued, a read returns the end (or the error) without a further edge.
 _ENDING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -257,9 +258,9 @@ class _Link:
         self.deadline = math.inf  # the earlier of the two
         self.scheduled = math.inf  # when the poller will next look at us
         self.owned = owned  # close the sockets at the end
-        poller.watch(self.fds[0], self, _MASK)
+        poller.watch(self.fds[0], self, EDGE_MASK)
         try:
-            poller.watch(self.fds[1], self, _MASK)
+            poller.watch(self.fds[1], self, EDGE_MASK)
         except BaseException:
             poller.forget(self.fds[0])
             raise

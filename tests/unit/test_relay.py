@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import select
 import socket
 import struct
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ import structlog.testing
 import trio
 
 from proxy.frontends.pipes import Pipe, PipePool, splice_supported
+from proxy.frontends.poller import current_poller
 from proxy.frontends.relay import Ending, Timeouts, Traffic, relay
 
 IO_BOUND = 30  # seconds; every real-time test fails rather than hangs
@@ -551,3 +553,91 @@ async def test_unexpected_errors_propagate_instead_of_ending_the_relay():
                 await send_all(link.client, b"e" * (1 << 20))  # bulk: spliced
                 await link.wait_ending()
     assert caught.group_contains(OSError, match="Bad file descriptor")
+
+
+# --- taking over a connect --------------------------------------------------
+
+
+class _CountingEpoll:
+    """The poller's epoll, counting the registrations asked of the kernel."""
+
+    def __init__(self, epoll) -> None:
+        self._epoll = epoll
+        self.calls: list[str] = []
+
+    def register(self, fd, mask):
+        self.calls.append("register")
+        self._epoll.register(fd, mask)
+
+    def modify(self, fd, mask):
+        self.calls.append("modify")
+        self._epoll.modify(fd, mask)
+
+    def __getattr__(self, name):
+        return getattr(self._epoll, name)
+
+
+@asynccontextmanager
+async def connected_by_the_poller(*, banner: bytes = b""):
+    """(proxy_client, client, proxy_server, server, poller): proxy_server is
+    a plain non-blocking socket whose connect completed in the relays'
+    poller (as a session's does); the server end sends `banner` at once."""
+    poller = current_poller()
+    counting = poller._epoll = _CountingEpoll(poller._epoll)
+    client, proxy_client = await socket_pair("tcp")
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        proxy_server = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        assert proxy_server.connect_ex(listener.getsockname()) == errno.EINPROGRESS
+        events = await poller.wait_writable(proxy_server.fileno(), trio.current_time() + IO_BOUND)
+        assert events & select.EPOLLOUT
+        server, _ = await listener.accept()
+    if banner:
+        await send_all(server, banner)
+    try:
+        yield proxy_client, client, proxy_server, server, counting
+    finally:
+        poller._epoll = counting._epoll
+        for sock in (client, proxy_client, server):
+            sock.close()
+        if proxy_server.fileno() != -1:
+            poller.drop(proxy_server.fileno())
+            proxy_server.close()
+
+
+async def relay_until_closed(proxy_client, proxy_server, *, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await relay(proxy_client, proxy_server, Traffic(), owned=True)
+
+
+async def test_a_relay_takes_over_a_connected_socket_without_registering_it_again():
+    with trio.fail_after(IO_BOUND):
+        async with connected_by_the_poller() as (proxy_client, client, proxy_server, server, epoll):
+            epoll.calls.clear()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay_until_closed, proxy_client, proxy_server)
+                await send_all(client, b"ping")
+                assert await recv_exactly(server, 4) == b"ping"
+                await send_all(server, b"pong")
+                assert await recv_exactly(client, 4) == b"pong"
+                client.shutdown(socket.SHUT_WR)
+                server.shutdown(socket.SHUT_WR)
+    # The client's socket is new to the poller; the server's was registered
+    # by the connect wait, edge-triggered for both ways already.
+    assert epoll.calls == ["register"]
+
+
+async def test_what_a_server_sends_before_the_relay_starts_still_reaches_the_client():
+    with trio.fail_after(IO_BOUND):
+        async with connected_by_the_poller(banner=b"AMQP-like greeting") as (
+            proxy_client, client, proxy_server, server, epoll,
+        ):
+            # The greeting's edge reaches the poller before any relay owns the socket.
+            waiter = current_poller()._links[proxy_server.fileno()]
+            await wait_until(lambda: waiter.events[0] & select.EPOLLIN)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay_until_closed, proxy_client, proxy_server)
+                assert await recv_exactly(client, 18) == b"AMQP-like greeting"
+                client.shutdown(socket.SHUT_WR)
+                server.shutdown(socket.SHUT_WR)
