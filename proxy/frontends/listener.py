@@ -76,6 +76,10 @@ async def serve_listener(
     log.info("listener.started", frontend=frontend.name, address=_format(bound))
     task_status.started()
     limiter = frontend.limiter
+    # socket.accept() converts the listener's family and type to enums and
+    # wraps the new fd for every client; accept on the raw fd and wrap it
+    # with the listener's values taken once.
+    accept, family, kind, proto = sock._accept, sock.family, sock.type, sock.proto
     slot = None  # taken, not yet handed to a client
     try:
         in_a_row = 0
@@ -91,7 +95,7 @@ async def serve_listener(
                         slot = None
                         raise
             try:
-                client, peer = sock.accept()
+                fd, peer = accept()
             except BlockingIOError:
                 in_a_row = 0
                 await trio.lowlevel.wait_readable(sock)
@@ -105,6 +109,7 @@ async def serve_listener(
                 )
                 await trio.sleep(_ACCEPT_BACKOFF)
                 continue
+            client = socket.socket(family, kind, proto, fd)
             client.setblocking(False)
             handler(client, peer, frontend, slot)
             slot = None
