@@ -35,16 +35,20 @@ class Poller:
     """One epoll instance and one timer heap for every relay of a trio run.
 
     Relays register their sockets here rather than in trio's own epoll, so
-    that one task can serve both sockets of a connection, and so that idle
-    connections cost no task stack of their own. A system task sleeps on this
-    epoll's file descriptor (an epoll fd is readable when it has events) under
-    a cancel scope set to the earliest timer, then serves the links concerned
-    right away: moving bytes never blocks, so no task switch per wake-up is
-    needed. Relay sockets are registered once, edge-triggered, for both
-    reading and writing: no system call per event to re-arm them (a relay
-    only waits for an edge after draining a socket or filling it). Links
-    that stopped at their round budget are served again after a checkpoint,
-    so others get a turn.
+    that one wake-up serves both sockets of a connection, and so that idle
+    connections cost no task stack of their own. Serving moves bytes right
+    away (moving never blocks), so no task switch per wake-up is needed.
+    Relay sockets are registered once, edge-triggered, for both reading and
+    writing: no system call per event to re-arm them (a relay only waits for
+    an edge after draining a socket or filling it). Links that stopped at
+    their round budget are served again after others had a turn.
+
+    Where it waits, two ways (``run``): normally from trio's
+    ``before_io_wait`` hook, blocking in this epoll with trio's own epoll
+    nested in it while trio has nothing to do (``_run_nested``); with a test's
+    mock clock, or if trio's internals are not as expected, a system task
+    sleeps in trio on this epoll's file descriptor under a cancel scope set
+    to the earliest timer (``_run_in_trio``).
     """
 
     __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order")
@@ -129,41 +133,106 @@ class Poller:
             self._sleep.deadline = when
 
     async def run(self) -> None:
-        epoll_fd = self._epoll.fileno()
-        timers = self._timers
         try:
-            while True:
-                # One cancel scope per timer expiry, not per batch of events:
-                # its deadline follows the earliest timer.
-                with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as sleep:
-                    self._sleep = sleep
-                    while True:
-                        if self._busy:
-                            await trio.lowlevel.checkpoint()
-                        else:
-                            await trio.lowlevel.wait_readable(epoll_fd)
-                        self._serve_ready_links()
-                        if timers:
-                            self._fire_timers(trio.current_time())
-                            earliest = timers[0][0] if timers else math.inf
-                            if earliest != sleep.deadline:
-                                sleep.deadline = earliest
-                self._sleep = None
-                self._fire_timers(trio.current_time())
+            internals = _trio_internals()
+            if internals is None:
+                await self._run_in_trio()
+            else:
+                await self._run_nested(*internals)
         finally:
             self._epoll.close()
 
-    def _serve_ready_links(self) -> None:
+    async def _run_in_trio(self) -> None:
+        """Sleep in trio's epoll, on this epoll's fd (the portable way)."""
+        epoll_fd = self._epoll.fileno()
+        timers = self._timers
+        while True:
+            # One cancel scope per timer expiry, not per batch of events:
+            # its deadline follows the earliest timer.
+            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as sleep:
+                self._sleep = sleep
+                while True:
+                    if self._busy:
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        await trio.lowlevel.wait_readable(epoll_fd)
+                    self._serve_ready_links(self._epoll.poll(0))
+                    if timers:
+                        self._fire_timers(trio.current_time())
+                        earliest = timers[0][0] if timers else math.inf
+                        if earliest != sleep.deadline:
+                            sleep.deadline = earliest
+            self._sleep = None
+            self._fire_timers(trio.current_time())
+
+    async def _run_nested(self, trio_fd: int, runner: Any) -> None:
+        """Serve from trio's ``before_io_wait`` hook, trio's epoll nested in ours.
+
+        Waiting through trio costs, per wake-up, trio's epoll_wait, a re-arm
+        of its one-shot registration (epoll_ctl), a task switch and a second
+        epoll_wait here: about half of the CPU time a relayed message cost.
+        Instead, right before trio would block in its epoll (every task has
+        run, none is runnable), this poller blocks in its own epoll for as
+        long as trio would have, with trio's epoll fd registered in it: relay
+        events are served at once, and as soon as anything trio waits for is
+        ready (a socket, a signal, a thread's result), the hook returns and
+        trio's own wait finds it. This task only holds the hook's lifetime.
+        """
+        self._epoll.register(trio_fd, select.EPOLLIN)
+        hook = _BeforeIoWait(self, trio_fd, runner, trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(hook)
+        try:
+            # A failure in the hook ends up here (as one in the loop would).
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+        finally:
+            try:
+                trio.lowlevel.remove_instrument(hook)
+            except KeyError:
+                pass  # removed by its failure
+
+    def _serve_until(self, timeout: float, trio_fd: int, runner: Any) -> None:
+        """Serve relays while trio has nothing to do, for up to `timeout` s.
+
+        Returns once trio has work: its epoll has events (its own wait then
+        returns at once), a task became runnable, or the timeout is over (in
+        the last two cases trio's wait, whose timeout was fixed before the
+        hook, is cut short with a no-op ``run_sync_soon``).
+        """
+        poll, timers, now = self._epoll.poll, self._timers, trio.current_time
+        if timeout <= 0 or runner.waiting_for_idle:
+            self._serve_ready_links(poll(0))
+            if timers and timers[0][0] <= now():
+                self._fire_timers(now())
+            return
+        end = now() + timeout
+        while True:
+            if self._busy:
+                wait = 0.0
+            else:
+                wait = max(min(end, timers[0][0]) - now() if timers else end - now(), 0.0)
+            if self._serve_ready_links(poll(wait), trio_fd):
+                return  # trio's epoll has events: its wait returns at once
+            current = now()
+            if timers and timers[0][0] <= current:
+                self._fire_timers(current)
+            if runner.runq or current >= end:
+                trio.lowlevel.current_trio_token().run_sync_soon(_nothing, idempotent=True)
+                return
+
+    def _serve_ready_links(self, events: list[tuple[int, int]], trio_fd: int = -1) -> bool:
+        """Serve the links with `events` (and those that stopped at their
+        budget); True if `trio_fd` is among the events."""
         ready, self._busy = self._busy, []
         for link in ready:
             link.queued = True
-        links = self._links
-        for fd, events in self._epoll.poll(0):
+        links, trio_ready = self._links, False
+        for fd, fd_events in events:
             link = links.get(fd)
             if link is None:
+                trio_ready = trio_ready or fd == trio_fd
                 continue
             side = 0 if fd == link.fds[0] else 1
-            link.events[side] |= events
+            link.events[side] |= fd_events
             if not link.queued:
                 link.queued = True
                 ready.append(link)
@@ -179,6 +248,7 @@ class Poller:
                 # A bug or an unexpected OS error: it belongs to the relay's
                 # caller, not to the poller (which serves everyone).
                 link.finish(outcome.Error(exc))
+        return trio_ready
 
     def _fire_timers(self, now: float) -> None:
         timers = self._timers
@@ -193,6 +263,51 @@ class Poller:
                 # Pushed back by traffic since: look again then.
                 link.scheduled = link.deadline
                 heapq.heappush(timers, (link.deadline, next(self._order), link))
+
+
+def _trio_internals() -> tuple[int, Any] | None:
+    """(trio's epoll fd, trio's runner) when relays can be served from
+    trio's ``before_io_wait`` hook; else None, and the poller waits through
+    trio. These are trio internals (checked for trio 0.24 to 0.3x: the
+    runner's ``runq``, ``waiting_for_idle``, ``clock``, ``is_guest`` and its
+    epoll I/O manager), read defensively: anything unexpected falls back.
+    A test's MockClock also falls back: its deadlines are not in real time.
+    """
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
+
+        runner = GLOBAL_RUN_CONTEXT.runner
+        if type(runner.clock) is not SystemClock or runner.is_guest:
+            return None
+        len(runner.runq), len(runner.waiting_for_idle)
+        fd = runner.io_manager._epoll.fileno()
+    except (ImportError, AttributeError, TypeError):
+        return None
+    return (fd, runner) if isinstance(fd, int) else None
+
+
+class _BeforeIoWait(trio.abc.Instrument):
+    """The trio instrument through which the nested poller serves relays."""
+
+    def __init__(self, poller: Poller, trio_fd: int, runner: Any, task: trio.lowlevel.Task) -> None:
+        self._poller = poller
+        self._trio_fd = trio_fd
+        self._runner = runner
+        self._task = task
+
+    def before_io_wait(self, timeout: float) -> None:
+        try:
+            self._poller._serve_until(timeout, self._trio_fd, self._runner)
+        except BaseException as exc:
+            # trio would log and drop a failing instrument, leaving every
+            # relay unserved: fail the poller task instead, as a failure in
+            # its own loop would.
+            trio.lowlevel.remove_instrument(self)
+            trio.lowlevel.reschedule(self._task, outcome.Error(exc))
+
+
+def _nothing() -> None:
+    pass
 
 
 _POLLER: trio.lowlevel.RunVar[Poller] = trio.lowlevel.RunVar("warren_relay_poller")
