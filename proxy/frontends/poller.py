@@ -304,6 +304,7 @@ class _BeforeIoWait(trio.abc.Instrument):
             # its own loop would.
             trio.lowlevel.remove_instrument(self)
             trio.lowlevel.reschedule(self._task, outcome.Error(exc))
+            trio.lowlevel.current_trio_token().run_sync_soon(_nothing, idempotent=True)
 
 
 def _nothing() -> None:

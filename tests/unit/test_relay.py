@@ -9,6 +9,8 @@ import random
 import select
 import socket
 import struct
+import time
+import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -675,3 +677,31 @@ async def test_trio_tasks_keep_their_timing_while_the_poller_blocks(pipes):
                 assert await b.recv(1) == b"y"
             await send_all(link.server, b"z")
             assert await recv_exactly(link.client, 1) == b"z"
+
+
+def test_a_failure_while_serving_from_the_hook_ends_the_run_instead_of_stranding_relays():
+    """trio drops an instrument that raises (with a log line); relays would
+    then never be served again. The failure must end the run instead, as
+    one in the poller's own task would."""
+
+    class ExplodingTimer:  # a link whose idle deadline fails when it fires
+        def __init__(self, when: float) -> None:
+            self.scheduled = self.deadline = when
+            self.notify = print
+
+        def expire(self) -> None:
+            raise RuntimeError("boom in the hook")
+
+    async def main() -> None:
+        poller = current_poller()
+        await trio.sleep(0)  # the poller's task installs its hook
+        now = trio.current_time()
+        poller.wake_at(ExplodingTimer(now), now)
+        await trio.sleep(IO_BOUND)
+
+    started = time.monotonic()
+    with pytest.raises(trio.TrioInternalError) as caught:
+        trio.run(main)
+    assert "boom in the hook" in "".join(traceback.format_exception(caught.value))
+    # At once, not when trio's wait (fixed before the hook ran) times out.
+    assert time.monotonic() - started < IO_BOUND / 2
