@@ -57,7 +57,8 @@ class Storm(Benchmark):
                            health=self.health())
         h = spec.health
         self.notes.append(f"{self.count()} clients; health checks inter {h.inter:g}s rise {h.rise} "
-                          f"fall {h.fall}; node {nodes[0].nodename} is killed, {nodes[1].nodename} survives.")
+                          f"fall {h.fall}; node {nodes[0].nodename} is killed, {nodes[1].nodename} survives; "
+                          "the brokers listen with tcp_listen_options.backlog = 4096 (see bench/README.md).")
         with C.all_running(self.contenders, spec, self.lab.dir(self.name)) as running:
             yield {"nodes": nodes, "proxies": running, "measured": 0}
 
