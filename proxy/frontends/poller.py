@@ -199,24 +199,23 @@ class Poller:
         hook, is cut short with a no-op ``run_sync_soon``).
         """
         poll, timers, now = self._epoll.poll, self._timers, trio.current_time
-        if timeout <= 0 or runner.waiting_for_idle:
-            self._serve_ready_links(poll(0))
-            if timers and timers[0][0] <= now():
-                self._fire_timers(now())
-            return
+        # With trio busy (or waiting for all tasks to block), one round
+        # without blocking; else rounds until trio has work.
+        blocking = timeout > 0 and not runner.waiting_for_idle
         end = now() + timeout
         while True:
-            if self._busy:
+            if not blocking or self._busy:
                 wait = 0.0
             else:
                 wait = max(min(end, timers[0][0]) - now() if timers else end - now(), 0.0)
-            if self._serve_ready_links(poll(wait), trio_fd):
-                return  # trio's epoll has events: its wait returns at once
+            trio_ready = self._serve_ready_links(poll(wait), trio_fd)
             current = now()
             if timers and timers[0][0] <= current:
                 self._fire_timers(current)
+            if not blocking or trio_ready:
+                return  # trio's wait does not block, or returns at once
             if runner.runq or current >= end:
-                trio.lowlevel.current_trio_token().run_sync_soon(_nothing, idempotent=True)
+                _cut_trio_wait_short()
                 return
 
     def _serve_ready_links(self, events: list[tuple[int, int]], trio_fd: int = -1) -> bool:
@@ -304,7 +303,13 @@ class _BeforeIoWait(trio.abc.Instrument):
             # its own loop would.
             trio.lowlevel.remove_instrument(self)
             trio.lowlevel.reschedule(self._task, outcome.Error(exc))
-            trio.lowlevel.current_trio_token().run_sync_soon(_nothing, idempotent=True)
+            _cut_trio_wait_short()
+
+
+def _cut_trio_wait_short() -> None:
+    """Make trio's pending epoll wait return at once (its timeout was fixed
+    before ``before_io_wait`` ran): a no-op through trio's wake-up socket."""
+    trio.lowlevel.current_trio_token().run_sync_soon(_nothing, idempotent=True)
 
 
 def _nothing() -> None:
