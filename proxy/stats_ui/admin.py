@@ -13,6 +13,7 @@ import enum
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import urllib.parse
 from collections import OrderedDict
@@ -27,6 +28,9 @@ log = structlog.get_logger("warren.stats")
 
 MAX_WEIGHT = 256  # HAProxy's bound for `set server B/S weight`
 MAX_FORM_FIELDS = 16
+# ASCII digits only: str.isdigit() also accepts "²" or "①", which int() refuses.
+_WEIGHT = re.compile(r"[0-9]{1,3}")
+_TOKEN_SLOT = re.compile(r"[0-9]{1,20}")
 
 
 class Action(enum.StrEnum):
@@ -74,12 +78,11 @@ def parse_form(body: bytes) -> dict[str, str]:
 
 
 def parse_weight(text: str) -> int:
-    if not text.strip().isdigit():
+    """A weight from 0 to MAX_WEIGHT written in ASCII digits; BadRequest otherwise."""
+    digits = text.strip()
+    if not _WEIGHT.fullmatch(digits) or int(digits) > MAX_WEIGHT:
         raise BadRequest(f"weight must be a whole number from 0 to {MAX_WEIGHT}")
-    weight = int(text)
-    if weight > MAX_WEIGHT:
-        raise BadRequest(f"weight must be a whole number from 0 to {MAX_WEIGHT}")
-    return weight
+    return int(digits)
 
 
 def request_from_form(form: dict[str, str]) -> AdminRequest:
@@ -151,7 +154,7 @@ class CsrfTokens:
 
     def valid(self, token: str, user: str, now: float) -> bool:
         slot_text, _, mac = token.partition(".")
-        if not slot_text.isdigit() or len(slot_text) > 20:
+        if not _TOKEN_SLOT.fullmatch(slot_text) or not mac.isascii():
             return False
         slot = int(slot_text)
         current = int(now // self._window)

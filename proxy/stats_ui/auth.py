@@ -132,7 +132,7 @@ def parse_basic(header: str) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII, or not UTF-8 once decoded
         return None
     user, colon, password = decoded.partition(":")
     return (user, password) if colon else None

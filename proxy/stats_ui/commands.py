@@ -22,6 +22,8 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from . import admin, view
 from .render_csv import render_csv
 
@@ -39,6 +41,8 @@ Several commands may be separated by ';'.
 """
 
 MAX_LINE = 4096
+
+log = structlog.get_logger("warren.ctl")
 
 
 class CommandError(Exception):
@@ -60,6 +64,10 @@ def execute(line: str, runtime: Any, now: float, *, user: str = "ctl") -> tuple[
             answers.append(_run(command, runtime, now, user))
         except CommandError as error:
             answers.append(f"error: {error}\n")
+            ok = False
+        except Exception:  # a bug: this command fails, the control socket and the proxy go on
+            log.exception("ctl.command_failed", command=command[:200])
+            answers.append("error: internal error (logged as ctl.command_failed)\n")
             ok = False
     return "".join(answer + "\n" for answer in answers) or "\n", ok
 

@@ -82,6 +82,8 @@ class ControlService:
                 await self._finish(stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            except Exception:  # a bug ends this exchange, never the control socket
+                log.exception("ctl.connection_failed")
             finally:
                 self._connections -= 1
 
@@ -214,6 +216,9 @@ def ctl_main(socket_path: str, command: list[str], *, stdout=None, stderr=None, 
         answer = _exchange(socket_path, line, timeout)
     except OSError as error:
         print(f"warren: cannot talk to {socket_path}: {error.strerror or error}", file=stderr)
+        return 1
+    if not answer:  # every answer ends with an empty line: nothing at all is a failure
+        print(f"warren: no answer from {socket_path} (see Warren's log)", file=stderr)
         return 1
     text = answer.decode("utf-8", "replace")
     stdout.write(text.rstrip("\n") + "\n" if text.strip() else "")

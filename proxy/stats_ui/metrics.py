@@ -146,7 +146,7 @@ def _server_check(out: Exposition, server: Any, sv: dict[str, str]) -> None:
         out.add("warren_server_check_duration_seconds", GAUGE, "Duration of the last health check",
                 sv, duration / 1000)
     detail = view.check_status_detail(server)
-    if detail.isdigit():
+    if detail.isascii() and detail.isdigit():
         out.add("warren_server_check_code", GAUGE, "Application status of the last check (HTTP status, AMQP reply)",
                 sv, int(detail))
 

@@ -13,7 +13,10 @@ sends. What a hostile client can cost is bounded by :class:`Limits`:
   idle for `idle_timeout` is closed quietly;
 - a response must be taken within `send_timeout`, else the connection is
   dropped;
-- malformed HTTP -> h11's status hint (400, 501, ...), then close.
+- malformed HTTP -> h11's status hint (400, 501, ...), then close; so is a
+  request that frames its body twice (Content-Length and Transfer-Encoding,
+  RFC 9112 section 6.1: a smuggling vector) or carries a header that must be
+  single (Authorization, Content-Length) more than once -> 400.
 
 Nothing raised while serving one connection reaches the caller: protocol
 errors are answered and logged, bugs in the handler are logged with their
@@ -120,6 +123,7 @@ class _Connection:
         self.stream, self.limits, self.client = stream, limits, client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.graceful = True  # False: close at once, without draining (the client stopped reading)
+        self.method: bytes | None = None  # of the request being read: a refusal of a HEAD has no body
 
     async def serve(self, handler: Handler) -> None:
         first = True
@@ -149,6 +153,7 @@ class _Connection:
         requests it starts with the next request's first byte.
         """
         in_request = first
+        self.method = None
         deadline = trio.current_time() + (self.limits.request_timeout if first else self.limits.idle_timeout)
         head: h11.Request | None = None
         body = bytearray()
@@ -172,6 +177,7 @@ class _Connection:
                     raise HttpError(error.error_status_hint, str(error)) from None
             elif isinstance(event, h11.Request):
                 head = event
+                self.method = head.method
                 await self.accept_head(head)
             elif isinstance(event, h11.Data):
                 body += event.data
@@ -202,8 +208,16 @@ class _Connection:
         size = len(head.method) + len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
         if size > self.limits.max_header_bytes:
             raise HttpError(431, "request head too large")
+        names = [name for name, _ in head.headers]
+        if b"content-length" in names and b"transfer-encoding" in names:
+            raise HttpError(400, "both Content-Length and Transfer-Encoding")
+        for single in _SINGLE_HEADERS:
+            if names.count(single) > 1:
+                raise HttpError(400, f"more than one {single.decode()} header")
         for name, value in head.headers:
-            if name == b"content-length" and int(value) > self.limits.max_body_bytes:
+            # h11 has checked the digits; compare lengths first, so a number
+            # of thousands of digits is never converted.
+            if name == b"content-length" and (len(value) > 18 or int(value) > self.limits.max_body_bytes):
                 raise HttpError(413, "declared body too large")
         if self.h11.they_are_waiting_for_100_continue:
             # RFC 7231 section 5.1.1: the client holds the body until we say go.
@@ -220,7 +234,8 @@ class _Connection:
     async def refuse(self, error: HttpError) -> None:
         log.info("stats.request_refused", client=self.client, status=error.status, reason=error.reason)
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            await self.send(text_response(error.status, close=True), head_only=False)
+            # h11 frames the answer to a HEAD without a body, and refuses one.
+            await self.send(text_response(error.status, close=True), head_only=self.method == b"HEAD")
 
     async def send(self, response: Response, *, head_only: bool) -> None:
         headers = [
@@ -269,6 +284,9 @@ class _Connection:
                 drained += len(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+
+
+_SINGLE_HEADERS = (b"authorization", b"content-length")
 
 
 def _request(head: h11.Request, body: bytes, client: str) -> Request:

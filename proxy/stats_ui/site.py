@@ -41,6 +41,7 @@ from .server import Request, Response, text_response
 log = structlog.get_logger("warren.stats")
 
 METRICS_PATH = "/metrics"
+MAX_QUERY_FIELDS = 8  # the page reads two ("norefresh", "notice")
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 # No script may run on these pages; forms may only post back to us; nobody may frame us.
@@ -131,7 +132,10 @@ class StatsSite:
     # --- GET ---------------------------------------------------------------------------
 
     def _page(self, request: Request, user: str) -> Response:
-        query = urllib.parse.parse_qs(request.query, keep_blank_values=True, max_num_fields=8)
+        try:
+            query = urllib.parse.parse_qs(request.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+        except ValueError:
+            return text_response(400, f"at most {MAX_QUERY_FIELDS} query fields")
         norefresh = "norefresh" in query
         notice_key = (query.get("notice") or [""])[0]
         notice = self.notices.take(user, notice_key, self.wall()) if notice_key else None

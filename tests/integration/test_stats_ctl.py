@@ -102,6 +102,42 @@ async def test_errors_give_exit_status_1(tmp_path):
     assert status == 1 and "cannot talk to" in err
 
 
+async def test_a_weight_int_refuses_is_an_error_and_warren_keeps_serving(tmp_path):
+    # Regression: "²" passed str.isdigit(), int() raised, and the uncaught
+    # ValueError ended the control service and with it the whole process.
+    path = tmp_path / "warren.sock"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_with_ctl(nursery, path)
+            stream, name = await connect_and_greet(app)
+            for weight in ("\u00b2", "\u2460", "9" * 4000):
+                status, out, _ = await ctl(path, "set", "server", f"be/{name}", "weight", weight)
+                assert status == 1 and out == "error: weight must be a whole number from 0 to 256\n"
+            await stream.send_all(b"still here\n")
+            assert await read_line(stream) == "still here"
+            assert (await ctl(path, "show", "info"))[0] == 0
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_answer_at_all_is_a_failure(tmp_path):
+    path = str(tmp_path / "mute.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def hang_up():
+        peer, _ = listener.accept()
+        peer.recv(4096)
+        peer.close()
+
+    with listener, trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, hang_up)
+            status, out, err = await ctl(path, "help")
+    assert status == 1 and out == "" and "no answer" in err
+
+
 def test_usage_errors_give_exit_status_2():
     err = io.StringIO()
     assert ctl_main("/nonexistent", [], stderr=err) == 2

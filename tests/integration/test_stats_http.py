@@ -274,6 +274,24 @@ async def test_bad_csrf_and_disabled_admin_are_refused():
             nursery.cancel_scope.cancel()
 
 
+async def test_admin_values_int_refuses_are_400_or_403_never_500():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, names=("a",))
+            with structlog.testing.capture_logs() as logs:
+                token = await csrf_token(running.address)
+                for weight in ("%C2%B2", "%E2%91%A0", "9" * 5000):
+                    reply = await post_form(running.address, {"csrf": token, "backend": "be", "server": "a",
+                                                              "action": "weight", "weight": weight})
+                    assert reply.status == 400, reply
+                reply = await post_form(running.address, {"csrf": "%C2%B2.x", "backend": "be", "server": "a",
+                                                          "action": "maint"})
+                assert reply.status == 403
+            assert not [e for e in logs if e["log_level"] == "error"], logs
+            assert running.app.runtime.server("be", "a").admin is AdminState.READY
+            nursery.cancel_scope.cancel()
+
+
 # --- hostile clients ------------------------------------------------------------------
 
 HOSTILE = [
@@ -286,6 +304,15 @@ HOSTILE = [
     (b"PUT /;csv HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\n\r\n", 405),
     (b"GET /etc/passwd HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\n\r\n", 404),
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(64)), 400),  # TLS to a plain port
+    # Each of these answered 500 with a traceback, or nothing at all, before.
+    (b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic \xe9\r\n\r\n", 401),
+    (b"HEAD / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    (b"HEAD / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", 413),
+    (b"GET /?a&b&c&d&e&f&g&h&i HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode()
+     + b"\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\nAuthorization: "
+     + basic("other", "pw").encode() + b"\r\n\r\n", 400),
 ]
 
 
@@ -298,6 +325,7 @@ async def test_hostile_requests_get_4xx_and_are_logged_and_the_server_keeps_serv
                     answer = await raw(running.address, payload)
                 assert status_of(answer) == expected, (payload[:40], answer[:80])
                 assert any(e["event"] == "stats.request_refused" and e["status"] == expected for e in logs), logs
+                assert not [e for e in logs if e["log_level"] == "error"], logs  # no traceback, no 500
             assert (await http(running.address)).status == 200
             await wait_for(lambda: running.service._open_connections == 0)
             nursery.cancel_scope.cancel()

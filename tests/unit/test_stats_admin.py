@@ -41,7 +41,8 @@ def test_default_secret_is_random_per_instance():
     assert not CsrfTokens().valid(token, "admin", 0.0)
 
 
-@pytest.mark.parametrize("token", ["", ".", "0.", "x.abc", "1" * 30 + ".abc", "0.00", "-1.abc"])
+@pytest.mark.parametrize("token", ["", ".", "0.", "x.abc", "1" * 30 + ".abc", "0.00", "-1.abc",
+                                   "\u00b2.x", "\u2460.abc", "0.\u00e9"])
 def test_malformed_tokens_are_refused(token):
     assert not CsrfTokens(secret=b"k" * 32).valid(token, "admin", 0.0)
 
@@ -80,6 +81,11 @@ def test_request_from_form():
     {"backend": "rabbit", "server": "a", "action": "weight", "weight": "-1"},
     {"backend": "rabbit", "server": "a", "action": "weight", "weight": "1e3"},
     {"backend": "rabbit", "server": "a", "action": "weight"},
+    # Digits to str.isdigit() that int() refuses, and a number int() will not convert.
+    {"backend": "rabbit", "server": "a", "action": "weight", "weight": "\u00b2"},
+    {"backend": "rabbit", "server": "a", "action": "weight", "weight": "\u2460"},
+    {"backend": "rabbit", "server": "a", "action": "weight", "weight": "\u0661"},  # Arabic-Indic one
+    {"backend": "rabbit", "server": "a", "action": "weight", "weight": "9" * 5000},
 ])
 def test_invalid_requests_are_refused(form):
     with pytest.raises(BadRequest):

@@ -69,6 +69,8 @@ def test_malformed_hashes_never_match(stored):
     ("Basic !!!notbase64", None),
     ("Basic " + base64.b64encode(b"no-colon").decode(), None),
     ("Basic " + base64.b64encode(b"\xff\xfe:x").decode(), None),  # not UTF-8
+    ("Basic \u00e9", None),  # a non-ASCII byte in the header (decoded as latin-1)
+    ("Basic YWRtaW46\u00e9", None),
 ])
 def test_parse_basic(header, expected):
     assert parse_basic(header) == expected
@@ -174,9 +176,10 @@ def test_success_resets_the_failure_count():
 
 
 def test_malformed_headers_count_as_failures():
-    authenticator = Authenticator([("admin", "pw")], limiter=FailureLimiter(2, window=60, block=60))
+    authenticator = Authenticator([("admin", "pw")], limiter=FailureLimiter(3, window=60, block=60))
     assert authenticator.check("Basic ???", "c", 0.0) == Denied("")
     assert authenticator.check("Digest x", "c", 0.0) == Denied("")
+    assert authenticator.check("Basic \u00e9", "c", 0.0) == Denied("")
     assert isinstance(authenticator.check(basic("admin", "pw"), "c", 0.0), Throttled)
 
 

@@ -3,9 +3,11 @@
 from types import SimpleNamespace
 
 import pytest
+import structlog
 
 from proxy.config.model import Backend, Config, Server
 from proxy.runtime import AdminState, Runtime
+from proxy.stats_ui import commands
 from proxy.stats_ui.commands import execute
 
 
@@ -78,6 +80,9 @@ def test_shutdown_sessions():
     ("set server rabbit/a", "usage: set server <b>/<s> state ready|drain|maint | weight <0-256>"),
     ("shutdown sessions server", "usage: shutdown sessions server <b>/<s>"),
     ('show "unclosed', "cannot parse command: No closing quotation"),
+    ("set server rabbit/a weight \u00b2", "weight must be a whole number from 0 to 256"),
+    ("set server rabbit/a weight \u2460", "weight must be a whole number from 0 to 256"),
+    ("set server rabbit/a weight " + "1" * 4000, "weight must be a whole number from 0 to 256"),
 ])
 def test_errors_answer_one_error_line(line, message):
     assert execute(line, runtime(), 0.0) == (f"error: {message}\n\n", False)
@@ -93,3 +98,17 @@ def test_several_commands_on_one_line():
 
 def test_overlong_lines_are_refused():
     assert execute("help " + "x" * 5000, runtime(), 0.0)[1] is False
+
+
+def test_a_failing_command_answers_an_error_and_the_next_one_still_runs(monkeypatch):
+    rt = runtime()
+
+    def broken(*args):
+        raise RuntimeError("bug")
+
+    monkeypatch.setitem(commands._COMMANDS, ("show", "info"), broken)
+    with structlog.testing.capture_logs() as logs:
+        answer, ok = execute("show info; set server rabbit/a weight 3", rt, 0.0)
+    assert not ok
+    assert answer == "error: internal error (logged as ctl.command_failed)\n\nrabbit/a: weight 3\n\n"
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["ctl.command_failed"]

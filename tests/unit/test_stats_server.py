@@ -144,3 +144,32 @@ async def test_client_that_never_reads_is_dropped_after_the_send_timeout(autojum
             await trio.sleep(60)  # never read
     assert 5 <= trio.current_time() - start <= 60
     assert any(e["event"] == "stats.send_timeout" for e in logs)
+
+
+async def test_head_refused_for_its_size_gets_a_bodiless_answer():
+    # h11 frames the answer to a HEAD without a body: refusing with a body
+    # raised inside h11 and the client got nothing.
+    raw = await exchange(b"HEAD / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+    assert statuses(raw) == [431] and raw.endswith(b"\r\n\r\n")
+    raw = await exchange(b"HEAD / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", eof=False)
+    assert statuses(raw) == [413] and raw.endswith(b"\r\n\r\n")
+
+
+async def test_content_length_of_thousands_of_digits_is_refused():
+    raw = await exchange(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", eof=False)
+    assert statuses(raw) in ([400], [413])
+
+
+async def test_body_framed_twice_is_refused_and_the_connection_closed():
+    # RFC 9112 section 6.1: Content-Length with Transfer-Encoding is a
+    # request-smuggling vector; the second request must never be served.
+    raw = await exchange(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert statuses(raw) == [400] and b"connection: close" in raw and b"/second" not in raw
+
+
+async def test_two_authorization_headers_are_refused():
+    raw = await exchange(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic a\r\nAuthorization: Basic b\r\n\r\n")
+    assert statuses(raw) == [400]
