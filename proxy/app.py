@@ -163,6 +163,10 @@ class App:
         except ConfigError as error:
             log.error("config.reload_failed", path=path, errors=[str(p) for p in error.problems])
             return False
+        stranded = self.runtime.refuse_reload(config)
+        if stranded:
+            log.error("config.reload_failed", path=path, errors=stranded)
+            return False
         try:
             opened = await self._open_listeners(config)
         except StartupError as error:
@@ -179,7 +183,9 @@ class App:
         self.sessions.log_connections = _logs_connections(config)
         for service in self.services:
             service.reconfigure(config)
-        log.info("config.reloaded", path=path, listeners_closed=[f"{f}/{b}" for f, b in removed], **changes)
+        # Closing a port or dropping a server is worth an operator's attention.
+        level = log.warning if removed or changes["servers_removed"] else log.info
+        level("config.reloaded", path=path, listeners_closed=[f"{f}/{b}" for f, b in removed], **changes)
         return True
 
     def kill_all(self) -> None:

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from .frontends.relay import Traffic
 
 
+# The status of a retired server (removed by a reload, connections still open).
+REMOVED = "REMOVED"
+
+
 class AdminState(enum.StrEnum):
     READY = "READY"
     DRAIN = "DRAIN"  # no new connections, existing ones stay
@@ -70,11 +74,18 @@ class Connection:
 
 
 class ServerRuntime:
-    """A server's live state. Its config is replaced on reload; state stays."""
+    """A server's live state. Its config is replaced on reload; state stays.
+
+    A server a reload removed while it still had connections is *retired*:
+    it takes no new connections and is not checked, but it stays reachable
+    (statistics, kills) until its last connection ends; a reload that brings
+    its name back revives it with its connections.
+    """
 
     def __init__(self, backend: BackendRuntime, config: Server, now: float):
         self.backend = backend
         self.config = config
+        self.retired = False
         self.addresses: tuple[str, ...] = (config.address,) if _is_ip(config.address) else ()
         self.admin_weight = config.weight
         self.slowstart: tuple[float, float] | None = None  # (since, duration) while ramping up
@@ -129,7 +140,8 @@ class ServerRuntime:
     @property
     def available(self) -> bool:
         """May take new connections (ignoring its maxconn)."""
-        return self.up and self.admin is AdminState.READY and self.weight > 0 and bool(self.addresses)
+        return (self.up and self.admin is AdminState.READY and self.weight > 0 and bool(self.addresses)
+                and not self.retired)
 
     @property
     def has_free_slot(self) -> bool:
@@ -180,6 +192,8 @@ class ServerRuntime:
             self.closed_bytes_in += conn.traffic.bytes_in
             self.closed_bytes_out += conn.traffic.bytes_out
             self.backend.slot_freed()
+            if self.retired and not self.connections:
+                self.backend.retired.pop(self.name, None)
 
     def kill_sessions(self, reason: KillReason) -> int:
         victims = list(self.connections)
@@ -199,6 +213,7 @@ class BackendRuntime:
         self.servers: dict[str, ServerRuntime] = {
             s.name: ServerRuntime(self, s, now) for s in config.servers
         }
+        self.retired: dict[str, ServerRuntime] = {}  # removed by a reload, connections still open
         self.balancer = make_balancer(config.balance)
         self.queue = trio.lowlevel.ParkingLot()
         self.queue_max = 0
@@ -217,13 +232,14 @@ class BackendRuntime:
         """Applies a reloaded backend; servers keep their live state by name.
 
         Returns (added, removed) server names. Removed servers' connections
-        stay open until they end on their own (like HAProxy's old process).
+        stay open until they end on their own (like HAProxy's old process);
+        until then the server is retired, still counted and reachable.
         """
         old, old_balance = self.servers, self.config.balance
         self.config = config  # new servers read their health settings from it
         self.servers = {}
         for server_config in config.servers:
-            server = old.get(server_config.name)
+            server = old.get(server_config.name) or self._revive(server_config.name)
             if server is None:
                 server = ServerRuntime(self, server_config, now)
             else:
@@ -239,7 +255,24 @@ class BackendRuntime:
         self.queue.unpark_all()  # a new server may have free slots
         added = [n for n in self.servers if n not in old]
         removed = [n for n in old if n not in self.servers]
+        for name in removed:
+            if old[name].connections:
+                old[name].retired = True
+                self.retired[name] = old[name]
         return added, removed
+
+    def _revive(self, name: str) -> ServerRuntime | None:
+        server = self.retired.pop(name, None)
+        if server is not None:
+            server.retired = False
+        return server
+
+    @property
+    def connections(self) -> int:
+        """Live connections on its servers, retired ones included."""
+        return sum(len(s.connections) for s in self.servers.values()) + sum(
+            len(s.connections) for s in self.retired.values()
+        )
 
     def candidates(self) -> list[ServerRuntime]:
         """Servers that may take a new connection now: active ones, else backups."""
@@ -341,6 +374,9 @@ class Runtime:
         self.started = now
         self.frontends = {f.name: FrontendRuntime(f) for f in config.frontends}
         self.backends = {b.name: BackendRuntime(b, now) for b in config.backends}
+        # Removed by a reload while clients were connected: their slots stay
+        # taken until those connections end; the name coming back revives it.
+        self.retired_frontends: dict[str, FrontendRuntime] = {}
         self._next_id = 0
         self.extra_statistics: dict[str, Any] = {}  # name -> callable returning a snapshot
 
@@ -353,14 +389,44 @@ class Runtime:
             yield from backend.servers.values()
 
     def server(self, backend: str, server: str) -> ServerRuntime:
-        """Raises KeyError naming what is unknown."""
-        try:
-            return self.backends[backend].servers[server]
-        except KeyError:
-            raise KeyError(f"no server {backend}/{server}") from None
+        """Raises KeyError naming what is unknown. Retired servers are found too."""
+        found = self.backends.get(backend)
+        found = found and (found.servers.get(server) or found.retired.get(server))
+        if found is None:
+            raise KeyError(f"no server {backend}/{server}")
+        return found
+
+    def refuse_reload(self, config: Config) -> list[str]:
+        """Why applying `config` now would strand live connections (empty: it may be applied).
+
+        A backend with live connections must keep at least one of the servers
+        it has now: a reload that removes the backend or every server of it
+        (a half-written file, a wrong copy) would leave those clients on
+        servers no longer configured. The safe ways are to keep a server, or
+        to end those sessions first (`shutdown sessions server`).
+        """
+        problems = []
+        kept = {b.name: {s.name for s in b.servers} for b in config.backends}
+        for name, backend in self.backends.items():
+            live = backend.connections
+            if not live:
+                continue
+            names = kept.get(name)
+            if names is None:
+                problems.append(f"backend {name}: the new configuration removes it while {live} connection(s) "
+                                "use it; shut its sessions down first (warren ctl shutdown sessions server ...)")
+            elif not names & set(backend.servers):
+                problems.append(f"backend {name}: the new configuration removes every one of its servers "
+                                f"({', '.join(backend.servers)}) while {live} connection(s) use them; keep "
+                                "one, or shut their sessions down first")
+        return problems
 
     def apply(self, config: Config) -> dict[str, Any]:
-        """Applies a reloaded config; health and admin state survive."""
+        """Applies a reloaded config; health and admin state survive.
+
+        Nothing live leaves the accounting: removed servers and frontends
+        with connections stay retired until those end.
+        """
         now = time.monotonic()
         changes: dict[str, Any] = {"servers_added": [], "servers_removed": []}
         backends = {}
@@ -376,11 +442,21 @@ class Runtime:
             backends[backend_config.name] = backend
         frontends = {}
         for frontend_config in config.frontends:
-            frontend = self.frontends.get(frontend_config.name) or FrontendRuntime(frontend_config)
+            name = frontend_config.name
+            frontend = self.frontends.get(name) or self.retired_frontends.pop(name, None)
+            frontend = frontend or FrontendRuntime(frontend_config)
             frontend.reconfigure(frontend_config)
-            frontends[frontend_config.name] = frontend
+            frontends[name] = frontend
+        for name, frontend in self.frontends.items():
+            if name not in frontends and frontend.current:
+                self.retired_frontends[name] = frontend
+        self.retired_frontends = {n: f for n, f in self.retired_frontends.items() if f.current}
         self.backends, self.frontends, self.config = backends, frontends, config
         return changes
+
+    def _frontends_with_retired(self) -> Iterator[FrontendRuntime]:
+        yield from self.frontends.values()
+        yield from (f for f in self.retired_frontends.values() if f.current)
 
     def statistics(self) -> Statistics:
         now = time.monotonic()
@@ -388,7 +464,7 @@ class Runtime:
             version=__version__,
             pid=os.getpid(),
             uptime=now - self.started,
-            frontends=tuple(_frontend_stats(f) for f in self.frontends.values()),
+            frontends=tuple(_frontend_stats(f) for f in self._frontends_with_retired()),
             backends=tuple(_backend_stats(b, now) for b in self.backends.values()),
             extra={name: snap() for name, snap in self.extra_statistics.items()},
         )
@@ -402,7 +478,7 @@ def _server_stats(server: ServerRuntime, now: float) -> ServerStats:
         name=server.name,
         address=server.addresses[0] if server.addresses else server.config.address,
         port=server.config.port,
-        status=server.status,
+        status=REMOVED if server.retired else server.status,
         up=server.up,
         admin=server.admin.value,
         weight=server.weight,
@@ -427,7 +503,7 @@ def _server_stats(server: ServerRuntime, now: float) -> ServerStats:
 
 
 def _backend_stats(backend: BackendRuntime, now: float) -> BackendStats:
-    servers = tuple(_server_stats(s, now) for s in backend.servers.values())
+    servers = tuple(_server_stats(s, now) for s in (*backend.servers.values(), *backend.retired.values()))
     return BackendStats(
         name=backend.name,
         balance=backend.config.balance.value,

@@ -58,13 +58,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as error:
         message = f"cannot read: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start})"
         raise ConfigError([Problem(name, "", None, message)]) from None
-    return parse_config(text, name)
+    return parse_config(text, name, runnable=True)
 
 
-def parse_config(text: str, path: str) -> Config:
+def parse_config(text: str, path: str, *, runnable: bool = False) -> Config:
     """Validate TOML ``text``; ``path`` names the file in messages and in ``Config.path``.
 
-    Raises ConfigError listing every problem.
+    Raises ConfigError listing every problem. ``runnable`` (what
+    :func:`load_config` asks for every file Warren runs, checks or reloads)
+    also refuses a configuration without any frontend: an empty or
+    half-written file must never close every front port.
     """
     try:
         document = tomllib.loads(text)
@@ -72,7 +75,7 @@ def parse_config(text: str, path: str) -> Config:
         problem = Problem(path, "", syntax_error_line(str(error), text), f"invalid TOML: {error}")
         raise ConfigError([problem]) from None
     report = Report()
-    config = build_config(document, path, report)
+    config = build_config(document, path, report, runnable=runnable)
     if config is INVALID:
         raise ConfigError(_problems(report, text, path))
     return config

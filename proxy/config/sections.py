@@ -550,6 +550,14 @@ def _check_vip_addresses_unique(body: dict[str, Any], at: Path, managed: dict[An
             managed[interface.ip] = format_path(at)
 
 
+def check_frontends_present(document: dict[str, Any], report: Report) -> None:
+    """At least one frontend: a file without one (empty, half-written by a
+    tool that does not write atomically) would close every front port."""
+    if not document.get("frontends"):
+        report.add(("frontends",), "no frontend: Warren would accept no clients "
+                   "(define at least one [frontends.<name>] with bind and backend)")
+
+
 CROSS_CHECKS: tuple[Callable[[dict[str, Any], Report], None], ...] = (
     check_backend_references,
     check_bind_conflicts,
@@ -557,10 +565,14 @@ CROSS_CHECKS: tuple[Callable[[dict[str, Any], Report], None], ...] = (
 )
 
 
-def build_config(document: dict[str, Any], path: str, report: Report) -> Config | Any:
-    """Validate a parsed TOML document into a Config, or return INVALID with ``report`` filled."""
+def build_config(document: dict[str, Any], path: str, report: Report, *, runnable: bool = False) -> Config | Any:
+    """Validate a parsed TOML document into a Config, or return INVALID with ``report`` filled.
+
+    ``runnable``: the document is a whole file Warren is to run, which must
+    also pass :func:`check_frontends_present`.
+    """
     values = read_table(document, DOCUMENT, (), report)
-    for check in CROSS_CHECKS:
+    for check in CROSS_CHECKS + ((check_frontends_present,) if runnable else ()):
         check(document, report)
     if values is INVALID or report.issues:
         return INVALID

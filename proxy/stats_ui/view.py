@@ -25,6 +25,8 @@ def server_state(server: Any) -> str:
     """The full status text: "UP", "UP 2/3", "DOWN 1/2", "DRAIN", "MAINT", "no check"."""
     admin = getattr(server, "admin", "READY")
     status = getattr(server, "status", "no check") or "no check"
+    if status == "REMOVED":  # removed by a reload; its connections are still open
+        return status
     if admin == "MAINT":
         return "MAINT"
     up = getattr(server, "up", True)
@@ -39,6 +41,8 @@ def server_state_label(server: Any) -> str:
     state = server_state(server)
     if state == "no check":
         return "UP"
+    if state == "REMOVED":  # out of rotation for good: what the exporter calls MAINT
+        return "MAINT"
     return state.split(" ", 1)[0]
 
 
@@ -49,7 +53,7 @@ def state_class(server: Any) -> str:
     checks) is going up: the colours HAProxy users read at a glance.
     """
     state = server_state(server)
-    if state == "MAINT":
+    if state in ("MAINT", "REMOVED"):
         return "maint"
     if state.startswith("DRAIN"):
         return "drain"

@@ -410,11 +410,39 @@ def test_a_full_file_builds_every_section():
     assert config.stats.refresh is None and config.stats.admin and config.stats.uri == "/"
 
 
+FRONTEND = """\
+[frontends.amqp]
+bind = "127.0.0.1:5670"
+backend = "rabbit"
+"""
+
+
 def test_load_config_reads_a_file_and_keeps_its_path(tmp_path):
     path = tmp_path / "warren.toml"
-    path.write_text(SERVERS)
+    path.write_text(FRONTEND + SERVERS)
     assert load_config(path).path == str(path)
     assert load_config(str(path)).backend("rabbit").server("r1").port == 5672
+
+
+@pytest.mark.parametrize("text", ["", "\n# written by half\n", SERVERS, '[global]\nlog_level = "debug"\n'])
+def test_a_file_without_a_frontend_is_refused(tmp_path, text):
+    # An empty or half-written file (a tool that does not write atomically)
+    # reloaded on SIGHUP would close every front port.
+    path = tmp_path / "warren.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert [(p.key, p.line) for p in caught.value.problems] == [("frontends", None)]
+    assert str(caught.value) == (f"{path}: frontends: no frontend: Warren would accept no clients "
+                                 "(define at least one [frontends.<name>] with bind and backend)")
+
+
+def test_a_missing_frontend_is_reported_with_the_other_problems(tmp_path):
+    path = tmp_path / "warren.toml"
+    path.write_text(SERVERS.replace("5672", "70000"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert sorted(p.key for p in caught.value.problems) == ["backends.rabbit.servers[0].port", "frontends"]
 
 
 def test_the_haproxy_classic_example_matches_the_haproxy_cfg_it_replaces():

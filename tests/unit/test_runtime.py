@@ -85,3 +85,53 @@ def test_statistics_are_frozen_snapshots():
     with pytest.raises(AttributeError):
         stats.backends[0].servers[0].weight = 5
     assert stats.backends[0].servers[0].status == "no check"
+
+
+def _with_servers(rt: Runtime, *servers: Server) -> Config:
+    return replace(rt.config, backends=(replace(rt.config.backends[0], servers=servers),))
+
+
+def _connect(server) -> object:
+    from proxy.frontends.relay import Traffic
+    from proxy.runtime import Connection
+
+    conn = Connection(1, ("127.0.0.1", 1), "fe", Traffic())
+    server.attach(conn)
+    return conn
+
+
+def test_a_server_removed_with_connections_is_retired_then_forgotten():
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2))
+    a = rt.server("be", "a")
+    conn = _connect(a)
+    rt.apply(_with_servers(rt, Server("b", "127.0.0.1", 2)))
+    assert rt.server("be", "a") is a and a.retired and not a.available
+    assert [s.name for s in rt.backends["be"].candidates()] == ["b"]
+    (stats,) = rt.statistics().backends
+    assert [(s.name, s.status) for s in stats.servers] == [("b", "no check"), ("a", "REMOVED")]
+    assert stats.current_sessions == 1
+    a.detach(conn)
+    with pytest.raises(KeyError):
+        rt.server("be", "a")
+
+
+def test_a_retired_server_named_again_is_revived_with_its_connections():
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2))
+    a = rt.server("be", "a")
+    _connect(a)
+    rt.apply(_with_servers(rt, Server("b", "127.0.0.1", 2)))
+    rt.apply(_with_servers(rt, Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2)))
+    assert rt.server("be", "a") is a and not a.retired and a.current_sessions == 1
+    assert rt.backends["be"].retired == {}
+
+
+def test_a_reload_that_strands_live_connections_is_refused():
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2))
+    assert rt.refuse_reload(_with_servers(rt, Server("c", "127.0.0.1", 3))) == []  # nobody connected
+    _connect(rt.server("be", "a"))
+    assert rt.refuse_reload(_with_servers(rt, Server("a", "127.0.0.1", 1))) == []
+    assert rt.refuse_reload(_with_servers(rt, Server("b", "127.0.0.1", 2))) == []  # b is kept
+    (problem,) = rt.refuse_reload(_with_servers(rt, Server("c", "127.0.0.1", 3)))
+    assert problem.startswith("backend be: the new configuration removes every one of its servers (a, b)")
+    (problem,) = rt.refuse_reload(replace(rt.config, backends=()))
+    assert problem.startswith("backend be: the new configuration removes it while 1 connection(s) use it")
