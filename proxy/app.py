@@ -22,7 +22,7 @@ from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
 from .errors import StartupError
 from .frontends.listener import BindError, open_listener, serve_listener
-from .frontends.pipes import PipePool, splice_supported
+from .io.pipes import PipePool, splice_supported
 from .frontends.session import Sessions
 from .runtime import FrontendRuntime, KillReason, Runtime
 

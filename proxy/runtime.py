@@ -24,7 +24,7 @@ from .backends.lb import make_balancer
 from .config.model import Backend, Config, Frontend, InitState, Server
 
 if TYPE_CHECKING:
-    from .frontends.relay import Traffic
+    from .io.relay import Traffic
 
 
 # The status of a retired server (removed by a reload, connections still open).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..frontends.poller import current_poller
+from ..io.poller import current_poller
 from ..runtime import BackendRuntime, Connection, ServerRuntime
 
 

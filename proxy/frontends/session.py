@@ -42,10 +42,10 @@ from ..backends.connect import (
 )
 from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import SendProxy
+from ..io.pipes import PipePool
+from ..io.poller import Writable, current_poller
+from ..io.relay import Ending, Timeouts, Traffic, relay, start_relay
 from ..runtime import BackendRuntime, Connection, FrontendRuntime, KillReason, Runtime, ServerRuntime
-from .pipes import PipePool
-from .poller import Writable, current_poller
-from .relay import Ending, Timeouts, Traffic, relay, start_relay
 
 log = structlog.get_logger("warren.session")
 

@@ -18,7 +18,7 @@ from proxy.health import checker as checker_module
 from proxy.health.checker import HealthService
 from proxy.health.results import CheckCode, CheckResult
 from proxy.runtime import Connection, Runtime
-from proxy.frontends.relay import Traffic
+from proxy.io.relay import Traffic
 
 
 class Script:

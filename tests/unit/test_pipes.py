@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from proxy.frontends import pipes as pipes_module
-from proxy.frontends.pipes import PipePool, PipePoolStatistics, splice_supported
+from proxy.io import pipes as pipes_module
+from proxy.io.pipes import PipePool, PipePoolStatistics, splice_supported
 
 
 def open_fds() -> int:

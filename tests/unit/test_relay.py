@@ -9,8 +9,6 @@ import random
 import select
 import socket
 import struct
-import time
-import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -19,10 +17,9 @@ import structlog
 import structlog.testing
 import trio
 
-from proxy.frontends.pipes import Pipe, PipePool, splice_supported
-from proxy.frontends import poller as poller_module
-from proxy.frontends.poller import current_poller
-from proxy.frontends.relay import Ending, Timeouts, Traffic, relay
+from proxy.io.pipes import Pipe, PipePool, splice_supported
+from proxy.io.poller import current_poller
+from proxy.io.relay import Ending, Timeouts, Traffic, relay
 
 IO_BOUND = 30  # seconds; every real-time test fails rather than hangs
 VIRTUAL_BOUND = 30 * 24 * 3600  # the same for autojump-clock tests, in virtual time
@@ -649,16 +646,6 @@ async def test_what_a_server_sends_before_the_relay_starts_still_reaches_the_cli
 # --- the poller inside trio's loop --------------------------------------------
 
 
-async def test_with_trios_clock_the_poller_serves_from_trios_io_wait_hook():
-    # The fast mode: a trio upgrade that moved these internals would silently
-    # fall back to the slower one; this says so.
-    assert poller_module._trio_internals() is not None
-
-
-async def test_with_a_mock_clock_the_poller_waits_through_trio(autojump_clock):
-    assert poller_module._trio_internals() is None
-
-
 async def test_trio_tasks_keep_their_timing_while_the_poller_blocks(pipes):
     """The hook blocks in the relays' epoll in trio's place: a sleeping task
     must still wake at its deadline, not a second timeout later, and trio's
@@ -677,31 +664,3 @@ async def test_trio_tasks_keep_their_timing_while_the_poller_blocks(pipes):
                 assert await b.recv(1) == b"y"
             await send_all(link.server, b"z")
             assert await recv_exactly(link.client, 1) == b"z"
-
-
-def test_a_failure_while_serving_from_the_hook_ends_the_run_instead_of_stranding_relays():
-    """trio drops an instrument that raises (with a log line); relays would
-    then never be served again. The failure must end the run instead, as
-    one in the poller's own task would."""
-
-    class ExplodingTimer:  # a link whose idle deadline fails when it fires
-        def __init__(self, when: float) -> None:
-            self.scheduled = self.deadline = when
-            self.notify = print
-
-        def expire(self) -> None:
-            raise RuntimeError("boom in the hook")
-
-    async def main() -> None:
-        poller = current_poller()
-        await trio.sleep(0)  # the poller's task installs its hook
-        now = trio.current_time()
-        poller.wake_at(ExplodingTimer(now), now)
-        await trio.sleep(IO_BOUND)
-
-    started = time.monotonic()
-    with pytest.raises(trio.TrioInternalError) as caught:
-        trio.run(main)
-    assert "boom in the hook" in "".join(traceback.format_exception(caught.value))
-    # At once, not when trio's wait (fixed before the hook ran) times out.
-    assert time.monotonic() - started < IO_BOUND / 2

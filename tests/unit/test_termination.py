@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.frontends.relay import Ending
+from proxy.io.relay import Ending
 from proxy.frontends.session import _ENDINGS
 from proxy.runtime import KillReason
 

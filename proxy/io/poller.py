@@ -1,6 +1,6 @@
 """The relays' shared poller: one epoll and one timer heap per trio run.
 
-See :mod:`proxy.frontends.relay` for why relays do not use trio's own I/O
+See :mod:`proxy.io.relay` for why relays do not use trio's own I/O
 waits. A link is anything with the attributes and methods the relay's
 ``_Link`` has: ``fds``, ``events``, ``queued``, ``notify``,
 ``scheduled``, ``deadline``, ``serve()``, ``finish(outcome)``, ``expire()``.
@@ -19,9 +19,14 @@ import select
 from typing import Any, Callable
 
 import outcome
+import structlog
 import trio
 
-Link = Any  # proxy.frontends.relay._Link (typed loosely to avoid an import cycle)
+from . import trio_nesting
+
+log = structlog.get_logger("warren.poller")
+
+Link = Any  # proxy.io.relay._Link (typed loosely to avoid an import cycle)
 
 # How relay sockets are registered: once, edge-triggered, for reading and
 # writing (see ``Poller``). A connect waits on the same registration, so the
@@ -43,15 +48,16 @@ class Poller:
     an edge after draining a socket or filling it). Links that stopped at
     their round budget are served again after others had a turn.
 
-    Where it waits, two ways (``run``): normally from trio's
+    Where it waits, two ways (``run``, ``mode``): normally from trio's
     ``before_io_wait`` hook, blocking in this epoll with trio's own epoll
-    nested in it while trio has nothing to do (``_run_nested``); with a test's
-    mock clock, or if trio's internals are not as expected, a system task
-    sleeps in trio on this epoll's file descriptor under a cancel scope set
-    to the earliest timer (``_run_in_trio``).
+    nested in it while trio has nothing to do (``"nested"``, see
+    :mod:`proxy.io.trio_nesting`); with a test's mock clock, an untested
+    trio, or trio internals not as expected, a system task sleeps in trio on
+    this epoll's file descriptor under a cancel scope set to the earliest
+    timer (``"portable"``, ``_run_in_trio``).
     """
 
-    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order")
+    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order", "_nested", "mode")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -60,6 +66,9 @@ class Poller:
         self._timers: list[tuple[float, int, Link]] = []
         self._sleep: trio.CancelScope | None = None
         self._order = itertools.count()  # heap tie-breaker: links don't compare
+        # Decided once, in the run that creates it (see run).
+        self._nested = trio_nesting.probe()
+        self.mode = "portable" if isinstance(self._nested, str) else "nested"
 
     def watch(self, fd: int, link: Link, mask: int) -> None:
         """Serve `link` when `fd` reports events of the epoll `mask`.
@@ -133,12 +142,17 @@ class Poller:
             self._sleep.deadline = when
 
     async def run(self) -> None:
+        """Serve the links until cancelled, the fast way when trio allows it
+        (:mod:`proxy.io.trio_nesting`), else the portable way; ``mode`` says which."""
+        nested = self._nested
         try:
-            internals = _trio_internals()
-            if internals is None:
+            if isinstance(nested, str):
+                # Only a test's clock is expected; anything else costs CPU.
+                level = log.debug if nested == trio_nesting.TEST_CLOCK else log.warning
+                level("poller.portable", reason=nested)
                 await self._run_in_trio()
             else:
-                await self._run_nested(*internals)
+                await trio_nesting.serve_from_io_wait(self, *nested)
         finally:
             self._epoll.close()
 
@@ -165,58 +179,34 @@ class Poller:
             self._sleep = None
             self._fire_timers(trio.current_time())
 
-    async def _run_nested(self, trio_fd: int, runner: Any) -> None:
-        """Serve from trio's ``before_io_wait`` hook, trio's epoll nested in ours.
+    # -- for the nested way (proxy.io.trio_nesting) -----------------------------------
 
-        Waiting through trio costs, per wake-up, trio's epoll_wait, a re-arm
-        of its one-shot registration (epoll_ctl), a task switch and a second
-        epoll_wait here: about half of the CPU time a relayed message cost.
-        Instead, right before trio would block in its epoll (every task has
-        run, none is runnable), this poller blocks in its own epoll for as
-        long as trio would have, with trio's epoll fd registered in it: relay
-        events are served at once, and as soon as anything trio waits for is
-        ready (a socket, a signal, a thread's result), the hook returns and
-        trio's own wait finds it. This task only holds the hook's lifetime.
-        """
-        self._epoll.register(trio_fd, select.EPOLLIN)
-        hook = _BeforeIoWait(self, trio_fd, runner, trio.lowlevel.current_task())
-        trio.lowlevel.add_instrument(hook)
-        try:
-            # A failure in the hook ends up here (as one in the loop would).
-            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
-        finally:
-            try:
-                trio.lowlevel.remove_instrument(hook)
-            except KeyError:
-                pass  # removed by its failure
+    def nest(self, fd: int) -> None:
+        """Watch `fd` (trio's own epoll) without a link: its readiness is
+        what :meth:`serve_once` returns."""
+        self._epoll.register(fd, select.EPOLLIN)
 
-    def _serve_until(self, timeout: float, trio_fd: int, runner: Any) -> None:
-        """Serve relays while trio has nothing to do, for up to `timeout` s.
+    def wait_limit(self, end: float) -> float:
+        """How long :meth:`serve_once` may block before `end`: not at all
+        while links wait for another round, never past the earliest timer."""
+        if self._busy:
+            return 0.0
+        timers = self._timers
+        limit = min(end, timers[0][0]) if timers else end
+        return max(limit - trio.current_time(), 0.0)
 
-        Returns once trio has work: its epoll has events (its own wait then
-        returns at once), a task became runnable, or the timeout is over (in
-        the last two cases trio's wait, whose timeout was fixed before the
-        hook, is cut short with a no-op ``run_sync_soon``).
-        """
-        poll, timers, now = self._epoll.poll, self._timers, trio.current_time
-        # With trio busy (or waiting for all tasks to block), one round
-        # without blocking; else rounds until trio has work.
-        blocking = timeout > 0 and not runner.waiting_for_idle
-        end = now() + timeout
-        while True:
-            if not blocking or self._busy:
-                wait = 0.0
-            else:
-                wait = max(min(end, timers[0][0]) - now() if timers else end - now(), 0.0)
-            trio_ready = self._serve_ready_links(poll(wait), trio_fd)
-            current = now()
-            if timers and timers[0][0] <= current:
-                self._fire_timers(current)
-            if not blocking or trio_ready:
-                return  # trio's wait does not block, or returns at once
-            if runner.runq or current >= end:
-                _cut_trio_wait_short()
-                return
+    def serve_once(self, wait: float, nested_fd: int) -> tuple[bool, float]:
+        """Wait up to `wait` s for events, serve the ready links and the
+        timers due; (whether `nested_fd` (see :meth:`nest`) is ready, the
+        time after serving)."""
+        nested_ready = self._serve_ready_links(self._epoll.poll(wait), nested_fd)
+        now = trio.current_time()
+        timers = self._timers
+        if timers and timers[0][0] <= now:
+            self._fire_timers(now)
+        return nested_ready, now
+
+    # -- serving -------------------------------------------------------------------
 
     def _serve_ready_links(self, events: list[tuple[int, int]], trio_fd: int = -1) -> bool:
         """Serve the links with `events` (and those that stopped at their
@@ -262,58 +252,6 @@ class Poller:
                 # Pushed back by traffic since: look again then.
                 link.scheduled = link.deadline
                 heapq.heappush(timers, (link.deadline, next(self._order), link))
-
-
-def _trio_internals() -> tuple[int, Any] | None:
-    """(trio's epoll fd, trio's runner) when relays can be served from
-    trio's ``before_io_wait`` hook; else None, and the poller waits through
-    trio. These are trio internals (checked for trio 0.24 to 0.3x: the
-    runner's ``runq``, ``waiting_for_idle``, ``clock``, ``is_guest`` and its
-    epoll I/O manager), read defensively: anything unexpected falls back.
-    A test's MockClock also falls back: its deadlines are not in real time.
-    """
-    try:
-        from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
-
-        runner = GLOBAL_RUN_CONTEXT.runner
-        if type(runner.clock) is not SystemClock or runner.is_guest:
-            return None
-        len(runner.runq), len(runner.waiting_for_idle)
-        fd = runner.io_manager._epoll.fileno()
-    except (ImportError, AttributeError, TypeError):
-        return None
-    return (fd, runner) if isinstance(fd, int) else None
-
-
-class _BeforeIoWait(trio.abc.Instrument):
-    """The trio instrument through which the nested poller serves relays."""
-
-    def __init__(self, poller: Poller, trio_fd: int, runner: Any, task: trio.lowlevel.Task) -> None:
-        self._poller = poller
-        self._trio_fd = trio_fd
-        self._runner = runner
-        self._task = task
-
-    def before_io_wait(self, timeout: float) -> None:
-        try:
-            self._poller._serve_until(timeout, self._trio_fd, self._runner)
-        except BaseException as exc:
-            # trio would log and drop a failing instrument, leaving every
-            # relay unserved: fail the poller task instead, as a failure in
-            # its own loop would.
-            trio.lowlevel.remove_instrument(self)
-            trio.lowlevel.reschedule(self._task, outcome.Error(exc))
-            _cut_trio_wait_short()
-
-
-def _cut_trio_wait_short() -> None:
-    """Make trio's pending epoll wait return at once (its timeout was fixed
-    before ``before_io_wait`` ran): a no-op through trio's wake-up socket."""
-    trio.lowlevel.current_trio_token().run_sync_soon(_nothing, idempotent=True)
-
-
-def _nothing() -> None:
-    pass
 
 
 _POLLER: trio.lowlevel.RunVar[Poller] = trio.lowlevel.RunVar("warren_relay_poller")

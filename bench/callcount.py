@@ -1,0 +1,141 @@
+"""Python function calls per proxied connection, counted with cProfile.
+
+Usage (from a checkout; PYTHONPATH selects the Warren under test):
+    python bench/callcount.py [--small 300] [--large 1500] [--top 25]
+
+Warren runs in this process (an App in front of an echo server), a client
+process opens connections one after another (connect, 64 bytes there and
+back, close), and cProfile counts every Python and builtin call Warren's
+process makes meanwhile. Two runs, `small` and `large` connections, and the
+difference divided by their difference gives the calls per connection
+without the fixed cost of starting and stopping the load. Call counts do not
+depend on the machine's speed, so this is a stable A/B measure where timings
+on a shared machine are not (only the poller's idle rounds vary a little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import trio
+
+from proxy.app import App
+from proxy.config import load_config
+
+CLIENT = textwrap.dedent("""
+    import socket, sys
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for _ in range(count):
+        s = socket.create_connection((host, port))
+        s.sendall(b"x" * 64)
+        got = 0
+        while got < 64:
+            chunk = s.recv(64 - got)
+            if not chunk:
+                sys.exit("closed early")
+            got += len(chunk)
+        s.close()
+""")
+
+ECHO = textwrap.dedent("""
+    import socket, sys, threading
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    print(listener.getsockname()[1], flush=True)
+    def serve(conn):
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+""")
+
+
+def config_text(port: int) -> str:
+    return textwrap.dedent(f"""
+        [global]
+        log_level = "warning"
+
+        [frontends.fe]
+        bind = ["127.0.0.1:0"]
+        backend = "be"
+
+        [backends.be]
+        retries = 3
+        redispatch = true
+
+        [[backends.be.servers]]
+        name = "echo"
+        address = "127.0.0.1"
+        port = {port}
+    """)
+
+
+def count_calls(config_path: Path, connections: int) -> pstats.Stats:
+    profile = cProfile.Profile()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            app = App(load_config(str(config_path)), handle_signals=False)
+            app.services = []  # no health checks, stats or VIP: the data path only
+            await nursery.start(app.serve)
+            host, port = app.addresses["fe"][0]
+            argv = [sys.executable, "-c", CLIENT, host, str(port), str(connections)]
+            profile.enable()
+            await trio.run_process(argv)
+            while app.sessions.live:  # the last session's end is still being served
+                await trio.sleep(0.001)
+            profile.disable()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return pstats.Stats(profile)
+
+
+def _python_calls(stats: pstats.Stats) -> int:
+    """Calls of functions written in Python (builtins are filed under "~")."""
+    return sum(calls for (file, _, _), (_, calls, *_rest) in stats.stats.items() if file != "~")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=300)
+    parser.add_argument("--large", type=int, default=1500)
+    parser.add_argument("--top", type=int, default=0, help="list the most called functions")
+    args = parser.parse_args()
+    echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(echo.stdout.readline())
+        with tempfile.TemporaryDirectory() as work:
+            path = Path(work) / "warren.toml"
+            path.write_text(config_text(port))
+            small = count_calls(path, args.small)
+            large = count_calls(path, args.large)
+    finally:
+        echo.terminate()
+        echo.wait()
+    spread = args.large - args.small
+    per_connection = (large.total_calls - small.total_calls) / spread
+    python = (_python_calls(large) - _python_calls(small)) / spread
+    print(f"calls per proxied connection: {per_connection:.1f}, of which Python functions {python:.1f} "
+          f"(the rest builtins; {small.total_calls} calls for {args.small}, {large.total_calls} for {args.large})")
+    if args.top:
+        rows = []
+        for key, (_, calls, *_rest) in large.stats.items():
+            before = small.stats.get(key, (0, 0))[1]
+            rows.append(((calls - before) / (args.large - args.small), key))
+        for per, (file, line, name) in sorted(rows, reverse=True)[: args.top]:
+            print(f"{per:7.2f}  {name}  {Path(file).name}:{line}")
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(30)
+    main()
