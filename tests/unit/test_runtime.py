@@ -92,7 +92,7 @@ def _with_servers(rt: Runtime, *servers: Server) -> Config:
 
 
 def _connect(server) -> object:
-    from proxy.frontends.relay import Traffic
+    from proxy.io.relay import Traffic
     from proxy.runtime import Connection
 
     conn = Connection(1, ("127.0.0.1", 1), "fe", Traffic())
