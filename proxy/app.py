@@ -2,7 +2,9 @@
 
 Lifecycle:
 - start: every listener is bound before anything is reported ready; all bind
-  errors are reported together.
+  errors are reported together. Then the services start, in order, each
+  under a supervisor (proxy/supervisor.py): a service that crashes later is
+  logged, counted and restarted, and the proxy goes on.
 - SIGHUP: the config file is read again; a valid one is applied without
   dropping established connections, an invalid one is logged and ignored.
 - SIGTERM/SIGINT: listeners close at once, live connections get
@@ -12,35 +14,29 @@ Lifecycle:
 from __future__ import annotations
 
 import signal
-from typing import Any, Protocol
+from functools import partial
+from typing import Any
 
 import structlog
 import trio
 
 from . import logs
+from .backends.names import NamesService
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
 from .errors import StartupError
 from .frontends.listener import BindError, open_listener, serve_listener
 from .io.pipes import PipePool, splice_supported
 from .frontends.session import Sessions
+from .health.checker import HealthService
 from .runtime import FrontendRuntime, KillReason, Runtime
+from .stats_ui import ControlService, StatsService
+from .supervisor import Service, Supervisor
+from .vip.service import VipService
 
 log = structlog.get_logger("warren.app")
 
 _STOPPING_BUDGET = 5.0  # seconds services may take to hand over before listeners close
-
-
-class Service(Protocol):
-    """A capability that runs beside the proxy (health checks, stats page, election)."""
-
-    async def run(self, app: App, *, task_status: trio.TaskStatus[None]) -> None: ...
-
-    def reconfigure(self, config: Config) -> None: ...
-
-    # Optional: `async def stopping(self) -> None`, awaited (shielded, bounded)
-    # when a stop begins, before the listeners close: the floating IP is
-    # handed over first so clients go to the peer, not to a closed port.
 
 
 class App:
@@ -52,6 +48,7 @@ class App:
         self.sessions = Sessions(self.runtime, self.pipes, _logs_connections(config))
         self.handle_signals = handle_signals
         self.services: list[Service] = default_services(config)
+        self._supervised: list[tuple[Service, Supervisor]] = []
         self._bound: dict[tuple[str, BindAddress], tuple[str, int]] = {}
         self._listeners: dict[tuple[str, BindAddress], trio.CancelScope] = {}
         self._stop = trio.Event()
@@ -82,7 +79,7 @@ class App:
                 self._services_nursery = services
                 await self._serve_listeners(opened, services)
                 for service in self.services:
-                    await services.start(service.run, self)
+                    await services.start(self._supervise(service).run)
                 log.info(
                     "warren.started",
                     listeners={f: [_fmt(a) for a in addrs] for f, addrs in self.addresses.items()},
@@ -99,6 +96,11 @@ class App:
             else:
                 session_nursery.start_soon(self._end_sessions, session_nursery.cancel_scope, grace)
         log.info("warren.stopped")
+
+    def _supervise(self, service: Service) -> Supervisor:
+        supervisor = Supervisor(service.name, partial(service.run, self.runtime), registry=self.runtime.supervisors)
+        self._supervised.append((service, supervisor))
+        return supervisor
 
     async def _open_listeners(self, config: Config) -> list[tuple[str, BindAddress, Any]]:
         """Binds every address of `config` not yet listened on; all or nothing."""
@@ -128,10 +130,10 @@ class App:
 
     async def _announce_stop(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_STOPPING_BUDGET):
-            for service in self.services:
+            for service, supervisor in self._supervised:
                 stopping = getattr(service, "stopping", None)
                 if stopping is not None:
-                    await stopping()
+                    await supervisor.call_async(stopping)
 
     async def _end_sessions(self, scope: trio.CancelScope, grace: float) -> None:
         """Lets connections finish for `grace` seconds, then kills the rest
@@ -181,8 +183,8 @@ class App:
         self.config = config
         logs.configure(config.global_.log_format, config.global_.log_level)
         self.sessions.log_connections = _logs_connections(config)
-        for service in self.services:
-            service.reconfigure(config)
+        for service, supervisor in self._supervised:
+            supervisor.call(service.reconfigure, config)
         # Closing a port or dropping a server is worth an operator's attention.
         level = log.warning if removed or changes["servers_removed"] else log.info
         level("config.reloaded", path=path, listeners_closed=[f"{f}/{b}" for f, b in removed], **changes)
@@ -194,11 +196,6 @@ class App:
 
 def default_services(config: Config) -> list[Service]:
     """The capabilities that run beside the proxy, in start order."""
-    from .backends.names import NamesService
-    from .health.checker import HealthService
-    from .stats_ui import ControlService, StatsService
-    from .vip.service import VipService
-
     # The floating IP last: a host competes for it only once it can serve it.
     return [
         NamesService(config), HealthService(config), StatsService(config),

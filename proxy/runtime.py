@@ -22,6 +22,7 @@ import trio
 from . import __version__
 from .backends.lb import make_balancer
 from .config.model import Backend, Config, Frontend, InitState, Server
+from .supervisor import ServiceStats, Supervisors
 
 if TYPE_CHECKING:
     from .io.relay import Traffic
@@ -363,6 +364,7 @@ class Statistics:
     frontends: tuple[FrontendStats, ...]
     backends: tuple[BackendStats, ...]
     extra: dict[str, Any] = field(default_factory=dict)  # vip, ... by later capabilities
+    services: tuple[ServiceStats, ...] = ()  # every supervised service, in start order
 
 
 class Runtime:
@@ -379,6 +381,7 @@ class Runtime:
         self.retired_frontends: dict[str, FrontendRuntime] = {}
         self._next_id = 0
         self.extra_statistics: dict[str, Any] = {}  # name -> callable returning a snapshot
+        self.supervisors = Supervisors()  # the services' health: running, crashes, restarts
 
     def new_connection_id(self) -> int:
         self._next_id += 1
@@ -387,6 +390,11 @@ class Runtime:
     def servers(self) -> Iterator[ServerRuntime]:
         for backend in self.backends.values():
             yield from backend.servers.values()
+
+    def backend_available(self, name: str) -> bool:
+        """Whether backend `name` has a server that may take a connection now."""
+        backend = self.backends.get(name)
+        return backend is not None and bool(backend.candidates())
 
     def server(self, backend: str, server: str) -> ServerRuntime:
         """Raises KeyError naming what is unknown. Retired servers are found too."""
@@ -467,6 +475,7 @@ class Runtime:
             frontends=tuple(_frontend_stats(f) for f in self._frontends_with_retired()),
             backends=tuple(_backend_stats(b, now) for b in self.backends.values()),
             extra={name: snap() for name, snap in self.extra_statistics.items()},
+            services=self.supervisors.statistics(),
         )
 
 

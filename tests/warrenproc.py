@@ -31,12 +31,13 @@ class WarrenProcess:
         self.stderr_text: list[str] = []
         self.process: trio.Process | None = None
         self.preexec = None  # runs in the child before exec (e.g. setrlimit)
+        self.command = [PYTHON, "-m", "proxy"]  # or a wrapper, e.g. tests.faults
         self._new_event = trio.Event()
 
     async def start(self, nursery: trio.Nursery, timeout: float = 30) -> dict:
         """Starts Warren and returns its `warren.started` event."""
         self.process = await trio.lowlevel.open_process(
-            [PYTHON, "-m", "proxy", "run", str(self.config_path)],
+            [*self.command, "run", str(self.config_path)],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
             cwd=Path(__file__).resolve().parent.parent, preexec_fn=self.preexec,
         )

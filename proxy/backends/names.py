@@ -4,7 +4,8 @@ Names are resolved once before Warren reports itself started, then again every
 `resolvers.interval`. A changed address set is applied at once (new
 connections go to the new addresses, established ones stay); a failed lookup
 keeps the last good addresses. A server whose name never resolved has no
-address and takes no connections.
+address and takes no connections. The answers outlive a restart of the
+service after a crash.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from ..config.model import Config
 from .resolve import Resolver, keep_resolved, literal_ip
 
 if TYPE_CHECKING:
-    from ..app import App
     from ..runtime import Runtime
 
 
@@ -28,7 +28,9 @@ def server_names(config: Config) -> frozenset[str]:
 
 
 class NamesService:
-    """A :class:`proxy.app.Service`: DNS for server addresses."""
+    """A :class:`proxy.supervisor.Service`: DNS for server addresses."""
+
+    name = "dns"
 
     def __init__(self, config: Config):
         self.config = config
@@ -37,20 +39,25 @@ class NamesService:
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
 
-    async def run(self, app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._runtime = app.runtime
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await self._restart()
-            task_status.started()
-            await trio.sleep_forever()
+    async def run(self, runtime: Runtime, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._runtime = runtime
+        self._apply_known()  # a restart: what was known before the crash, at once
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery, self._scope = nursery, None
+                await self._restart()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = self._scope = None
 
     def reconfigure(self, config: Config) -> None:
         old = self.config
         self.config = config
-        self._apply_known()
-        if server_names(config) != server_names(old) or config.resolvers != old.resolvers:
-            assert self._nursery is not None
+        if self._runtime is not None:
+            self._apply_known()
+        changed = server_names(config) != server_names(old) or config.resolvers != old.resolvers
+        if changed and self._nursery is not None:  # not running: the next run resolves the new names
             self._nursery.start_soon(self._restart)
 
     async def _restart(self) -> None:

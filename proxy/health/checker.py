@@ -32,7 +32,6 @@ from .tcp import check_tcp
 from .watch import WatchOpenFailed, watch_amqp
 
 if TYPE_CHECKING:
-    from ..app import App
     from ..runtime import Runtime
 
 log = structlog.get_logger("warren.health")
@@ -41,7 +40,14 @@ _PERIODIC = (CheckKind.TCP, CheckKind.AMQP, CheckKind.HTTP)
 
 
 class HealthService:
-    """A :class:`proxy.app.Service`: health checks for every checked server."""
+    """A :class:`proxy.supervisor.Service`: health checks for every checked server.
+
+    Verdicts live in the runtime model and each checker's counter is handed
+    back to its server when it stops, so a restart after a crash carries on
+    from the same health states.
+    """
+
+    name = "health"
 
     def __init__(self, config: Config):
         self.config = config
@@ -50,17 +56,24 @@ class HealthService:
         self._checkers: dict[tuple[str, str], ServerChecker] = {}
         self._rng = random.Random()
 
-    async def run(self, app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._runtime = app.runtime
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._sync()
-            task_status.started()
-            await trio.sleep_forever()
+    async def run(self, runtime: Runtime, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._runtime = runtime
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._sync()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for checker in self._checkers.values():
+                checker.stop()  # keeps each verdict on its server for the next run
+            self._checkers.clear()
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
-        self._sync()
+        if self._nursery is not None:  # not running: the next run starts from the runtime
+            self._sync()
 
     def _sync(self) -> None:
         """Starts checkers for new or changed servers, stops those of removed ones."""

@@ -43,15 +43,18 @@ class ControlSocketError(StartupError):
 
 
 class ControlService:
-    """Serves `warren ctl` on `[global] control_socket` (nothing when it is unset)."""
+    """A :class:`proxy.supervisor.Service`: `warren ctl` on `[global] control_socket`
+    (nothing when it is unset)."""
+
+    name = "control"
 
     def __init__(self, config: Config):
         self.path = config.global_.control_socket
         self._connections = 0
         self._runtime: Any = None
 
-    async def run(self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._runtime = app.runtime
+    async def run(self, runtime: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._runtime = runtime
         if self.path is None:
             task_status.started()
             await trio.sleep_forever()

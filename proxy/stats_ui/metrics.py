@@ -55,6 +55,8 @@ def render_metrics(stats: Any, *, hide_version: bool = False) -> str:
             _server(out, server)
     for instance in view.vip_instances(stats):
         _vip(out, instance)
+    for service in view.services(stats):
+        _service(out, service)
     return out.text()
 
 
@@ -169,6 +171,19 @@ def _vip(out: Exposition, instance: Any) -> None:
         if isinstance(count, (int, float)) and not isinstance(count, bool):
             out.add("warren_vip_events_total", COUNTER, "VRRP events of the instance, per event label value",
                     {**vi, "event": str(event)}, count)
+
+
+def _service(out: Exposition, service: Any) -> None:
+    sv = {"service": service.name}
+    for state in view.SERVICE_STATES:
+        out.add("warren_service_status", GAUGE, "State of a supervised service, per state label value",
+                {**sv, "state": state}, 1 if state == service.state else 0)
+    out.add("warren_service_crashes_total", COUNTER, "Unexpected failures of the service (each logged as "
+            "service.crashed)", sv, service.crashes)
+    out.add("warren_service_restarts_total", COUNTER, "Restarts of the service after a crash", sv, service.restarts)
+    if service.last_crash is not None:
+        out.add("warren_service_last_crash_seconds", GAUGE, "How long ago the service last crashed",
+                sv, round(service.last_crash, 3))
 
 
 def _labels(labels: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """The stats page: plain HTML and inline SVG, readable at a glance, no JavaScript.
 
 Layout, as HAProxy users expect it: a header (version unless hidden,
-uptime, PID, totals), the floating-IP instances when an election runs, one
-table per frontend, then one table per backend with a row per server and a
+uptime, PID, totals), the floating-IP instances when an election runs, the
+supervised services (state, crashes, restarts), one table per frontend, then one table per backend with a row per server and a
 total row, coloured by state. Admin forms (one per server row, plain POSTs)
 appear only when admin is on.
 
@@ -52,6 +52,8 @@ def render_page(stats: Any, context: PageContext, history: Any | None = None) ->
     instances = view.vip_instances(stats)
     if instances:
         parts.append(_vip_section(instances))
+    if view.services(stats):
+        parts.append(_services_section(view.services(stats)))
     if stats.frontends:
         parts.append('<section class="frontends"><h2>Frontends</h2>')
         parts.extend(_frontend_table(f) for f in stats.frontends)
@@ -137,6 +139,28 @@ def _vip_section(instances: Sequence[Any]) -> str:
         "<th>Instance</th><th>State</th><th>Priority</th><th>VRID</th><th>Interface</th>"
         "<th>Addresses</th><th>Master</th><th>Counters</th></tr></thead><tbody>"
         + "".join(rows) + "</tbody></table></section>"
+    )
+
+
+# --- supervised services --------------------------------------------------------------
+
+
+def _services_section(services: Sequence[Any]) -> str:
+    rows = []
+    for service in services:
+        last = service.last_crash
+        crashed = f"{view.human_duration(last)} ago ({service.last_error})" if last is not None else ""
+        restart = f" in {view.human_duration(service.restart_in)}" if service.restart_in is not None else ""
+        rows.append(
+            f'<tr class="{view.service_class(service)}"><th scope="row">{esc(service.name)}</th>'
+            f'<td class="state"><span class="pill">{esc(service.state)}{esc(restart)}</span></td>'
+            f'<td class="num">{esc(service.crashes)}</td><td class="num">{esc(service.restarts)}</td>'
+            f"<td>{esc(crashed)}</td></tr>"
+        )
+    return (
+        '<section class="services"><h2>Services</h2><table class="services"><thead><tr>'
+        "<th>Service</th><th>State</th><th>Crashes</th><th>Restarts</th><th>Last crash</th>"
+        "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></section>"
     )
 
 

@@ -23,6 +23,7 @@ def render_json(stats: Any, *, hide_version: bool = False) -> str:
         frontends=[_frontend(f) for f in stats.frontends],
         backends=[_backend(b) for b in stats.backends],
         vip=[_vip(v) for v in view.vip_instances(stats)],
+        services=[_service(s) for s in view.services(stats)],
     )
     return json.dumps(document, indent=1, ensure_ascii=False, default=str) + "\n"
 
@@ -106,4 +107,16 @@ def _vip(instance: Any) -> dict[str, Any]:
         "master": view.vip_field(instance, "master", None),
         "last_transition": None if last is None else round(float(last), 3),
         "counters": {str(k): v for k, v in view.vip_counters(instance).items()},
+    }
+
+
+def _service(service: Any) -> dict[str, Any]:
+    return {
+        "name": service.name,
+        "state": service.state,
+        "crashes": service.crashes,
+        "restarts": service.restarts,
+        "last_crash": None if service.last_crash is None else round(service.last_crash, 3),
+        "last_error": service.last_error,
+        "restart_in": None if service.restart_in is None else round(service.restart_in, 3),
     }

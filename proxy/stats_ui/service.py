@@ -44,6 +44,10 @@ class StatsBindError(StartupError):
 
 
 class StatsService:
+    """A :class:`proxy.supervisor.Service`: the `[stats]` page (nothing when it is unset)."""
+
+    name = "stats"
+
     def __init__(self, config: Config, *, limits: Limits = Limits(), sample_interval: float = SAMPLE_INTERVAL,
                  login_failures: FailureLimiter | None = None):
         self._settings = config.stats
@@ -66,11 +70,14 @@ class StatsService:
         """Where the page listens now (real ports when bound to port 0)."""
         return [listener.socket.getsockname()[:2] for listener in self._listeners]
 
-    async def run(self, app: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serves until cancelled; raises StatsBindError if a bind address is unusable."""
-        self._runtime = app.runtime
+    async def run(self, runtime: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serves until cancelled; raises StatsBindError if a bind address is unusable.
+
+        Login failure counts, CSRF secret and history outlive a restart after a crash.
+        """
+        self._runtime = runtime
         self.site = self._make_site(self._settings)
-        self._listeners = open_listeners(self._settings.binds if self._settings else ())
+        self._listeners, self._pending = open_listeners(self._settings.binds if self._settings else ()), None
         for address in self.addresses:
             log.info("stats.listening", address=_format(address))
         try:
@@ -79,8 +86,10 @@ class StatsService:
                 await nursery.start(self._accept_forever, nursery)
                 task_status.started()
         finally:
+            self._accepting = None  # not running: a reload only records its settings
             for listener in self._listeners + (self._pending or []):
                 listener.socket.close()
+            self._listeners, self._pending = [], None
 
     def reconfigure(self, config: Config) -> None:
         """Applies a reloaded `[stats]` (absent: the page closes)."""

@@ -19,6 +19,7 @@ from typing import Any
 # Every state a server can show, in the order of HAProxy's exporter labels.
 SERVER_STATES = ("DOWN", "UP", "MAINT", "DRAIN", "NOLB")
 VIP_STATES = ("INIT", "BACKUP", "MASTER", "FAULT")
+SERVICE_STATES = ("STARTING", "RUNNING", "RESTARTING", "STOPPED")
 
 
 def server_state(server: Any) -> str:
@@ -188,3 +189,16 @@ def vip_counters(instance: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(counters) and not isinstance(counters, type):
         return dataclasses.asdict(counters)
     return dict(counters) if hasattr(counters, "items") else {}
+
+
+# --- supervised services ----------------------------------------------------------------
+
+
+def services(stats: Any) -> Sequence[Any]:
+    """The supervised services of a snapshot (health, dns, stats, control, vip...)."""
+    return tuple(getattr(stats, "services", None) or ())
+
+
+def service_class(service: Any) -> str:
+    """The row colour: running is up, waiting to restart is down, anything else in between."""
+    return {"RUNNING": "up", "RESTARTING": "down"}.get(str(getattr(service, "state", "")), "drain")

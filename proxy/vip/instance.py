@@ -149,6 +149,8 @@ class VipInstance:
         Reports started once the election is joined, or once it is known that
         the interface is not usable yet (then the instance waits in FAULT).
         ``VipNotPermitted`` (a StartupError) if raw sockets are not allowed (CAP_NET_RAW).
+        Whatever ends it, a crash included, a master resigns on the way out
+        (:meth:`_clean_up`). An instance runs once: a restart is a new instance.
         """
         self._last_transition = trio.current_time()
         try:
@@ -185,11 +187,15 @@ class VipInstance:
         await self._keeper.released.wait()
 
     async def _clean_up(self) -> None:
+        """However the run ends (cancelled, or crashed): a master sends priority 0, then the
+        addresses go, even if the advert could not be sent; two hosts never both keep them."""
         with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_BUDGET):
-            if self.machine is not None and not self._stopped:
-                self._stopped = True
-                self._apply(self.machine.shutdown(trio.current_time()))
-            await self._keeper.remove_now()
+            try:
+                if self.machine is not None and not self._stopped:
+                    self._stopped = True
+                    self._apply(self.machine.shutdown(trio.current_time()))
+            finally:
+                await self._keeper.remove_now()
         if self._channel is not None:
             self._channel.close()
             self._channel = None

@@ -43,17 +43,12 @@ def config(**health) -> Config:
     return Config(path="<test>", backends=(backend,))
 
 
-class FakeApp:
-    def __init__(self, cfg):
-        self.runtime = Runtime(cfg)
-
-
 async def run_service(nursery, cfg, script, monkeypatch):
     monkeypatch.setattr(checker_module, "check_amqp", script)
-    app = FakeApp(cfg)
+    runtime = Runtime(cfg)
     service = HealthService(cfg)
-    await nursery.start(service.run, app)
-    return app.runtime.server("be", "a"), service
+    await nursery.start(service.run, runtime)
+    return runtime.server("be", "a"), service
 
 
 async def until(predicate):

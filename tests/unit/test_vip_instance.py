@@ -14,9 +14,11 @@ import math
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from proxy.config.model import Backend, Config, Server, Vip, VipAuth, VipGarp, VipNotify
 from proxy.runtime import Runtime
+from proxy.supervisor import RestartPolicy
 from proxy.vip.auth import sign
 from proxy.vip.garp import gratuitous_arp, unsolicited_na
 from proxy.vip.instance import VipInstance
@@ -649,11 +651,6 @@ async def test_a_failing_hook_output_is_kept_for_the_log():
 # -- the service ------------------------------------------------------------------------------
 
 
-class FakeApp:
-    def __init__(self, config: Config) -> None:
-        self.runtime = Runtime(config)
-
-
 def service_config(*vips: Vip) -> Config:
     backend = Backend(name="rabbit", servers=(Server(name="r1", address="127.0.0.1", port=5672),))
     return Config(path="x.toml", backends=(backend,), vip=vips)
@@ -662,11 +659,11 @@ def service_config(*vips: Vip) -> Config:
 async def test_the_service_exposes_every_instance_in_the_runtime_model(autojump_clock):
     host = FakeHost()
     config = service_config(vip_config(), vip_config(name="vip2", vrid=52, addresses=("10.0.0.101/32",), priority=200))
-    app = FakeApp(config)
+    runtime = Runtime(config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(VipService(config, plumbing=host).run, app)
+        await nursery.start(VipService(config, plumbing=host).run, runtime)
         await trio.sleep(5)
-        stats = app.runtime.statistics().extra["vip"]
+        stats = runtime.statistics().extra["vip"]
         nursery.cancel_scope.cancel()
     assert [(s.name, s.vrid, s.state) for s in stats] == [("vip1", 51, "MASTER"), ("vip2", 52, "MASTER")]
 
@@ -674,13 +671,13 @@ async def test_the_service_exposes_every_instance_in_the_runtime_model(autojump_
 async def test_the_service_tracks_its_backend_in_the_runtime(autojump_clock):
     host = FakeHost()
     config = service_config(vip_config(track="rabbit"))
-    app = FakeApp(config)
+    runtime = Runtime(config)
     service = VipService(config, plumbing=host)
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run, app)
+        await nursery.start(service.run, runtime)
         await trio.sleep(5)
         assert service.statistics()[0].state == "MASTER"
-        app.runtime.backends["rabbit"].servers["r1"].up = False  # the health checks' verdict
+        runtime.backends["rabbit"].servers["r1"].up = False  # the health checks' verdict
         await trio.sleep(0.2)
         [stats] = service.statistics()
         nursery.cancel_scope.cancel()
@@ -692,7 +689,7 @@ async def test_stopping_the_service_hands_every_address_over(autojump_clock):
     config = service_config(vip_config(), vip_config(name="vip2", vrid=52, addresses=("10.0.0.101/32",)))
     service = VipService(config, plumbing=host)
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run, FakeApp(config))
+        await nursery.start(service.run, Runtime(config))
         await trio.sleep(5)
         assert len(host.configured) == 2
         await service.stopping()
@@ -707,15 +704,74 @@ async def test_a_reload_restarts_only_the_changed_instance(autojump_clock):
     config = service_config(first, second)
     service = VipService(config, plumbing=host)
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run, FakeApp(config))
+        await nursery.start(service.run, Runtime(config))
         await trio.sleep(5)
-        kept = service._running["vip1"][0]
+        kept = service._running["vip1"].instance
         service.reconfigure(service_config(first, dataclasses.replace(second, priority=150)))
         await trio.sleep(0.1)
-        assert service._running["vip1"][0] is kept
+        assert service._running["vip1"].instance is kept
         assert service.statistics()[1].base_priority == 150
         service.reconfigure(service_config(first))
         await trio.sleep(0.1)
         assert [s.name for s in service.statistics()] == ["vip1"]
         assert set(host.configured) == {"10.0.0.100/24"}
+        nursery.cancel_scope.cancel()
+
+
+def adverts_of(host: FakeHost, vrid: int, since: float = -1.0) -> list[tuple[float, int]]:
+    """(time, priority) of the adverts one virtual router sent."""
+    out = []
+    for channel in host.channels:
+        for at, payload, src, dst in channel.sent:
+            advert = decode_advert(payload[:12], src, dst)
+            if advert.vrid == vrid and at >= since:
+                out.append((at, advert.priority))
+    return sorted(out)
+
+
+async def test_a_crashing_instance_resigns_then_restarts_as_a_backup_and_the_others_run_on(autojump_clock):
+    host = FakeHost()
+    config = service_config(vip_config(), vip_config(name="vip2", vrid=52, addresses=("10.0.0.101/32",)))
+    runtime = Runtime(config)
+    service = VipService(config, plumbing=host, restart_policy=RestartPolicy(initial=1))
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run, runtime)
+            await trio.sleep(5)
+            assert [s.state for s in service.statistics()] == ["MASTER", "MASTER"]
+            crashed = trio.current_time()
+            host.channels[0].deliver(RuntimeError("a bug on vip1's receive path"))
+            await trio.sleep(0.5)
+            # On the way out: priority 0 first, then the address removed; vip2 untouched.
+            assert adverts_of(host, 51, since=crashed)[0][1] == 0
+            assert set(host.configured) == {"10.0.0.101/32"}
+            assert runtime.supervisors["vip.vip1"].statistics().state == "RESTARTING"
+            await trio.sleep(1)
+            assert [s.state for s in service.statistics()] == ["BACKUP", "MASTER"]  # a new incarnation
+            await trio.sleep(MASTER_DOWN)  # alone on the link: master again after Master_Down_Interval
+            assert [s.state for s in service.statistics()] == ["MASTER", "MASTER"]
+            assert set(host.configured) == {"10.0.0.100/24", "10.0.0.101/32"}
+            nursery.cancel_scope.cancel()
+    assert [priority for _, priority in adverts_of(host, 52)].count(0) == 1  # only at the final stop
+    [crash] = [e for e in logs if e["event"] == "service.crashed"]
+    assert (crash["service"], crash["error"]) == ("vip.vip1", "RuntimeError")
+
+
+async def test_an_instance_whose_resignation_advert_fails_still_removes_its_address(autojump_clock):
+    host = FakeHost()
+    config = service_config(vip_config())
+    service = VipService(config, plumbing=host, restart_policy=RestartPolicy(initial=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run, Runtime(config))
+        await trio.sleep(5)
+        assert set(host.configured) == {"10.0.0.100/24"}
+        channel = host.channels[0]
+
+        def broken_send(payload, src, dst):
+            raise ValueError("a bug in the send path")
+
+        channel.send = broken_send
+        channel.deliver(RuntimeError("crash"))
+        await trio.sleep(0.5)
+        assert host.configured == {}  # gone although the priority-0 advert could not be sent
         nursery.cancel_scope.cancel()
