@@ -15,11 +15,12 @@ import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import trio
 
 from . import __version__
+from .backends.dispatch import FULL, NO_SERVER
 from .backends.lb import make_balancer
 from .config.model import Backend, Config, Frontend, InitState, Server
 from .supervisor import ServiceStats, Supervisors
@@ -281,6 +282,37 @@ class BackendRuntime:
         if active:
             return active
         return [s for s in self.servers.values() if s.available and s.config.backup]
+
+    def acquire(
+        self, conn: Connection, prefer: ServerRuntime | None, exclude: Sequence[ServerRuntime]
+    ) -> ServerRuntime | str:
+        """Attaches `conn` to a candidate with a free slot and returns it:
+        `prefer` if it is one, else one not in `exclude` if possible, chosen
+        by the balancer. FULL when every candidate is at its maxconn,
+        NO_SERVER when there is no candidate (see proxy.backends.dispatch)."""
+        candidates = self.candidates()
+        if not candidates:
+            return NO_SERVER
+        free = [s for s in candidates if s.has_free_slot]
+        if prefer is not None and prefer in free:
+            chosen = prefer
+        else:
+            pool = [s for s in free if s not in exclude] or free
+            if not pool:
+                return FULL
+            chosen = self.balancer.pick(pool, conn.client[0])
+        chosen.attach(conn)
+        conn.server = chosen
+        return chosen
+
+    async def wait_in_queue(self, until: float) -> bool:
+        """Waits in the backend's queue until a slot may have freed (True)
+        or the trio clock reaches `until` (False)."""
+        self.queue_max = max(self.queue_max, self.queue.statistics().tasks_waiting + 1)
+        with trio.move_on_at(until):
+            await self.queue.park()
+            return True
+        return False
 
 
 class FrontendRuntime:

@@ -13,12 +13,14 @@ or what ended the connection, the second in which phase.
     DD  its server was marked down (shutdown-sessions)
     PD  an unexpected error in Warren ended this one connection (logged as session.failed)
 
-A session normally has no task of its own: the listener starts it, and the
-relays' poller calls it back as its connect completes and as its relay ends
-(a trio task, a cancel scope and three task switches per connection cost as
-much as everything else Warren does for it). Only a session that must wait
-in a slower way, queueing for a server slot or retrying a failed connect,
-continues in a task of the session nursery.
+Which server, when to retry, redispatch, queue or give up: the dispatch
+machine decides (:mod:`proxy.backends.dispatch`); a session carries its
+actions out. It normally has no task of its own: the listener starts it,
+and the relays' poller calls it back as each connect completes (or times
+out) and as its relay ends (a trio task, a cancel scope and three task
+switches per connection cost as much as everything else Warren does for
+it). Only a session that must wait in the backend's queue for a server slot
+does so in a task of the session nursery, and goes on in callbacks after.
 """
 
 from __future__ import annotations
@@ -31,20 +33,13 @@ import outcome
 import structlog
 import trio
 
-from ..backends.connect import (
-    ConnectFailed,
-    Timing,
-    connect_outcome,
-    connect_to_backend,
-    note_failure,
-    start_connect,
-    try_acquire,
-)
+from ..backends.connect import connect_error, error_name, start_connect
+from ..backends.dispatch import Connect, Dispatch, Fail, Queue, Timing
 from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import SendProxy
 from ..io.pipes import PipePool
 from ..io.poller import Writable, current_poller
-from ..io.relay import Ending, Timeouts, Traffic, relay, start_relay
+from ..io.relay import Ending, Timeouts, Traffic, start_relay
 from ..runtime import BackendRuntime, Connection, FrontendRuntime, KillReason, Runtime, ServerRuntime
 
 log = structlog.get_logger("warren.session")
@@ -110,18 +105,19 @@ class Sessions:
 
 
 class _Session:
-    """One client connection, from accept to close.
+    """One client connection, from accept to close: the shell of its dispatch.
 
-    The fast path runs in callbacks: ``begin`` (from the listener) picks a
-    server and starts a non-blocking connect, ``_connect_done`` (from the
-    poller) starts the relay, ``_relay_done`` (from the poller) ends the
-    session. ``_continue_in_task`` takes over where waiting is needed.
-    Callbacks never raise: a failure ends this session only (``PD``).
+    It runs in callbacks: ``begin`` (from the listener) starts the dispatch,
+    ``_connect_done`` (from the poller) feeds it a connect's outcome,
+    ``_relay_done`` (from the poller) ends the session. ``_carry_out`` does
+    what the dispatch asks; only a wait in the backend's queue takes a task
+    (``_queued``). Callbacks never raise: a failure ends this session only
+    (``PD``).
     """
 
     __slots__ = (
-        "sessions", "client", "frontend", "slot", "conn", "timing", "started", "backend",
-        "server", "server_sock", "waiter", "link", "connect_began", "failure", "done",
+        "sessions", "client", "frontend", "slot", "conn", "started", "backend", "dispatch",
+        "server_sock", "waiter", "link", "done",
     )  # fmt: skip
 
     def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple,
@@ -132,17 +128,12 @@ class _Session:
         self.slot = slot
         self.started = time.monotonic()
         self.conn = Connection(sessions.runtime.new_connection_id(), peer[:2], frontend.name, Traffic())
-        self.timing = Timing()
         self.backend: BackendRuntime | None = None
-        self.server: ServerRuntime | None = None
+        self.dispatch: Dispatch | None = None
         self.server_sock: socket.socket | None = None
         self.waiter: Writable | None = None
         self.link = None
-        self.connect_began = 0.0
-        self.failure: int = 0  # errno of connect() (EINPROGRESS while it runs)
         self.done = False
-
-    # -- the fast path ------------------------------------------------------------
 
     def begin(self) -> None:
         frontend, conn = self.frontend, self.conn
@@ -154,56 +145,69 @@ class _Session:
             backend = self.backend = self.sessions.runtime.backends[frontend.config.backend]
             conn.backend = backend
             backend.total_sessions += 1
-            server = try_acquire(backend, conn)
-            if server is None:  # every server is full: wait in the backend's queue
-                self._continue_in_task(None)
-                return
-            self.server = server
-            self.connect_began = time.monotonic()
-            self.server_sock, self.failure = start_connect(server)
-            if self.failure == errno.EINPROGRESS:
-                deadline = trio.current_time() + backend.config.timeout.connect
-                self.waiter = current_poller().when_writable(
-                    self.server_sock.fileno(), deadline, self._connect_done
-                )
-                conn.interrupt = self._interrupt_connect
-            else:
-                self._connect_done(None)
-        except ConnectFailed as failure:
-            self._failed(failure)
+            dispatch = self.dispatch = Dispatch(backend, conn)
+            self._carry_out(dispatch.start(trio.current_time()))
         except Exception as error:
             self._crashed(error)
 
-    def _connect_done(self, events: outcome.Outcome | None) -> None:
-        """The connect completed, failed or timed out (`events`: the poller's
-        report; None: connect() answered at once)."""
+    # -- carrying out the dispatch's actions -----------------------------------------------
+
+    def _carry_out(self, action) -> None:
+        """Does what the dispatch asks until something must be waited for
+        (a connect in progress, the queue), the relay starts or the session ends."""
+        dispatch = self.dispatch
+        while True:
+            kind = type(action)
+            if kind is Connect:
+                try:
+                    sock, failure = start_connect(action.server)
+                except OSError as error:
+                    action = dispatch.no_socket(trio.current_time(), error_name(error.errno or 0))
+                    continue
+                self.server_sock = sock
+                if failure == errno.EINPROGRESS:
+                    self.waiter = current_poller().when_writable(sock.fileno(), action.deadline, self._connect_done)
+                    self.conn.interrupt = self._interrupt_connect
+                    return
+                if not failure:
+                    self._connected()
+                    return
+                self._drop_server_socket()
+                action = dispatch.connect_refused(trio.current_time(), error_name(failure))
+            elif kind is Queue:
+                self._continue_in_task(action)
+                return
+            else:
+                self._failed(action)
+                return
+
+    def _connect_done(self, events: outcome.Outcome) -> None:
+        """The poller's report on the connect in progress (0: timed out)."""
         self.waiter = None
         self.conn.interrupt = None
         try:
-            server, sock = self.server, self.server_sock
-            assert server is not None and sock is not None
-            try:
-                connect_outcome(sock, server, self.failure, None if events is None else events.unwrap())
-            except ConnectFailed as failure:
-                self.timing.connect += time.monotonic() - self.connect_began
-                self._drop_server_socket()
-                note_failure(server, self.conn, failure)  # raises RC on
-                if self.backend.config.retries:
-                    self._continue_in_task(failure)
-                else:
-                    self._end(failure.code, failure.reason)
+            reported = events.unwrap()
+            failure = connect_error(self.server_sock, reported) if reported else 0
+            if reported and not failure:
+                self._connected()
                 return
-            self.timing.connect += time.monotonic() - self.connect_began
-            server.connect_ok()
-            refused = _send_proxy_header(self.client, sock, server, self.conn)
-            if refused is not None:
-                self._end(*refused)
-                return
-            self._relay()
-        except ConnectFailed as failure:
-            self._failed(failure)
+            self._drop_server_socket()
+            now = trio.current_time()
+            if reported:
+                self._carry_out(self.dispatch.connect_refused(now, error_name(failure)))
+            else:
+                self._carry_out(self.dispatch.connect_timed_out(now))
         except Exception as error:
             self._crashed(error)
+
+    def _connected(self) -> None:
+        dispatch, sock = self.dispatch, self.server_sock
+        dispatch.connected(trio.current_time())
+        refused = _send_proxy_header(self.client, sock, dispatch.server, self.conn)
+        if refused is not None:
+            self._end(*refused)
+            return
+        self._relay()
 
     def _relay(self) -> None:
         """Both sockets go to the relay, which owns (and closes) them."""
@@ -231,61 +235,48 @@ class _Session:
             self.waiter = None
         self._end(self._killed(), None)
 
-    # -- the slow path -------------------------------------------------------------
+    # -- waiting in the queue ----------------------------------------------------------------
 
-    def _continue_in_task(self, first_failure: ConnectFailed | None) -> None:
+    def _continue_in_task(self, queued: Queue) -> None:
         nursery = self.sessions.nursery
         assert nursery is not None, "the App sets Sessions.nursery before accepting"
-        nursery.start_soon(self._serve_in_task, first_failure)
+        nursery.start_soon(self._queued, queued)
 
-    async def _serve_in_task(self, first_failure: ConnectFailed | None) -> None:
-        termination, reason = "--", None
+    async def _queued(self, action: Queue) -> None:
+        """Waits in the backend's queue while the dispatch says so, then goes
+        on in callbacks. A kill ends the wait (its termination); so does the
+        end of the stop grace period (a cancellation)."""
+        conn, dispatch, backend = self.conn, self.dispatch, self.backend
         try:
-            with trio.CancelScope() as scope:
-                self.conn.interrupt = scope.cancel
-                termination, reason = await self._connect_and_relay(first_failure)
-            if scope.cancelled_caught:
-                termination = self._killed()
-        except* trio.Cancelled:  # the stop grace period is over (a nursery may group it)
-            termination = KillReason.KILLED.value + "D"
+            while type(action) is Queue:
+                with trio.CancelScope() as scope:
+                    conn.interrupt = scope.cancel
+                    woken = await backend.wait_in_queue(action.until)
+                conn.interrupt = None
+                if scope.cancelled_caught:
+                    self._end(self._killed(), None)
+                    return
+                now = trio.current_time()
+                action = dispatch.slot_freed(now) if woken else dispatch.queue_expired(now)
+            self._carry_out(action)
+        except trio.Cancelled:  # the stop grace period is over
+            self._end(KillReason.KILLED.value + "D", None)
             raise
-        except* Exception as group:  # one connection's failure never stops the others
-            termination, reason = "PD", f"internal error: {group.exceptions[0]!r}"
-            log.error("session.failed", conn=self.conn.id, client=_addr(self.conn.client), exc_info=group)
-        finally:
-            self._end(termination, reason)
-
-    async def _connect_and_relay(self, first_failure: ConnectFailed | None) -> tuple[str, str | None]:
-        conn, backend = self.conn, self.backend
-        try:
-            sock, server = await connect_to_backend(backend, conn, self.timing, first_failure=first_failure)
-        except ConnectFailed as failure:
-            self._note_no_server(failure)
-            return failure.code, failure.reason
-        self.server_sock = sock
-        refused = _send_proxy_header(self.client, sock, server, conn)
-        if refused is not None:
-            return refused
-        timeouts = self.sessions.timeouts(self.frontend, backend)
-        self.server_sock = None  # the relay owns (and closes) both sockets from here on
-        ending = await relay(self.client, sock, conn.traffic, timeouts, pipes=self.sessions.pipes, owned=True)
-        return _ENDINGS[ending], None
+        except Exception as error:  # one connection's failure never stops the others
+            self._crashed(error)
 
     # -- the end ---------------------------------------------------------------------
 
     def _killed(self) -> str:
         return (self.conn.kill_reason or KillReason.KILLED).value + "D"
 
-    def _failed(self, failure: ConnectFailed) -> None:
-        self._note_no_server(failure)
-        self._end(failure.code, failure.reason)
-
-    def _note_no_server(self, failure: ConnectFailed) -> None:
-        if failure.code == "SC" and failure.server is None:
+    def _failed(self, failure: Fail) -> None:
+        if failure.server is None and failure.code == "SC":
             log.warning(
                 "backend.no_server", backend=self.backend.name, client=_addr(self.conn.client),
                 servers=len(self.backend.servers),
             )  # fmt: skip
+        self._end(failure.code, failure.reason)
 
     def _crashed(self, error: Exception) -> None:
         log.error("session.failed", conn=self.conn.id, client=_addr(self.conn.client), exc_info=error)
@@ -318,7 +309,8 @@ class _Session:
             self._log_closed(termination, reason)
 
     def _log_closed(self, termination: str, reason: str | None) -> None:
-        conn, timing = self.conn, self.timing
+        conn = self.conn
+        timing = self.dispatch.timing if self.dispatch is not None else _NO_TIMING
         fields = dict(
             conn=conn.id,
             client=_addr(conn.client),
@@ -368,6 +360,9 @@ def _close(sock: socket.socket) -> None:
     if fd != -1:
         current_poller().drop(fd)
         sock.close()
+
+
+_NO_TIMING = Timing()  # a session that failed before its dispatch began
 
 
 def _addr(address: tuple[str, int]) -> str:

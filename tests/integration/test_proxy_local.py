@@ -337,3 +337,43 @@ async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
             stream, name = await connect_and_greet(app)  # the proxy still serves
             assert name == "a"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_queued_session_killed_ends_at_once_with_kd_and_frees_its_slot(splice):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "a")
+            config = make_config([server("a", ports["a"], maxconn=1)], queue=30.0)
+            app = await start_warren(nursery, config, splice=splice)
+            first, _ = await connect_and_greet(app)
+            with structlog.testing.capture_logs() as logs:
+                queued = await trio.open_tcp_stream(*front(app))
+                backend = app.runtime.backends["be"]
+                await _wait_for(lambda: backend.queue.statistics().tasks_waiting == 1)
+                (victim,) = [c for c in app.sessions.live if c.server is None]
+                victim.kill(KillReason.KILLED)
+                assert await queued.receive_some(10) == b""
+                await _wait_for(lambda: _closed(logs))
+            assert [(e["termination"], e["server"]) for e in _closed(logs)] == [("KD", None)]
+            assert app.runtime.frontends["fe"].current == 1
+            assert backend.queue.statistics().tasks_waiting == 0
+            await first.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_connect_retried_after_a_timeout_goes_on_to_the_next_server(splice):
+    with trio.fail_after(20), unanswered_port() as port:
+        async with trio.open_nursery() as nursery:
+            ports = await named_servers(nursery, "b")
+            config = make_config([server("silent", port), server("b", ports["b"])], retries=1, connect=0.2)
+            app = await start_warren(nursery, config, splice=splice)
+            with structlog.testing.capture_logs() as logs:
+                stream, name = await connect_and_greet(app)
+                assert name == "b"
+                await stream.aclose()
+                await _wait_for(lambda: _closed(logs))
+            closed = _closed(logs)[0]
+            assert (closed["server"], closed["retries"], closed["redispatched"]) == ("b", 1, True)
+            assert closed["tc_ms"] >= 180
+            assert app.runtime.server("be", "silent").connect_errors == 1
+            nursery.cancel_scope.cancel()
