@@ -3,7 +3,8 @@
 Usage (from a checkout; PYTHONPATH selects the Warren under test):
     python bench/callcount.py [--small 300] [--large 1500] [--top 25]
 
-Warren runs in this process (an App in front of an echo server), a client
+Warren runs in this process (an App in front of `--servers` echo servers,
+roundrobin, like a three-node RabbitMQ cluster by default), a client
 process opens connections one after another (connect, 64 bytes there and
 back, close), and cProfile counts every Python and builtin call Warren's
 process makes meanwhile. Two runs, `small` and `large` connections, and the
@@ -59,8 +60,8 @@ ECHO = textwrap.dedent("""
 """)
 
 
-def config_text(port: int) -> str:
-    return textwrap.dedent(f"""
+def config_text(port: int, servers: int) -> str:
+    text = textwrap.dedent("""
         [global]
         log_level = "warning"
 
@@ -71,12 +72,10 @@ def config_text(port: int) -> str:
         [backends.be]
         retries = 3
         redispatch = true
-
-        [[backends.be.servers]]
-        name = "echo"
-        address = "127.0.0.1"
-        port = {port}
     """)
+    for index in range(servers):  # one echo server behind several names
+        text += f'[[backends.be.servers]]\nname = "echo{index}"\naddress = "127.0.0.1"\nport = {port}\n'
+    return text
 
 
 def count_calls(config_path: Path, connections: int) -> pstats.Stats:
@@ -109,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--large", type=int, default=1500)
+    parser.add_argument("--servers", type=int, default=3)
     parser.add_argument("--top", type=int, default=0, help="list the most called functions")
     args = parser.parse_args()
     echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
@@ -116,7 +116,7 @@ def main() -> None:
         port = int(echo.stdout.readline())
         with tempfile.TemporaryDirectory() as work:
             path = Path(work) / "warren.toml"
-            path.write_text(config_text(port))
+            path.write_text(config_text(port, args.servers))
             small = count_calls(path, args.small)
             large = count_calls(path, args.large)
     finally:

@@ -24,6 +24,7 @@ HAProxy without a `log` line logs nothing.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -34,6 +35,9 @@ from typing import Iterator
 from .procs import Managed, free_ports, spawn, tool_missing, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
+# `--baseline DIR`: another checkout of Warren, run as the contender
+# "baseline" beside "warren" (an A/B of two versions in one run).
+BASELINE: Path | None = None
 CONTENDERS = ("direct", "haproxy", "warren")
 HOST = "127.0.0.1"
 # Connection.Start starts with frame type 1, channel 0, a 4-byte size, then
@@ -198,13 +202,17 @@ def start(name: str, spec: ProxySpec, workdir: Path, *, timeout: float = 30.0) -
         path = workdir / "haproxy.cfg"
         path.write_text(config_haproxy(spec, port, str(sock) if sock else None))
         argv = ["haproxy", "-f", str(path), "-db"]
-    elif name == "warren":
+    elif name in ("warren", "baseline"):
         path = workdir / "warren.toml"
         path.write_text(config_warren(spec, port, str(sock) if sock else None))
         argv = [sys.executable, "-m", "proxy", "run", str(path)]
     else:
         raise ValueError(f"unknown contender {name!r}")
-    process = spawn(name, argv, log_path=workdir / f"{name}.log", cwd=REPO)
+    cwd, env = REPO, None
+    if name == "baseline":
+        assert BASELINE is not None, "--baseline DIR names the baseline's checkout"
+        cwd, env = BASELINE, {**os.environ, "PYTHONPATH": str(BASELINE)}
+    process = spawn(name, argv, log_path=workdir / f"{name}.log", cwd=cwd, env=env)
     try:
         wait_listening(port, process, timeout)
     except BaseException:

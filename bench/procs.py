@@ -25,7 +25,7 @@ from typing import IO, Iterator, Sequence
 from proxy.devcluster import free_ports
 
 __all__ = [
-    "Managed", "ProcessFailed", "free_ports", "raise_nofile_limit", "read_event",
+    "Managed", "ProcessFailed", "cpu_seconds", "free_ports", "raise_nofile_limit", "read_event",
     "rss_kb", "send_line", "spawn", "stop_all", "tool_missing", "wait_listening",
 ]
 
@@ -210,18 +210,33 @@ def _descendants(pid: int) -> Iterator[int]:
             yield from _descendants(int(kid))
 
 
+def _proc_files(pid: int, name: str) -> Iterator[str]:
+    """/proc/P/`name` of `pid` and each of its descendants still alive."""
+    for each in set(_descendants(pid)):
+        try:
+            yield Path(f"/proc/{each}/{name}").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+
+
 def rss_kb(pid: int) -> int:
     """VmRSS in kB of `pid` plus all its descendants (HAProxy may fork)."""
     total = 0
-    for each in set(_descendants(pid)):
-        try:
-            status = Path(f"/proc/{each}/status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
+    for status in _proc_files(pid, "status"):
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by `pid` (all its threads) and
+    its descendants: /proc/PID/stat fields utime and stime."""
+    ticks = 0
+    for stat in _proc_files(pid, "stat"):
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def read_event(process: Managed, want: str, timeout: float) -> dict:

@@ -13,7 +13,10 @@ from pathlib import Path
 from . import contenders as C
 from .model import BenchResult, Metric
 
-NAMES = {"direct": "direct", "haproxy": "HAProxy", "keepalived": "keepalived", "warren": "Warren"}
+NAMES = {"direct": "direct", "haproxy": "HAProxy", "keepalived": "keepalived", "warren": "Warren",
+         "baseline": "baseline"}
+# What Warren's medians are divided by, where both were measured.
+RATIO_BASES = ("haproxy", "direct", "baseline")
 DEBIAN_PACKAGES = ("haproxy", "iperf3", "wrk", "rabbitmq-server", "erlang-base", "keepalived")
 
 
@@ -109,7 +112,7 @@ def records(results: list[BenchResult]) -> list[dict]:
             record.update({name: result.median(metric.key, name) for name in names})
             record["rounds"] = result.round_count(metric.key)
             record["samples"] = {name: result.samples(metric.key, name) for name in names}
-            for baseline in ("haproxy", "direct"):
+            for baseline in RATIO_BASES:
                 if baseline in names and "warren" in names:
                     record[f"warren_vs_{baseline}"] = _ratio(result, metric, baseline)
             targets = [t for t in result.targets if t.metric == metric.key]
@@ -204,7 +207,7 @@ def markdown(results: list[BenchResult], meta: dict) -> str:
 
 def _section(result: BenchResult) -> list[str]:
     contenders = [c for c in result.contenders if any(c in r for r in result.rounds)]
-    ratios = [b for b in ("haproxy", "direct") if b in contenders and "warren" in contenders]
+    ratios = [b for b in RATIO_BASES if b in contenders and "warren" in contenders]
     head = ["metric", "unit", *[NAMES.get(c, c) for c in contenders],
             *[f"Warren / {NAMES[b]}" for b in ratios], "rounds"]
     lines = [f"## {result.name}: {result.title}", "", result.description, "",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from . import contenders as C
 from . import report
 from .lab import Lab, Mode
 from .model import BenchResult
@@ -44,6 +45,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per benchmark (overrides the mode's)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where to write the results")
     parser.add_argument("--workdir", type=Path, help="keep configs and logs here (default: a temp dir)")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also run the Warren of this checkout as contender 'baseline' (an A/B of "
+                             "two versions) in the benchmarks that start Warren as a plain process")
     return parser.parse_args(argv)
 
 
@@ -89,6 +93,21 @@ def run_benchmark(bench: Benchmark, progress: Progress) -> BenchResult:
     return result
 
 
+# The benchmarks whose contenders are started by contenders.start() alone
+# (the others start Warren their own way: in namespaces, with extra services).
+_BASELINE_READY = ("requests", "connrate", "bulk")
+
+
+def with_baseline(benches: list[Benchmark], checkout: Path) -> None:
+    """Adds the contender "baseline" (Warren from `checkout`) after "warren"."""
+    if not (checkout / "proxy" / "__main__.py").is_file():
+        raise SystemExit(f"--baseline {checkout}: not a Warren checkout (no proxy/__main__.py)")
+    C.BASELINE = checkout.resolve()
+    for bench in benches:
+        if bench.name in _BASELINE_READY and "warren" in bench.contenders:
+            bench.contenders = (*bench.contenders, "baseline")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
@@ -106,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[BenchResult] = []
     try:
         benches = [cls(lab) for cls in ALL if not args.only or cls.name in args.only]
+        if args.baseline:
+            with_baseline(benches, args.baseline)
         runnable = [b for b in benches if b.missing() is None]
         progress.total = sum(b.rounds() * len(b.contenders) for b in runnable)
         if mode.name == "smoke" and any(b.needs_rabbit for b in runnable):

@@ -75,6 +75,23 @@ class Connection:
             self.interrupt()
 
 
+class _DecidesCandidacy:
+    """A server attribute that decides whether the server may take new
+    connections: setting it drops the backend's cached candidate list."""
+
+    __slots__ = ("private",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.private = "_" + name
+
+    def __get__(self, server: Any, owner: type | None = None) -> Any:
+        return self if server is None else getattr(server, self.private)
+
+    def __set__(self, server: Any, value: Any) -> None:
+        setattr(server, self.private, value)
+        server.backend.forget_candidates()
+
+
 class ServerRuntime:
     """A server's live state. Its config is replaced on reload; state stays.
 
@@ -83,6 +100,11 @@ class ServerRuntime:
     (statistics, kills) until its last connection ends; a reload that brings
     its name back revives it with its connections.
     """
+
+    up = _DecidesCandidacy()
+    admin = _DecidesCandidacy()
+    admin_weight = _DecidesCandidacy()
+    addresses = _DecidesCandidacy()
 
     def __init__(self, backend: BackendRuntime, config: Server, now: float):
         self.backend = backend
@@ -121,14 +143,15 @@ class ServerRuntime:
     @property
     def weight(self) -> int:
         """The weight balancing uses: the admin weight, ramped during slowstart."""
-        if self.slowstart is None or self.admin_weight == 0:
-            return self.admin_weight
+        weight = self._admin_weight  # read on every pick: past the descriptor
+        if self.slowstart is None or weight == 0:
+            return weight
         since, duration = self.slowstart
         fraction = (time.monotonic() - since) / duration
         if fraction >= 1:
             self.slowstart = None
-            return self.admin_weight
-        return max(1, int(self.admin_weight * fraction))
+            return weight
+        return max(1, int(weight * fraction))
 
     @weight.setter
     def weight(self, value: int) -> None:
@@ -211,6 +234,8 @@ class ServerRuntime:
 
 class BackendRuntime:
     def __init__(self, config: Backend, now: float):
+        self._candidates: list[ServerRuntime] | None = None  # see candidates()
+        self._limited = False  # some candidate has a maxconn
         self.config = config
         self.servers: dict[str, ServerRuntime] = {
             s.name: ServerRuntime(self, s, now) for s in config.servers
@@ -254,13 +279,14 @@ class BackendRuntime:
             self.servers[server_config.name] = server
         if config.balance != old_balance:
             self.balancer = make_balancer(config.balance)
-        self.queue.unpark_all()  # a new server may have free slots
         added = [n for n in self.servers if n not in old]
         removed = [n for n in old if n not in self.servers]
         for name in removed:
             if old[name].connections:
                 old[name].retired = True
                 self.retired[name] = old[name]
+        self.forget_candidates()  # other servers, backup flags, maxconns
+        self.queue.unpark_all()  # a new server may have free slots
         return added, removed
 
     def _revive(self, name: str) -> ServerRuntime | None:
@@ -277,11 +303,19 @@ class BackendRuntime:
         )
 
     def candidates(self) -> list[ServerRuntime]:
-        """Servers that may take a new connection now: active ones, else backups."""
-        active = [s for s in self.servers.values() if s.available and not s.config.backup]
-        if active:
-            return active
-        return [s for s in self.servers.values() if s.available and s.config.backup]
+        """Servers that may take a new connection now: active ones, else
+        backups. Cached until a server's health, admin state, weight or
+        addresses change, or a reload (``forget_candidates``); do not modify."""
+        candidates = self._candidates
+        if candidates is None:
+            active = [s for s in self.servers.values() if s.available and not s.config.backup]
+            candidates = active or [s for s in self.servers.values() if s.available and s.config.backup]
+            self._candidates = candidates
+            self._limited = any(s.config.maxconn for s in candidates)
+        return candidates
+
+    def forget_candidates(self) -> None:
+        self._candidates = None
 
     def acquire(
         self, conn: Connection, prefer: ServerRuntime | None, exclude: Sequence[ServerRuntime]
@@ -290,14 +324,16 @@ class BackendRuntime:
         `prefer` if it is one, else one not in `exclude` if possible, chosen
         by the balancer. FULL when every candidate is at its maxconn,
         NO_SERVER when there is no candidate (see proxy.backends.dispatch)."""
-        candidates = self.candidates()
+        candidates = self._candidates
+        if candidates is None:
+            candidates = self.candidates()
         if not candidates:
             return NO_SERVER
-        free = [s for s in candidates if s.has_free_slot]
+        free = [s for s in candidates if s.has_free_slot] if self._limited else candidates
         if prefer is not None and prefer in free:
             chosen = prefer
         else:
-            pool = [s for s in free if s not in exclude] or free
+            pool = ([s for s in free if s not in exclude] or free) if exclude else free
             if not pool:
                 return FULL
             chosen = self.balancer.pick(pool, conn.client[0])
@@ -316,12 +352,17 @@ class BackendRuntime:
 
 
 class FrontendRuntime:
+    """A frontend's live state. ``current`` counts its clients, each holding
+    one of its ``maxconn`` slots from accept to close: the listener takes a
+    slot as it accepts (``take_slot``) and accepts only while one is free
+    (``wait_for_slot``); the session gives it back (``release_slot``)."""
+
     def __init__(self, config: Frontend):
         self.config = config
-        self.limiter = trio.CapacityLimiter(config.maxconn)
         self.current = 0
         self.max_sessions = 0
         self.total_sessions = 0
+        self._slot_freed: trio.Event | None = None  # while a listener waits for a slot
 
     @property
     def name(self) -> str:
@@ -329,7 +370,31 @@ class FrontendRuntime:
 
     def reconfigure(self, config: Frontend) -> None:
         self.config = config
-        self.limiter.total_tokens = config.maxconn
+        self._wake_listeners()  # maxconn may have grown
+
+    def take_slot(self) -> None:
+        """A client was just accepted (no checkpoint since a slot was free)."""
+        current = self.current = self.current + 1
+        self.total_sessions += 1
+        if current > self.max_sessions:
+            self.max_sessions = current
+
+    def release_slot(self) -> None:
+        self.current -= 1
+        if self._slot_freed is not None:
+            self._wake_listeners()
+
+    async def wait_for_slot(self) -> None:
+        """Returns once fewer than ``maxconn`` clients hold a slot."""
+        while self.current >= self.config.maxconn:
+            if self._slot_freed is None:
+                self._slot_freed = trio.Event()
+            await self._slot_freed.wait()
+
+    def _wake_listeners(self) -> None:
+        event, self._slot_freed = self._slot_freed, None
+        if event is not None:
+            event.set()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import contenders as C
-from ..procs import free_ports, spawn, wait_listening
+from ..procs import cpu_seconds, free_ports, spawn, wait_listening
 from .base import Benchmark, MeasureError, run_tool
 
 WRK_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "wrk_report.lua"
@@ -70,14 +70,19 @@ def parse_wrk(stdout: str) -> dict:
     return report
 
 
-def run_wrk(bench: Benchmark, label: str, address: tuple[str, int], seconds: float,
+def run_wrk(bench: Benchmark, label: str, contender: C.Contender, seconds: float,
             extra: tuple[str, ...] = ()) -> dict:
-    """wrk -t2 -c50 against http://address/ for `seconds`; the parsed report
-    plus "rate" (completed requests per second)."""
-    host, port = address
+    """wrk -t2 -c50 against the contender for `seconds`; the parsed report
+    plus "rate" (completed requests per second) and, for a proxy, "cpu"
+    (its CPU time, user + system, per completed request in µs: unlike a
+    rate, barely moved by the other loads of a shared machine)."""
+    host, port = contender.address
     argv = ["wrk", "-t", str(WRK_THREADS), "-c", str(WRK_CONNECTIONS), "-d", f"{seconds}s",
             "--timeout", "5s", *extra, "-s", str(WRK_SCRIPT), f"http://{host}:{port}/"]
     bench.remember(label, argv)
+    before = cpu_seconds(contender.pid) if contender.pid else None
     report = parse_wrk(run_tool(argv, timeout=seconds + 30))
     report["rate"] = report["requests"] / (report["duration_us"] / 1e6)
+    if before is not None:
+        report["cpu"] = (cpu_seconds(contender.pid) - before) / report["requests"] * 1e6
     return report

@@ -18,7 +18,11 @@ class ConnRate(Benchmark):
     description = ("wrk -t2 -c50 with `Connection: close`: one request per connection; new "
                    "connections (= requests) per second.")
     tools = ("wrk", "haproxy")
-    metrics = (Metric("rate", "new connections", "conn/s", True, 0),)
+    metrics = (
+        Metric("rate", "new connections", "conn/s", True, 0),
+        Metric("cpu", "proxy CPU per connection", "µs", False, 1),
+    )
+    metric_contenders = {"cpu": ("haproxy", "warren")}  # the direct connection has no proxy
     targets = (Target("rate", ">=", 0.5),)
 
     def seconds(self) -> int:
@@ -30,7 +34,7 @@ class ConnRate(Benchmark):
             yield running
 
     def measure(self, env: dict[str, C.Contender], contender: str, round_index: int) -> dict[str, float]:
-        report = run_wrk(self, "wrk Connection: close", env[contender].address, self.seconds(),
+        report = run_wrk(self, "wrk Connection: close", env[contender], self.seconds(),
                          ("-H", "Connection: close"))
         env[contender].check_alive()
-        return {"rate": report["rate"]}
+        return {key: report[key] for key in ("rate", "cpu") if key in report}

@@ -29,7 +29,9 @@ class KeepAlive(Benchmark):
         Metric("p99", "p99 latency", "ms", False, 3),
         Metric("p50_added", "p50 added by proxy", "ms", False, 3),
         Metric("p99_added", "p99 added by proxy", "ms", False, 3),
+        Metric("cpu", "proxy CPU per request", "µs", False, 1),
     )
+    metric_contenders = {"cpu": ("haproxy", "warren")}  # the direct connection has no proxy
     targets = (
         Target("rate", ">=", 0.6),
         Target("p50_added", "<=", 2.0),
@@ -48,10 +50,13 @@ class KeepAlive(Benchmark):
             yield running
 
     def measure(self, env: dict[str, C.Contender], contender: str, round_index: int) -> dict[str, float]:
-        report = run_wrk(self, "wrk keep-alive", env[contender].address, self.seconds())
+        report = run_wrk(self, "wrk keep-alive", env[contender], self.seconds())
         env[contender].check_alive()
         latency = report["latency_us"]
-        return {"rate": report["rate"], "p50": latency["p50"] / 1000, "p99": latency["p99"] / 1000}
+        values = {"rate": report["rate"], "p50": latency["p50"] / 1000, "p99": latency["p99"] / 1000}
+        if "cpu" in report:
+            values["cpu"] = report["cpu"]
+        return values
 
     def after_round(self, result: BenchResult, round_index: int) -> None:
         add_difference(result, round_index, "p50", "p50_added")

@@ -8,25 +8,27 @@ complete (the socket is registered there once, for the relay to take over).
 
 from __future__ import annotations
 
+import _socket
 import errno
 import select
 import socket
 
 from ..runtime import ServerRuntime
 
+_INET, _INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+_STREAM = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 # A failed connect reports EPOLLERR (and EPOLLHUP) besides EPOLLOUT.
 _FAILED = select.EPOLLERR | select.EPOLLHUP
 
 
-def start_connect(server: ServerRuntime) -> tuple[socket.socket, int]:
+def start_connect(server: ServerRuntime) -> tuple[_socket.socket, int]:
     """A new non-blocking socket and the errno of its ``connect()`` to
     `server`: 0, EINPROGRESS (wait until writable, then
     :func:`connect_error`) or a failure. Raises OSError when no socket can
     be had (EMFILE, ENFILE, ENOBUFS, ENOMEM)."""
     address = server.addresses[0]
-    sock = socket.socket(
-        socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-    )
+    # The C-level socket class: every method C, no Python-level wrapper.
+    sock = _socket.socket(_INET6 if ":" in address else _INET, _STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, sock.connect_ex((address, server.config.port))

@@ -1,9 +1,10 @@
 """Balancing algorithms, sans-I/O.
 
 Each algorithm picks one server among candidates the caller has already
-filtered (available, with a free slot, not excluded). A candidate is anything
-with `name`, `weight` (int >= 1) and `current_sessions`; weights are read at
-every pick, so a weight changed at run time takes effect on the next pick.
+filtered (available, with a free slot, not excluded). A candidate is any
+hashable object (compared by identity) with `name`, `weight` (int >= 1) and
+`current_sessions`; weights are read at every pick, so a weight changed at
+run time takes effect on the next pick.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ class SmoothRoundRobin:
     bursts (weights 5,1,1 give a a b a c a a, not a a a a a b c).
 
     Each pick adds every candidate's weight to its running score, chooses the
-    highest score and subtracts the total from the winner.
+    highest score and subtracts the total from the winner. Scores are kept
+    per candidate object (a server keeps its object across reloads while it
+    keeps its name), which spares reading names on every pick.
     """
 
     def __init__(self) -> None:
-        self._scores: dict[str, int] = {}
+        self._scores: dict[Candidate, int] = {}
 
     def pick(self, candidates: Sequence[Candidate], client_ip: str) -> Candidate | None:
         if not candidates:
@@ -49,20 +52,21 @@ class SmoothRoundRobin:
         best_score = 0
         scores = self._scores
         for server in candidates:
-            score = scores.get(server.name, 0) + server.weight
-            scores[server.name] = score
-            total += server.weight
+            weight = server.weight
+            score = scores.get(server, 0) + weight
+            scores[server] = score
+            total += weight
             if best is None or score > best_score:
                 best, best_score = server, score
         assert best is not None
-        scores[best.name] = best_score - total
+        scores[best] = best_score - total
         if len(scores) > 2 * len(candidates):
             self._forget_absent(candidates)
         return best
 
     def _forget_absent(self, candidates: Sequence[Candidate]) -> None:
-        present = {s.name for s in candidates}
-        self._scores = {n: v for n, v in self._scores.items() if n in present}
+        present = set(candidates)
+        self._scores = {s: v for s, v in self._scores.items() if s in present}
 
 
 class LeastConn:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import _socket
 import errno
+import math
+import select
 import socket
 from typing import Callable
 
@@ -10,6 +13,7 @@ import structlog
 import trio
 
 from ..config.model import BindAddress
+from ..io.poller import current_poller
 from ..runtime import FrontendRuntime
 
 log = structlog.get_logger("warren.listener")
@@ -25,9 +29,12 @@ _ACCEPT_BACKOFF = 0.1
 
 # Clients accepted in a row before other tasks get a turn.
 _ACCEPT_BATCH = 16
+# The listening socket in the relays' epoll: a new client is an edge.
+_ACCEPT_MASK = select.EPOLLIN | select.EPOLLET
 
-# Starts serving one accepted client without blocking (and never raises).
-Handler = Callable[[socket.socket, tuple, FrontendRuntime, object], None]
+# Starts serving one accepted client without blocking (and never raises);
+# the client holds one of the frontend's slots until the handler releases it.
+Handler = Callable[[_socket.socket, tuple, FrontendRuntime], None]
 
 
 class BindError(Exception):
@@ -65,63 +72,113 @@ async def serve_listener(
 ) -> None:
     """Accepts forever on `sock` (closed when this returns or is cancelled).
 
-    A frontend slot is taken *before* accepting, so beyond `maxconn` clients
-    wait in the kernel's backlog until a slot frees instead of being reset.
-    Each accepted client (a non-blocking socket) goes to
-    `handler(sock, peer, frontend, slot)`, which releases the slot when the
-    client is done. Clients are accepted in batches while the backlog has
-    them, and the task waits for the listener only when it is empty.
+    A client is accepted only while the frontend has a free slot (fewer
+    than `maxconn` clients), so beyond `maxconn` clients wait in the
+    kernel's backlog until a slot frees instead of being reset. Each
+    accepted client (a non-blocking socket) holds a slot
+    (``FrontendRuntime.take_slot``) and goes to `handler(sock, peer,
+    frontend)`, which releases the slot when the client is done.
+
+    Accepting happens in the relays' poller (:class:`_Acceptor`), like
+    relaying: a connection arriving is accepted, connected and relayed in
+    one wake-up, without a trio task switch or trio's one-shot re-arm of the
+    listening socket. This task only holds the registration and waits
+    while the acceptor is paused: for a free slot, or 100 ms after a
+    transient accept error (out of descriptors or memory); any other accept
+    error is raised here.
     """
     bound = sock.getsockname()
+    poller = current_poller()
+    acceptor = _Acceptor(sock, frontend, handler)
+    poller.watch(acceptor.fds[0], acceptor, _ACCEPT_MASK)
     log.info("listener.started", frontend=frontend.name, address=_format(bound))
     task_status.started()
-    limiter = frontend.limiter
-    # socket.accept() converts the listener's family and type to enums and
-    # wraps the new fd for every client; accept on the raw fd and wrap it
-    # with the listener's values taken once.
-    accept, family, kind, proto = sock._accept, sock.family, sock.type, sock.proto
-    slot = None  # taken, not yet handed to a client
     try:
-        in_a_row = 0
+        # The backlog may hold clients that arrived before the registration
+        # (their edge is gone): accept them now.
+        while acceptor.serve():
+            await trio.lowlevel.checkpoint()
         while True:
-            if slot is None:
-                slot = object()
-                try:
-                    limiter.acquire_on_behalf_of_nowait(slot)
-                except trio.WouldBlock:
-                    try:
-                        await limiter.acquire_on_behalf_of(slot)
-                    except BaseException:
-                        slot = None
-                        raise
-            try:
-                fd, peer = accept()
-            except BlockingIOError:
-                in_a_row = 0
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as error:
-                if error.errno not in _TRANSIENT_ACCEPT_ERRORS:
-                    raise
+            await acceptor.paused.wait()
+            acceptor.paused = trio.Event()
+            error = acceptor.error
+            if error is None:
+                await frontend.wait_for_slot()
+            elif error.errno in _TRANSIENT_ACCEPT_ERRORS:
                 log.error(
                     "listener.accept_failed", frontend=frontend.name,
                     error=errno.errorcode.get(error.errno, str(error.errno)),
                 )
                 await trio.sleep(_ACCEPT_BACKOFF)
-                continue
-            client = socket.socket(family, kind, proto, fd)
-            client.setblocking(False)
-            handler(client, peer, frontend, slot)
-            slot = None
-            in_a_row += 1
-            if in_a_row == _ACCEPT_BATCH:
-                in_a_row = 0
+            else:
+                raise error
+            acceptor.error = None
+            while acceptor.serve():  # resumed: the backlog may hold clients (no new edge)
                 await trio.lowlevel.checkpoint()
     finally:
-        if slot is not None:
-            limiter.release_on_behalf_of(slot)
-        trio.lowlevel.notify_closing(sock)
+        acceptor.notify = None
+        poller.forget(acceptor.fds[0])
         sock.close()
+
+
+class _Acceptor:
+    """A listening socket as a link of the relays' poller: it accepts while
+    the frontend has slots, and pauses (``paused`` is set) when it has none
+    or accept() failed (``error``); the listener's task resumes it."""
+
+    __slots__ = (
+        "fds", "events", "queued", "notify", "scheduled", "deadline",
+        "accept", "family", "kind", "proto", "frontend", "handler", "paused", "error",
+    )  # fmt: skip
+
+    def __init__(self, sock: socket.socket, frontend: FrontendRuntime, handler: Handler) -> None:
+        self.fds = (sock.fileno(),)
+        self.events = [0]
+        self.queued = False
+        self.notify = True  # never None: the poller serves it until the listener ends
+        self.scheduled = self.deadline = math.inf  # no timer
+        # socket.accept() converts the listener's family and type to enums
+        # and wraps the new fd in a Python-level socket.socket for every
+        # client; accept on the raw fd and wrap it in the C-level
+        # _socket.socket (all its methods are C) with values taken once.
+        self.accept, self.family, self.kind, self.proto = sock._accept, int(sock.family), int(sock.type), sock.proto
+        self.frontend = frontend
+        self.handler = handler
+        self.paused = trio.Event()
+        self.error: OSError | None = None
+
+    def serve(self) -> bool:
+        """Accepts up to a batch of clients; True if the backlog may hold
+        more (serve again after others had a turn)."""
+        self.events[0] = 0
+        if self.paused.is_set():
+            return False  # the listener's task resumes us
+        frontend, accept, handler = self.frontend, self.accept, self.handler
+        for _ in range(_ACCEPT_BATCH):
+            if frontend.current >= frontend.config.maxconn:
+                self.paused.set()
+                return False
+            try:
+                fd, peer = accept()
+            except BlockingIOError:
+                return False  # drained: the next client is a new edge
+            except OSError as error:
+                self.error = error
+                self.paused.set()
+                return False
+            frontend.take_slot()
+            client = _socket.socket(self.family, self.kind, self.proto, fd)
+            client.setblocking(False)
+            handler(client, peer, frontend)
+        return True
+
+    def expire(self) -> None:
+        pass  # it has no timer
+
+    def fail(self, error: Exception) -> None:
+        # A bug (handlers never raise): the listener's task raises it.
+        self.error = error
+        self.paused.set()
 
 
 def _format(address: tuple) -> str:

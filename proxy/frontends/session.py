@@ -29,7 +29,6 @@ import errno
 import socket
 import time
 
-import outcome
 import structlog
 import trio
 
@@ -38,8 +37,8 @@ from ..backends.dispatch import Connect, Dispatch, Fail, Queue, Timing
 from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import SendProxy
 from ..io.pipes import PipePool
-from ..io.poller import Writable, current_poller
-from ..io.relay import Ending, Timeouts, Traffic, start_relay
+from ..io.poller import Poller, Writable, current_poller
+from ..io.relay import Ending, Link, Timeouts, Traffic
 from ..runtime import BackendRuntime, Connection, FrontendRuntime, KillReason, Runtime, ServerRuntime
 
 log = structlog.get_logger("warren.session")
@@ -63,6 +62,7 @@ class Sessions:
         self.live: set[Connection] = set()
         self.drained = trio.Event()  # set (and replaced) whenever live becomes empty
         self.nursery: trio.Nursery | None = None  # for sessions that continue in a task
+        self.poller: Poller | None = None  # the run's relay poller, from the first client on
         # frontend name -> (its config, its backend's config, relay timeouts)
         self._relay_timeouts: dict[str, tuple[object, object, Timeouts]] = {}
 
@@ -70,15 +70,17 @@ class Sessions:
         for conn in list(self.live):
             conn.kill(reason)
 
-    def start(self, client: socket.socket, peer: tuple, frontend: FrontendRuntime, slot: object) -> None:
-        """Serves an accepted client (non-blocking); always closes it and
-        frees its frontend slot in the end. Never raises."""
+    def start(self, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
+        """Serves an accepted client (non-blocking) that holds a frontend
+        slot; always closes it and releases the slot in the end. Never raises."""
         try:
-            session = _Session(self, client, peer, frontend, slot)
+            if self.poller is None:
+                self.poller = current_poller()
+            session = _Session(self, client, peer, frontend)
         except Exception:  # a bug: this client only, never the listener
             log.exception("session.failed", client=_addr(peer))
             client.close()
-            frontend.limiter.release_on_behalf_of(slot)
+            frontend.release_slot()
             return
         session.begin()
 
@@ -104,49 +106,47 @@ class Sessions:
             self.drained = trio.Event()
 
 
-class _Session:
-    """One client connection, from accept to close: the shell of its dispatch.
+class _Session(Link):
+    """One client connection, from accept to close: the shell of its
+    dispatch, and once connected the relay's link itself (one object per
+    connection, and the relay's outcome comes straight to ``ended``).
 
     It runs in callbacks: ``begin`` (from the listener) starts the dispatch,
     ``_connect_done`` (from the poller) feeds it a connect's outcome,
-    ``_relay_done`` (from the poller) ends the session. ``_carry_out`` does
-    what the dispatch asks; only a wait in the backend's queue takes a task
+    ``ended`` (from the poller) ends the session. ``_carry_out`` does what
+    the dispatch asks; only a wait in the backend's queue takes a task
     (``_queued``). Callbacks never raise: a failure ends this session only
     (``PD``).
     """
 
     __slots__ = (
-        "sessions", "client", "frontend", "slot", "conn", "started", "backend", "dispatch",
-        "server_sock", "waiter", "link", "done",
+        "sessions", "client", "frontend", "conn", "started", "backend", "dispatch",
+        "server_sock", "waiter", "done",
     )  # fmt: skip
 
-    def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple,
-                 frontend: FrontendRuntime, slot: object) -> None:
+    def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
+        # The relay's half (Link.__init__) runs once connected (_relay).
+        self.ways = None  # not relaying (yet): Link.stop() does nothing
         self.sessions = sessions
         self.client = client
         self.frontend = frontend
-        self.slot = slot
         self.started = time.monotonic()
         self.conn = Connection(sessions.runtime.new_connection_id(), peer[:2], frontend.name, Traffic())
         self.backend: BackendRuntime | None = None
         self.dispatch: Dispatch | None = None
         self.server_sock: socket.socket | None = None
         self.waiter: Writable | None = None
-        self.link = None
         self.done = False
 
     def begin(self) -> None:
-        frontend, conn = self.frontend, self.conn
-        frontend.current += 1
-        frontend.total_sessions += 1
-        frontend.max_sessions = max(frontend.max_sessions, frontend.current)
+        conn = self.conn
         self.sessions.live.add(conn)
         try:
-            backend = self.backend = self.sessions.runtime.backends[frontend.config.backend]
+            backend = self.backend = self.sessions.runtime.backends[self.frontend.config.backend]
             conn.backend = backend
             backend.total_sessions += 1
             dispatch = self.dispatch = Dispatch(backend, conn)
-            self._carry_out(dispatch.start(trio.current_time()))
+            self._carry_out(dispatch.start(self.sessions.poller.now()))
         except Exception as error:
             self._crashed(error)
 
@@ -162,18 +162,20 @@ class _Session:
                 try:
                     sock, failure = start_connect(action.server)
                 except OSError as error:
-                    action = dispatch.no_socket(trio.current_time(), error_name(error.errno or 0))
+                    action = dispatch.no_socket(self.sessions.poller.now(), error_name(error.errno or 0))
                     continue
                 self.server_sock = sock
                 if failure == errno.EINPROGRESS:
-                    self.waiter = current_poller().when_writable(sock.fileno(), action.deadline, self._connect_done)
+                    self.waiter = self.sessions.poller.when_writable(
+                        sock.fileno(), action.deadline, self._connect_done, self.fail
+                    )
                     self.conn.interrupt = self._interrupt_connect
                     return
                 if not failure:
                     self._connected()
                     return
                 self._drop_server_socket()
-                action = dispatch.connect_refused(trio.current_time(), error_name(failure))
+                action = dispatch.connect_refused(self.sessions.poller.now(), error_name(failure))
             elif kind is Queue:
                 self._continue_in_task(action)
                 return
@@ -181,18 +183,18 @@ class _Session:
                 self._failed(action)
                 return
 
-    def _connect_done(self, events: outcome.Outcome) -> None:
-        """The poller's report on the connect in progress (0: timed out)."""
+    def _connect_done(self, reported: int) -> None:
+        """The poller's report on the connect in progress: its epoll events,
+        0 when its deadline passed."""
         self.waiter = None
         self.conn.interrupt = None
         try:
-            reported = events.unwrap()
             failure = connect_error(self.server_sock, reported) if reported else 0
             if reported and not failure:
                 self._connected()
                 return
             self._drop_server_socket()
-            now = trio.current_time()
+            now = self.sessions.poller.now()
             if reported:
                 self._carry_out(self.dispatch.connect_refused(now, error_name(failure)))
             else:
@@ -202,7 +204,7 @@ class _Session:
 
     def _connected(self) -> None:
         dispatch, sock = self.dispatch, self.server_sock
-        dispatch.connected(trio.current_time())
+        dispatch.connected(self.sessions.poller.now())
         refused = _send_proxy_header(self.client, sock, dispatch.server, self.conn)
         if refused is not None:
             self._end(*refused)
@@ -210,24 +212,32 @@ class _Session:
         self._relay()
 
     def _relay(self) -> None:
-        """Both sockets go to the relay, which owns (and closes) them."""
-        sessions, sock = self.sessions, self.server_sock
-        timeouts = sessions.timeouts(self.frontend, self.backend)
+        """Both sockets go to the relay (this session as its link), which
+        owns and closes them."""
+        sessions, client, sock = self.sessions, self.client, self.server_sock
         self.server_sock = None
-        self.link = start_relay(
-            self.client, sock, self.conn.traffic, timeouts,
-            pipes=sessions.pipes, owned=True, notify=self._relay_done,
-        )  # fmt: skip
-        self.conn.interrupt = self.link.interrupt
-
-    def _relay_done(self, result: outcome.Outcome) -> None:
         try:
-            self.link.stop()
-            ending = result.unwrap()
-        except Exception as error:
-            self._crashed(error)
-            return
+            Link.__init__(
+                self, client, sock, self.conn.traffic, sessions.timeouts(self.frontend, self.backend),
+                sessions.pipes, sessions.poller, True, self.fail,
+            )  # fmt: skip
+        except BaseException:
+            self.ways = None
+            _close(sessions.poller, sock)
+            raise
+        self.conn.interrupt = self.interrupt
+
+    def ended(self, ending: Ending | None) -> None:
+        """The relay's outcome (None: interrupted by a kill)."""
+        if self.notify is None:
+            return  # ended already
+        self.stop()
         self._end(self._killed() if ending is None else _ENDINGS[ending], None)
+
+    def fail(self, error: Exception) -> None:
+        """The poller's call when serving this session (its connect wait or
+        its relay) raised unexpectedly."""
+        self._crashed(error)
 
     def _interrupt_connect(self) -> None:
         if self.waiter is not None:
@@ -256,7 +266,7 @@ class _Session:
                 if scope.cancelled_caught:
                     self._end(self._killed(), None)
                     return
-                now = trio.current_time()
+                now = self.sessions.poller.now()
                 action = dispatch.slot_freed(now) if woken else dispatch.queue_expired(now)
             self._carry_out(action)
         except trio.Cancelled:  # the stop grace period is over
@@ -280,14 +290,13 @@ class _Session:
 
     def _crashed(self, error: Exception) -> None:
         log.error("session.failed", conn=self.conn.id, client=_addr(self.conn.client), exc_info=error)
-        if self.link is not None:
-            self.link.stop()
+        self.stop()  # the relay, if it runs
         self._end("PD", f"internal error: {error!r}")
 
     def _drop_server_socket(self) -> None:
         sock, self.server_sock = self.server_sock, None
         if sock is not None:
-            _close(sock)
+            _close(self.sessions.poller, sock)
 
     def _end(self, termination: str, reason: str | None) -> None:
         """Closes what is left, frees the slots and logs; once. No checkpoint."""
@@ -299,12 +308,11 @@ class _Session:
         if self.waiter is not None:
             self.waiter.cancel()
         self._drop_server_socket()
-        _close(self.client)  # already closed if the relay had it
+        _close(self.sessions.poller, self.client)  # already closed if the relay had it
         if conn.server is not None:
             conn.server.detach(conn)
         self.sessions.ended(conn)
-        frontend.current -= 1
-        frontend.limiter.release_on_behalf_of(self.slot)
+        frontend.release_slot()
         if self.sessions.log_connections:
             self._log_closed(termination, reason)
 
@@ -354,11 +362,11 @@ def _send_proxy_header(
     return None
 
 
-def _close(sock: socket.socket) -> None:
+def _close(poller: Poller, sock: socket.socket) -> None:
     """Closes a socket the relay did not (the poller may still know its fd)."""
     fd = sock.fileno()
     if fd != -1:
-        current_poller().drop(fd)
+        poller.drop(fd)
         sock.close()
 
 

@@ -16,7 +16,7 @@ import structlog
 
 from .pipes import Pipe, PipePool
 
-Link = Any  # proxy.io.relay._Link: its fds, socks, traffic, want and owned
+Link = Any  # proxy.io.relay.Link: its fds, socks, traffic, want and owned
 
 log = structlog.get_logger("warren.relay")
 
@@ -77,14 +77,10 @@ class Direction:
     """Moves bytes from one socket to the other; ``move`` never blocks."""
 
     __slots__ = ("link", "index", "src", "dst", "eof", "ending")
-
-    def __init__(self, link: Link, index: int) -> None:
-        self.link = link
-        self.index = index
-        self.src = link.fds[index]
-        self.dst = link.fds[1 - index]
-        self.eof = False  # the source's end of stream has been read
-        self.ending = False  # ... is announced: read until it comes
+    # Subclasses set these in their __init__ (one call per direction, on
+    # every connection): link, index, src = link.fds[index], dst = the other
+    # fd, eof (the source's end of stream has been read) and ending (... is
+    # announced: read until it comes).
 
     def move(self) -> int:
         """Move bytes until blocked or the round's budget is spent; say what next.
@@ -122,7 +118,11 @@ class CopyDirection(Direction):
     hands_bulk_over = False
 
     def __init__(self, link: Link, index: int) -> None:
-        super().__init__(link, index)
+        self.link = link
+        self.index = index
+        self.src = link.fds[index]
+        self.dst = link.fds[1 - index]
+        self.eof = self.ending = False
         self.view: memoryview | None = None
         self.start = 0
         self.pending = 0  # bytes read but not yet written, at view[start:]
@@ -213,7 +213,7 @@ class SpliceDirection(CopyDirection):
     hands_bulk_over = True
 
     def __init__(self, link: Link, index: int, pool: PipePool) -> None:
-        super().__init__(link, index)
+        CopyDirection.__init__(self, link, index)
         self.pool = pool
         self.pipe: Pipe | None = None
         self.in_pipe = 0  # bytes sitting in the pipe
@@ -291,7 +291,8 @@ class SpliceDirection(CopyDirection):
         self.pipe = None
 
     def give_back(self) -> None:
-        super().give_back()
+        if self.view is not None:
+            CopyDirection.give_back(self)
         if self.pipe is not None:
             if self.in_pipe:
                 self.pool.discard(self.pipe)  # holds bytes: never reuse it

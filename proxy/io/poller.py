@@ -2,8 +2,8 @@
 
 See :mod:`proxy.io.relay` for why relays do not use trio's own I/O
 waits. A link is anything with the attributes and methods the relay's
-``_Link`` has: ``fds``, ``events``, ``queued``, ``notify``,
-``scheduled``, ``deadline``, ``serve()``, ``finish(outcome)``, ``expire()``.
+``Link`` has: ``fds``, ``events``, ``queued``, ``notify``,
+``scheduled``, ``deadline``, ``serve()``, ``expire()``, ``fail(error)``.
 ``notify`` is whoever gets the outcome (a callable taking it: a sleeping
 task's ``reschedule``, or a callback); None once the link is finished.
 """
@@ -11,7 +11,6 @@ task's ``reschedule``, or a callback); None once the link is finished.
 from __future__ import annotations
 
 import errno
-import functools
 import heapq
 import itertools
 import math
@@ -26,7 +25,7 @@ from . import trio_nesting
 
 log = structlog.get_logger("warren.poller")
 
-Link = Any  # proxy.io.relay._Link (typed loosely to avoid an import cycle)
+Link = Any  # proxy.io.relay.Link, Writable (typed loosely to avoid an import cycle)
 
 # How relay sockets are registered: once, edge-triggered, for reading and
 # writing (see ``Poller``). A connect waits on the same registration, so the
@@ -57,7 +56,7 @@ class Poller:
     timer (``"portable"``, ``_run_in_trio``).
     """
 
-    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order", "_nested", "mode")
+    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order", "_nested", "mode", "now")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -69,6 +68,9 @@ class Poller:
         # Decided once, in the run that creates it (see run).
         self._nested = trio_nesting.probe()
         self.mode = "portable" if isinstance(self._nested, str) else "nested"
+        # The run's clock (trio.current_time); the nested way reads trio's
+        # clock object directly, without trio's three layers of calls.
+        self.now: Callable[[], float] = trio.current_time
 
     def watch(self, fd: int, link: Link, mask: int) -> None:
         """Serve `link` when `fd` reports events of the epoll `mask`.
@@ -124,14 +126,21 @@ class Poller:
         The registration is left in place for the relay to take over
         (``watch``); whoever closes the fd first calls ``drop`` or ``forget``.
         """
-        waiter = self.when_writable(fd, deadline, _reschedule_current_task())
+        task = trio.lowlevel.current_task()
+        waiter = self.when_writable(
+            fd, deadline,
+            lambda events: trio.lowlevel.reschedule(task, outcome.Value(events)),
+            lambda error: trio.lowlevel.reschedule(task, outcome.Error(error)),
+        )  # fmt: skip
         return await trio.lowlevel.wait_task_rescheduled(waiter.abort)
 
-    def when_writable(self, fd: int, deadline: float, notify: Callable[[outcome.Outcome], Any]) -> Writable:
-        """Like :meth:`wait_writable`, for a callback: `notify` gets the
-        outcome (``Value(events)``, 0 on timeout) unless the returned waiter
-        is cancelled first."""
-        waiter = Writable(fd, deadline, notify)
+    def when_writable(
+        self, fd: int, deadline: float, notify: Callable[[int], Any], fail: Callable[[Exception], Any]
+    ) -> Writable:
+        """Like :meth:`wait_writable`, for callbacks: `notify` gets the
+        events (0 on timeout), `fail` an unexpected error, unless the
+        returned waiter is cancelled first."""
+        waiter = Writable(fd, deadline, notify, fail)
         self._register(fd, waiter, EDGE_MASK)
         self.wake_at(waiter, deadline)
         return waiter
@@ -181,27 +190,27 @@ class Poller:
 
     # -- for the nested way (proxy.io.trio_nesting) -----------------------------------
 
-    def nest(self, fd: int) -> None:
+    def nest(self, fd: int, clock: Callable[[], float]) -> None:
         """Watch `fd` (trio's own epoll) without a link: its readiness is
-        what :meth:`serve_once` returns."""
+        what :meth:`serve_once` returns. `clock`: the run's clock, read
+        directly (``now``)."""
         self._epoll.register(fd, select.EPOLLIN)
+        self.now = clock
 
-    def wait_limit(self, end: float) -> float:
-        """How long :meth:`serve_once` may block before `end`: not at all
-        while links wait for another round, never past the earliest timer."""
-        if self._busy:
-            return 0.0
+    def serve_once(self, until: float, now: float, nested_fd: int) -> tuple[bool, float]:
+        """Wait for events until `until` at the latest (not at all while
+        links wait for another round, never past the earliest timer; `now`
+        is the time now), serve the ready links and the timers due. Returns
+        (whether `nested_fd` (see :meth:`nest`) is ready, the time after)."""
         timers = self._timers
-        limit = min(end, timers[0][0]) if timers else end
-        return max(limit - trio.current_time(), 0.0)
-
-    def serve_once(self, wait: float, nested_fd: int) -> tuple[bool, float]:
-        """Wait up to `wait` s for events, serve the ready links and the
-        timers due; (whether `nested_fd` (see :meth:`nest`) is ready, the
-        time after serving)."""
+        if self._busy or until <= now:
+            wait = 0.0
+        else:
+            wait = (min(until, timers[0][0]) if timers else until) - now
+            if wait < 0.0:
+                wait = 0.0
         nested_ready = self._serve_ready_links(self._epoll.poll(wait), nested_fd)
-        now = trio.current_time()
-        timers = self._timers
+        now = self.now()
         if timers and timers[0][0] <= now:
             self._fire_timers(now)
         return nested_ready, now
@@ -236,7 +245,7 @@ class Poller:
             except Exception as exc:
                 # A bug or an unexpected OS error: it belongs to the relay's
                 # caller, not to the poller (which serves everyone).
-                link.finish(outcome.Error(exc))
+                link.fail(exc)
         return trio_ready
 
     def _fire_timers(self, now: float) -> None:
@@ -268,10 +277,6 @@ def current_poller() -> Poller:
         return poller
 
 
-def _reschedule_current_task() -> Callable[[outcome.Outcome], None]:
-    return functools.partial(trio.lowlevel.reschedule, trio.lowlevel.current_task())
-
-
 class Writable:
     """A link that waits for one fd to turn writable (a connect completing).
 
@@ -280,13 +285,16 @@ class Writable:
     completed are kept in ``events`` until then.
     """
 
-    __slots__ = ("fds", "events", "queued", "notify", "scheduled", "deadline", "connected")
+    __slots__ = ("fds", "events", "queued", "notify", "on_error", "scheduled", "deadline", "connected")
 
-    def __init__(self, fd: int, deadline: float, notify: Callable[[outcome.Outcome], Any]) -> None:
+    def __init__(
+        self, fd: int, deadline: float, notify: Callable[[int], Any], fail: Callable[[Exception], Any]
+    ) -> None:
         self.fds = (fd,)
         self.events = [0]
         self.queued = False
-        self.notify: Callable[[outcome.Outcome], Any] | None = notify
+        self.notify: Callable[[int], Any] | None = notify
+        self.on_error = fail
         self.scheduled = self.deadline = deadline
         self.connected = False  # the wait ended with the fd's readiness
 
@@ -297,17 +305,22 @@ class Writable:
         self.events[0] = events & ~_CONNECT_ENDED  # anything else is news for the next owner
         self.scheduled = math.inf  # the timer entry is stale from now on
         self.connected = True
-        self.finish(outcome.Value(events))
+        self._finish(events)
         return False
 
-    def finish(self, result: outcome.Outcome) -> None:
+    def expire(self) -> None:
+        self._finish(0)
+
+    def fail(self, error: Exception) -> None:
+        if self.notify is not None:
+            self.notify = None
+            self.on_error(error)
+
+    def _finish(self, events: int) -> None:
         notify = self.notify
         if notify is not None:
             self.notify = None
-            notify(result)
-
-    def expire(self) -> None:
-        self.finish(outcome.Value(0))
+            notify(events)
 
     def cancel(self) -> None:
         """No outcome will be delivered (the caller gave up waiting)."""

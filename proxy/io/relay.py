@@ -135,7 +135,7 @@ def start_relay(
     pipes: PipePool | None,
     owned: bool,
     notify: Callable[[outcome.Outcome], Any],
-) -> _Link:
+) -> Link:
     """:func:`relay` without a task: `notify` gets the outcome (an Ending,
     None after ``interrupt()``, or an unexpected error) from the poller task
     and must then call the link's ``stop()``. Nothing is delivered once the
@@ -143,7 +143,7 @@ def start_relay(
     cannot be registered."""
     poller = current_poller()
     try:
-        return _Link(client, server, traffic, timeouts, pipes, poller, owned, notify)
+        return Link(client, server, traffic, timeouts, pipes, poller, owned, notify)
     except BaseException:
         if owned:
             for sock in (client, server):
@@ -172,11 +172,16 @@ _WAKES_READER = ~_OUT
 _WAKES_WRITER = ~_IN
 
 
-class _Link:
+class Link:
     """One connection being relayed: both directions, readiness and deadlines.
 
-    Served by the poller task (``serve`` runs the directions that can move),
-    while the relay's own task sleeps until ``finish`` hands it the outcome.
+    Served by the poller (``serve`` runs the directions that can move); the
+    outcome goes to ``ended``, which hands it to ``notify`` (a sleeping
+    task's reschedule, or a callback) as an ``outcome.Value``. A subclass
+    may take it directly instead by overriding ``ended`` (and ``fail``, for
+    an unexpected error), and may run ``Link.__init__`` late, when its
+    relay starts: a session is its connection's link
+    (:mod:`proxy.frontends.session`).
     """
 
     __slots__ = (
@@ -243,11 +248,11 @@ class _Link:
                 moved1 = True
                 want[1] = self._move(1)
         except SideLost as lost:
-            self.finish(outcome.Value(_ABORT[lost.side]))
+            self.ended(_ABORT[lost.side])
             return False
         want0, want1 = want
         if want0 == DONE and want1 == DONE:
-            self.finish(outcome.Value(Ending.NORMAL))
+            self.ended(Ending.NORMAL)
             return False
         if self.timeouts is not None:
             # A direction that just ended starts the other's fin timeout.
@@ -264,6 +269,15 @@ class _Link:
             wanted = self.ways[index].move()
         return wanted
 
+    def ended(self, ending: Ending | None) -> None:
+        """The relay ended so (None: interrupted); the poller serves it no more."""
+        self.finish(outcome.Value(ending))
+
+    def fail(self, error: Exception) -> None:
+        """The poller's call when serving raised: a bug or an unexpected OS
+        error, which belongs to the relay's owner."""
+        self.finish(outcome.Error(error))
+
     def finish(self, result: outcome.Outcome) -> None:
         """Hand the result over; the poller serves us no more."""
         notify = self.notify
@@ -273,11 +287,11 @@ class _Link:
 
     def interrupt(self) -> None:
         """End the relay from outside (a kill): the outcome is None."""
-        self.finish(outcome.Value(None))
+        self.ended(None)
 
     def expire(self) -> None:
         """Called by the poller once ``deadline`` has passed."""
-        self.finish(outcome.Value(self._blame()))
+        self.ended(self._blame())
 
     def abort(self, raise_cancel) -> trio.lowlevel.Abort:
         self.notify = None  # cancelled: the poller must not touch us any more
@@ -307,7 +321,7 @@ class _Link:
     # deadline forward costs two float stores, not a cancel scope update.
 
     def _push_deadlines(self, moved0: bool, moved1: bool) -> None:
-        now = trio.current_time()
+        now = self.poller.now()
         deadlines, want = self.deadlines, self.want
         tunnel = self.timeouts.tunnel is not None and (moved0 or moved1)
         for index, moved in ((0, moved0), (1, moved1)):

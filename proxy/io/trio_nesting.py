@@ -85,7 +85,7 @@ async def serve_from_io_wait(poller: Poller, trio_fd: int, runner: Any) -> None:
     """Serve `poller`'s links from trio's ``before_io_wait`` hook until
     cancelled; the calling task only holds the hook's lifetime. A failure in
     the hook is raised here (as one in a poller loop would be)."""
-    poller.nest(trio_fd)
+    poller.nest(trio_fd, runner.clock.current_time)
     hook = _BeforeIoWait(poller, trio_fd, runner, trio.lowlevel.current_task())
     trio.lowlevel.add_instrument(hook)
     try:
@@ -124,16 +124,19 @@ class _BeforeIoWait(trio.abc.Instrument):
         returns at once), a task became runnable, or the timeout is over (in
         the last two cases trio's wait is cut short).
         """
-        poller, runner, trio_fd, now = self._poller, self._runner, self._trio_fd, trio.current_time
-        # With trio busy (or waiting for all tasks to block), one round
-        # without blocking; else rounds until trio has work.
-        blocking = timeout > 0 and not runner.waiting_for_idle
-        end = now() + timeout
+        poller, runner, trio_fd = self._poller, self._runner, self._trio_fd
+        now = poller.now()
+        if timeout <= 0 or runner.waiting_for_idle:
+            # trio is busy (or waits for all tasks to block): one round
+            # without blocking, then trio's wait does not block either.
+            poller.serve_once(now, now, trio_fd)
+            return
+        end = now + timeout
         while True:
-            trio_ready, current = poller.serve_once(poller.wait_limit(end) if blocking else 0.0, trio_fd)
-            if not blocking or trio_ready:
-                return  # trio's wait does not block, or returns at once
-            if runner.runq or current >= end:
+            trio_ready, now = poller.serve_once(end, now, trio_fd)
+            if trio_ready:
+                return  # trio's own wait returns at once
+            if runner.runq or now >= end:
                 cut_trio_wait_short()
                 return
 

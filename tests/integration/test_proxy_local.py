@@ -317,23 +317,23 @@ async def _wait_for_refused(address):
 async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
     import proxy.frontends.session as session_module
 
-    real_start_relay = session_module.start_relay
+    real_relay = session_module._Session._relay
 
-    def broken_start_relay(*args, **kwargs):
+    def broken_relay(self):
         raise RuntimeError("a bug in one connection")
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
             app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
-            monkeypatch.setattr(session_module, "start_relay", broken_start_relay)
+            monkeypatch.setattr(session_module._Session, "_relay", broken_relay)
             with structlog.testing.capture_logs() as logs:
                 victim = await trio.open_tcp_stream(*front(app))
                 assert await victim.receive_some(10) in (b"", b"a\n")
                 await _wait_for(lambda: _closed(logs))
             assert any(e["event"] == "session.failed" for e in logs)
             assert _closed(logs)[0]["termination"] == "PD"
-            monkeypatch.setattr(session_module, "start_relay", real_start_relay)
+            monkeypatch.setattr(session_module._Session, "_relay", real_relay)
             stream, name = await connect_and_greet(app)  # the proxy still serves
             assert name == "a"
             nursery.cancel_scope.cancel()

@@ -9,7 +9,7 @@ from proxy.backends.lb import First, LeastConn, SmoothRoundRobin, SourceHash, ma
 from proxy.config.model import Balance
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity, like the servers of the live model
 class S:
     name: str
     weight: int = 1

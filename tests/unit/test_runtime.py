@@ -3,6 +3,8 @@
 from dataclasses import replace
 
 import pytest
+import trio
+import trio.testing
 
 from proxy.config.model import Backend, CheckKind, Config, Health, Server
 from proxy.runtime import AdminState, Runtime
@@ -135,3 +137,73 @@ def test_a_reload_that_strands_live_connections_is_refused():
     assert problem.startswith("backend be: the new configuration removes every one of its servers (a, b)")
     (problem,) = rt.refuse_reload(replace(rt.config, backends=()))
     assert problem.startswith("backend be: the new configuration removes it while 1 connection(s) use it")
+
+
+@pytest.mark.parametrize(
+    "leave, come_back",
+    [
+        (lambda s: s.set_health(False, "DOWN", 1.0), lambda s: s.set_health(True, "UP", 2.0)),
+        (lambda s: s.set_admin(AdminState.MAINT, 1.0), lambda s: s.set_admin(AdminState.READY, 2.0)),
+        (lambda s: setattr(s, "weight", 0), lambda s: setattr(s, "weight", 3)),  # an operator's weight
+        (lambda s: setattr(s, "addresses", ()), lambda s: setattr(s, "addresses", ("10.0.0.9",))),  # DNS
+        (lambda s: setattr(s, "up", False), lambda s: setattr(s, "up", True)),
+    ],
+    ids=["health", "admin", "weight", "dns", "up"],
+)
+def test_the_cached_candidates_follow_every_change_of_availability(leave, come_back):
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2), Server("c", "127.0.0.1", 3, backup=True))
+    backend, a = rt.backends["be"], rt.server("be", "a")
+    assert [s.name for s in backend.candidates()] == ["a", "b"]
+    leave(a)
+    assert [s.name for s in backend.candidates()] == ["b"]
+    leave(rt.server("be", "b"))
+    assert [s.name for s in backend.candidates()] == ["c"]  # the backup, once no active server is left
+    come_back(a)
+    assert [s.name for s in backend.candidates()] == ["a"]
+
+
+def test_the_cached_candidates_follow_a_reload():
+    rt = runtime(Server("a", "127.0.0.1", 1), Server("b", "127.0.0.1", 2))
+    backend = rt.backends["be"]
+    assert [s.name for s in backend.candidates()] == ["a", "b"]
+    config = replace(rt.config.backends[0], servers=(Server("b", "127.0.0.1", 2, backup=True), Server("d", "127.0.0.1", 4)))
+    rt.apply(replace(rt.config, backends=(config,)))
+    assert [s.name for s in rt.backends["be"].candidates()] == ["d"]
+
+
+async def test_a_listener_waiting_for_a_frontend_slot_resumes_when_one_is_released():
+    from proxy.runtime import FrontendRuntime
+    from proxy.config.model import BindAddress, Frontend
+
+    frontend = FrontendRuntime(Frontend("fe", (BindAddress("127.0.0.1", 0),), "be", maxconn=2))
+    frontend.take_slot(), frontend.take_slot()
+    assert (frontend.current, frontend.total_sessions, frontend.max_sessions) == (2, 2, 2)
+    resumed = trio.Event()
+
+    async def listener():
+        await frontend.wait_for_slot()
+        resumed.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listener)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not resumed.is_set()
+            frontend.release_slot()
+            await resumed.wait()
+    assert (frontend.current, frontend.max_sessions) == (1, 2)
+
+
+async def test_a_reload_that_raises_maxconn_lets_a_waiting_listener_accept_again():
+    from proxy.runtime import FrontendRuntime
+    from proxy.config.model import BindAddress, Frontend
+
+    config = Frontend("fe", (BindAddress("127.0.0.1", 0),), "be", maxconn=1)
+    frontend = FrontendRuntime(config)
+    frontend.take_slot()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(frontend.wait_for_slot)
+            await trio.testing.wait_all_tasks_blocked()
+            frontend.reconfigure(replace(config, maxconn=2))
+    assert frontend.current == 1
