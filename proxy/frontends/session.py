@@ -299,20 +299,24 @@ class _Session(Link):
             _close(self.sessions.poller, sock)
 
     def _end(self, termination: str, reason: str | None) -> None:
-        """Closes what is left, frees the slots and logs; once. No checkpoint."""
+        """Closes what is left, frees the slots and logs; once. No checkpoint.
+        The slots are freed even if closing or detaching raises (a bug):
+        the caller hears of it, the frontend keeps its capacity."""
         if self.done:
             return
         self.done = True
-        conn, frontend = self.conn, self.frontend
+        conn = self.conn
         conn.interrupt = None
-        if self.waiter is not None:
-            self.waiter.cancel()
-        self._drop_server_socket()
-        _close(self.sessions.poller, self.client)  # already closed if the relay had it
-        if conn.server is not None:
-            conn.server.detach(conn)
-        self.sessions.ended(conn)
-        frontend.release_slot()
+        try:
+            if self.waiter is not None:
+                self.waiter.cancel()
+            self._drop_server_socket()
+            _close(self.sessions.poller, self.client)  # already closed if the relay had it
+            if conn.server is not None:
+                conn.server.detach(conn)
+        finally:
+            self.sessions.ended(conn)
+            self.frontend.release_slot()
         if self.sessions.log_connections:
             self._log_closed(termination, reason)
 

@@ -48,10 +48,17 @@ _OUT_OF_PIPES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 # a sender that never lets its socket run dry cannot starve the other
 # connections (trio has no preemption).
 _ROUND_BUDGET = 1024 * 1024
-# A splice into an empty pipe that returns less than this drained the socket
-# (tcp_splice_read stops early only on an empty queue or a full pipe), so the
-# EAGAIN probe is skipped; if wrong, level-triggered epoll wakes us again.
+# A splice into an empty pipe that returns less than this is a trickle: the
+# direction goes back to copying. It does NOT prove the socket drained:
+# tcp_splice_read also stops when the pipe's slots are full, one per
+# segment (or page fragment) taken, and a pipe whose resize was refused
+# (beyond pipe-user-pages-soft) has only 16: many small segments fill it
+# with far less than this while the socket holds more. With edge-triggered
+# epoll no further event would come for what is left, so a copy read
+# follows, whose short read is the proof (see CopyDirection.move).
 _SMALL_SPLICE = 16 * 1024
+# Internal: the splice path handing over to the copy path (a trickle).
+_TRICKLE = -1
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
 _COPY_BUFFER_SIZE = 128 * 1024
 _SPARE_BUFFERS_MAX = 16
@@ -225,7 +232,17 @@ class SpliceDirection(CopyDirection):
             if wanted != BULK:
                 return wanted
             self.bulk = True
-        return self._splice()
+        wanted = self._splice()
+        if wanted != _TRICKLE:
+            return wanted
+        # A short splice, now forwarded: copy, which tells a drained socket
+        # (a short read) from more queued. A full buffer again is bulk
+        # again: spliced in the next round, after the others had a turn.
+        wanted = super().move()
+        if wanted == BULK:
+            self.bulk = True
+            return YIELD
+        return wanted
 
     def _splice(self) -> int:
         pipe = self.pipe
@@ -244,7 +261,7 @@ class SpliceDirection(CopyDirection):
             while True:
                 # EAGAIN into an empty pipe means the socket is empty; into a
                 # non-empty pipe it may just mean the pipe is full.
-                drained = False
+                drained = trickle = False
                 if not self.eof:
                     try:
                         received = splice(src, pipe_in, size, flags=flags)
@@ -255,8 +272,7 @@ class SpliceDirection(CopyDirection):
                     else:
                         if received:
                             if not pending and received < _SMALL_SPLICE and not self.ending:
-                                drained = True  # a trickle: back to copying
-                                self.bulk = False
+                                trickle = True  # back to copying, see _SMALL_SPLICE
                             pending += received
                             if self.index:
                                 self.link.traffic.bytes_out += received
@@ -281,6 +297,10 @@ class SpliceDirection(CopyDirection):
                 if drained:
                     self._return_pipe()
                     return READ
+                if trickle:
+                    self._return_pipe()
+                    self.bulk = False
+                    return _TRICKLE
                 if moved >= _ROUND_BUDGET:
                     return YIELD
         finally:

@@ -3,9 +3,15 @@
 See :mod:`proxy.io.relay` for why relays do not use trio's own I/O
 waits. A link is anything with the attributes and methods the relay's
 ``Link`` has: ``fds``, ``events``, ``queued``, ``notify``,
-``scheduled``, ``deadline``, ``serve()``, ``expire()``, ``fail(error)``.
-``notify`` is whoever gets the outcome (a callable taking it: a sleeping
-task's ``reschedule``, or a callback); None once the link is finished.
+``scheduled``, ``deadline``, ``serve()``, ``expire()``, ``fail(error)``:
+a relay, a connect wait (``Writable``), a listening socket (the
+listener's acceptor). ``notify`` is None once the link is finished: the
+poller no longer serves it.
+
+What a link does when served is that link's business: an exception from
+its ``serve()`` or ``expire()`` goes to its ``fail()``, and one from there
+drops the link with a ``poller.link_failed`` error log. Nothing a link does
+ends the poller, whose failure would strand every relay of the run.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ class Poller:
 
     Relays register their sockets here rather than in trio's own epoll, so
     that one wake-up serves both sockets of a connection, and so that idle
-    connections cost no task stack of their own. Serving moves bytes right
+    connections cost no task stack of their own; listeners and connect
+    waits too, so that a new client is accepted, connected and relayed
+    without a trio task switch. Serving moves bytes right
     away (moving never blocks), so no task switch per wake-up is needed.
     Relay sockets are registered once, edge-triggered, for both reading and
     writing: no system call per event to re-arm them (a relay only waits for
@@ -243,9 +251,7 @@ class Poller:
                 if link.serve():
                     busy.append(link)
             except Exception as exc:
-                # A bug or an unexpected OS error: it belongs to the relay's
-                # caller, not to the poller (which serves everyone).
-                link.fail(exc)
+                self._contain(link, exc)
         return trio_ready
 
     def _fire_timers(self, now: float) -> None:
@@ -256,18 +262,38 @@ class Poller:
                 continue  # superseded by an earlier timer, or the relay ended
             if link.deadline <= now:
                 link.scheduled = math.inf
-                link.expire()
+                try:
+                    link.expire()
+                except Exception as exc:
+                    self._contain(link, exc)
             else:
                 # Pushed back by traffic since: look again then.
                 link.scheduled = link.deadline
                 heapq.heappush(timers, (link.deadline, next(self._order), link))
 
 
+    def _contain(self, link: Link, error: Exception) -> None:
+        """Serving `link` (or its deadline) raised: a bug or an unexpected OS
+        error, which belongs to that link alone, never to the poller that
+        serves everyone. The link hears it (``fail``: a relay's owner gets
+        the error, a session ends with PD); if even that raises, the link
+        is dropped here, logged, and never served again."""
+        try:
+            link.fail(error)
+        except Exception as second:
+            log.error("poller.link_failed", fds=link.fds, error=repr(error), exc_info=second)
+            link.notify = None
+            for fd in link.fds:
+                if self._links.get(fd) is link:
+                    del self._links[fd]
+
+
 _POLLER: trio.lowlevel.RunVar[Poller] = trio.lowlevel.RunVar("warren_relay_poller")
 
 
 def current_poller() -> Poller:
-    """The run's poller, started as a system task on first use."""
+    """The run's poller, started on first use (its system task installs
+    the I/O-wait hook, or waits through trio the portable way)."""
     try:
         return _POLLER.get()
     except LookupError:

@@ -2,28 +2,34 @@
 
 One connection's data path once the broker connection is established.
 8,000 mostly idle AMQP connections are the normal case, so a connection must
-cost little while idle: no task, nursery or wait stack of its own. The
-caller's task just sleeps in ``relay()`` until the outcome is known; both
-sockets of every relay are registered in one epoll instance shared by the
-trio run (``proxy.io.poller``), whose single system task also keeps the relays' idle
-deadlines. When a socket is ready, that task moves what the kernel allows
-right away, with non-blocking system calls (moving never blocks, so there is
-no task switch per wake-up):
+cost little while idle: no task, nursery or wait stack of its own. A
+connection is a :class:`Link` of the run's shared poller
+(``proxy.io.poller``): both sockets are registered once in its epoll,
+edge-triggered, and its idle deadline sits in the poller's timer heap.
+Whenever a socket reports an event, the poller, running inside trio's own
+I/O wait (``proxy.io.trio_nesting``), serves the link on the spot: it moves
+what the kernel allows right away, with non-blocking system calls (moving
+never blocks, so nothing waits per wake-up):
 
 * the splice path (a ``PipePool`` given): ``splice(socket -> pipe)`` then
   ``splice(pipe -> socket)``, the bytes never entering user space; small
   reads are copied instead, where two splices would cost more;
-* the copy path (``pipes=None``): ``readv`` into a buffer, ``write`` out.
+* the copy path (``pipes=None``): ``readv`` into a buffer, ``write`` out
+  (``proxy.io.directions``).
+
+The outcome goes to whoever owns the link: ``relay()``'s task sleeps until
+it is rescheduled with it, ``start_relay``'s callback gets it, and a
+session, which is its connection's link, takes it in ``ended``.
 
 Idle connections hold neither a pipe nor a buffer: both are borrowed when the
 source turns readable and handed back once everything read has been written.
 
 Half-close (RFC 9293 section 3.6): EOF from one side is forwarded as
 ``shutdown(SHUT_WR)`` on the other, and the opposite direction keeps flowing
-until it ends too. The relay never closes the sockets; the caller owns them
-(and must cancel a running relay before closing them).
+until it ends too. With ``owned`` the relay closes both sockets when it
+stops; otherwise the caller owns them (and must stop a running relay before
+closing them).
 """
-
 from __future__ import annotations
 
 import enum
@@ -113,8 +119,8 @@ async def relay(
     system calls that unregister them and the last half-close); otherwise the
     caller keeps them. On cancellation, raises Cancelled after returning every
     borrowed pipe (closing those that still hold data). Unexpected OS errors
-    propagate (raised here, although the bytes are moved by the shared poller
-    task).
+    propagate (raised here, although the bytes are moved by the shared
+    poller).
     """
     task = trio.lowlevel.current_task()
     notify = functools.partial(trio.lowlevel.reschedule, task)
@@ -137,8 +143,8 @@ def start_relay(
     notify: Callable[[outcome.Outcome], Any],
 ) -> Link:
     """:func:`relay` without a task: `notify` gets the outcome (an Ending,
-    None after ``interrupt()``, or an unexpected error) from the poller task
-    and must then call the link's ``stop()``. Nothing is delivered once the
+    None after ``interrupt()``, or an unexpected error) from the poller and
+    must then call the link's ``stop()``. Nothing is delivered once the
     link is stopped first. Raises (closing owned sockets) if the sockets
     cannot be registered."""
     poller = current_poller()

@@ -6,6 +6,7 @@ PROXY protocol, stop.
 """
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import structlog
@@ -188,13 +189,19 @@ async def test_server_maxconn_queues_until_a_slot_frees(splice):
             nursery.cancel_scope.cancel()
 
 
+async def _full_server(nursery, splice, queue: float):
+    """Warren in front of one server with maxconn 1, and the client holding it."""
+    ports = await named_servers(nursery, "a")
+    config = make_config([server("a", ports["a"], maxconn=1)], queue=queue)
+    app = await start_warren(nursery, config, splice=splice)
+    first, _ = await connect_and_greet(app)
+    return app, first
+
+
 async def test_queue_timeout_closes_client_with_sq(splice):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            ports = await named_servers(nursery, "a")
-            config = make_config([server("a", ports["a"], maxconn=1)], queue=0.2)
-            app = await start_warren(nursery, config, splice=splice)
-            first, _ = await connect_and_greet(app)
+            app, first = await _full_server(nursery, splice, queue=0.2)
             with structlog.testing.capture_logs() as logs:
                 second = await trio.open_tcp_stream(*front(app))
                 assert await second.receive_some(10) == b""
@@ -342,10 +349,7 @@ async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
 async def test_a_queued_session_killed_ends_at_once_with_kd_and_frees_its_slot(splice):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            ports = await named_servers(nursery, "a")
-            config = make_config([server("a", ports["a"], maxconn=1)], queue=30.0)
-            app = await start_warren(nursery, config, splice=splice)
-            first, _ = await connect_and_greet(app)
+            app, first = await _full_server(nursery, splice, queue=30.0)
             with structlog.testing.capture_logs() as logs:
                 queued = await trio.open_tcp_stream(*front(app))
                 backend = app.runtime.backends["be"]
@@ -376,4 +380,60 @@ async def test_a_connect_retried_after_a_timeout_goes_on_to_the_next_server(spli
             assert (closed["server"], closed["retries"], closed["redispatched"]) == ("b", 1, True)
             assert closed["tc_ms"] >= 180
             assert app.runtime.server("be", "silent").connect_errors == 1
+            nursery.cancel_scope.cancel()
+
+
+async def _one_slot_app(nursery, splice, **backend_timeouts):
+    ports = await named_servers(nursery, "a")
+    config = make_config([server("a", ports["a"])], maxconn=1)
+    if backend_timeouts:
+        backend = replace(config.backends[0], timeout=replace(config.backends[0].timeout, **backend_timeouts))
+        config = replace(config, backends=(backend,))
+    return await start_warren(nursery, config, splice=splice)
+
+
+async def test_a_session_failing_as_its_relay_ends_is_closed_alone_and_frees_its_slot(splice, monkeypatch):
+    """A bug in a session's own callback (here: the relay's ending unknown
+    to it) ends that session with PD; the poller, the listener and the
+    frontend slot (maxconn 1 here) carry on."""
+    import proxy.frontends.session as session_module
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await _one_slot_app(nursery, splice)
+            with structlog.testing.capture_logs() as logs:
+                victim, _ = await connect_and_greet(app)
+                monkeypatch.setattr(session_module, "_ENDINGS", {})
+                await victim.send_eof()  # the echo server closes too: the relay ends
+                await _wait_for(lambda: _closed(logs))
+                monkeypatch.undo()
+                stream, name = await connect_and_greet(app)  # the only slot is free again
+                assert name == "a"
+            assert any(e["event"] == "session.failed" for e in logs)
+            assert _closed(logs)[0]["termination"] == "PD"
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_idle_timeout_ends_that_session_alone_and_frees_its_slot(splice, monkeypatch):
+    from proxy.io.relay import Link
+
+    def broken_blame(self):
+        raise RuntimeError("a bug in one relay's timeout")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await _one_slot_app(nursery, splice, tunnel=0.2)
+            with structlog.testing.capture_logs() as logs:
+                monkeypatch.setattr(Link, "_blame", broken_blame)
+                victim, _ = await connect_and_greet(app)
+                assert await victim.receive_some(10) == b""  # closed when its timer fired
+                await _wait_for(lambda: _closed(logs))
+                monkeypatch.undo()
+                stream, name = await connect_and_greet(app)
+                assert name == "a"
+            failed = [e for e in logs if e["event"] == "session.failed"]
+            assert failed and "a bug in one relay's timeout" in repr(failed[0]["exc_info"])
+            assert _closed(logs)[0]["termination"] == "PD"
+            await stream.aclose()
             nursery.cancel_scope.cancel()

@@ -9,6 +9,7 @@ import random
 import select
 import socket
 import struct
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -16,10 +17,14 @@ import pytest
 import structlog
 import structlog.testing
 import trio
+import trio.testing
+from trio._core._run import SystemClock  # the real clock: the poller's nested way
 
+from proxy.io import pipes as pipes_module
 from proxy.io.pipes import Pipe, PipePool, splice_supported
 from proxy.io.poller import current_poller
 from proxy.io.relay import Ending, Timeouts, Traffic, relay
+from proxy.io.relay import Link as RelayLink
 
 IO_BOUND = 30  # seconds; every real-time test fails rather than hangs
 VIRTUAL_BOUND = 30 * 24 * 3600  # the same for autojump-clock tests, in virtual time
@@ -162,10 +167,12 @@ async def fds_after_a_first_relay() -> int:
     return open_fds()
 
 
-async def wait_until(predicate) -> None:
-    """Poll ``predicate`` at every scheduling point (callers bound the wait)."""
+async def wait_until(predicate, step: float = 0) -> None:
+    """Poll ``predicate`` at every scheduling point, or every `step` seconds
+    (with a mock clock, time moves only while every task sleeps); callers
+    bound the wait."""
     while not predicate():
-        await trio.sleep(0)
+        await trio.sleep(step)
 
 
 # --- data -------------------------------------------------------------------
@@ -305,6 +312,48 @@ async def test_reset_of_the_receiving_side_during_a_stream_is_that_sides_abort(
 
 
 # --- timeouts ---------------------------------------------------------------
+# Run on both clocks: trio's MockClock (virtual time, exact; the poller then
+# waits through trio, the portable way) and trio's real clock (the poller
+# nested in trio's I/O wait, the way Warren runs), with every duration
+# scaled down and an expiry checked to come never early and not much late.
+
+
+@dataclass(frozen=True)
+class Timebase:
+    """Test durations in units: seconds on the mock clock, `unit` s on the real one."""
+
+    unit: float
+    exact: bool
+    slack: float = 2.0  # real clock: how late an expiry may come on a busy machine
+
+    def __call__(self, units: float) -> float:
+        return units * self.unit
+
+    def assert_elapsed(self, elapsed: float, units: float) -> None:
+        if self.exact:
+            assert elapsed == pytest.approx(units)
+        else:
+            assert self(units) <= elapsed <= self(units) + self.slack
+
+
+@pytest.fixture(params=["mock-clock", "real-clock"])
+def clock(request):
+    """The run's clock (pytest-trio uses a Clock fixture as the test run's)."""
+    if request.param == "mock-clock":
+        return trio.testing.MockClock(autojump_threshold=0)
+    return SystemClock()
+
+
+@pytest.fixture
+def time_(clock) -> Timebase:
+    if isinstance(clock, trio.testing.MockClock):
+        return Timebase(unit=1.0, exact=True)
+    return Timebase(unit=0.03, exact=False)
+
+
+async def test_the_timeout_tests_run_both_ways_of_the_poller(clock):
+    poller = current_poller()
+    assert poller.mode == ("portable" if isinstance(clock, trio.testing.MockClock) else "nested")
 
 
 async def test_without_timeouts_an_idle_connection_lives_on(pipes, autojump_clock):
@@ -315,6 +364,10 @@ async def test_without_timeouts_an_idle_connection_lives_on(pipes, autojump_cloc
             assert not link.done.is_set()
 
 
+def _scaled(timeouts: Timeouts, time_: Timebase) -> Timeouts:
+    return Timeouts(**{k: None if v is None else time_(v) for k, v in _fields(timeouts).items()})
+
+
 @pytest.mark.parametrize(
     "timeouts, expected",
     [
@@ -323,14 +376,12 @@ async def test_without_timeouts_an_idle_connection_lives_on(pipes, autojump_cloc
         (Timeouts(tunnel=10), Ending.CLIENT_TIMEOUT),
     ],
 )
-async def test_silence_ends_the_relay_after_the_idle_timeout(
-    pipes, autojump_clock, timeouts, expected
-):
+async def test_silence_ends_the_relay_after_the_idle_timeout(pipes, clock, time_, timeouts, expected):
     with trio.fail_after(VIRTUAL_BOUND):
-        async with relayed(pipes, timeouts=timeouts) as link:
+        async with relayed(pipes, timeouts=_scaled(timeouts, time_)) as link:
             start = trio.current_time()
             assert await link.wait_ending() is expected
-            assert link.ended_at - start == pytest.approx(10)
+            time_.assert_elapsed(link.ended_at - start, 10)
 
 
 @pytest.mark.parametrize(
@@ -342,44 +393,49 @@ async def test_silence_ends_the_relay_after_the_idle_timeout(
     ],
 )
 async def test_a_side_timeout_counts_only_that_sides_silence(
-    pipes, autojump_clock, timeouts, talker, expected
+    pipes, clock, time_, timeouts, talker, expected
 ):
     with trio.fail_after(VIRTUAL_BOUND):
-        async with relayed(pipes, timeouts=timeouts) as link:
+        async with relayed(pipes, timeouts=_scaled(timeouts, time_)) as link:
             start = trio.current_time()
             sender = getattr(link, talker)
             receiver = link.client if talker == "server" else link.server
             while not link.done.is_set():
                 await send_all(sender, b"tick")
                 await recv_exactly(receiver, 4)
-                await trio.sleep(3)
+                await trio.sleep(time_(3))
             assert link.ending is expected
-            assert link.ended_at - start == pytest.approx(10)
+            time_.assert_elapsed(link.ended_at - start, 10)
 
 
 @pytest.mark.parametrize("talker", ["client", "server"])
-async def test_tunnel_timeout_is_pushed_back_by_traffic_either_way(
-    pipes, autojump_clock, talker
-):
+async def test_tunnel_timeout_is_pushed_back_by_traffic_either_way(pipes, clock, talker):
+    # Traffic every 6 units against a 10-unit tunnel: on the real clock a
+    # unit of 0.1 s leaves 0.4 s for a busy machine's scheduling delays.
+    time_ = Timebase(unit=1.0, exact=True) if isinstance(clock, trio.testing.MockClock) else Timebase(0.1, False)
     with trio.fail_after(VIRTUAL_BOUND):
-        async with relayed(pipes, timeouts=Timeouts(tunnel=10, client=1, server=1)) as link:
+        timeouts = _scaled(Timeouts(tunnel=10, client=1, server=1), time_)
+        async with relayed(pipes, timeouts=timeouts) as link:
             start = trio.current_time()
             sender = getattr(link, talker)
             receiver = link.client if talker == "server" else link.server
-            for _ in range(5):
-                await trio.sleep(6)
+            for _ in range(3):  # 18 units: the tunnel would have expired at 10
+                await trio.sleep(time_(6))
                 await send_all(sender, b"tick")
                 assert await recv_exactly(receiver, 4) == b"tick"
             assert not link.done.is_set()
+            pushed = trio.current_time()
             # Both directions idle: the client is the one the relay was waiting on.
             assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
-            assert link.ended_at - start == pytest.approx(40)
+            time_.assert_elapsed(link.ended_at - pushed, 10)
+            if time_.exact:
+                assert link.ended_at - start == pytest.approx(28)
 
 
-async def test_a_side_not_reading_is_blamed_for_the_timeout(pipes, autojump_clock):
+async def test_a_side_not_reading_is_blamed_for_the_timeout(pipes, clock, time_):
     """The client keeps sending; the server reads nothing, so the relay waits on it."""
     with trio.fail_after(VIRTUAL_BOUND):
-        async with relayed(pipes, timeouts=Timeouts(client=10, server=30)) as link:
+        async with relayed(pipes, timeouts=_scaled(Timeouts(client=10, server=30), time_)) as link:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_forever, link.client)
                 assert await link.wait_ending() is Ending.SERVER_TIMEOUT
@@ -387,33 +443,29 @@ async def test_a_side_not_reading_is_blamed_for_the_timeout(pipes, autojump_cloc
 
 
 @pytest.mark.parametrize("base", [Timeouts(client=100, server=100), Timeouts(tunnel=100)])
-async def test_client_fin_bounds_the_wait_for_the_client_after_the_server_ended(
-    pipes, autojump_clock, base
-):
-    timeouts = Timeouts(**{**_fields(base), "client_fin": 5})
+async def test_client_fin_bounds_the_wait_for_the_client_after_the_server_ended(pipes, clock, time_, base):
+    timeouts = _scaled(Timeouts(**{**_fields(base), "client_fin": 5}), time_)
     with trio.fail_after(VIRTUAL_BOUND):
         async with relayed(pipes, timeouts=timeouts) as link:
-            await trio.sleep(50)
+            await trio.sleep(time_(12))  # below the base timeouts
             link.server.shutdown(socket.SHUT_WR)
             assert await recv_to_eof(link.client) == b""
             shut = trio.current_time()
             assert await link.wait_ending() is Ending.CLIENT_TIMEOUT
-            assert link.ended_at - shut == pytest.approx(5)
+            time_.assert_elapsed(link.ended_at - shut, 5)
 
 
 @pytest.mark.parametrize("base", [Timeouts(client=100, server=100), Timeouts(tunnel=100)])
-async def test_server_fin_bounds_the_wait_for_the_server_after_the_client_ended(
-    pipes, autojump_clock, base
-):
-    timeouts = Timeouts(**{**_fields(base), "server_fin": 5})
+async def test_server_fin_bounds_the_wait_for_the_server_after_the_client_ended(pipes, clock, time_, base):
+    timeouts = _scaled(Timeouts(**{**_fields(base), "server_fin": 5}), time_)
     with trio.fail_after(VIRTUAL_BOUND):
         async with relayed(pipes, timeouts=timeouts) as link:
-            await trio.sleep(50)
+            await trio.sleep(time_(12))  # below the base timeouts
             link.client.shutdown(socket.SHUT_WR)
             assert await recv_to_eof(link.server) == b""
             shut = trio.current_time()
             assert await link.wait_ending() is Ending.SERVER_TIMEOUT
-            assert link.ended_at - shut == pytest.approx(5)
+            time_.assert_elapsed(link.ended_at - shut, 5)
 
 
 def _fields(timeouts: Timeouts) -> dict:
@@ -664,3 +716,142 @@ async def test_trio_tasks_keep_their_timing_while_the_poller_blocks(pipes):
                 assert await b.recv(1) == b"y"
             await send_all(link.server, b"z")
             assert await recv_exactly(link.client, 1) == b"z"
+
+
+# --- small segments through default-sized pipes ---------------------------------------
+
+
+def _refuse_pipe_resizing(monkeypatch) -> None:
+    """As beyond pipe-user-pages-soft without CAP_SYS_RESOURCE: F_SETPIPE_SZ
+    fails with EPERM and every pipe keeps its default 16 slots."""
+    real_fcntl = pipes_module.fcntl.fcntl
+
+    def refusing_fcntl(fd, cmd, arg=0):
+        if cmd == pipes_module._F_SETPIPE_SZ:
+            raise OSError(errno.EPERM, "over pipe-user-pages-soft")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(pipes_module.fcntl, "fcntl", refusing_fcntl)
+
+
+class _RecordingPool(PipePool):
+    """A pool that remembers the capacity of every pipe it created."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def _create_pipe(self) -> Pipe:
+        pipe = super()._create_pipe()
+        self.sizes.append(pipe.size)
+        return pipe
+
+
+@pytest.mark.parametrize("segment", [20, 100, 600])
+async def test_many_small_segments_through_a_default_sized_pipe_all_arrive(monkeypatch, segment):
+    """A pipe has 16 slots when its resize is refused, and a splice out of a
+    socket holding many small segments fills them with far less than 16 KiB
+    while the socket still holds more. The relay must not take that short
+    splice for a drained socket: edge-triggered epoll would never wake it
+    again while the sender waits for an answer. (Without the fix, 20- and
+    100-byte segments stalled here; 600-byte ones did not.)"""
+    _refuse_pipe_resizing(monkeypatch)
+    if not splice_supported():
+        pytest.skip("splice(2) unavailable")
+    pool = _RecordingPool()
+    bulk, small = 1 << 20, 200 * 1024
+    with trio.fail_after(IO_BOUND):
+        async with relayed(pool) as link:
+            await send_all(link.client, b"b" * bulk)  # a bulk transfer: spliced from now on
+            assert await recv_exactly(link.server, bulk) == b"b" * bulk
+            # A blocking plain socket on the same connection, for the thread.
+            sender = socket.socket(fileno=os.dup(link.client.fileno()))
+            sender.setblocking(True)
+            sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            chunk = b"s" * segment
+
+            def send_small_segments() -> None:
+                for _ in range(small // segment):
+                    sender.send(chunk)
+
+            # The relay is slow: trio's thread (the relay's) is blocked while
+            # the segments pile up, until all are sent or the buffers are full.
+            thread = threading.Thread(target=send_small_segments, daemon=True)
+            thread.start()
+            thread.join(IO_BOUND / 6)
+            received = await recv_exactly(link.server, small // segment * segment)
+            thread.join()
+            sender.close()
+            assert received == chunk * (small // segment)
+    assert pool.sizes and max(pool.sizes) < 1 << 20  # default-sized pipes only
+    pool.close()
+
+
+# --- one link's failure is that link's alone ------------------------------------------
+
+
+class _ExpiryFails(RelayLink):
+    """A relay whose idle timer fails when it fires (a bug in expire)."""
+
+    __slots__ = ()
+
+    def expire(self) -> None:
+        raise RuntimeError("boom in expire")
+
+
+class _ExpiryAndFailFail(_ExpiryFails):
+    """... and whose owner's error handling fails too."""
+
+    __slots__ = ()
+
+    def fail(self, error: Exception) -> None:
+        raise RuntimeError("boom in fail")
+
+
+@asynccontextmanager
+async def faulty_link(cls, timeouts: Timeouts):
+    """A relay of class `cls` (a Link) and the outcomes its owner heard."""
+    client, proxy_client = await socket_pair("tcp")
+    proxy_server, server = await socket_pair("tcp")
+    heard: list = []
+    link = cls(proxy_client, proxy_server, Traffic(), timeouts, None, current_poller(), False, heard.append)
+    try:
+        yield link, heard
+    finally:
+        link.stop()
+        for sock in (client, proxy_client, proxy_server, server):
+            sock.close()
+
+
+async def _still_relays(link: Link) -> None:
+    await send_all(link.client, b"still")
+    assert await recv_exactly(link.server, 5) == b"still"
+    await send_all(link.server, b"here")
+    assert await recv_exactly(link.client, 4) == b"here"
+
+
+async def test_a_failing_expiry_ends_that_relay_alone_and_the_poller_serves_on(clock, time_):
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with relayed(None) as healthy, faulty_link(_ExpiryFails, _scaled(Timeouts(tunnel=1), time_)) as (
+            faulty, heard,
+        ):
+            await wait_until(lambda: heard, time_(0.1))
+            (result,) = heard
+            with pytest.raises(RuntimeError, match="boom in expire"):
+                result.unwrap()  # the relay's owner gets the error
+            await _still_relays(healthy)
+            assert not healthy.done.is_set()
+
+
+async def test_a_link_whose_failure_handling_fails_too_is_dropped_and_logged(clock, time_):
+    with trio.fail_after(VIRTUAL_BOUND), structlog.testing.capture_logs() as logs:
+        async with relayed(None) as healthy, faulty_link(
+            _ExpiryAndFailFail, _scaled(Timeouts(tunnel=1), time_)
+        ) as (faulty, heard):
+            poller = current_poller()
+            await wait_until(lambda: any(e["event"] == "poller.link_failed" for e in logs), time_(0.1))
+            assert faulty.fds[0] not in poller._links and faulty.fds[1] not in poller._links
+            assert heard == []
+            await _still_relays(healthy)
+    (failed,) = [e for e in logs if e["event"] == "poller.link_failed"]
+    assert failed["log_level"] == "error" and "boom in expire" in failed["error"]
