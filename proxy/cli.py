@@ -1,4 +1,4 @@
-"""The `warren` command: run, check, version.
+"""The `warren` command: run, check, ctl, import, hash-password, version.
 
 Exit status: 0 success, 1 invalid configuration or start-up failure, 2 usage.
 Errors are one line per problem on stderr, never a traceback.
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("--config", default="conf/warren.toml", help="read global.control_socket from here")
     ctl.add_argument("words", nargs=argparse.REMAINDER, help='e.g. show stat | set server rabbit/rmq-a state drain')
     ctl.set_defaults(command=_ctl)
+    imp = sub.add_parser("import", help="translate a haproxy.cfg (and keepalived.conf) into Warren's TOML")
+    imp.add_argument("haproxy", help="path to haproxy.cfg")
+    imp.add_argument("--keepalived", default=None, help="path to keepalived.conf")
+    imp.add_argument("-o", "--output", default=None, help="write the TOML here (default: stdout)")
+    imp.add_argument("--runtime-dir", default="/run/warren", help="directory of the control socket")
+    imp.set_defaults(command=_import)
     hash_pw = sub.add_parser("hash-password", help="print a salted scrypt hash for [stats] users")
     hash_pw.set_defaults(command=_hash_password)
     version = sub.add_parser("version", help="print the version")
@@ -85,6 +91,12 @@ def _ctl(args: argparse.Namespace) -> int:
             print(f"warren: {args.config} sets no global.control_socket; give --socket", file=sys.stderr)
             return 2
     return ctl_main(path, args.words)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .importer.command import import_main
+
+    return import_main(args.haproxy, args.keepalived, args.output, args.runtime_dir)
 
 
 def _hash_password(args: argparse.Namespace) -> int:

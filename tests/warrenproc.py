@@ -32,14 +32,16 @@ class WarrenProcess:
         self.process: trio.Process | None = None
         self.preexec = None  # runs in the child before exec (e.g. setrlimit)
         self.command = [PYTHON, "-m", "proxy"]  # or a wrapper, e.g. tests.faults
+        self.prefix: list[str] = []  # runs Warren through it, e.g. ["ip", "netns", "exec", NS, "setpriv", ...]
+        self.env: dict[str, str] | None = None
         self._new_event = trio.Event()
 
     async def start(self, nursery: trio.Nursery, timeout: float = 30) -> dict:
         """Starts Warren and returns its `warren.started` event."""
         self.process = await trio.lowlevel.open_process(
-            [*self.command, "run", str(self.config_path)],
+            [*self.prefix, *self.command, "run", str(self.config_path)],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parent.parent, preexec_fn=self.preexec,
+            cwd=Path(__file__).resolve().parent.parent, preexec_fn=self.preexec, env=self.env,
         )
         nursery.start_soon(self._read_log)
         return await self.wait_for("warren.started", timeout=timeout)

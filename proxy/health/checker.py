@@ -26,7 +26,7 @@ from ..runtime import AdminState, KillReason, ServerRuntime
 from .amqp import check_amqp
 from .counter import HealthCounter, Transition
 from .http import check_http
-from .results import CheckResult
+from .results import CheckCode, CheckResult
 from .schedule import ErrorObserver, next_delay
 from .tcp import check_tcp
 from .watch import WatchOpenFailed, watch_amqp
@@ -147,7 +147,11 @@ class ServerChecker:
         host, port, http_port = _check_target(self.server)
         result = None
         for kind in kinds:
-            header = self._proxy_header(host, port) if kind is not CheckKind.HTTP else None
+            try:
+                header = self._proxy_header(host, port) if kind is not CheckKind.HTTP else None
+            except ValueError:  # a host name not resolved yet: a PROXY header needs an address
+                result = CheckResult(CheckCode.L4CON, 0.0, f"{host} is not resolved yet", kind)
+                break
             if kind is CheckKind.TCP:
                 result = await check_tcp(host, port, None, self.health.timeout, proxy_header=header)
             elif kind is CheckKind.AMQP:

@@ -1,0 +1,260 @@
+"""HAProxy's ``frontend``, ``backend`` and ``listen`` sections into Warren's frontends and backends.
+
+A ``listen`` section becomes a frontend and a backend of the same name. The
+directives a section does not set come from the ``defaults`` section in
+force, as in HAProxy; each is reported at the line where it is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .context import AMQP_PORTS, FrontendFacts, HaproxyContext, bind_text, duration_text, integer_value, \
+    name_note, time_value, warren_name
+from .haproxy import Line, Section
+from .haproxy_servers import translate_servers
+from .traps import check_idle_timeouts, check_frontend_maxconn
+
+TLS_MISSING = "not translated: Warren has no TLS yet (issue 13); terminate TLS elsewhere or keep HAProxy for it"
+BALANCES = {"roundrobin": "roundrobin", "leastconn": "leastconn", "first": "first", "source": "source"}
+_UNSUPPORTED_BIND_PREFIXES = ("unix@", "abns@", "fd@", "sockpair@", "/", "quic4@", "quic6@", "udp@")
+_BIND_FLAGS_IGNORED = {
+    "v4v6": "Warren's IPv6 wildcard follows the kernel's IPV6_V6ONLY default",
+    "v6only": "Warren's IPv6 wildcard follows the kernel's IPV6_V6ONLY default",
+    "transparent": "Warren binds with IP_FREEBIND: addresses not yet on the host are fine",
+    "defer-accept": "not needed: AMQP clients speak first",
+    "tfo": "TCP fast open is not used",
+    "accept-proxy": "Warren does not accept PROXY headers from clients",
+}
+_BIND_VALUED = frozenset({
+    "backlog", "maxconn", "name", "id", "process", "interface", "mss", "nice", "namespace", "tcp-ut",
+    "mode", "uid", "gid", "user", "group", "level", "severity-output", "thread", "shards",
+    "crt", "ca-file", "crl-file", "verify", "ciphers", "ciphersuites", "ssl-min-ver", "ssl-max-ver",
+    "alpn", "npn", "curves", "ecdhe", "crt-list", "ca-sign-file", "sigalgs",
+})  # fmt: skip
+_TLS_WORDS = frozenset({
+    "ssl", "crt", "ca-file", "crl-file", "verify", "ciphers", "ciphersuites", "ssl-min-ver", "ssl-max-ver",
+    "alpn", "npn", "curves", "ecdhe", "crt-list", "strict-sni", "sigalgs", "no-sslv3", "no-tlsv10",
+    "no-tlsv11", "force-tlsv12", "prefer-client-ciphers",
+})  # fmt: skip
+
+
+def is_stats_section(section: Section) -> bool:
+    return any(line.keyword == "stats" and line.args[:1] != ("socket",) for line in section.lines)
+
+
+def translate_proxies(ctx: HaproxyContext) -> None:
+    backends = {s.name: s for s in ctx.cfg.of_kind("backend", "listen") if not is_stats_section(s)}
+    for section in ctx.cfg.of_kind("frontend", "listen"):
+        if is_stats_section(section):
+            continue
+        if section.find("disabled"):
+            line = section.find("disabled")[-1]
+            ctx.notes.ignored(line.number, line.words, f"{section.kind} {section.name} is disabled: left out")
+            continue
+        _frontend(ctx, section, backends)
+    for section in backends.values():
+        _backend(ctx, section)
+
+
+# --- frontends -------------------------------------------------------------------------
+
+
+def _frontend(ctx: HaproxyContext, section: Section, backends: dict[str, Section]) -> None:
+    name = warren_name(section.name)
+    table = ctx.draft.table(("frontends", name), ctx.source(section))
+    ctx.notes.translated(section.line, (section.kind, section.name), f"[frontends.{name}]"
+                         + (f"; {name_note(section.name, name)}" if name_note(section.name, name) else ""))
+    binds, ports = translate_binds(ctx, section)
+    table.values["bind"] = binds
+    target = _target_backend(ctx, section)
+    table.values["backend"] = warren_name(target)
+    _frontend_settings(ctx, section, table.values, name)
+    _mode(ctx, section, ports, backends.get(target))
+    hosts = tuple(b.rsplit(":", 1)[0].strip("[]").replace("*", "0.0.0.0") for b in binds)
+    ctx.frontends.append(FrontendFacts(name, hosts, warren_name(target)))
+    if target in backends:
+        check_frontend_maxconn(ctx, section, table.values.get("maxconn", 2000), backends[target])
+
+
+def _target_backend(ctx: HaproxyContext, section: Section) -> str:
+    if section.kind == "listen":
+        return section.name
+    default = section.last("default_backend")
+    for line in section.find("use_backend"):
+        ctx.notes.ignored(line.number, line.words, "Warren has no ACLs: every client goes to the default backend")
+    if default is not None and default.args:
+        ctx.notes.translated(default.number, default.words, "backend")
+        return default.args[0]
+    uses = section.find("use_backend")
+    if uses and uses[0].args:
+        ctx.notes.approximated(uses[0].number, uses[0].words, "no default_backend: this backend is the default")
+        return uses[0].args[0]
+    ctx.notes.ignored(section.line, (section.kind, section.name), "no default_backend: frontend has no backend")
+    return section.name
+
+
+def _frontend_settings(ctx: HaproxyContext, section: Section, values: dict, name: str) -> None:
+    maxconn = section.last("maxconn")
+    if maxconn is not None and (value := integer_value(ctx, maxconn, _arg(maxconn), 1)) is not None:
+        values["maxconn"] = value
+        ctx.notes.translated(maxconn.number, maxconn.words, f"frontends.{name}.maxconn")
+    elif ctx.global_maxconn is not None:
+        value, line = ctx.global_maxconn
+        values["maxconn"] = value
+        ctx.notes.approximated(line.number, line.words, f"frontends.{name}.maxconn: Warren has no process-wide "
+                               "limit; the global maxconn becomes each frontend's")
+    backlog = section.last("backlog")
+    if backlog is not None and (value := integer_value(ctx, backlog, _arg(backlog), 1, 65535)) is not None:
+        values["backlog"] = value
+        ctx.notes.translated(backlog.number, backlog.words, f"frontends.{name}.backlog")
+    for keyword, key in (("client", "client"), ("client-fin", "client_fin")):
+        line = section.last("timeout", keyword)
+        if line is not None and (value := time_value(ctx, line, _arg(line, 2))) is not None:
+            values.setdefault("timeout", {})[key] = duration_text(value)
+            ctx.notes.translated(line.number, line.words, f"frontends.{name}.timeout.{key}")
+    check_idle_timeouts(ctx, section)
+
+
+def translate_binds(ctx: HaproxyContext, section: Section) -> tuple[list[str], set[int]]:
+    binds: list[str] = []
+    ports: set[int] = set()
+    for line in section.find("bind"):
+        if "ssl" in line.args[1:]:
+            ctx.notes.ignored(line.number, line.words, f"a TLS listener, left out: {TLS_MISSING}")
+            continue
+        translated = list(_bind_addresses(ctx, line))
+        binds += [text for text, _ in translated if text not in binds]
+        ports |= {port for _, port in translated}
+        _bind_options(ctx, line, section.name)
+    if not binds:
+        ctx.notes.ignored(section.line, (section.kind, section.name), "no usable bind line")
+    return binds, ports
+
+
+def _bind_addresses(ctx: HaproxyContext, line: Line) -> Iterator[tuple[str, int]]:
+    for item in _arg(line).split(","):
+        if item.startswith(_UNSUPPORTED_BIND_PREFIXES):
+            ctx.notes.ignored(line.number, line.words, f'"{item}": Warren listens on TCP addresses only')
+            continue
+        family = ""
+        for prefix in ("ipv4@", "ipv6@", "tcp@", "tcp4@", "tcp6@"):
+            if item.startswith(prefix):
+                family, item = prefix, item[len(prefix):]
+        host, _, port_text = item.rpartition(":")
+        host = host.strip("[]")
+        first, _, last = port_text.partition("-")
+        if not first.isdigit() or not 1 <= int(first) <= 65535:
+            ctx.notes.ignored(line.number, line.words, f'"{item}": no port Warren can listen on')
+            continue
+        port = int(first)
+        if last:
+            ctx.notes.approximated(line.number, line.words, f"port range {port_text}: only port {port} is bound")
+        if host == "" and family in ("ipv6@", "tcp6@"):
+            host = "::"
+        text = bind_text(host, port)
+        note = f'bind "{text}"'
+        if host == "":
+            note += " (HAProxy reads an empty address as every IPv4 address)"
+        ctx.notes.translated(line.number, line.words, note)
+        yield text, port
+
+
+def _bind_options(ctx: HaproxyContext, line: Line, frontend: str) -> None:
+    words = list(line.args[1:])
+    while words:
+        word = words.pop(0)
+        value = words.pop(0) if word in _BIND_VALUED and words else None
+        shown = f"{word} {value}" if value is not None else word
+        if word in _TLS_WORDS:
+            ctx.notes.ignored(line.number, line.words, f"{shown}: {TLS_MISSING}")
+        elif word == "backlog":
+            ctx.notes.approximated(line.number, line.words, f"backlog {value}: per frontend in Warren "
+                                   f"(set frontends.{frontend}.backlog)")
+        elif word in _BIND_FLAGS_IGNORED:
+            ctx.notes.ignored(line.number, line.words, f"{word}: {_BIND_FLAGS_IGNORED[word]}")
+        else:
+            ctx.notes.ignored(line.number, line.words, f"{shown}: bind option not supported by Warren")
+
+
+def _mode(ctx: HaproxyContext, section: Section, ports: set[int], backend: Section | None) -> None:
+    line = section.last("mode")
+    if line is None or _arg(line) == "tcp":
+        if line is not None:
+            ctx.notes.translated(line.number, line.words, "Warren relays TCP")
+        return
+    server_ports = {_server_port(s) for s in backend.find("server")} if backend is not None else set()
+    amqp = (ports | server_ports) & AMQP_PORTS
+    if amqp:
+        ctx.notes.suspicious(line.number, line.words, f"mode {_arg(line)} in front of AMQP port(s) "
+                             f"{', '.join(map(str, sorted(amqp)))}: AMQP is not HTTP; translated as TCP relaying")
+    else:
+        ctx.notes.approximated(line.number, line.words, "Warren relays TCP: HTTP processing and rules are dropped")
+
+
+def _server_port(line: Line) -> int | None:
+    address = line.args[1] if len(line.args) > 1 else ""
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+# --- backends --------------------------------------------------------------------------
+
+
+def _backend(ctx: HaproxyContext, section: Section) -> None:
+    name = warren_name(section.name)
+    table = ctx.draft.table(("backends", name), ctx.source(section))
+    if section.kind == "backend":
+        ctx.notes.translated(section.line, (section.kind, section.name), f"[backends.{name}]")
+    values = table.values
+    _balance(ctx, section, values)
+    retries = section.last("retries")
+    if retries is not None and (value := integer_value(ctx, retries, _arg(retries), 0, 100)) is not None:
+        values["retries"] = value
+        ctx.notes.translated(retries.number, retries.words, f"backends.{name}.retries")
+    _redispatch(ctx, section, values, name)
+    for keyword, key in (("connect", "connect"), ("queue", "queue"), ("server", "server"),
+                         ("tunnel", "tunnel"), ("server-fin", "server_fin")):
+        line = section.last("timeout", keyword)
+        if line is not None and (value := time_value(ctx, line, _arg(line, 2))) is not None:
+            values.setdefault("timeout", {})[key] = duration_text(value)
+            ctx.notes.translated(line.number, line.words, f"backends.{name}.timeout.{key}")
+    mode = section.find("mode")
+    if section.kind == "backend" and mode and _arg(mode[-1]) != "tcp":
+        ctx.notes.approximated(mode[-1].number, mode[-1].words, "Warren relays TCP: HTTP processing is dropped")
+    translate_servers(ctx, section, table)
+
+
+def _balance(ctx: HaproxyContext, section: Section, values: dict) -> None:
+    line = section.last("balance")
+    if line is None:
+        return
+    algorithm = _arg(line)
+    if algorithm in BALANCES:
+        values["balance"] = BALANCES[algorithm]
+        ctx.notes.translated(line.number, line.words, f'balance = "{algorithm}"')
+    elif algorithm == "static-rr":
+        values["balance"] = "roundrobin"
+        ctx.notes.approximated(line.number, line.words, 'balance = "roundrobin" (weighted like static-rr; '
+                               "weights may also change at run time)")
+    else:
+        values["balance"] = "roundrobin"
+        ctx.notes.approximated(line.number, line.words, f'"{algorithm}" needs HTTP or is not supported: '
+                               'balance = "roundrobin"')
+
+
+def _redispatch(ctx: HaproxyContext, section: Section, values: dict, name: str) -> None:
+    line = section.last("option", "redispatch")
+    negated = section.last("no", "option", "redispatch")
+    if negated is not None and (line is None or negated.number > line.number):
+        values["redispatch"] = False
+        ctx.notes.translated(negated.number, negated.words, f"backends.{name}.redispatch = false")
+    elif line is not None:
+        values["redispatch"] = True
+        ctx.notes.translated(line.number, line.words, f"backends.{name}.redispatch = true")
+    else:
+        values["redispatch"] = False  # HAProxy's default; Warren's is true
+
+
+def _arg(line: Line, index: int = 1) -> str:
+    return line.words[index] if len(line.words) > index else ""
