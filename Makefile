@@ -6,10 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 DEBS_RUN  := rabbitmq-server
-DEBS_TEST := rabbitmq-server iproute2 haproxy keepalived iperf3 wrk chromium
+DEBS_DEB  := python3 systemd
+DEBS_TEST := rabbitmq-server iproute2 haproxy keepalived iperf3 wrk chromium $(DEBS_DEB) util-linux
 PYTEST_ARGS ?=
 
-.PHONY: run test check venv debs-run debs-test clean
+.PHONY: run test check venv debs-run debs-test clean wheel deb
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +36,17 @@ test: venv debs-test
 check: venv
 	$(VENV)/bin/warren check conf/warren.toml
 
+# dist/warren-<version>-py3-none-any.whl and dist/warren-<version>.tar.gz
+wheel: venv
+	rm -f dist/warren-*.whl dist/warren-*.tar.gz
+	$(PY) -m build --outdir dist .
+
+# dist/warren_<version>-1_<arch>.deb (packaging/deb/build: a private virtualenv in /opt/warren)
+deb: wheel
+	@./scripts/ensure-debs $(DEBS_DEB)
+	PIP=$(abspath $(PIP)) ./packaging/deb/build
+
 clean:
-	rm -rf $(VENV) run build *.egg-info
+	rm -rf $(VENV) run build dist *.egg-info
 
 include bench/Makefile.inc

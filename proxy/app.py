@@ -9,6 +9,8 @@ Lifecycle:
   dropping established connections, an invalid one is logged and ignored.
 - SIGTERM/SIGINT: listeners close at once, live connections get
   `global.grace` to finish, then the rest are closed; exit status 0.
+- systemd (proxy/sdnotify.py): READY=1 once started, RELOADING=1/READY=1
+  around a SIGHUP reload, STOPPING=1 when a stop begins, watchdog pings.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .io.pipes import PipePool, splice_supported
 from .frontends.session import Sessions
 from .health.checker import HealthService
 from .runtime import FrontendRuntime, KillReason, Runtime
+from .sdnotify import Notifier, status_line
 from .stats_ui import ControlService, StatsService
 from .supervisor import Service, Supervisor
 from .vip.service import VipService
@@ -54,6 +57,7 @@ class App:
         self._stop = trio.Event()
         self._services_nursery: trio.Nursery | None = None
         self._session_nursery: trio.Nursery | None = None
+        self.systemd = Notifier.from_environment()
 
     @property
     def addresses(self) -> dict[str, list[tuple[str, int]]]:
@@ -85,8 +89,11 @@ class App:
                     listeners={f: [_fmt(a) for a in addrs] for f, addrs in self.addresses.items()},
                     splice=self.pipes is not None,
                 )
+                self.systemd.ready(self.status_line())
+                session_nursery.start_soon(self.systemd.keep_alive, self.status_line)
                 task_status.started(self)
                 await self._stop.wait()
+                self.systemd.stopping()
                 await self._announce_stop()
                 services.cancel_scope.cancel()
             grace = self.config.global_.grace
@@ -149,7 +156,9 @@ class App:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     if not self._stop.is_set():
+                        self.systemd.reloading()
                         await self.reload()
+                        self.systemd.ready(self.status_line())
                     continue
                 log.info("warren.signal", signal=signal.Signals(signum).name)
                 if self._stop.is_set():  # a second one while draining: stop now
@@ -189,6 +198,9 @@ class App:
         level = log.warning if removed or changes["servers_removed"] else log.info
         level("config.reloaded", path=path, listeners_closed=[f"{f}/{b}" for f, b in removed], **changes)
         return True
+
+    def status_line(self) -> str:
+        return status_line(self.runtime.statistics())
 
     def kill_all(self) -> None:
         self.sessions.kill_all(KillReason.KILLED)

@@ -1,6 +1,8 @@
 """The `warren` command: run, check, ctl, import, hash-password, version.
 
-Exit status: 0 success, 1 invalid configuration or start-up failure, 2 usage.
+Exit status: 0 success, 1 invalid configuration, missing capability or
+start-up failure, 2 usage (`warren import`: 2 when directives were not all
+translated as such).
 Errors are one line per problem on stderr, never a traceback.
 """
 
@@ -9,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import structlog
 import trio
 
-from . import __version__, logs
+from . import __version__, logs, privileges
 from .config import ConfigError, load_config
 from .config.model import Config
 from .errors import StartupError
@@ -70,6 +73,13 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         print(f"{args.config}: configuration is NOT valid", file=sys.stderr)
         return 1
+    if not _privileged_enough(config):
+        print(f"{args.config}: configuration is valid but this process cannot run it", file=sys.stderr)
+        return 1
+    needed, limit = privileges.descriptors_needed(config), privileges.raise_descriptor_limit(config)[1]
+    if limit < needed:
+        print(f"warning: maxconn needs about {needed} file descriptors, the limit is {limit} "
+              f"(systemd: LimitNOFILE={needed} or more)", file=sys.stderr)
     servers = sum(len(b.servers) for b in config.backends)
     print(
         f"{args.config}: configuration is valid "
@@ -111,7 +121,13 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    if not _privileged_enough(config):
+        return 1
     logs.configure(config.global_.log_format, config.global_.log_level)
+    needed, limit = privileges.raise_descriptor_limit(config)
+    if limit < needed:
+        structlog.get_logger("warren.app").warning("warren.descriptor_limit_low", needed=needed, limit=limit,
+                                                   hint=f"systemd: LimitNOFILE={needed} or more")
     app = App(config, splice=False if args.no_splice else None)
     try:
         trio.run(app.serve)
@@ -125,6 +141,14 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
     return 0
+
+
+def _privileged_enough(config: Config) -> bool:
+    """Refuses, one line per missing capability, before anything is bound."""
+    problems = privileges.capability_problems(config)
+    for problem in problems:
+        print(f"warren: {problem}", file=sys.stderr)
+    return not problems
 
 
 def _startup_problems(error: BaseException) -> list[str] | None:

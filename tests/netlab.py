@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,3 +333,37 @@ def _kill_child(pid: int) -> None:
     if done == 0:
         _kill(pid)
         os.waitpid(pid, 0)
+
+
+# -- an unprivileged user with only the capabilities Warren needs -----------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    home: Path  # a world-readable directory for its configuration files
+
+    def setpriv(self, *capabilities: str) -> list[str]:
+        """The command prefix running as this user with only ``capabilities`` (e.g. "net_admin") ambient."""
+        argv = ["setpriv", "--reuid", self.name, "--regid", self.name, "--init-groups", "--no-new-privs"]
+        if capabilities:
+            caps = ",".join(f"+{cap}" for cap in capabilities)
+            argv += ["--inh-caps", caps, "--ambient-caps", caps, "--bounding-set", f"-all,{caps}"]
+        else:
+            argv += ["--inh-caps", "-all", "--bounding-set", "-all"]
+        return argv
+
+
+@contextmanager
+def unprivileged_user(tag: str) -> Iterator[User]:
+    """A system user made for this test run (removed afterwards) and a directory it can read."""
+    name = f"wt{tag}"[:31]
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group",
+                    name], check=True, capture_output=True, timeout=30)
+    home = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    home.chmod(0o755)
+    try:
+        yield User(name, home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)

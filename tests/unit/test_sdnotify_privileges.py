@@ -1,0 +1,119 @@
+"""The systemd notify messages and the capability rules, without systemd or privileges."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from proxy.config import parse_config
+from proxy.privileges import descriptors_needed, effective_capabilities, explain, missing, needed_capabilities
+from proxy.sdnotify import Notifier, message, status_line, watchdog_interval
+
+
+def test_messages_are_newline_separated_key_values_on_one_line_each():
+    assert message(READY=1, STATUS="a\nb") == b"READY=1\nSTATUS=a b"
+
+
+@pytest.mark.parametrize("environ, pid, expected", [
+    ({"WATCHDOG_USEC": "2000000"}, 7, 1.0),
+    ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "7"}, 7, 1.0),
+    ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "8"}, 7, None),  # meant for another process
+    ({"WATCHDOG_USEC": "0"}, 7, None),
+    ({}, 7, None),
+])  # fmt: skip
+def test_the_watchdog_pings_at_half_its_timeout_and_only_for_its_process(environ, pid, expected):
+    assert watchdog_interval(environ, pid) == expected
+
+
+def test_the_status_line_counts_servers_up_vips_and_sessions():
+    server = SimpleNamespace
+    stats = SimpleNamespace(
+        backends=[SimpleNamespace(servers=[server(up=True), server(up=False), server(up=True)])],
+        frontends=[SimpleNamespace(current_sessions=4), SimpleNamespace(current_sessions=3)],
+        extra={"vip": (SimpleNamespace(name="front", state="MASTER"),)},
+    )
+    assert status_line(stats) == "servers up 2/3; vip front MASTER; sessions 7"
+
+
+def test_without_notify_socket_the_notifier_does_nothing():
+    notifier = Notifier.from_environment({})
+    assert not notifier.enabled
+    notifier.ready("x")  # no socket, no error
+
+
+async def test_watchdog_pings_come_from_the_event_loop_and_stop_while_it_is_blocked(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(5)
+    arrivals: list[float] = []
+
+    def receive() -> None:
+        while len(arrivals) < 12:
+            try:
+                if receiver.recv(100) == b"WATCHDOG=1":
+                    arrivals.append(time.monotonic())
+            except OSError:
+                return
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    notifier = Notifier(path, watchdog=0.05)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(notifier.keep_alive, lambda: "ok")
+        await trio.sleep(0.2)
+        blocked = time.monotonic()
+        time.sleep(0.6)  # a wedged event loop (a blocking call)
+        unblocked = time.monotonic()
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    receiver.close()
+    reader.join(5)
+    notifier.close()
+    during = [t for t in arrivals if blocked + 0.02 < t < unblocked - 0.02]
+    assert arrivals and during == []
+    assert any(t > unblocked for t in arrivals)  # and they resume
+
+
+VIP_AND_LOW_PORT = """
+[frontends.amqp]
+bind = "10.0.0.100:{port}"
+backend = "be"
+[backends.be]
+servers = [{{ name = "a", address = "10.0.0.1", port = 5672 }}]
+[vip.front]
+interface = "eth0"
+vrid = 1
+addresses = ["10.0.0.100/24"]
+"""
+
+
+def test_a_vip_needs_net_admin_and_net_raw_and_a_low_port_net_bind_service():
+    config = parse_config(VIP_AND_LOW_PORT.format(port=672), "w.toml")
+    needs = needed_capabilities(config)
+    assert [(n.capability, n.what) for n in needs] == [
+        ("CAP_NET_ADMIN", "vip.front"), ("CAP_NET_RAW", "vip.front"), ("CAP_NET_BIND_SERVICE", "frontends.amqp"),
+    ]
+    assert needed_capabilities(config, unprivileged_port_start=0)[2:] == []  # the sysctl allows low ports
+    assert missing(needs, {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}) == []
+    [lacking] = missing(needs, {"CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"})
+    text = explain(lacking)
+    assert "vip.front: needs CAP_NET_RAW" in text and "AmbientCapabilities=CAP_NET_RAW" in text
+
+
+def test_a_plain_config_on_high_ports_needs_no_capability():
+    config = parse_config(VIP_AND_LOW_PORT.split("[vip.front]")[0].format(port=5672), "w.toml")
+    assert needed_capabilities(config) == []
+    assert descriptors_needed(config) == 256 + 2 * 2000
+
+
+def test_effective_capabilities_are_read_from_the_status_file(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t0000000000003000\n")  # bits 12 and 13
+    assert effective_capabilities(str(status)) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert effective_capabilities(str(tmp_path / "missing")) == set()
