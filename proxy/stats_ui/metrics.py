@@ -154,7 +154,8 @@ def _server_check(out: Exposition, server: Any, sv: dict[str, str]) -> None:
 
 
 def _vip(out: Exposition, instance: Any) -> None:
-    vi = {"instance": str(view.vip_field(instance, "name"))}
+    # "vip", not "instance": Prometheus sets "instance" to the scrape target itself.
+    vi = {"vip": str(view.vip_field(instance, "name"))}
     state = str(view.vip_field(instance, "state"))
     states = view.VIP_STATES if state in view.VIP_STATES else view.VIP_STATES + (state,)
     for candidate in states:

@@ -169,7 +169,7 @@ def test_vip_counters_may_be_a_dataclass():
         name="v", state="BACKUP", priority=100, vrid=1, interface="eth0", addresses=[], master=None,
         last_transition=1.0, counters=Counters(adverts_received=7))]
     assert "adverts_received=7" in render_page(rt.statistics(), context())
-    assert 'warren_vip_events_total{instance="v",event="adverts_received"} 7' in render_metrics(rt.statistics())
+    assert 'warren_vip_events_total{vip="v",event="adverts_received"} 7' in render_metrics(rt.statistics())
 
 
 def test_charts_are_drawn_from_history():
@@ -332,7 +332,7 @@ def test_metrics_follow_the_text_format_and_haproxy_names():
 def test_metrics_escape_label_values_and_include_vip_state():
     text = render_metrics(evil_runtime().statistics())
     check_exposition(text)
-    assert 'warren_vip_state{instance="<script>alert(1)</script>\\"\'&",state="MASTER"} 0' in text
+    assert 'warren_vip_state{vip="<script>alert(1)</script>\\"\'&",state="MASTER"} 0' in text
 
 
 def test_metrics_parse_with_the_reference_parser():
