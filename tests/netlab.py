@@ -122,7 +122,7 @@ for line in sys.stdin:
 
 
 class Agent:
-    """A Python process in the lan namespace: the client, and a gratuitous-ARP recorder on br0."""
+    """A Python process in a namespace answering each JSON request line with a JSON line (a test's client)."""
 
     def __init__(self, process: trio.Process) -> None:
         self.process = process

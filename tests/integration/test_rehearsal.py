@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 import trio
 
 from proxy.devcluster import NodeSpec, RabbitCluster, unavailable_reason
-from tests.netlab import REPO, Lab, unprivileged_user
+from tests.netlab import REPO, Agent, Lab, unprivileged_user
 from tests.rabbit import unique_node_name
 
 pytestmark = [
@@ -154,7 +153,7 @@ def drain():
     return bodies
 
 threads = [threading.Thread(target=publisher, args=(i,), daemon=True) for i in range(COUNT)]
-print(json.dumps({"ready": True}), flush=True)
+print("ready", flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     if request["op"] == "start":
@@ -177,35 +176,16 @@ for line in sys.stdin:
 """
 
 
-class Client:
-    """The publishers, a process in the client namespace answering JSON requests."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process, self._buffer = process, b""
-
-    async def line(self) -> dict:
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some()
-            if not chunk:
-                raise AssertionError("the client process died")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    async def call(self, **request) -> dict:
-        await self.process.stdin.send_all(json.dumps(request).encode() + b"\n")
-        return await self.line()
-
-    async def progress_past(self, marks: dict[str, int], what: str, timeout: float = 60) -> dict:
-        """Waits until every publisher confirmed more than at ``marks``; returns the status then."""
-        status: dict = {}
-        with trio.move_on_after(timeout):
-            while True:
-                status = await self.call(op="status")
-                if all(status["confirmed"][i] > marks.get(i, 0) + 5 for i in status["confirmed"]):
-                    return status
-                await trio.sleep(0.2)
-        raise AssertionError(f"publishers stalled {what}: {status}")
+async def progress_past(client: Agent, marks: dict[str, int], what: str, timeout: float = 60) -> dict:
+    """Waits until every publisher confirmed more than at ``marks``; returns the status then."""
+    status: dict = {}
+    with trio.move_on_after(timeout):
+        while True:
+            status = await client.call(op="status")
+            if all(status["confirmed"][i] > marks.get(i, 0) + 5 for i in status["confirmed"]):
+                return status
+            await trio.sleep(0.2)
+    raise AssertionError(f"publishers stalled {what}: {status}")
 
 
 def brokers(ip: str) -> RabbitCluster:
@@ -261,21 +241,21 @@ async def rehearse(lab: Lab, user, cluster: RabbitCluster, broker_ip: str) -> No
             for warren in (w1, w2):
                 for index in range(1, 4):
                     await warren.wait_for("server.up", server=f"rmq{index}", timeout=30)
-            client = Client(await lab._open(lab.lan, [sys.executable, "-c", CLIENT, vip, f"rehearsal-{lab.tag}",
-                                                      str(PUBLISHERS)],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-            await client.line()
+            client = Agent(await lab._open(lab.lan, [sys.executable, "-c", CLIENT, vip, f"rehearsal-{lab.tag}",
+                                                     str(PUBLISHERS)],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            await client.ready()
             await client.call(op="start")
-            before = await client.progress_past({}, "start")
+            before = await progress_past(client, {}, "after the start")
 
             w1.process.kill()  # the master Warren dies without a word
             await w2.wait_for("vip.master", instance="amqp", timeout=15)
-            after_kill = await client.progress_past(before["confirmed"], "after the master was killed")
+            after_kill = await progress_past(client, before["confirmed"], "after the master was killed")
             assert all(after_kill["connections"][i] >= 2 for i in after_kill["connections"]), after_kill
 
             await trio.to_thread.run_sync(cluster.nodes[0].stop)  # a broker leaves (CONNECTION_FORCED)
             await w2.wait_for("server.down", server="rmq1", timeout=30)
-            after_stop = await client.progress_past(after_kill["confirmed"], "after a broker stopped")
+            after_stop = await progress_past(client, after_kill["confirmed"], "after a broker stopped")
             # leastconn spread the three reconnections over the three brokers: rmq1's publisher reconnected.
             assert sum(after_stop["connections"].values()) > sum(after_kill["connections"].values()), after_stop
 

@@ -45,13 +45,19 @@ class NotifySocket:
                     return fields
 
 
-async def test_ready_reloading_watchdog_and_stopping_reach_the_notify_socket(tmp_path):
+async def notified_warren(tmp_path, watchdog_usec: int) -> tuple[NotifySocket, WarrenProcess]:
+    """A notify socket owned by the test, and a Warren (not started yet) told to use it."""
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     await notify.bind()
-    config = write(tmp_path / "warren.toml", json_global() + CONFIG.format(port=dead_port()))
+    warren = WarrenProcess(write(tmp_path / "warren.toml", json_global() + CONFIG.format(port=dead_port())))
+    warren.env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec)}
+    return notify, warren
+
+
+async def test_ready_reloading_watchdog_and_stopping_reach_the_notify_socket(tmp_path):
+    notify, warren = await notified_warren(tmp_path, 200_000)
     with trio.fail_after(60):
-        async with WarrenProcess(config) as warren, trio.open_nursery() as nursery:
-            warren.env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}
+        async with warren, trio.open_nursery() as nursery:
             nursery.start_soon(warren.start, nursery)
             ready = await notify.next("READY")
             # READY=1 comes once listeners are bound and services started: the front port answers now.
@@ -86,12 +92,9 @@ async def test_ready_reloading_watchdog_and_stopping_reach_the_notify_socket(tmp
 
 
 async def test_a_stopped_event_loop_stops_the_watchdog_pings(tmp_path):
-    notify = NotifySocket(str(tmp_path / "notify.sock"))
-    await notify.bind()
-    config = write(tmp_path / "warren.toml", json_global() + CONFIG.format(port=dead_port()))
+    notify, warren = await notified_warren(tmp_path, 100_000)
     with trio.fail_after(60):
-        async with WarrenProcess(config) as warren, trio.open_nursery() as nursery:
-            warren.env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "100000"}
+        async with warren, trio.open_nursery() as nursery:
             nursery.start_soon(warren.start, nursery)
             await notify.next("READY")
             await notify.next("WATCHDOG")
