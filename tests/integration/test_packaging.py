@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from packaging.requirements import Requirement
 
 from tests.netlab import REPO
 from tests.warrenproc import WarrenProcess
@@ -71,7 +72,7 @@ def test_the_wheel_and_sdist_declare_exactly_the_dependencies(dist):
         names = archive.namelist()
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines()
                 if line.startswith("Requires-Dist: ") and "extra ==" not in line]
-    assert sorted(requires) == sorted(DECLARED)
+    assert {str(Requirement(r)) for r in requires} == {str(Requirement(r)) for r in DECLARED}
     assert "proxy/importer/__init__.py" in names and "proxy/sdnotify.py" in names
     with tarfile.open(dist / f"warren-{VERSION}.tar.gz") as sdist:
         members = sdist.getnames()
