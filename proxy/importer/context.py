@@ -14,6 +14,7 @@ from .haproxy import HaproxyFile, Line, Section, parse_time
 from .report import Notes
 
 AMQP_PORTS = frozenset({5670, 5671, 5672})
+TLS_MISSING = "not translated: Warren has no TLS yet (issue 13); terminate TLS elsewhere or keep HAProxy for it"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import secrets
 
-from .context import HaproxyContext, duration_text, integer_value, time_value
+from .context import TLS_MISSING, HaproxyContext, duration_text, integer_value, time_value
 from .haproxy import Line, Section
-from .haproxy_proxies import TLS_MISSING, is_stats_section, translate_binds, translate_proxies
+from .haproxy_proxies import is_stats_section, translate_binds, translate_proxies
 
 CONTROL_SOCKET = "warren.sock"
 
@@ -120,11 +120,11 @@ def _global(ctx: HaproxyContext, section: Section) -> None:
     ctx.notes.translated(section.line, ("global",), "[global]")
     for line in section.lines:
         keyword = line.keyword
-        if keyword == "maxconn" and (value := integer_value(ctx, line, _arg(line), 1)) is not None:
+        if keyword == "maxconn" and (value := integer_value(ctx, line, line.arg(), 1)) is not None:
             ctx.global_maxconn = (value, line)
-        elif keyword == "spread-checks" and (value := integer_value(ctx, line, _arg(line), 0, 50)) is not None:
+        elif keyword == "spread-checks" and (value := integer_value(ctx, line, line.arg(), 0, 50)) is not None:
             ctx.spread = (value / 100, line)
-        elif keyword == "hard-stop-after" and (value := time_value(ctx, line, _arg(line))) is not None:
+        elif keyword == "hard-stop-after" and (value := time_value(ctx, line, line.arg())) is not None:
             global_.values["grace"] = duration_text(value)
             ctx.notes.translated(line.number, line.words, "global.grace: how long live connections may finish")
         elif line.starts("stats", "socket"):
@@ -149,10 +149,10 @@ def _resolvers(ctx: HaproxyContext, section: Section) -> None:
             ctx.notes.translated(line.number, line.words, "resolvers.nameservers")
         elif line.keyword == "parse-resolv-conf":
             ctx.notes.translated(line.number, line.words, "no nameservers: /etc/resolv.conf is read")
-        elif line.starts("hold", "valid") and (value := time_value(ctx, line, _arg(line, 2))) is not None:
+        elif line.starts("hold", "valid") and (value := time_value(ctx, line, line.arg(2))) is not None:
             table.values["interval"] = duration_text(value)
             ctx.notes.approximated(line.number, line.words, "resolvers.interval: names are resolved again this often")
-        elif line.starts("timeout", "retry") and (value := time_value(ctx, line, _arg(line, 2))) is not None:
+        elif line.starts("timeout", "retry") and (value := time_value(ctx, line, line.arg(2))) is not None:
             table.values["timeout"] = duration_text(value)
             ctx.notes.translated(line.number, line.words, "resolvers.timeout")
     if nameservers:
@@ -182,7 +182,7 @@ def _stats(ctx: HaproxyContext, section: Section) -> None:
 
 
 def _stats_line(ctx: HaproxyContext, line: Line, values: dict, users: dict[str, str]) -> None:
-    what = _arg(line)
+    what = line.arg()
     rest = line.words[2:]
     notes = ctx.notes
     if what == "enable":
@@ -250,7 +250,3 @@ def _reason(line: Line, section: Section) -> str:
     if section.kind == "defaults":
         return "a default that no translated section uses"
     return "not known to the importer; Warren has no equivalent"
-
-
-def _arg(line: Line, index: int = 1) -> str:
-    return line.words[index] if len(line.words) > index else ""

@@ -51,6 +51,10 @@ class Line:
     def starts(self, *words: str) -> bool:
         return self.words[: len(words)] == words
 
+    def arg(self, index: int = 1) -> str:
+        """``words[index]``, or "" when the line is shorter."""
+        return self.words[index] if len(self.words) > index else ""
+
 
 @dataclass(frozen=True, slots=True)
 class Section:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .context import AMQP_PORTS, FrontendFacts, HaproxyContext, bind_text, duration_text, integer_value, \
+from .context import AMQP_PORTS, TLS_MISSING, FrontendFacts, HaproxyContext, bind_text, duration_text, integer_value, \
     name_note, time_value, warren_name
 from .haproxy import Line, Section
 from .haproxy_servers import translate_servers
 from .traps import check_idle_timeouts, check_frontend_maxconn
 
-TLS_MISSING = "not translated: Warren has no TLS yet (issue 13); terminate TLS elsewhere or keep HAProxy for it"
 BALANCES = {"roundrobin": "roundrobin", "leastconn": "leastconn", "first": "first", "source": "source"}
 _UNSUPPORTED_BIND_PREFIXES = ("unix@", "abns@", "fd@", "sockpair@", "/", "quic4@", "quic6@", "udp@")
 _BIND_FLAGS_IGNORED = {
@@ -96,7 +95,7 @@ def _target_backend(ctx: HaproxyContext, section: Section) -> str:
 
 def _frontend_settings(ctx: HaproxyContext, section: Section, values: dict, name: str) -> None:
     maxconn = section.last("maxconn")
-    if maxconn is not None and (value := integer_value(ctx, maxconn, _arg(maxconn), 1)) is not None:
+    if maxconn is not None and (value := integer_value(ctx, maxconn, maxconn.arg(), 1)) is not None:
         values["maxconn"] = value
         ctx.notes.translated(maxconn.number, maxconn.words, f"frontends.{name}.maxconn")
     elif ctx.global_maxconn is not None:
@@ -105,12 +104,12 @@ def _frontend_settings(ctx: HaproxyContext, section: Section, values: dict, name
         ctx.notes.approximated(line.number, line.words, f"frontends.{name}.maxconn: Warren has no process-wide "
                                "limit; the global maxconn becomes each frontend's")
     backlog = section.last("backlog")
-    if backlog is not None and (value := integer_value(ctx, backlog, _arg(backlog), 1, 65535)) is not None:
+    if backlog is not None and (value := integer_value(ctx, backlog, backlog.arg(), 1, 65535)) is not None:
         values["backlog"] = value
         ctx.notes.translated(backlog.number, backlog.words, f"frontends.{name}.backlog")
     for keyword, key in (("client", "client"), ("client-fin", "client_fin")):
         line = section.last("timeout", keyword)
-        if line is not None and (value := time_value(ctx, line, _arg(line, 2))) is not None:
+        if line is not None and (value := time_value(ctx, line, line.arg(2))) is not None:
             values.setdefault("timeout", {})[key] = duration_text(value)
             ctx.notes.translated(line.number, line.words, f"frontends.{name}.timeout.{key}")
     check_idle_timeouts(ctx, section)
@@ -133,7 +132,7 @@ def translate_binds(ctx: HaproxyContext, section: Section) -> tuple[list[str], s
 
 
 def _bind_addresses(ctx: HaproxyContext, line: Line) -> Iterator[tuple[str, int]]:
-    for item in _arg(line).split(","):
+    for item in line.arg().split(","):
         if item.startswith(_UNSUPPORTED_BIND_PREFIXES):
             ctx.notes.ignored(line.number, line.words, f'"{item}": Warren listens on TCP addresses only')
             continue
@@ -179,14 +178,14 @@ def _bind_options(ctx: HaproxyContext, line: Line, frontend: str) -> None:
 
 def _mode(ctx: HaproxyContext, section: Section, ports: set[int], backend: Section | None) -> None:
     line = section.last("mode")
-    if line is None or _arg(line) == "tcp":
+    if line is None or line.arg() == "tcp":
         if line is not None:
             ctx.notes.translated(line.number, line.words, "Warren relays TCP")
         return
     server_ports = {_server_port(s) for s in backend.find("server")} if backend is not None else set()
     amqp = (ports | server_ports) & AMQP_PORTS
     if amqp:
-        ctx.notes.suspicious(line.number, line.words, f"mode {_arg(line)} in front of AMQP port(s) "
+        ctx.notes.suspicious(line.number, line.words, f"mode {line.arg()} in front of AMQP port(s) "
                              f"{', '.join(map(str, sorted(amqp)))}: AMQP is not HTTP; translated as TCP relaying")
     else:
         ctx.notes.approximated(line.number, line.words, "Warren relays TCP: HTTP processing and rules are dropped")
@@ -209,18 +208,18 @@ def _backend(ctx: HaproxyContext, section: Section) -> None:
     values = table.values
     _balance(ctx, section, values)
     retries = section.last("retries")
-    if retries is not None and (value := integer_value(ctx, retries, _arg(retries), 0, 100)) is not None:
+    if retries is not None and (value := integer_value(ctx, retries, retries.arg(), 0, 100)) is not None:
         values["retries"] = value
         ctx.notes.translated(retries.number, retries.words, f"backends.{name}.retries")
     _redispatch(ctx, section, values, name)
     for keyword, key in (("connect", "connect"), ("queue", "queue"), ("server", "server"),
                          ("tunnel", "tunnel"), ("server-fin", "server_fin")):
         line = section.last("timeout", keyword)
-        if line is not None and (value := time_value(ctx, line, _arg(line, 2))) is not None:
+        if line is not None and (value := time_value(ctx, line, line.arg(2))) is not None:
             values.setdefault("timeout", {})[key] = duration_text(value)
             ctx.notes.translated(line.number, line.words, f"backends.{name}.timeout.{key}")
     mode = section.find("mode")
-    if section.kind == "backend" and mode and _arg(mode[-1]) != "tcp":
+    if section.kind == "backend" and mode and mode[-1].arg() != "tcp":
         ctx.notes.approximated(mode[-1].number, mode[-1].words, "Warren relays TCP: HTTP processing is dropped")
     translate_servers(ctx, section, table)
 
@@ -229,7 +228,7 @@ def _balance(ctx: HaproxyContext, section: Section, values: dict) -> None:
     line = section.last("balance")
     if line is None:
         return
-    algorithm = _arg(line)
+    algorithm = line.arg()
     if algorithm in BALANCES:
         values["balance"] = BALANCES[algorithm]
         ctx.notes.translated(line.number, line.words, f'balance = "{algorithm}"')
@@ -254,7 +253,3 @@ def _redispatch(ctx: HaproxyContext, section: Section, values: dict, name: str) 
         ctx.notes.translated(line.number, line.words, f"backends.{name}.redispatch = true")
     else:
         values["redispatch"] = False  # HAProxy's default; Warren's is true
-
-
-def _arg(line: Line, index: int = 1) -> str:
-    return line.words[index] if len(line.words) > index else ""

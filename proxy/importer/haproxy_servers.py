@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .context import HaproxyContext, duration_text, is_ip, name_note, seconds, warren_name
+from .context import TLS_MISSING, HaproxyContext, duration_text, is_ip, name_note, seconds, warren_name
 from .draft import Item, Table
 from .haproxy import Line, Section
 from .traps import check_interval_unit
 
-TLS_MISSING = "not translated: Warren has no TLS yet (issue 13)"
 AMQP_HEADER_HEX = "414d515000000901"
 
 # option -> (Warren health key, kind of value)
