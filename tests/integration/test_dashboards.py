@@ -41,7 +41,7 @@ def test_the_files_cover_what_operators_expect():
     rules = yaml.safe_load((DASHBOARDS / "warren-alerts.yml").read_text())
     names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
     assert names >= {"WarrenServerDown", "WarrenBackendHasNoServer", "WarrenVipHasNoMaster", "WarrenVipHasTwoMasters",
-                     "WarrenVipFlapping", "WarrenFrontendNearMaxconn"}
+                     "WarrenVipFlapping", "WarrenFrontendNearMaxconn", "WarrenServiceCrashed"}
     queried = {name for query in dashboard_queries() for name in METRIC.findall(query)}
     for needed in ("warren_server_status", "warren_frontend_sessions_total", "warren_server_sessions_total",
                    "warren_backend_bytes_in_total", "warren_server_check_duration_seconds",

@@ -176,7 +176,7 @@ async def _start_like_the_unit(namespace: str, shared: Path) -> None:
     os.chmod(notify_path, 0o666)
     caps = "+net_bind_service,+net_admin,+net_raw"
     warren = WarrenProcess(Path("/etc/warren/warren.toml"))
-    warren.argv = ["/usr/bin/warren"]
+    warren.command = ["/usr/bin/warren"]
     warren.prefix = ["ip", "netns", "exec", namespace, "setpriv", "--reuid", "warren", "--regid", "warren",
                      "--init-groups", "--no-new-privs", "--inh-caps", caps, "--ambient-caps", caps,
                      "--bounding-set", f"-all,{caps}"]
