@@ -1,9 +1,8 @@
 """Faults injected into one named function, for supervision tests.
 
-In-process, with pytest's monkeypatch::
+In-process, with pytest's monkeypatch (undone after the test)::
 
-    fault = Fault(on=3)
-    monkeypatch.setattr(checker, "check_tcp", fault.wrap(checker.check_tcp))
+    fault = Fault(on=3).patch(monkeypatch, checker, "check_tcp")
 
 In a real `warren run` process (nothing in Warren knows about it)::
 
@@ -28,29 +27,39 @@ class InjectedFault(RuntimeError):
 
 
 class Fault:
-    def __init__(self, on: int | Iterable[int]) -> None:
+    """``on``: which calls fail (1-based); ``when``: count only the calls whose arguments it accepts."""
+
+    def __init__(self, on: int | Iterable[int], *, when: Callable[..., bool] | None = None) -> None:
         self.on = {on} if isinstance(on, int) else set(on)
+        self.when = when
         self.calls = 0
         self.raised = 0
 
-    def _next(self) -> None:
+    def _next(self, *args, **kwargs) -> None:
+        if self.when is not None and not self.when(*args, **kwargs):
+            return
         self.calls += 1
         if self.calls in self.on:
             self.raised += 1
             raise InjectedFault(f"injected fault (call {self.calls})")
 
+    def patch(self, monkeypatch, owner: object, name: str) -> Fault:
+        """Puts the faulty ``owner.name`` in place for one test."""
+        monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name)))
+        return self
+
     def wrap(self, function: Callable) -> Callable:
         if inspect.iscoroutinefunction(function):
             @functools.wraps(function)
             async def faulty_async(*args, **kwargs):
-                self._next()
+                self._next(*args, **kwargs)
                 return await function(*args, **kwargs)
 
             return faulty_async
 
         @functools.wraps(function)
         def faulty(*args, **kwargs):
-            self._next()
+            self._next(*args, **kwargs)
             return function(*args, **kwargs)
 
         return faulty

@@ -217,6 +217,15 @@ class VipAuth:
 
 
 @dataclass(frozen=True, slots=True)
+class VipPeerLink:
+    """The TCP link a backup keeps to its Warren master, whose end (FIN/RST) means the
+    master's process is gone: takeover after the skew instead of 3 advert intervals."""
+
+    enabled: bool = True
+    port: int = 5798
+
+
+@dataclass(frozen=True, slots=True)
 class Vip:
     """One VRRPv3 instance (`[vip.<name>]`): a floating address shared with peers.
 
@@ -243,6 +252,7 @@ class Vip:
     garp: VipGarp = VipGarp()
     notify: VipNotify = VipNotify()
     auth: VipAuth | None = None
+    peer_link: VipPeerLink = VipPeerLink()
 
 
 @dataclass(frozen=True, slots=True)

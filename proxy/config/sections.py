@@ -48,6 +48,7 @@ from .model import (
     VipAuth,
     VipGarp,
     VipNotify,
+    VipPeerLink,
 )
 from .schema import (
     INVALID,
@@ -366,6 +367,11 @@ VIP_AUTH = {
     "max_age": Field(duration(optional=True)),
 }
 
+VIP_PEER_LINK = {
+    "enabled": Field(boolean()),
+    "port": Field(integer(1, 65535)),
+}
+
 VIP = {
     "interface": Field(string(interface_name), required=True),
     "vrid": Field(integer(1, 255), required=True),
@@ -383,6 +389,7 @@ VIP = {
     "garp": Field(table(VIP_GARP, build_garp)),
     "notify": Field(table(VIP_NOTIFY, VipNotify)),
     "auth": Field(table(VIP_AUTH, VipAuth)),
+    "peer_link": Field(table(VIP_PEER_LINK, VipPeerLink)),
 }
 
 DOCUMENT = {

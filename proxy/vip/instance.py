@@ -19,6 +19,10 @@ all in the instance's nursery:
   the machine says, as leases renewed while held, and announces them
   (gratuitous ARP / unsolicited NA) once they are really configured.
 - *notify*: the :class:`proxy.vip.notify.Notifier` worker.
+- *peer link* (with a :class:`proxy.vip.links.LinkServer`): the instance
+  accepts links from backups on its source address, and as a backup holds
+  one to the master the machine follows (:class:`proxy.vip.links.MasterLink`);
+  a master confirmed gone becomes the machine's ``master_link_lost``.
 
 Adverts are sent synchronously from whichever task produced them: the raw
 socket never blocks and ordering with the machine's state stays exact.
@@ -42,8 +46,9 @@ import trio.testing
 from proxy.config.model import Vip
 from proxy.errors import StartupError
 from proxy.vip.auth import ReplayGuard, SequenceSource, sign, verify
+from proxy.vip.links import LinkServer, MasterLink, Registration
 from proxy.vip.machine import (
-    Action, MachineConfig, ReleaseAddresses, SendAdvert, SendGratuitous, State, StateChanged,
+    Action, FollowMaster, MachineConfig, ReleaseAddresses, SendAdvert, SendGratuitous, State, StateChanged,
     TakeAddresses, VrrpMachine,
 )  # fmt: skip
 from proxy.vip.netlink import InterfaceNotFound
@@ -51,6 +56,7 @@ from proxy.vip.notify import Notifier, Runner, run_command
 from proxy.vip.packet import (
     MULTICAST_V4, MULTICAST_V6, Advert, IPAddress, PacketError, decode_advert, encode_advert,
 )  # fmt: skip
+from proxy.vip.peerlink import link_key
 from proxy.vip.rawsock import RETRY_DELAY, AddressKeeper, Channel, LinkInfo, LinuxPlumbing, Plumbing, Received
 
 log = structlog.get_logger("warren.vip")
@@ -98,7 +104,8 @@ class VipInstance:
     """One ``[vip.<name>]``: :meth:`run` until cancelled; :meth:`stop` hands over first.
 
     ``health`` (for ``track``) returns whether the tracked backend has a
-    server available; it is polled on the trio thread.
+    server available; it is polled on the trio thread. ``links``: the
+    process's peer-link sockets (None: no peer link, plain VRRP).
     """
 
     def __init__(
@@ -108,6 +115,7 @@ class VipInstance:
         plumbing: Plumbing | None = None,
         health: Callable[[], bool] | None = None,
         hook_runner: Runner = run_command,
+        links: LinkServer | None = None,
     ) -> None:
         self.config = config
         self.plumbing: Plumbing = plumbing or LinuxPlumbing()
@@ -140,6 +148,9 @@ class VipInstance:
         self._send_failing = False
         self._stopped = False
         self._nursery: trio.Nursery | None = None
+        self._links = links if config.peer_link.enabled else None
+        self._registration: Registration | None = None
+        self._master_link: MasterLink | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -195,6 +206,7 @@ class VipInstance:
                     self._stopped = True
                     self._apply(self.machine.shutdown(trio.current_time()))
             finally:
+                self._stop_links()
                 await self._keeper.remove_now()
         if self._channel is not None:
             self._channel.close()
@@ -266,9 +278,15 @@ class VipInstance:
             MachineConfig(
                 vrid=config.vrid, priority=config.priority, advert_interval=config.advert_interval,
                 primary_ip=self._source, addresses=self.ips, preempt=config.preempt,
-                preempt_delay=config.preempt_delay or 0.0,
+                preempt_delay=config.preempt_delay or 0.0, peer_link=self._links is not None,
             )  # fmt: skip
         )
+        if self._links is not None:
+            self._master_link = MasterLink(
+                config.name, config.vrid, self._link_key(), config.peer_link.port, self._source,
+                self._master_gone, ifindex=self._ifindex(), counters=self.counters,
+            )  # fmt: skip
+            self._serve_links()
         if not self._link_up:
             self.machine.interface_down(now)
         self._check_health()
@@ -276,6 +294,7 @@ class VipInstance:
             "vip.started", instance=config.name, interface=config.interface, vrid=config.vrid,
             source=str(self._source), destinations=[str(d) for d in self._destinations],
             priority=self.machine.priority, lease=config.lease, auth=self._key is not None,
+            peer_link=config.peer_link.port if self._links is not None else None,
         )  # fmt: skip
         self._apply(self.machine.start(now))
         nursery.start_soon(self._run_timer)
@@ -357,6 +376,49 @@ class VipInstance:
         while True:
             await trio.sleep(self._link_period)
             self._link_changed(await self.plumbing.link(self.config.interface))
+            self._serve_links()
+
+    # -- the peer link -----------------------------------------------------------------
+
+    def _link_key(self) -> bytes | None:
+        return link_key(self.config.auth.secret) if self.config.auth else None
+
+    def _ifindex(self) -> int:
+        return self._channel.ifindex if self._channel is not None else 0
+
+    def _serve_links(self) -> None:
+        """Accept backups' links on our source address (retried while the port is unusable)."""
+        if self._links is None or self._registration is not None or self._source is None:
+            return
+        peers = frozenset(self._peers)
+        try:
+            self._registration = self._links.register(
+                self._source, self.config.peer_link.port, self.config.vrid, self._link_key(),
+                ifindex=self._ifindex(), peers=peers, counters=self.counters,
+            )  # fmt: skip
+        except (OSError, ValueError) as error:
+            if self.counters["link_listen_errors"] == 0:
+                log.error("vip.peer_link_listen_failed", instance=self.config.name, port=self.config.peer_link.port,
+                          error=str(error))
+            self.counters["link_listen_errors"] += 1
+            return
+        log.info("vip.peer_link_listening", instance=self.config.name, address=str(self._source),
+                 port=self._registration.port)
+
+    def _stop_links(self) -> None:
+        if self._master_link is not None:
+            self._master_link.stop()
+        self._stop_serving_links()
+
+    def _stop_serving_links(self) -> None:
+        if self._registration is not None and self._links is not None:
+            self._links.unregister(self._registration)
+            self._registration = None
+
+    def _master_gone(self, master: IPAddress) -> None:
+        """The link to ``master`` ended and its Warren is confirmed gone (no FIN: never called)."""
+        if self.machine is not None and not self._stopped:
+            self._apply(self.machine.master_link_lost(trio.current_time(), master))
 
     def _link_changed(self, link: LinkInfo) -> None:
         assert self.machine is not None
@@ -376,6 +438,7 @@ class VipInstance:
 
     def _reopen_channel(self) -> None:
         self._keeper.forget_mac()
+        self._stop_serving_links()  # the interface (and its index) changed: served again by _watch_link
         self._receive_scope.cancel()
         if self._channel is not None:
             self._channel.close()
@@ -385,6 +448,9 @@ class VipInstance:
         except OSError as error:
             log.warning("vip.socket_failed", instance=self.config.name, error=str(error))
             return
+        if self._master_link is not None and self._nursery is not None:
+            self._master_link.ifindex = self._channel.ifindex
+            self._master_link.follow(self._nursery, self._master_link.master)  # again, on the new interface
         self._start_receiving()
 
     async def _track(self) -> None:
@@ -429,6 +495,8 @@ class VipInstance:
                 self._keeper.announce()
             elif isinstance(action, StateChanged):
                 self._state_changed(action)
+            elif isinstance(action, FollowMaster) and self._master_link is not None and self._nursery is not None:
+                self._master_link.follow(self._nursery, action.address)
         self._timer_wake.set()  # the deadline may have moved
 
     def _send_advert(self, action: SendAdvert) -> None:

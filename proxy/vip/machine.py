@@ -35,12 +35,21 @@ Deviations from, and additions to, the RFC (all deliberate):
   later. A backup whose down timer fires more than one interval late likewise
   waits one more Master_Adver_Interval (once) so that adverts queued in its
   socket while it was frozen are read before it decides the master is gone.
+- Peer link (``peer_link``; Warren peers only). A backup follows its master
+  over a TCP link (:class:`FollowMaster` says to whom, whenever that
+  changes). When the link ends with FIN or RST and the master's Warren is
+  confirmed gone (the shell's concern), :meth:`VrrpMachine.master_link_lost`
+  acts as the master's priority-0 advert would: the takeover comes after the
+  skew (computed from HANDOVER_INTERVAL) instead of Master_Down_Interval. A
+  master that is frozen or cut off sends no FIN: the RFC timers still apply.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.vip.packet import Advert, IPAddress, interval_to_cs
@@ -78,6 +87,7 @@ class MachineConfig:
     preempt: bool = True
     preempt_delay: float = 0.0
     accept: bool = False
+    peer_link: bool = False  # emit FollowMaster actions
 
     def __post_init__(self) -> None:
         if not 1 <= self.priority <= OWNER_PRIORITY:
@@ -119,6 +129,13 @@ class SendGratuitous:
 
 
 @dataclass(frozen=True, slots=True)
+class FollowMaster:
+    """Keep a peer link to ``address``, the master this backup follows; None: no link."""
+
+    address: IPAddress | None
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged:
     """Informational: log it, update metrics, run notify hooks."""
 
@@ -127,7 +144,7 @@ class StateChanged:
     reason: str
 
 
-Action = SendAdvert | TakeAddresses | ReleaseAddresses | SendGratuitous | StateChanged
+Action = SendAdvert | TakeAddresses | ReleaseAddresses | SendGratuitous | StateChanged | FollowMaster
 
 
 @dataclass(slots=True)
@@ -140,6 +157,17 @@ class Counters:
     errors: int = 0  # adverts for another VRID/family, plus what the shell reports
     address_mismatch: int = 0  # RFC 5798 7.1: logged, still processed
     stalls: int = 0
+    master_link_lost: int = 0  # the followed master's Warren went away (acted upon)
+
+
+def _input(method: Callable[..., list[Action]]) -> Callable[..., list[Action]]:
+    """An input of the machine: its actions, then FollowMaster if whom a backup follows changed."""
+
+    @functools.wraps(method)
+    def handled(self: VrrpMachine, *args: object, **kwargs: object) -> list[Action]:
+        return method(self, *args, **kwargs) + self._follow_changes()
+
+    return handled
 
 
 class VrrpMachine:
@@ -159,6 +187,7 @@ class VrrpMachine:
         self._lower_master_since: float | None = None
         self._down_reason = "master_down"
         self._stall_deferred = False
+        self._followed: IPAddress | None = None
 
     # -- derived timers (RFC 5798 6.1) -------------------------------------
 
@@ -178,6 +207,7 @@ class VrrpMachine:
 
     # -- inputs ---------------------------------------------------------------
 
+    @_input
     def start(self, now: float) -> list[Action]:
         """Leave INIT (RFC 6.4.1): the owner becomes MASTER, others BACKUP; FAULT if the link is down."""
         if self.state is not State.INIT:
@@ -186,6 +216,7 @@ class VrrpMachine:
             return [self._transition(State.FAULT, "interface_down")]
         return self._initialize(now, "startup")
 
+    @_input
     def shutdown(self, now: float) -> list[Action]:
         """Back to INIT; a master sends priority 0 first (RFC 6.4.3) and releases the VIP."""
         if self.state is State.INIT:
@@ -199,6 +230,7 @@ class VrrpMachine:
         self._lower_master_since = None
         return actions
 
+    @_input
     def on_advert(self, now: float, advert: Advert, src_ip: IPAddress | str) -> list[Action]:
         """A verified, decoded advert from ``src_ip`` (RFC 6.4.2 / 6.4.3)."""
         if self.state in (State.INIT, State.FAULT):
@@ -219,6 +251,7 @@ class VrrpMachine:
             return self._backup_heard(now, advert, src)
         return self._master_heard(now, advert, src)
 
+    @_input
     def on_timer(self, now: float) -> list[Action]:
         """The single timer: Adver_Timer as MASTER, Master_Down_Timer as BACKUP."""
         if self.next_deadline is None or now < self.next_deadline:
@@ -227,6 +260,7 @@ class VrrpMachine:
             return self._master_timer(now)
         return self._backup_timer(now)
 
+    @_input
     def set_effective_priority(self, now: float, priority: int) -> list[Action]:
         """Tracking changed the priority (1..255); a master re-advertises at once."""
         if not 1 <= priority <= OWNER_PRIORITY:
@@ -237,6 +271,7 @@ class VrrpMachine:
             return self._advertise(now)
         return []
 
+    @_input
     def resign(self, now: float) -> list[Action]:
         """The proxy is unhealthy: a master hands over now (priority 0).
 
@@ -250,11 +285,13 @@ class VrrpMachine:
         self._arm_down_timer(now, self.config.advert_interval, master_ip=None)
         return actions
 
+    @_input
     def reinstate(self, now: float) -> list[Action]:
         """The proxy is healthy again: preemption (if configured) resumes with the next advert."""
         self.resigned = False
         return []
 
+    @_input
     def interface_down(self, now: float) -> list[Action]:
         """The link went down: FAULT, releasing the VIP if we held it."""
         self._link_up = False
@@ -268,12 +305,26 @@ class VrrpMachine:
         self.master_ip = None
         return actions
 
+    @_input
     def interface_up(self, now: float) -> list[Action]:
         """The link is back: leave FAULT through Initialize."""
         self._link_up = True
         if self.state is not State.FAULT:
             return []
         return self._initialize(now, "interface_up")
+
+    @_input
+    def master_link_lost(self, now: float, master: IPAddress | str) -> list[Action]:
+        """The peer link to ``master`` ended (FIN or RST) and its Warren is gone (the shell
+        confirmed it: a new connection was refused). A backup following that master acts as
+        on its priority-0 advert: it takes over after the skew, computed from
+        HANDOVER_INTERVAL. Any other case (another master by now, not a backup) is ignored.
+        """
+        if self.state is not State.BACKUP or self.master_ip is None or ipaddress.ip_address(master) != self.master_ip:
+            return []
+        self.counters.master_link_lost += 1
+        self._master_leaving(now, HANDOVER_INTERVAL, "master_link_lost")
+        return []
 
     def note_error(self) -> None:
         """The shell dropped a packet (decode/auth failure): count it."""
@@ -296,11 +347,7 @@ class VrrpMachine:
             # few milliseconds; the priorities still order the backups. (The RFC
             # keeps Master_Adver_Interval here; a plain VRRPv3 backup does, and
             # still takes over after its usual skew.)
-            interval = min(self.master_adver_interval, advert.interval)
-            self._set_deadline(now + (256 - self.priority) * interval / 256)
-            self._down_reason = "master_left"
-            self.master_ip = None
-            self._lower_master_since = None
+            self._master_leaving(now, advert.interval, "master_left")
             return []
         if advert.priority >= self.priority or not self._preempting():
             if advert.priority >= self.priority:
@@ -365,6 +412,22 @@ class VrrpMachine:
         return actions + self._advertise(now) + [SendGratuitous()]
 
     # -- helpers ----------------------------------------------------------------
+
+    def _master_leaving(self, now: float, interval: float, reason: str) -> None:
+        """The followed master is going: take over after the skew (at ``interval``, at most
+        the current one) unless another master is heard first."""
+        interval = min(self.master_adver_interval, interval)
+        self._set_deadline(now + (256 - self.priority) * interval / 256)
+        self._down_reason = reason
+        self.master_ip = None
+        self._lower_master_since = None
+
+    def _follow_changes(self) -> list[Action]:
+        wanted = self.master_ip if self.config.peer_link and self.state is State.BACKUP else None
+        if wanted == self._followed:
+            return []
+        self._followed = wanted
+        return [FollowMaster(wanted)]
 
     def _preempting(self) -> bool:
         # RFC 6.1: the address owner always preempts, whatever Preempt_Mode says.

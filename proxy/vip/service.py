@@ -35,6 +35,7 @@ import trio
 from proxy.config.model import Config, Vip
 from proxy.supervisor import RestartPolicy, Supervisor
 from proxy.vip.instance import VipInstance, VipStats
+from proxy.vip.links import LinkServer
 from proxy.vip.rawsock import LinuxPlumbing, Plumbing
 
 if TYPE_CHECKING:
@@ -63,9 +64,13 @@ class VipService:
     name = "vip"
 
     def __init__(self, config: Config, *, plumbing: Plumbing | None = None,
-                 restart_policy: RestartPolicy | None = None) -> None:
+                 restart_policy: RestartPolicy | None = None, peer_links: bool | None = None) -> None:
         self.config = config
         self._plumbing = plumbing or LinuxPlumbing()
+        # The peer link is real TCP: by default only beside the real host's plumbing, so a
+        # test's fake host never sends a SYN to its imaginary peers.
+        self._peer_links = isinstance(self._plumbing, LinuxPlumbing) if peer_links is None else peer_links
+        self._links: LinkServer | None = None
         self._restart_policy = restart_policy
         self._runtime: Runtime | None = None
         self._nursery: trio.Nursery | None = None
@@ -77,13 +82,16 @@ class VipService:
         runtime.extra_statistics["vip"] = self.statistics
         try:
             async with trio.open_nursery() as nursery:
+                if self._peer_links:
+                    self._links = LinkServer()
+                    await nursery.start(self._links.run)
                 self._nursery = nursery
                 for vip in self.config.vip:
                     await self._start(vip)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self._nursery = None
+            self._nursery = self._links = None
             for running in self._running.values():
                 self._forget(running)
             self._running.clear()
@@ -127,7 +135,9 @@ class VipService:
 
     async def _run_instance(self, running: _Running, *, task_status: trio.TaskStatus[None]) -> None:
         """One incarnation of an instance: a fresh machine, starting as a backup (or owner)."""
-        running.instance = VipInstance(running.vip, plumbing=self._plumbing, health=self._health_of(running.vip.track))
+        running.instance = VipInstance(
+            running.vip, plumbing=self._plumbing, health=self._health_of(running.vip.track), links=self._links
+        )
         await running.instance.run(task_status=task_status)
 
     async def _swap(self, name: str, vip: Vip | None) -> None:

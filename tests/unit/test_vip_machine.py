@@ -7,6 +7,8 @@ import itertools
 import pytest
 
 from proxy.vip.machine import (
+    HANDOVER_INTERVAL,
+    FollowMaster,
     MachineConfig,
     ReleaseAddresses,
     SendAdvert,
@@ -484,21 +486,128 @@ class TestCounters:
         assert vrrp.build_advert(SendAdvert(0, 0.1)) == Advert(51, 0, 10, VIP)
 
 
+class TestPeerLink:
+    """FollowMaster says whom a backup keeps a link to; master_link_lost acts like priority 0."""
+
+    LINK_SKEW = 156 / 256 * HANDOVER_INTERVAL  # priority 100
+
+    def test_a_backup_follows_the_master_it_hears(self):
+        vrrp = backup(peer_link=True)
+        assert vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP) == [FollowMaster(PEER_HIGH_IP)]
+        assert vrrp.on_advert(2.0, advert(200), PEER_HIGH_IP) == []  # said once
+        assert vrrp.on_advert(2.5, advert(100), V4("10.0.0.9")) == [FollowMaster(V4("10.0.0.9"))]
+
+    def test_nothing_is_followed_without_the_peer_link(self):
+        vrrp = backup()
+        actions = vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP) + vrrp.on_timer(10.0)
+        assert not any(isinstance(action, FollowMaster) for action in actions)
+
+    def test_a_backup_that_becomes_master_follows_nobody(self):
+        vrrp = backup(peer_link=True)
+        vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP)
+        assert vrrp.on_timer(vrrp.next_deadline)[-1] == FollowMaster(None)
+        assert vrrp.state is State.MASTER
+
+    @pytest.mark.parametrize("leaving", [
+        lambda vrrp: vrrp.on_advert(2.0, advert(0, interval_cs=1), PEER_HIGH_IP),  # priority 0
+        lambda vrrp: vrrp.shutdown(2.0),
+        lambda vrrp: vrrp.interface_down(2.0),
+    ])
+    def test_the_link_is_dropped_when_there_is_no_master_to_follow(self, leaving):
+        vrrp = backup(peer_link=True)
+        vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP)
+        assert leaving(vrrp)[-1] == FollowMaster(None)
+
+    def test_a_master_stepping_down_follows_the_new_master(self):
+        vrrp = master(peer_link=True)
+        actions = vrrp.on_advert(5.0, advert(200), PEER_HIGH_IP)
+        assert actions[-1] == FollowMaster(PEER_HIGH_IP) and vrrp.state is State.BACKUP
+
+    def test_a_resumed_master_that_stalled_follows_whom_it_hears(self):
+        vrrp = master(peer_link=True)
+        assert vrrp.on_advert(vrrp.next_deadline + 10, advert(200), PEER_HIGH_IP)[-1] == FollowMaster(PEER_HIGH_IP)
+
+    def test_losing_the_followed_masters_link_takes_over_after_the_skew(self):
+        vrrp = backup(peer_link=True)
+        vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP)
+        assert vrrp.master_link_lost(1.5, PEER_HIGH_IP) == [FollowMaster(None)]
+        assert vrrp.next_deadline == pytest.approx(1.5 + self.LINK_SKEW)  # not 1 + 3.6 s
+        assert vrrp.master_ip is None and vrrp.counters.master_link_lost == 1
+        assert vrrp.on_timer(vrrp.next_deadline)[0] == StateChanged(State.BACKUP, State.MASTER, "master_link_lost")
+
+    def test_an_address_given_as_text_is_understood(self):
+        vrrp = backup(peer_link=True)
+        vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP)
+        vrrp.master_link_lost(1.5, str(PEER_HIGH_IP))
+        assert vrrp.counters.master_link_lost == 1
+
+    def test_the_link_skew_keeps_the_backups_in_priority_order(self):
+        high, low = backup(priority=200, peer_link=True), backup(priority=100, peer_link=True)
+        for vrrp in (high, low):
+            vrrp.on_advert(1.0, advert(250), PEER_HIGH_IP)
+            vrrp.master_link_lost(2.0, PEER_HIGH_IP)
+        assert 2.0 < high.next_deadline < low.next_deadline <= 2.0 + HANDOVER_INTERVAL
+
+    def test_a_preempting_backup_takes_over_early_too(self):
+        vrrp = backup(priority=200, peer_link=True)
+        vrrp.on_advert(1.0, advert(100), PEER_LOW_IP)  # a lower master, about to be preempted
+        vrrp.master_link_lost(1.5, PEER_LOW_IP)
+        assert vrrp.next_deadline == pytest.approx(1.5 + 56 / 256 * HANDOVER_INTERVAL)
+
+    def test_an_advert_heard_before_the_skew_ends_keeps_it_a_backup(self):
+        vrrp = backup(peer_link=True)
+        vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP)
+        vrrp.master_link_lost(1.5, PEER_HIGH_IP)
+        assert vrrp.on_advert(1.501, advert(200), V4("10.0.0.9")) == [FollowMaster(V4("10.0.0.9"))]
+        assert vrrp.on_timer(1.6) == [] and vrrp.state is State.BACKUP
+
+    @pytest.mark.parametrize("situation", ["other_master", "no_master", "master", "init", "fault", "twice"])
+    def test_a_link_that_is_not_the_followed_masters_changes_nothing(self, situation):
+        vrrp = backup(peer_link=True)
+        vrrp.on_advert(1.0, advert(200), PEER_HIGH_IP)
+        lost = PEER_HIGH_IP
+        if situation == "other_master":
+            lost = V4("10.0.0.9")
+        elif situation == "no_master":
+            vrrp.on_advert(1.2, advert(0, interval_cs=1), PEER_HIGH_IP)
+        elif situation == "master":
+            vrrp.on_timer(vrrp.next_deadline)
+        elif situation == "init":
+            vrrp.shutdown(1.2)
+        elif situation == "fault":
+            vrrp.interface_down(1.2)
+        elif situation == "twice":
+            vrrp.master_link_lost(1.3, lost)
+        before = (vrrp.state, vrrp.next_deadline, vrrp.counters.master_link_lost)
+        assert vrrp.master_link_lost(1.5, lost) == []
+        assert (vrrp.state, vrrp.next_deadline, vrrp.counters.master_link_lost) == before
+
+
 # -- whole elections on a simulated segment ---------------------------------------
 
 
+LINK_LOST = "link lost"  # a delivery: the peer link from the receiver to src ended
+
+
 class Segment:
-    """Machines exchanging adverts with a fixed one-way latency, in simulated time."""
+    """Machines exchanging adverts with a fixed one-way latency, in simulated time.
+
+    Peer links: each machine follows whom its FollowMaster actions name; a
+    :meth:`crash` ends the links to the crashed node (its kernel closes them)
+    if it serves links (``serves_links``: Warren does, keepalived does not).
+    """
 
     def __init__(self, *machines: VrrpMachine, latency: float = 0.001) -> None:
         self.machines = list(machines)
         self.latency = latency
         self.now = 0.0
-        self.deliveries: list = []  # heap of (time, seq, receiver, advert, src)
+        self.deliveries: list = []  # heap of (time, seq, receiver, advert or LINK_LOST, src)
         self.seq = itertools.count()
         self.holders: set[int] = set()
         self.took_vip: dict[int, list[float]] = {index: [] for index in range(len(machines))}
         self.alive = [True] * len(machines)
+        self.follows: list = [None] * len(machines)
+        self.serves_links = [True] * len(machines)
 
     def apply(self, index: int, actions: list) -> None:
         vrrp = self.machines[index]
@@ -510,6 +619,8 @@ class Segment:
                 self.took_vip[index].append(self.now)
             elif isinstance(action, ReleaseAddresses):
                 self.holders.discard(index)
+            elif isinstance(action, FollowMaster):
+                self.follows[index] = action.address
 
     def broadcast(self, sender: int, message: Advert) -> None:
         src = self.machines[sender].config.primary_ip
@@ -521,6 +632,16 @@ class Segment:
         """SIGKILL: silent from now on (its address stays until the lease expires; not modelled)."""
         self.alive[index] = False
         self.holders.discard(index)
+
+    def crash(self, index: int) -> None:
+        """The process dies: silent, and its kernel ends the peer links to it (FIN)."""
+        self.kill(index)
+        if not self.serves_links[index]:
+            return
+        ip = self.machines[index].config.primary_ip
+        for follower, followed in enumerate(self.follows):
+            if followed == ip and self.alive[follower]:
+                heapq.heappush(self.deliveries, (self.now + self.latency, next(self.seq), follower, LINK_LOST, ip))
 
     def start_all(self, at: float = 0.0) -> None:
         self.now = at
@@ -544,7 +665,11 @@ class Segment:
                 return
             if next_delivery <= next_timer[0]:
                 self.now, _, receiver, message, src = heapq.heappop(self.deliveries)
-                if self.alive[receiver]:
+                if not self.alive[receiver]:
+                    continue
+                if message == LINK_LOST:
+                    self.apply(receiver, self.machines[receiver].master_link_lost(self.now, src))
+                else:
                     self.apply(receiver, self.machines[receiver].on_advert(self.now, message, src))
             else:
                 deadline, index = next_timer
@@ -658,3 +783,69 @@ class TestElections:
         segment.run_until(40.0)
         assert segment.masters() == [1]
         assert segment.holders == {1}
+
+
+class TestElectionsWithPeerLinks:
+    def test_a_crashed_master_is_replaced_after_the_link_skew(self):
+        segment = pair(peer_link=True)
+        segment.start_all()
+        segment.run_until(10.0)
+        segment.crash(0)
+        crashed = segment.now
+        segment.run_until(20.0)
+        # the link's end (1 ms away) plus the skew from the 10 ms handover interval (keepalived: 3.6 s)
+        assert segment.took_vip[1][0] - crashed == pytest.approx(0.001 + 156 / 256 * 0.01, abs=1e-6)
+        assert segment.masters() == [1]
+
+    def test_a_frozen_master_sends_no_fin_so_the_rfc_timers_apply(self):
+        segment = pair(peer_link=True)
+        segment.start_all()
+        segment.run_until(10.0)
+        last_advert = segment.machines[0].next_deadline - 1.0
+        segment.kill(0)  # SIGSTOP or a cut cable: nothing ends the link
+        segment.run_until(20.0)
+        assert segment.took_vip[1][0] - last_advert == pytest.approx(3 + 156 / 256, abs=0.01)
+
+    def test_behind_a_plain_vrrp_master_the_backup_keeps_the_rfc_timers(self):
+        segment = pair(peer_link=True)
+        segment.serves_links[0] = False  # keepalived: no link to lose
+        segment.start_all()
+        segment.run_until(10.0)
+        last_advert = segment.machines[0].next_deadline - 1.0
+        segment.crash(0)
+        segment.run_until(20.0)
+        assert segment.took_vip[1][0] - last_advert == pytest.approx(3 + 156 / 256, abs=0.01)
+
+    def test_a_plain_vrrp_backup_beside_a_linked_one_does_not_matter(self):
+        a = machine(priority=150, primary_ip=V4("10.0.0.1"), peer_link=True)
+        b = machine(priority=120, primary_ip=V4("10.0.0.2"), peer_link=True)
+        c = machine(priority=200, primary_ip=V4("10.0.0.3"))  # keepalived, started later
+        segment = Segment(a, b, c)
+        segment.serves_links[2] = False
+        segment.alive[2] = False
+        segment.apply(0, a.start(0.0))
+        segment.apply(1, b.start(0.0))
+        segment.run_until(10.0)
+        segment.alive[2] = True
+        segment.apply(2, c.start(segment.now))
+        segment.run_until(30.0)
+        assert segment.masters() == [2]  # keepalived preempted (priority 200)
+        last_advert = c.next_deadline - 1.0
+        segment.crash(2)
+        segment.run_until(40.0)
+        assert segment.masters() == [0]  # by the RFC timers: keepalived serves no link
+        assert segment.took_vip[0][-1] - last_advert == pytest.approx(3 + 106 / 256, abs=0.01)
+
+    def test_three_warren_hosts_end_with_the_best_survivor_as_the_only_master(self):
+        a = machine(priority=200, primary_ip=V4("10.0.0.1"), peer_link=True)
+        b = machine(priority=150, primary_ip=V4("10.0.0.2"), peer_link=True)
+        c = machine(priority=100, primary_ip=V4("10.0.0.3"), peer_link=True)
+        segment = Segment(a, b, c)
+        segment.start_all()
+        segment.run_until(10.0)
+        segment.crash(0)
+        crashed = segment.now
+        segment.run_until(30.0)
+        assert segment.masters() == [1] and segment.holders == {1}
+        assert segment.took_vip[2] == [] and segment.took_vip[1][0] - crashed < 0.01
+        assert segment.follows[2] == V4("10.0.0.2")  # c follows the new master

@@ -1,0 +1,375 @@
+"""The peer link's trio shell: masters accept links, backups hold one to their master.
+
+The protocol and its proofs are in :mod:`proxy.vip.peerlink` (sans-I/O);
+what a link's end means is decided by the machine
+(:meth:`proxy.vip.machine.VrrpMachine.master_link_lost`). This module only
+moves bytes:
+
+- :class:`LinkServer`: the listening sockets of the process, one per
+  (address, port), shared by the instances using that address (several
+  VRIDs on one interface), which register by VRID. Every link is bounded:
+  a handshake must finish within HANDSHAKE_TIMEOUT, at most MAX_LINKS links
+  per socket and MAX_LINKS_PER_PEER per source address (beyond that a
+  proven BUSY answer), and in unicast mode only the instance's peers get a
+  link. An established link is held until the backup closes it or the
+  instance ends; nothing is ever sent on it.
+- :class:`MasterLink`: one instance's link to the master its machine
+  follows. When the link ends with FIN or RST, it confirms at once with a
+  new connection: refused, reset or unproven, the master's Warren is gone
+  and ``on_gone(master)`` is called; a proven answer means it is alive (a
+  spurious reset) and that connection becomes the link; no answer (a
+  timeout, an unreachable host) decides nothing and the RFC timers apply.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from proxy.vip.packet import IPAddress
+from proxy.vip.peerlink import (
+    ACCEPTED, GREETING_SIZE, HELLO_SIZE, PROOF_SIZE, BackupHandshake, LinkError, MasterHandshake, Status,
+    decode_hello,
+)  # fmt: skip
+
+log = structlog.get_logger("warren.vip")
+
+HANDSHAKE_TIMEOUT = 2.0
+MAX_LINKS = 64  # per listening socket
+MAX_LINKS_PER_PEER = 4
+RETRY_MIN, RETRY_MAX = 1.0, 30.0  # between attempts to link to a master that does not answer
+# TCP keepalive keeps firewalls' and NATs' state for the idle link (and ends a link
+# to a vanished host with ETIMEDOUT, which is not taken as a death: no FIN).
+KEEPALIVE = ((socket.SO_KEEPALIVE, socket.SOL_SOCKET, 1), (socket.TCP_KEEPIDLE, socket.IPPROTO_TCP, 30),
+             (socket.TCP_KEEPINTVL, socket.IPPROTO_TCP, 10), (socket.TCP_KEEPCNT, socket.IPPROTO_TCP, 3))
+_ENDED = (errno.ECONNRESET, errno.EPIPE, errno.ECONNREFUSED)  # the peer's kernel answered: no process
+
+
+# -- the master's side -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Registration:
+    """One instance's links on a shared listening socket."""
+
+    address: IPAddress
+    port: int
+    vrid: int
+    key: bytes | None
+    peers: frozenset[IPAddress]  # empty: anybody (multicast mode)
+    counters: collections.Counter
+    scopes: set[trio.CancelScope] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Listener:
+    listener: trio.SocketListener
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    registrations: dict[int, Registration] = field(default_factory=dict)
+    links: int = 0
+    per_peer: collections.Counter = field(default_factory=collections.Counter)
+
+
+class LinkServer:
+    """The peer-link listening sockets of this process; :meth:`run` in the VIP service's nursery."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[tuple[IPAddress, int], _Listener] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for entry in self._listeners.values():
+                entry.listener.socket.close()
+            self._listeners.clear()
+
+    def register(self, address: IPAddress, port: int, vrid: int, key: bytes | None, *,
+                 ifindex: int = 0, peers: frozenset[IPAddress] = frozenset(),
+                 counters: collections.Counter | None = None) -> Registration:
+        """Accept links for ``vrid`` on ``address``:``port`` (0: any free port, for tests).
+
+        ``OSError`` when the port cannot be listened on; ``ValueError`` when
+        that VRID is registered on that address already.
+        """
+        assert self._nursery is not None, "LinkServer.run first"
+        entry = self._listeners.get((address, port)) if port else None
+        if entry is None:
+            entry = _Listener(trio.SocketListener(trio.socket.from_stdlib_socket(_listen(address, port, ifindex))))
+            port = entry.listener.socket.getsockname()[1]
+            self._listeners[(address, port)] = entry
+            self._nursery.start_soon(self._accept, entry)
+        if vrid in entry.registrations:
+            raise ValueError(f"peer link: VRID {vrid} is registered on {address} already")
+        registration = Registration(address, port, vrid, key, peers, counters if counters is not None else collections.Counter())
+        entry.registrations[vrid] = registration
+        return registration
+
+    def unregister(self, registration: Registration) -> None:
+        """Ends the instance's links (their backups see a FIN) and closes an unused socket."""
+        key = (registration.address, registration.port)
+        entry = self._listeners.get(key)
+        if entry is None or entry.registrations.get(registration.vrid) is not registration:
+            return
+        del entry.registrations[registration.vrid]
+        for scope in registration.scopes:
+            scope.cancel()
+        if not entry.registrations:
+            entry.scope.cancel()
+            entry.listener.socket.close()
+            del self._listeners[key]
+
+    async def _accept(self, entry: _Listener) -> None:
+        with entry.scope:
+            while True:
+                try:
+                    stream = await entry.listener.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as error:  # EMFILE and friends: wait, the others are served
+                    log.error("vip.peer_link_accept_failed", error=str(error))
+                    await trio.sleep(0.1)
+                    continue
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve, entry, stream)
+
+    async def _serve(self, entry: _Listener, stream: trio.SocketStream) -> None:
+        peer = _peer_ip(stream)
+        entry.links += 1
+        entry.per_peer[peer] += 1
+        registration: Registration | None = None
+        scope = trio.CancelScope()
+        try:
+            async with stream:
+                with scope:
+                    registration = await self._handshake(entry, stream, peer)
+                    if registration is not None:
+                        registration.scopes.add(scope)
+                        registration.counters["links_accepted"] += 1
+                        # Held until the backup closes it; anything it sends breaks the protocol.
+                        await stream.receive_some(1)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, LinkError, OSError):
+            pass  # that one link ends
+        except Exception:  # a bug: it ends this link only, never the service
+            log.exception("vip.peer_link_failed", peer=str(peer))
+        finally:
+            entry.links -= 1
+            entry.per_peer[peer] -= 1
+            if not entry.per_peer[peer]:
+                del entry.per_peer[peer]
+            if registration is not None:
+                registration.scopes.discard(scope)
+
+    async def _handshake(self, entry: _Listener, stream: trio.SocketStream, peer: IPAddress | None) -> Registration | None:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            hello = decode_hello(await _receive_exactly(stream, HELLO_SIZE))
+            registration = entry.registrations.get(hello.vrid)
+            status = self._status(entry, registration, peer)
+            handshake = MasterHandshake(registration.key if registration is not None else None)
+            await stream.send_all(handshake.greet(hello, status))
+            if handshake.status is not Status.OK or registration is None:
+                if registration is not None:
+                    registration.counters[f"links_refused_{handshake.status.name.lower()}"] += 1
+                return None
+            if not handshake.check(await _receive_exactly(stream, PROOF_SIZE)):
+                registration.counters["links_refused_bad_proof"] += 1
+                return None
+            _keepalive(stream.socket)
+            await stream.send_all(ACCEPTED)
+        return registration
+
+    @staticmethod
+    def _status(entry: _Listener, registration: Registration | None, peer: IPAddress | None) -> Status:
+        if registration is None:
+            return Status.UNKNOWN_VRID
+        if registration.peers and peer not in registration.peers:
+            return Status.NOT_A_PEER
+        if entry.links > MAX_LINKS or entry.per_peer[peer] > MAX_LINKS_PER_PEER:
+            return Status.BUSY
+        return Status.OK
+
+
+# -- the backup's side --------------------------------------------------------------------------
+
+
+class Outcome:
+    ESTABLISHED = "established"
+    GONE = "gone"  # refused, reset, or answered by something that cannot prove it is that master
+    ALIVE = "alive"  # a proven answer that turns the link down (BUSY...): the master runs
+    UNKNOWN = "unknown"  # no answer in time, or the host is unreachable: proves nothing
+
+
+class MasterLink:
+    """One instance's link to the master it follows; see the module docstring.
+
+    :meth:`follow` (from the instance's FollowMaster action) replaces the
+    link; ``on_gone(master)`` is called on the trio thread when the followed
+    master's Warren is confirmed gone.
+    """
+
+    def __init__(self, name: str, vrid: int, key: bytes | None, port: int, source: IPAddress,
+                 on_gone: Callable[[IPAddress], None], *, ifindex: int = 0,
+                 counters: collections.Counter | None = None) -> None:
+        self.name, self.vrid, self.key, self.port = name, vrid, key, port
+        self.source, self.ifindex = source, ifindex
+        self.counters = counters if counters is not None else collections.Counter()
+        self._on_gone = on_gone
+        self._scope = trio.CancelScope()
+        self.master: IPAddress | None = None
+        self.up = False
+
+    def follow(self, nursery: trio.Nursery, master: IPAddress | None) -> None:
+        self._scope.cancel()
+        self.master, self.up = master, False
+        if master is not None:
+            self._scope = trio.CancelScope()
+            nursery.start_soon(self._follow, master, self._scope)
+
+    def stop(self) -> None:
+        self._scope.cancel()
+        self.master, self.up = None, False
+
+    async def _follow(self, master: IPAddress, scope: trio.CancelScope) -> None:
+        with scope:
+            delay, reported = RETRY_MIN, None
+            outcome, stream = await self.connect(master)
+            while True:
+                if outcome != Outcome.ESTABLISHED:
+                    if outcome != reported:  # once per kind of failure, not every retry
+                        reported = outcome
+                        log.info("vip.peer_link_unavailable", instance=self.name, master=str(master), outcome=outcome)
+                    await trio.sleep(delay)
+                    delay = min(RETRY_MAX, delay * 2)
+                    outcome, stream = await self.connect(master)
+                    continue
+                assert stream is not None
+                delay, reported = RETRY_MIN, None
+                self.up = True
+                self.counters["links_established"] += 1
+                log.info("vip.peer_link_up", instance=self.name, master=str(master))
+                ended = await _held_until_ended(stream)
+                self.up = False
+                if not ended:  # no FIN or RST (keepalive timeout, garbage): link again
+                    outcome, stream = await self.connect(master)
+                    continue
+                outcome, stream = await self.connect(master)  # confirm: is its Warren still there?
+                if outcome == Outcome.GONE:
+                    self.counters["masters_gone"] += 1
+                    log.warning("vip.master_gone", instance=self.name, master=str(master))
+                    self._on_gone(master)
+                    return
+                self.counters["links_lost"] += 1
+                log.info("vip.peer_link_lost", instance=self.name, master=str(master), confirmed=outcome)
+
+    async def connect(self, master: IPAddress) -> tuple[str, trio.SocketStream | None]:
+        """One attempt at a link; the stream only when ESTABLISHED (then the caller owns it)."""
+        sock = trio.socket.socket(socket.AF_INET6 if master.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await sock.bind(_sockaddr(self.source, 0, self.ifindex))
+                await sock.connect(_sockaddr(master, self.port, self.ifindex))
+                stream = trio.SocketStream(sock)
+                outcome = await self._handshake(stream)
+        except trio.TooSlowError:
+            outcome = Outcome.UNKNOWN
+        except LinkError:
+            outcome = Outcome.GONE
+        except (trio.BrokenResourceError, OSError) as error:
+            outcome = Outcome.GONE if _errno(error) in _ENDED else Outcome.UNKNOWN
+        if outcome == Outcome.ESTABLISHED:
+            _keepalive(sock)
+            return outcome, stream
+        sock.close()
+        return outcome, None
+
+    async def _handshake(self, stream: trio.SocketStream) -> str:
+        handshake = BackupHandshake(self.vrid, self.key)
+        await stream.send_all(handshake.hello())
+        greeted = handshake.greeted(await _receive_exactly(stream, GREETING_SIZE))
+        if greeted.status is not Status.OK:
+            self.counters[f"link_refused_{greeted.status.name.lower()}"] += 1
+            # No such instance there (any more) is as good as gone; other refusals come from
+            # a running master, if it could prove it.
+            alive = greeted.proven and greeted.status is not Status.UNKNOWN_VRID
+            return Outcome.ALIVE if alive else Outcome.GONE
+        await stream.send_all(greeted.reply)
+        if await _receive_exactly(stream, len(ACCEPTED)) != ACCEPTED:
+            raise LinkError("not_accepted")
+        return Outcome.ESTABLISHED
+
+
+async def _held_until_ended(stream: trio.SocketStream) -> bool:
+    """Waits for the link's end: True for FIN or RST (the peer's kernel closed it)."""
+    async with stream:
+        try:
+            data = await stream.receive_some(1)
+        except trio.BrokenResourceError as error:
+            return _errno(error) in _ENDED
+        return not data  # b"": FIN; data: a protocol violation, not an end
+
+
+# -- plumbing ----------------------------------------------------------------------------------
+
+
+async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        if not chunk:
+            raise LinkError("closed", f"after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def _listen(address: IPAddress, port: int, ifindex: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if address.version == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(_sockaddr(address, port, ifindex))
+        sock.listen(MAX_LINKS)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _sockaddr(address: IPAddress, port: int, ifindex: int) -> tuple:
+    if address.version == 6:  # a link-local address needs its interface
+        return (str(address), port, 0, ifindex if address.is_link_local else 0)
+    return (str(address), port)
+
+
+def _keepalive(sock) -> None:
+    for option, level, value in KEEPALIVE:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
+def _peer_ip(stream: trio.SocketStream) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(stream.socket.getpeername()[0].split("%")[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _errno(error: BaseException) -> int | None:
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error.errno if isinstance(error, OSError) else None

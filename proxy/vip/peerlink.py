@@ -1,0 +1,240 @@
+"""The peer link between Warren VRRP peers: wire format and handshake (sans-I/O).
+
+A backup keeps one TCP connection to the master it follows. The link
+carries nothing once it is up; its only message is its end. A process that
+dies has its sockets closed by its kernel, so the backup learns of the
+death at once (FIN or RST) instead of after 3 advert intervals. See
+:mod:`proxy.vip.links` for the trio shell and docs/vip.md for the security
+trade-off.
+
+The handshake, four fixed-size messages (backup = client, master = server)::
+
+    backup -> master   Hello     "WPL1" vrid flags(1: authenticated) nonce_b[16]
+    master -> backup   Greeting  "WPL1" vrid status nonce_m[16] proof_m[32]
+    backup -> master   proof_b[32]
+    master -> backup   0x01      (accepted: the link is up)
+
+With a VRRP secret (``[vip.<name>.auth]``), both proofs are HMAC-SHA256
+under a key derived from it (:func:`link_key`, never the advert key), over
+the role, the VRID, both nonces and (the master's) the status; the secret
+never travels. Without one, proofs are 32 zero bytes: the link is then
+exactly as trustworthy as unauthenticated VRRP itself.
+
+The master proves itself first and answers every well-formed hello, even
+when it turns the link down (BUSY, UNKNOWN_VRID, AUTH_MISMATCH): a backup
+that gets a proven greeting knows the master's Warren is alive.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import struct
+from dataclasses import dataclass, field
+
+MAGIC = b"WPL1"
+DEFAULT_PORT = 5798
+NONCE_SIZE = 16
+PROOF_SIZE = 32
+NO_PROOF = bytes(PROOF_SIZE)
+ACCEPTED = b"\x01"
+FLAG_AUTHENTICATED = 0x01
+
+_HELLO = struct.Struct("!4sBB16s")
+_GREETING = struct.Struct("!4sBB16s32s")
+HELLO_SIZE = _HELLO.size
+GREETING_SIZE = _GREETING.size
+_KEY_LABEL = b"warren peer link v1"
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    BUSY = 1  # too many links: the master is alive, try later
+    UNKNOWN_VRID = 2  # no instance of that VRID here (any more)
+    AUTH_MISMATCH = 3  # one side has a secret, the other not
+    NOT_A_PEER = 4  # unicast mode: the backup is not in the master's peers
+
+
+class LinkError(ValueError):
+    """A message that breaks the protocol; ``reason`` is a short stable word for counters."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def link_key(secret: str) -> bytes:
+    """The link's HMAC key, derived from the instance's VRRP secret (domain-separated from adverts)."""
+    return hmac.new(secret.encode(), _KEY_LABEL, hashlib.sha256).digest()
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_SIZE)
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    vrid: int
+    authenticated: bool
+    nonce: bytes = field(default_factory=new_nonce)
+
+    def __post_init__(self) -> None:
+        _check_vrid(self.vrid)
+        _check_size("nonce", self.nonce, NONCE_SIZE)
+
+    def encode(self) -> bytes:
+        return _HELLO.pack(MAGIC, self.vrid, FLAG_AUTHENTICATED if self.authenticated else 0, self.nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class Greeting:
+    vrid: int
+    status: Status
+    nonce: bytes
+    proof: bytes
+
+    def __post_init__(self) -> None:
+        _check_vrid(self.vrid)
+        _check_size("nonce", self.nonce, NONCE_SIZE)
+        _check_size("proof", self.proof, PROOF_SIZE)
+
+    def encode(self) -> bytes:
+        return _GREETING.pack(MAGIC, self.vrid, self.status, self.nonce, self.proof)
+
+
+def decode_hello(data: bytes) -> Hello:
+    """Exactly HELLO_SIZE bytes; :class:`LinkError` otherwise."""
+    if len(data) != HELLO_SIZE:
+        raise LinkError("bad_length", f"hello of {len(data)} bytes")
+    magic, vrid, flags, nonce = _HELLO.unpack(data)
+    if magic != MAGIC:
+        raise LinkError("bad_magic")
+    if flags & ~FLAG_AUTHENTICATED:
+        raise LinkError("bad_flags", f"{flags:#x}")
+    if not 1 <= vrid <= 255:
+        raise LinkError("bad_vrid", str(vrid))
+    return Hello(vrid, bool(flags & FLAG_AUTHENTICATED), nonce)
+
+
+def decode_greeting(data: bytes) -> Greeting:
+    """Exactly GREETING_SIZE bytes; :class:`LinkError` otherwise."""
+    if len(data) != GREETING_SIZE:
+        raise LinkError("bad_length", f"greeting of {len(data)} bytes")
+    magic, vrid, status, nonce, proof = _GREETING.unpack(data)
+    if magic != MAGIC:
+        raise LinkError("bad_magic")
+    if not 1 <= vrid <= 255:
+        raise LinkError("bad_vrid", str(vrid))
+    try:
+        status = Status(status)
+    except ValueError:
+        raise LinkError("bad_status", str(status)) from None
+    return Greeting(vrid, status, nonce, proof)
+
+
+# -- proofs --------------------------------------------------------------------------------
+
+
+def master_proof(key: bytes | None, vrid: int, backup_nonce: bytes, master_nonce: bytes, status: Status) -> bytes:
+    if key is None:
+        return NO_PROOF
+    return _mac(key, b"master", bytes([vrid, status]), backup_nonce, master_nonce)
+
+
+def backup_proof(key: bytes | None, vrid: int, backup_nonce: bytes, master_nonce: bytes) -> bytes:
+    if key is None:
+        return NO_PROOF
+    return _mac(key, b"backup", bytes([vrid]), backup_nonce, master_nonce)
+
+
+def _mac(key: bytes, role: bytes, *parts: bytes) -> bytes:
+    mac = hmac.new(key, role, hashlib.sha256)
+    for part in parts:
+        mac.update(part)
+    return mac.digest()
+
+
+# -- the two sides ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Greeted:
+    """What a greeting told the backup.
+
+    ``proven``: the greeting came from a holder of the key (without a key:
+    any well-formed greeting), so that master's Warren is alive. ``reply``:
+    the backup's proof to send when the status is OK, else empty.
+    """
+
+    status: Status
+    proven: bool
+    reply: bytes
+
+
+class BackupHandshake:
+    """The backup's side: :meth:`hello`, then :meth:`greeted` with the master's greeting.
+
+    ``greeted`` raises :class:`LinkError` for a greeting that breaks the
+    protocol or claims OK without the proof.
+    """
+
+    def __init__(self, vrid: int, key: bytes | None, *, nonce: bytes | None = None) -> None:
+        self.vrid, self.key = vrid, key
+        self._hello = Hello(vrid, key is not None, nonce or new_nonce())
+
+    def hello(self) -> bytes:
+        return self._hello.encode()
+
+    def greeted(self, data: bytes) -> Greeted:
+        greeting = decode_greeting(data)
+        if greeting.vrid != self.vrid:
+            raise LinkError("wrong_vrid", str(greeting.vrid))
+        expected = master_proof(self.key, self.vrid, self._hello.nonce, greeting.nonce, greeting.status)
+        proven = hmac.compare_digest(expected, greeting.proof)
+        if greeting.status is Status.OK:
+            if not proven:
+                raise LinkError("bad_proof")
+            return Greeted(greeting.status, True, backup_proof(self.key, self.vrid, self._hello.nonce, greeting.nonce))
+        # A master without the key answers AUTH_MISMATCH unproven; so could anyone.
+        return Greeted(greeting.status, proven, b"")
+
+
+class MasterHandshake:
+    """The master's side of one connection: :meth:`greet` a hello, then :meth:`check` the backup's proof."""
+
+    def __init__(self, key: bytes | None, *, nonce: bytes | None = None) -> None:
+        self.key = key
+        self.nonce = nonce or new_nonce()
+        self.status: Status | None = None
+        self._hello: Hello | None = None
+
+    def greet(self, hello: Hello, status: Status) -> bytes:
+        """The greeting for ``hello``; the caller decided ``status`` (registration, limits,
+        peers). A hello whose authentication differs from ours gets AUTH_MISMATCH, unproven."""
+        if status is Status.OK and hello.authenticated != (self.key is not None):
+            status = Status.AUTH_MISMATCH
+        key = None if status is Status.AUTH_MISMATCH else self.key
+        self._hello, self.status = hello, status
+        return Greeting(hello.vrid, status, self.nonce, master_proof(key, hello.vrid, hello.nonce, self.nonce, status)).encode()
+
+    def check(self, proof: bytes) -> bool:
+        """Whether the backup proved the shared key (without a key: sent the 32 zero bytes)."""
+        if self._hello is None or self.status is not Status.OK:
+            return False
+        expected = backup_proof(self.key, self._hello.vrid, self._hello.nonce, self.nonce)
+        return hmac.compare_digest(expected, proof)
+
+
+def _check_vrid(vrid: int) -> None:
+    if not 1 <= vrid <= 255:
+        raise ValueError("vrid must be 1..255")
+
+
+def _check_size(name: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes")

@@ -1,0 +1,194 @@
+"""The peer link's trio shell over real sockets on 127.0.0.1: links made, refused, ended, confirmed."""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+
+import pytest
+import trio
+
+from proxy.vip import links as links_module
+from proxy.vip.links import MAX_LINKS_PER_PEER, LinkServer, MasterLink, Outcome
+from proxy.vip.peerlink import link_key
+
+LOCAL = ipaddress.IPv4Address("127.0.0.1")
+KEY = link_key("0123456789abcdef-secret")
+
+
+async def wait_until(predicate, *, timeout=10.0, interval=0.01, what=None):
+    with trio.move_on_after(timeout):
+        while not (value := predicate()):
+            await trio.sleep(interval)
+        return value
+    raise AssertionError(f"not {what or predicate} within {timeout} s")
+
+
+async def closed_by_peer(stream) -> bool:
+    """The peer closed (FIN, or RST when it left input unread) without a word."""
+    try:
+        return await stream.receive_some(100) == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+class Backup:
+    """A MasterLink with what it reported."""
+
+    def __init__(self, port: int, *, vrid: int = 51, key: bytes | None = None) -> None:
+        self.gone: list = []
+        self.gone_event = trio.Event()
+        self.counters: collections.Counter = collections.Counter()
+        self.link = MasterLink("vip1", vrid, key, port, LOCAL, self._on_gone, counters=self.counters)
+
+    def _on_gone(self, master) -> None:
+        self.gone.append(master)
+        self.gone_event.set()
+
+
+async def serving(nursery, *, vrid=51, key=None, peers=frozenset()):
+    server = LinkServer()
+    await nursery.start(server.run)
+    counters = collections.Counter()
+    registration = server.register(LOCAL, 0, vrid, key, peers=peers, counters=counters)
+    return server, registration, counters
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+async def test_a_backup_links_to_its_master_and_learns_at_once_when_its_warren_is_gone(key):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server, registration, served = await serving(nursery, key=key)
+            backup = Backup(registration.port, key=key)
+            backup.link.follow(nursery, LOCAL)
+            await wait_until(lambda: backup.link.up, what="link up")
+            assert served["links_accepted"] == 1 and backup.counters["links_established"] == 1
+            server.unregister(registration)  # what the master's death does: FIN, then nobody listens
+            await backup.gone_event.wait()
+            assert backup.gone == [LOCAL] and backup.counters["masters_gone"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_link_that_ends_while_the_master_runs_is_made_again_and_reports_nothing():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery)
+            backup = Backup(registration.port)
+            backup.link.follow(nursery, LOCAL)
+            await wait_until(lambda: backup.link.up, what="link up")
+            for scope in list(registration.scopes):  # a spurious end: the master's process lives on
+                scope.cancel()
+            await wait_until(lambda: backup.counters["links_established"] == 2, what="linked again")
+            assert backup.counters["links_lost"] == 1 and backup.gone == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_whole_server_stopping_ends_the_links_too():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as server_nursery:
+                _, registration, _ = await serving(server_nursery)
+                backup = Backup(registration.port)
+                backup.link.follow(nursery, LOCAL)
+                await wait_until(lambda: backup.link.up, what="link up")
+                server_nursery.cancel_scope.cancel()
+            await backup.gone_event.wait()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("backup_key, master_key, vrid, counter", [
+    (KEY, link_key("another secret of 16+ bytes"), 51, None),  # the master cannot prove itself
+    (KEY, None, 51, "link_refused_auth_mismatch"),
+    (None, KEY, 51, "link_refused_auth_mismatch"),
+    (None, None, 52, "link_refused_unknown_vrid"),
+])
+async def test_no_link_without_the_same_key_and_vrid(backup_key, master_key, vrid, counter):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery, key=master_key)
+            backup = Backup(registration.port, vrid=vrid, key=backup_key)
+            outcome, stream = await backup.link.connect(LOCAL)
+            assert stream is None and outcome in (Outcome.GONE, Outcome.ALIVE)
+            assert served["links_accepted"] == 0
+            if counter:
+                assert backup.counters[counter] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_backup_not_among_the_unicast_peers_gets_no_link():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery, peers=frozenset({ipaddress.ip_address("127.0.0.9")}))
+            outcome, _ = await Backup(registration.port).link.connect(LOCAL)
+            assert outcome == Outcome.ALIVE
+            await wait_until(lambda: served["links_refused_not_a_peer"] == 1, what="counted")
+            nursery.cancel_scope.cancel()
+
+
+async def test_links_per_backup_address_are_bounded_with_a_proven_busy_answer():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery, key=KEY)
+            backup = Backup(registration.port, key=KEY)
+            held = []
+            for _ in range(MAX_LINKS_PER_PEER):
+                outcome, stream = await backup.link.connect(LOCAL)
+                assert outcome == Outcome.ESTABLISHED
+                held.append(stream)
+            outcome, _ = await backup.link.connect(LOCAL)
+            assert outcome == Outcome.ALIVE  # a proven refusal: alive, never a takeover
+            await wait_until(lambda: served["links_refused_busy"] == 1, what="counted as busy")
+            for stream in held:
+                await stream.aclose()
+            await wait_until(lambda: not registration.scopes, what="links closed")
+            assert (await backup.link.connect(LOCAL))[0] == Outcome.ESTABLISHED
+            nursery.cancel_scope.cancel()
+
+
+async def test_nobody_listening_is_gone_but_reports_nothing_before_a_link_existed():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            probe = trio.socket.socket()
+            await probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+            probe.close()  # a port nobody listens on: connections refused
+            backup = Backup(port)
+            assert (await backup.link.connect(LOCAL))[0] == Outcome.GONE
+            backup.link.follow(nursery, LOCAL)  # e.g. a keepalived master: no link, retried slowly
+            await trio.sleep(0.2)
+            assert backup.gone == [] and not backup.link.up
+            nursery.cancel_scope.cancel()
+
+
+async def test_garbage_and_silence_cost_the_master_nothing(monkeypatch):
+    monkeypatch.setattr(links_module, "HANDSHAKE_TIMEOUT", 0.2)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery)
+            junk = await trio.open_tcp_stream("127.0.0.1", registration.port)
+            await junk.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await closed_by_peer(junk)  # not a hello
+            silent = await trio.open_tcp_stream("127.0.0.1", registration.port)
+            assert await closed_by_peer(silent)  # after the handshake timeout
+            backup = Backup(registration.port)
+            assert (await backup.link.connect(LOCAL))[0] == Outcome.ESTABLISHED  # still serving
+            for stream in (junk, silent):
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_two_instances_share_one_listening_socket_by_vrid():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server, first, _ = await serving(nursery, vrid=51)
+            second = server.register(LOCAL, first.port, 52, None)
+            with pytest.raises(ValueError):
+                server.register(LOCAL, first.port, 52, None)
+            a, b = Backup(first.port, vrid=51), Backup(first.port, vrid=52)
+            for backup in (a, b):
+                backup.link.follow(nursery, LOCAL)
+            await wait_until(lambda: a.link.up and b.link.up, what="both linked")
+            server.unregister(second)  # one instance ends: its links only; the socket stays for the other
+            await b.gone_event.wait()
+            assert a.gone == [] and a.link.up
+            nursery.cancel_scope.cancel()
