@@ -1,0 +1,553 @@
+"""The kernel data path: a socket map whose program relays bytes in the kernel.
+
+A pair of TCP sockets (a client's and its broker's) is put in a SOCKHASH
+map with an ``sk_skb`` verdict program attached. For every skb arriving on a
+socket of the map, the kernel runs the program, which redirects the skb to
+the other socket's egress (``bpf_sk_redirect_hash``): the bytes are relayed
+without waking Warren at all.
+
+What the kernel does not do, and Warren therefore does (measured on 6.18;
+see docs/architecture.md):
+
+* **Bytes queued before the pair entered the map** stay in the receive
+  queue: the program runs only when the next skb arrives. :meth:`Pair.flush`
+  makes the kernel run it on what is queued at once, in order, under the
+  socket's lock (``SO_RCVLOWAT`` calls the socket's data-ready callback,
+  tcp_set_rcvlowat), so those bytes go out first.
+* **No backpressure.** A redirected skb is consumed from the source's
+  receive queue (its window reopens) and queued, unbounded, on the target's
+  psock until a kernel worker sends it: a receiver that stops reading would
+  let the sender fill kernel memory (1.9 GB in 5 s here). Hence a *credit*
+  per direction: the program redirects while ``redirected < limit``; beyond
+  it, and while bytes it passed are still with Warren, it *passes* skbs to
+  the source socket's own queue, which is charged to that socket's receive
+  buffer: its TCP window closes and the sender stops. Warren is woken
+  (EPOLLIN), forwards the passed bytes itself once the target has sent all
+  redirected ones, and grants new credit (:mod:`proxy.io.kernel_relay`).
+* **End of stream**: a FIN is not redirected (a zero-length FIN skb, if
+  redirected, would break the target's psock with EPIPE: the program drops
+  it); Warren sees EPOLLRDHUP and shuts the other side down.
+* ``FIONREAD`` reads 0 for sockets in a socket map on this kernel (2026
+  stable change "bpf, sockmap: Fix FIONREAD for sockmap"), and sockets in a
+  map *without* a verdict lose read wake-ups: Warren never relies on either.
+  The start-up self-test (:func:`probe`) proves what it does rely on.
+
+Per-socket state lives in an mmapped BPF array shared with the program, so
+counters are read and credit granted with plain memory accesses, no system
+call: per socket ``redirected`` and ``passed`` (bytes received, written by
+the program only) and ``limit`` and ``forwarded`` (written by Warren only).
+A hash map gives each socket's cookie its slot in that array.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from . import bpf
+from .bpf import (
+    R0, R1, R2, R3, R4, R6, R7, R8, R10, U32, U64, JEQ, JGE, JNE,
+    Label, add_imm, assemble, atomic_add64, call, exit_, jump_if_imm, jump_if_reg, load_map_fd,
+    load_mem, mov_imm, mov_reg, store_mem,
+)  # fmt: skip
+
+# Words of a socket's state in the shared array (u64 each).
+_REDIRECTED, _PASSED, _LIMIT, _FORWARDED = range(4)
+_STATE_WORDS = 4
+_STATE_SIZE = 8 * _STATE_WORDS
+
+# How many bytes a direction may redirect before Warren looks at it again.
+# Bounds the kernel memory a stalled receiver can pin per direction (on top
+# of the socket buffers), and sets how often a busy direction costs Warren a
+# wake-up: for small AMQP frames, once per this many bytes.
+DEFAULT_CREDIT = 4 * 1024 * 1024
+DEFAULT_CAPACITY = 16384  # sockets, i.e. 8,192 pairs
+_STALE_BATCH = 256  # closed sockets' slot entries deleted together
+
+_SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+_COOKIE = struct.Struct("=Q")
+_SLOT = struct.Struct("=I")
+
+
+def build_program(slots_fd: int, state_fd: int, socks_fd: int) -> bytes:
+    """The verdict program, run by the kernel for each skb received on a
+    socket of the map (r1 = the skb, a ``struct __sk_buff``)."""
+    return assemble(
+        [
+            # An empty skb carries only a FIN: drop it (the FIN itself is
+            # handled by TCP; redirecting an empty skb breaks the target).
+            load_mem(U32, R2, R1, 0),                 # r2 = skb->len
+            jump_if_imm(JNE, R2, 0, "data"),          # if r2 != 0: go on
+            mov_imm(R0, bpf.SK_DROP),                 # return SK_DROP
+            exit_(),
+            Label("data"),
+            mov_reg(R6, R1),                          # r6 = skb (r1-r5 die in calls)
+            mov_reg(R8, R2),                          # r8 = skb->len
+            # The socket's cookie: the key of its slot and of its peer.
+            call(bpf.FUNC_GET_SOCKET_COOKIE),         # r0 = cookie(skb->sk)
+            store_mem(U64, R10, -8, R0),              # stack[-8] = cookie
+            load_map_fd(R1, slots_fd),                # r1 = slots map
+            mov_reg(R2, R10),
+            add_imm(R2, -8),                          # r2 = &cookie
+            call(bpf.FUNC_MAP_LOOKUP_ELEM),           # r0 = &slots[cookie] or NULL
+            jump_if_imm(JEQ, R0, 0, "pass_quiet"),    # not Warren's: to pass_quiet
+            load_mem(U32, R1, R0, 0),                 # r1 = slot
+            store_mem(U32, R10, -12, R1),             # stack[-12] = slot
+            load_map_fd(R1, state_fd),                # r1 = state array
+            mov_reg(R2, R10),
+            add_imm(R2, -12),                         # r2 = &slot
+            call(bpf.FUNC_MAP_LOOKUP_ELEM),           # r0 = &state[slot] or NULL
+            jump_if_imm(JEQ, R0, 0, "pass_quiet"),    # (cannot happen)
+            mov_reg(R7, R0),                          # r7 = state
+            # Bytes passed earlier are still with Warren: keep passing, or
+            # this skb would overtake them.
+            load_mem(U64, R1, R7, 8 * _PASSED),       # r1 = passed
+            load_mem(U64, R2, R7, 8 * _FORWARDED),    # r2 = forwarded
+            jump_if_reg(JNE, R1, R2, "pass"),         # if passed != forwarded: to pass
+            # Credit spent: pass, so that this socket's window closes.
+            load_mem(U64, R1, R7, 8 * _REDIRECTED),   # r1 = redirected
+            load_mem(U64, R2, R7, 8 * _LIMIT),        # r2 = limit
+            jump_if_reg(JGE, R1, R2, "pass"),         # if redirected >= limit: to pass
+            # Redirect to the socket kept under this socket's cookie: its peer.
+            mov_reg(R1, R6),                          # r1 = skb
+            load_map_fd(R2, socks_fd),                # r2 = socket map
+            mov_reg(R3, R10),
+            add_imm(R3, -8),                          # r3 = &cookie
+            mov_imm(R4, 0),                           # r4 = flags: the peer's egress
+            call(bpf.FUNC_SK_REDIRECT_HASH),          # r0 = SK_PASS if redirected
+            jump_if_imm(JNE, R0, bpf.SK_PASS, "pass"), # no peer in the map: to pass
+            atomic_add64(R7, 8 * _REDIRECTED, R8),    # redirected += len
+            mov_imm(R0, bpf.SK_PASS),                 # return SK_PASS (the redirect)
+            exit_(),
+            # Keep the skb in this socket's own queue for Warren to read.
+            Label("pass"),
+            atomic_add64(R7, 8 * _PASSED, R8),        # passed += len
+            Label("pass_quiet"),
+            mov_imm(R0, bpf.SK_PASS),                 # return SK_PASS
+            exit_(),
+        ]
+    )  # fmt: skip
+
+
+def build_parser() -> bytes:
+    """A stream parser for kernels without BPF_SK_SKB_VERDICT: every skb is
+    a whole message (return its length)."""
+    return load_mem(U32, R0, R1, 0) + exit_()  # return skb->len
+
+
+class Full(Exception):
+    """No slot left in the socket map: relay this pair another way."""
+
+
+class Sockmap:
+    """The maps and the loaded program of one process.
+
+    ``capacity`` is the number of sockets (two per pair) the maps hold;
+    ``credit`` the bytes a direction redirects before Warren looks again.
+    Raises :class:`bpf.BpfError` (or :class:`bpf.Unsupported`) when the
+    kernel refuses; :func:`probe` turns that into a reason. Single-threaded:
+    all calls from the trio thread.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, *, credit: int = DEFAULT_CREDIT,
+                 attach: str = "verdict") -> None:  # fmt: skip
+        if capacity < 2 or credit < 1:
+            raise ValueError("capacity must be >= 2 and credit >= 1")
+        self.capacity = capacity
+        self.credit = credit
+        self._fds: list[int] = []
+        try:
+            # Room for the cookies of closed sockets until they are collected.
+            slots_size = capacity + _STALE_BATCH
+            self._slots_fd = self._keep(bpf.create_map(bpf.MAP_TYPE_HASH, 8, 4, slots_size, name="warren_slots"))
+            self._state_fd = self._keep(
+                bpf.create_map(bpf.MAP_TYPE_ARRAY, 4, _STATE_SIZE, capacity, bpf.F_MMAPABLE, name="warren_state")
+            )
+            self._socks_fd = self._keep(bpf.create_map(bpf.MAP_TYPE_SOCKHASH, 8, 8, capacity, name="warren_socks"))
+            program = build_program(self._slots_fd, self._state_fd, self._socks_fd)
+            self._prog_fd = self._keep(bpf.load_program(bpf.PROG_TYPE_SK_SKB, program, "warren_verdict"))
+            self.attach_mode = self._attach(attach)
+            self._mmap = bpf.mmap_map(self._state_fd, capacity * _STATE_SIZE)
+        except BaseException:
+            self.close()
+            raise
+        self._words = memoryview(self._mmap).cast("Q")
+        # Freed slots are reused oldest first: a program run still finishing
+        # for a closed socket (an RCU grace period) cannot touch a new pair.
+        self._free = collections.deque(range(capacity))
+        self._stale: list[bytes] = []  # cookies of closed sockets, still in the slots map
+        self.pairs = 0
+
+    def _keep(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def _attach(self, mode: str) -> str:
+        """Attach as the map's verdict; a kernel before 5.13 has no
+        BPF_SK_SKB_VERDICT and wants a stream parser and stream verdict."""
+        if mode == "verdict":
+            try:
+                bpf.attach_program(self._socks_fd, self._prog_fd, bpf.SK_SKB_VERDICT)
+                return "verdict"
+            except bpf.BpfError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        parser = self._keep(bpf.load_program(bpf.PROG_TYPE_SK_SKB, build_parser(), "warren_parser"))
+        bpf.attach_program(self._socks_fd, parser, bpf.SK_SKB_STREAM_PARSER)
+        bpf.attach_program(self._socks_fd, self._prog_fd, bpf.SK_SKB_STREAM_VERDICT)
+        return "stream"
+
+    def close(self) -> None:
+        """Release the maps and program (pairs still in the map keep working
+        until their sockets close: the kernel holds references)."""
+        words, self._words = getattr(self, "_words", None), None
+        if words is not None:
+            words.release()
+        if getattr(self, "_mmap", None) is not None:
+            self._mmap.close()
+            self._mmap = None
+        while self._fds:
+            os.close(self._fds.pop())
+
+    # --- pairs ------------------------------------------------------------------
+
+    def add(self, client: socket.socket, server: socket.socket) -> Pair:
+        """Put a pair in the map: from now on bytes arriving on either socket
+        are redirected to the other. Both must be connected TCP sockets.
+        Call :meth:`Pair.flush` next, for bytes queued before. Raises Full
+        when no slot is left, OSError when the kernel refuses a socket (e.g.
+        EOPNOTSUPP: no longer ESTABLISHED); nothing is left in the map then.
+        """
+        if len(self._free) < 2:
+            raise Full(f"socket map full ({self.capacity} sockets)")
+        socks = (client, server)
+        cookies = tuple(_COOKIE.pack(_cookie(sock)) for sock in socks)
+        slots = (self._free.popleft(), self._free.popleft())
+        words, credit = self._words, self.credit
+        for slot in slots:
+            base = slot * _STATE_WORDS
+            words[base + _REDIRECTED] = words[base + _PASSED] = words[base + _FORWARDED] = 0
+            words[base + _LIMIT] = credit
+        done: list[bytes] = []
+        try:
+            for cookie, slot in zip(cookies, slots):
+                bpf.update_elem(self._slots_fd, cookie, _SLOT.pack(slot))
+                done.append(cookie)
+            # Each socket is kept under its peer's cookie: the program, run
+            # for a socket, finds the peer under its own cookie.
+            bpf.update_elem(self._socks_fd, cookies[1], _COOKIE.pack(client.fileno()))
+            bpf.update_elem(self._socks_fd, cookies[0], _COOKIE.pack(server.fileno()))
+        except BaseException:
+            for cookie in cookies:
+                _delete_quietly(self._socks_fd, cookie)
+            for cookie in done:
+                _delete_quietly(self._slots_fd, cookie)
+            self._free.extend(slots)
+            raise
+        self.pairs += 1
+        return Pair(self, socks, cookies, slots)
+
+    def _release(self, pair: Pair) -> None:
+        """The pair's sockets are closed (or about to be): free its slots."""
+        self.pairs -= 1
+        self._stale.extend(pair.cookies)
+        self._free.extend(pair.slots)
+        if len(self._stale) >= _STALE_BATCH:
+            self._collect_stale()
+
+    def _collect_stale(self) -> None:
+        """Delete slot entries of closed sockets (cookies are never reused,
+        so a stale entry is harmless; it only takes room)."""
+        stale, self._stale = self._stale, []
+        for cookie in stale:
+            _delete_quietly(self._slots_fd, cookie)
+
+    # --- the shared state, for Pair ------------------------------------------------
+
+    def _word(self, slot: int, word: int) -> int:
+        return self._words[slot * _STATE_WORDS + word]
+
+    def _set_word(self, slot: int, word: int, value: int) -> None:
+        self._words[slot * _STATE_WORDS + word] = value
+
+
+class Pair:
+    """Two sockets relayed by the kernel. Side 0 is the client, 1 the server.
+
+    Counters are bytes *received* on a side and handled by the program:
+    ``redirected`` to the peer by the kernel, ``passed`` to the socket's own
+    queue for Warren to forward (``forwarded`` of them done so far).
+    """
+
+    __slots__ = ("sockmap", "socks", "cookies", "slots", "released")
+
+    def __init__(self, sockmap: Sockmap, socks, cookies, slots) -> None:
+        self.sockmap = sockmap
+        self.socks = socks
+        self.cookies = cookies
+        self.slots = slots
+        self.released = False
+
+    def flush(self) -> None:
+        """Run the program now on what each socket had queued before the pair
+        entered the map (else it waits for the next skb), in order, under
+        the socket's lock. Raises OSError if a socket is gone."""
+        for sock in self.socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def received(self, side: int) -> int:
+        """Bytes received on `side` and handled by the program so far."""
+        slot, sockmap = self.slots[side], self.sockmap
+        return sockmap._word(slot, _REDIRECTED) + sockmap._word(slot, _PASSED)
+
+    def redirected(self, side: int) -> int:
+        return self.sockmap._word(self.slots[side], _REDIRECTED)
+
+    def passed(self, side: int) -> int:
+        return self.sockmap._word(self.slots[side], _PASSED)
+
+    def forwarded(self, side: int) -> int:
+        return self.sockmap._word(self.slots[side], _FORWARDED)
+
+    def limit(self, side: int) -> int:
+        return self.sockmap._word(self.slots[side], _LIMIT)
+
+    def set_forwarded(self, side: int, value: int) -> None:
+        """Warren has forwarded `value` passed bytes of `side` in all: once
+        that equals ``passed``, the program may redirect again."""
+        self.sockmap._set_word(self.slots[side], _FORWARDED, value)
+
+    def grant(self, side: int) -> None:
+        """New credit: `side` may redirect ``credit`` bytes from now on."""
+        slot, sockmap = self.slots[side], self.sockmap
+        sockmap._set_word(slot, _LIMIT, sockmap._word(slot, _REDIRECTED) + sockmap.credit)
+
+    def stop(self, side: int) -> None:
+        """No credit left for `side`: what it receives is passed from now on."""
+        self.sockmap._set_word(self.slots[side], _LIMIT, 0)
+
+    def release(self) -> None:
+        """The caller closes both sockets now (closing takes them out of the
+        socket map); the pair's slots are freed. Idempotent."""
+        if not self.released:
+            self.released = True
+            self.sockmap._release(self)
+
+
+def _cookie(sock: socket.socket) -> int:
+    return _COOKIE.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0]
+
+
+def _delete_quietly(map_fd: int, key: bytes) -> None:
+    try:
+        bpf.delete_elem(map_fd, key)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+# --- can this process use it? ---------------------------------------------------
+
+_CAP_NET_ADMIN, _CAP_SYS_ADMIN, _CAP_BPF = 12, 21, 39
+_SIOCOUTQ = 0x5411
+# struct tcp_info (include/uapi/linux/tcp.h): where the fields Warren reads sit.
+_TCPI_LAST_DATA_RECV = 52
+_TCPI_BYTES_ACKED = 120
+_TCPI_BYTES_RECEIVED = 128
+_TCP_INFO_SIZE = 136  # up to bytes_received (Linux 4.1+)
+_PROBE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    """The outcome of :func:`probe`: ``available``, else ``reason`` says why
+    not; ``attach`` is how the program was attached ("verdict" or "stream")."""
+
+    available: bool
+    reason: str = ""
+    attach: str = ""
+
+
+def missing_capabilities(status: str | None = None) -> list[str]:
+    """Capabilities the kernel path needs that this process lacks (from
+    /proc/self/status): loading programs and maps needs CAP_BPF (or, before
+    Linux 5.8, CAP_SYS_ADMIN), socket maps also CAP_NET_ADMIN."""
+    if status is None:
+        with open("/proc/self/status") as file:
+            status = file.read()
+    effective = 0
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+    missing = []
+    if not effective & (1 << _CAP_BPF | 1 << _CAP_SYS_ADMIN):
+        missing.append("CAP_BPF")
+    if not effective & 1 << _CAP_NET_ADMIN:
+        missing.append("CAP_NET_ADMIN")
+    return missing
+
+
+def probe(*, attach: str = "verdict") -> Availability:
+    """Prove the kernel path works here, on a loopback pair: load the
+    program, put a pair in the map, move bytes both ways (including bytes
+    sent before the pair entered the map), pass bytes to Warren and take
+    them back, half-close, and check the readiness reports and byte counts
+    Warren relies on. Synchronous, a few milliseconds. Never raises."""
+    missing = missing_capabilities()
+    if missing:
+        return Availability(False, f"missing {' and '.join(missing)} (the kernel path needs CAP_BPF and CAP_NET_ADMIN)")
+    try:
+        sockmap = Sockmap(8, credit=1 << 20, attach=attach)
+    except bpf.Unsupported as exc:
+        return Availability(False, str(exc))
+    except bpf.BpfError as exc:
+        return Availability(False, _refusal(exc))
+    try:
+        _self_test(sockmap)
+    except SelfTestFailed as exc:
+        return Availability(False, f"self-test failed: {exc}")
+    except OSError as exc:
+        return Availability(False, f"self-test failed: {exc}")
+    finally:
+        sockmap.close()
+    return Availability(True, attach=sockmap.attach_mode)
+
+
+def _refusal(exc: bpf.BpfError) -> str:
+    if exc.errno == errno.EPERM:
+        return f"the kernel refused bpf(2) ({exc.what}: EPERM): no CAP_BPF/CAP_NET_ADMIN here"
+    if exc.errno == errno.ENOSYS:
+        return "kernel built without bpf(2)"
+    if exc.log:
+        last = [line for line in exc.log.strip().splitlines() if line.strip()][-1:]
+        return f"the kernel's verifier refused the program ({exc.strerror}): {last[0] if last else ''}"
+    if exc.errno == errno.EINVAL and "map" in exc.what:
+        return f"kernel too old ({exc.what}: EINVAL; needs SOCKHASH, Linux 4.18, and mmapable arrays, 5.5)"
+    return f"the kernel refused it ({exc})"
+
+
+class SelfTestFailed(Exception):
+    pass
+
+
+def _self_test(sockmap: Sockmap) -> None:
+    # client <-> (near ... far) <-> server, as Warren relays a connection.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(2)
+        client = socket.create_connection(listener.getsockname(), timeout=_PROBE_TIMEOUT)
+        near, _ = listener.accept()
+        far = socket.create_connection(listener.getsockname(), timeout=_PROBE_TIMEOUT)
+        server, _ = listener.accept()
+    socks = (client, near, far, server)
+    epoll = select.epoll()
+    try:
+        for sock in socks:
+            sock.settimeout(_PROBE_TIMEOUT)
+        client.sendall(b"client speaks first")
+        server.sendall(b"server speaks first")
+        _expect_queued(near, 19)
+        _expect_queued(far, 19)
+        pair = sockmap.add(near, far)
+        epoll.register(near.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        pair.flush()
+        _expect(server, b"client speaks first", "bytes queued before the pair entered the map")
+        _expect(client, b"server speaks first", "bytes queued before the pair entered the map")
+        blob = bytes(range(256)) * 1024
+        client.sendall(blob)
+        _expect(server, blob, "256 kB client to server")
+        server.sendall(blob)
+        _expect(client, blob, "256 kB server to client")
+        if (pair.received(0), pair.received(1)) != (19 + len(blob), 19 + len(blob)):
+            raise SelfTestFailed(f"the program counted {pair.received(0)}/{pair.received(1)} bytes")
+        # Out of credit: bytes stay with the receiving socket and wake Warren.
+        pair.stop(0)
+        client.sendall(b"held")
+        if not _wait_events(epoll, near, select.EPOLLIN):
+            raise SelfTestFailed("no EPOLLIN for bytes passed to the socket (sockmap readiness regression)")
+        held = near.recv(100)
+        if held != b"held" or pair.passed(0) != 4:
+            raise SelfTestFailed(f"passed bytes read back as {held!r}, counted {pair.passed(0)}")
+        far.sendall(held)
+        pair.set_forwarded(0, 4)
+        pair.grant(0)
+        client.sendall(b" and more")
+        _expect(server, b"held and more", "bytes forwarded by Warren, then redirected again")
+        _check_accounting(far, written=19 + len(blob) + 13, connected=True)
+        _check_accounting(near, written=19 + len(blob), connected=False)
+        # Half-close: the FIN wakes Warren, nothing is left behind, the other
+        # way keeps flowing.
+        client.shutdown(socket.SHUT_WR)
+        if not _wait_events(epoll, near, select.EPOLLRDHUP):
+            raise SelfTestFailed("no EPOLLRDHUP after the client's FIN")
+        if near.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+            raise SelfTestFailed("a half-closed socket still reports data")
+        if far.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            raise SelfTestFailed("the FIN broke the other socket")
+        far.shutdown(socket.SHUT_WR)
+        _expect(server, b"", "end of stream forwarded")
+        server.sendall(b"after the half-close")
+        _expect(client, b"after the half-close", "the other direction after a half-close")
+        pair.release()
+    finally:
+        epoll.close()
+        for sock in socks:
+            sock.close()
+
+
+def _expect_queued(sock: socket.socket, size: int) -> None:
+    deadline = time.monotonic() + _PROBE_TIMEOUT
+    while len(sock.recv(size, socket.MSG_PEEK)) < size:
+        if time.monotonic() > deadline:
+            raise SelfTestFailed("loopback bytes did not arrive")
+        select.select([], [], [], 0.001)
+
+
+def _expect(sock: socket.socket, wanted: bytes, what: str) -> None:
+    got = bytearray()
+    try:
+        while len(got) < len(wanted):
+            chunk = sock.recv(len(wanted) - len(got))
+            if not chunk:
+                break
+            got += chunk
+        if not wanted and sock.recv(1) != b"":
+            raise SelfTestFailed(f"{what}: no end of stream")
+    except TimeoutError:
+        raise SelfTestFailed(f"{what}: {len(got)} of {len(wanted)} bytes arrived") from None
+    if got != wanted:
+        raise SelfTestFailed(f"{what}: bytes differ")
+
+
+def _wait_events(epoll: select.epoll, sock: socket.socket, mask: int) -> bool:
+    deadline = time.monotonic() + _PROBE_TIMEOUT
+    while time.monotonic() < deadline:
+        for fd, events in epoll.poll(0.05):
+            if fd == sock.fileno() and events & mask:
+                return True
+    return False
+
+
+def queued_into(sock: socket.socket, connected: bool) -> int:
+    """Bytes ever put in `sock`'s send queue (by Warren or by the kernel's
+    redirects): acknowledged plus still queued. The SYN of a connection this
+    side opened counts as one acknowledged byte (tcp_ack in SYN-SENT)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    acked = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
+    outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+    return acked + outq - (1 if connected else 0)
+
+
+def _check_accounting(sock: socket.socket, *, written: int, connected: bool) -> None:
+    deadline = time.monotonic() + _PROBE_TIMEOUT
+    while (seen := queued_into(sock, connected)) != written:
+        if time.monotonic() > deadline:
+            raise SelfTestFailed(f"send-queue accounting: {seen} bytes seen, {written} written")
+        select.select([], [], [], 0.001)

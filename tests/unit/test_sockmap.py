@@ -1,0 +1,343 @@
+"""The socket map and its verdict program, on real loopback sockets.
+
+These need CAP_BPF and CAP_NET_ADMIN (CI runs as root); the fallback of an
+unprivileged process is specified too, with setpriv.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from proxy.io import bpf, sockmap
+from proxy.io.sockmap import Full, Sockmap, missing_capabilities, probe, queued_into
+
+BOUND = 10.0  # seconds: every wait below fails rather than hangs
+
+needs_bpf = pytest.mark.skipif(
+    bool(missing_capabilities()), reason="needs CAP_BPF and CAP_NET_ADMIN (run as root)"
+)
+
+
+# --- the assembler and the system call, without the kernel -----------------------
+
+
+def test_jumps_are_resolved_to_their_labels_counting_two_slots_per_map_load():
+    code = bpf.assemble(
+        [
+            bpf.jump_if_imm(bpf.JEQ, bpf.R1, 0, "end"),
+            bpf.load_map_fd(bpf.R2, 7),
+            bpf.mov_imm(bpf.R0, 1),
+            bpf.Label("end"),
+            bpf.exit_(),
+        ]
+    )
+    insns = [struct.unpack_from("<BBhi", code, i) for i in range(0, len(code), 8)]
+    assert len(insns) == 5
+    assert insns[0] == (0x15, 0x01, 3, 0)  # jeq r1, 0, +3 (over the 2-slot load and the mov)
+    assert insns[1] == (0x18, 0x12, 0, 7)  # r2 = map fd 7 (src_reg 1: a map fd)
+    assert insns[4] == (0x95, 0, 0, 0)
+
+
+def test_the_verdict_program_is_a_few_dozen_instructions():
+    code = sockmap.build_program(3, 4, 5)
+    assert len(code) % 8 == 0 and 30 <= len(code) // 8 <= 50
+
+
+@pytest.mark.parametrize("machine, number", [("x86_64", 321), ("aarch64", 280), ("arm64", 280)])
+def test_the_system_call_number_per_architecture(machine, number):
+    assert bpf.syscall_number(machine) == number
+
+
+def test_an_unknown_architecture_is_refused_with_its_name():
+    with pytest.raises(bpf.Unsupported, match="riscv64"):
+        bpf.syscall_number("riscv64")
+
+
+@pytest.mark.parametrize(
+    "cap_eff, missing",
+    [
+        ("000001ffffffffff", []),
+        ("0000008000001000", []),  # CAP_BPF + CAP_NET_ADMIN only
+        ("0000000000201000", []),  # CAP_SYS_ADMIN stands in for CAP_BPF (before 5.8)
+        ("0000000000001000", ["CAP_BPF"]),
+        ("0000008000000000", ["CAP_NET_ADMIN"]),
+        ("0000000000000000", ["CAP_BPF", "CAP_NET_ADMIN"]),
+    ],
+)
+def test_missing_capabilities_are_read_from_the_effective_set(cap_eff, missing):
+    status = f"Name:\tpython\nCapInh:\t0000000000000000\nCapEff:\t{cap_eff}\n"
+    assert missing_capabilities(status) == missing
+
+
+# --- the kernel ---------------------------------------------------------------------
+
+
+def tcp_pair(listener) -> tuple[socket.socket, socket.socket]:
+    outer = socket.create_connection(listener.getsockname(), timeout=BOUND)
+    inner, _ = listener.accept()
+    inner.settimeout(BOUND)
+    return outer, inner
+
+
+@contextmanager
+def relayed_by_the_kernel(*, before=(b"", b""), credit=1 << 20, attach="verdict"):
+    """(client, server, pair, near, far): client <-> near ... far <-> server,
+    near and far in the map; `before` is sent by client and server first."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        client, near = tcp_pair(listener)
+        far, server = tcp_pair(listener)
+    socks = [client, near, far, server]
+    smap = Sockmap(16, credit=credit, attach=attach)
+    try:
+        if before[0]:
+            client.sendall(before[0])
+        if before[1]:
+            server.sendall(before[1])
+        wait_until(lambda: len(near.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(near) else b"") >= len(before[0]))
+        wait_until(lambda: len(far.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(far) else b"") >= len(before[1]))
+        pair = smap.add(near, far)
+        pair.flush()
+        yield client, server, pair, near, far
+    finally:
+        for sock in socks:
+            sock.close()
+        smap.close()
+
+
+def readable(sock) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def wait_until(predicate, bound: float = BOUND) -> None:
+    deadline = time.monotonic() + bound
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        select.select([], [], [], 0.001)
+
+
+def recv_exactly(sock, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"EOF after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def events_of(sock, mask: int, *, bound: float = BOUND) -> int:
+    """The first epoll report for `sock` matching `mask` (0 if none in time)."""
+    with select.epoll() as epoll:
+        epoll.register(sock.fileno(), mask | select.EPOLLET)
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline:
+            for _, events in epoll.poll(0.05):
+                if events & mask:
+                    return events
+    return 0
+
+
+@needs_bpf
+def test_the_self_test_passes_here():
+    assert probe() == sockmap.Availability(True, attach="verdict")
+
+
+@needs_bpf
+def test_the_self_test_passes_with_a_stream_parser_as_older_kernels_need():
+    assert probe(attach="stream") == sockmap.Availability(True, attach="stream")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+@pytest.mark.parametrize(
+    "caps, missing",
+    [("-all", "CAP_BPF and CAP_NET_ADMIN"), ("+net_admin", "CAP_BPF"), ("+bpf", "CAP_NET_ADMIN")],
+)
+def test_an_unprivileged_process_is_told_which_capability_it_lacks(caps, missing, tmp_path):
+    ambient = [] if caps == "-all" else [f"--ambient-caps={caps}"]
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}", *ambient,
+         sys.executable, "-c", "from proxy.io import sockmap; print(sockmap.probe().reason)"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"missing {missing} (the kernel path needs CAP_BPF and CAP_NET_ADMIN)"
+
+
+@needs_bpf
+@pytest.mark.parametrize("attach", ["verdict", "stream"])
+def test_bytes_queued_before_the_pair_entered_go_first_and_in_order(attach):
+    before = (b"AMQP\x00\x00\x09\x01", b"220 server greets first\r\n")
+    with relayed_by_the_kernel(before=before, attach=attach) as (client, server, pair, near, far):
+        client.sendall(b"then this")
+        assert recv_exactly(server, 17) == before[0] + b"then this"
+        server.sendall(b"and that")
+        assert recv_exactly(client, 33) == before[1] + b"and that"
+        assert (pair.received(0), pair.received(1)) == (17, 33)
+        assert (pair.passed(0), pair.passed(1)) == (0, 0)
+
+
+@needs_bpf
+def test_bulk_both_ways_at_once_arrives_intact_and_counted():
+    import threading
+
+    blob = os.urandom(8 << 20)
+    with relayed_by_the_kernel(credit=64 << 20) as (client, server, pair, near, far):
+        got = {}
+
+        def pump(src, dst, name):
+            src.sendall(blob)
+            got[name] = recv_exactly(dst, len(blob))
+
+        threads = [
+            threading.Thread(target=pump, args=(client, server, "at_server")),
+            threading.Thread(target=pump, args=(server, client, "at_client")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(BOUND * 3)
+        assert got == {"at_server": blob, "at_client": blob}
+        assert (pair.redirected(0), pair.redirected(1)) == (len(blob), len(blob))
+
+
+@needs_bpf
+def test_out_of_credit_the_bytes_stay_with_the_socket_wake_it_and_stop_the_sender():
+    with relayed_by_the_kernel(credit=256 * 1024) as (client, server, pair, near, far):
+        client.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + BOUND
+        while time.monotonic() < deadline:
+            try:
+                sent += client.send(b"s" * 65536)
+            except BlockingIOError:
+                # The window closed: wait a little to be sure it stays closed.
+                if not select.select([], [client], [], 0.2)[1]:
+                    break
+        assert sent < 16 << 20, "the sender was never stopped"
+        assert pair.redirected(0) >= 256 * 1024 and pair.passed(0) > 0
+        assert events_of(near, select.EPOLLIN) & select.EPOLLIN
+        # What the server reads is exactly what was redirected, nothing passed.
+        assert recv_exactly(server, pair.redirected(0)) == b"s" * pair.redirected(0)
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.recv(1)
+
+
+@needs_bpf
+def test_passed_bytes_forwarded_by_warren_keep_their_place_in_the_stream():
+    with relayed_by_the_kernel() as (client, server, pair, near, far):
+        pair.stop(0)
+        client.sendall(b"one ")
+        wait_until(lambda: pair.passed(0) == 4)
+        pair.grant(0)  # credit again, but the passed bytes are not forwarded yet
+        client.sendall(b"two ")
+        wait_until(lambda: pair.passed(0) == 8)
+        assert pair.redirected(0) == 0  # kept passing: "two" must not overtake "one"
+        assert recv_exactly(near, 8) == b"one two "
+        far.sendall(b"one two ")
+        pair.set_forwarded(0, 8)
+        client.sendall(b"three")
+        assert recv_exactly(server, 13) == b"one two three"
+        assert (pair.redirected(0), pair.passed(0), pair.forwarded(0)) == (5, 8, 8)
+
+
+@needs_bpf
+@pytest.mark.parametrize("first", [0, 1])
+def test_a_fin_wakes_warren_and_leaves_the_other_socket_and_direction_intact(first):
+    with relayed_by_the_kernel() as (client, server, pair, near, far):
+        ends = [(client, near, far, server), (server, far, near, client)][first]
+        closer, closer_near, other_near, talker = ends
+        closer.sendall(b"last words")
+        assert recv_exactly(talker, 10) == b"last words"
+        closer.shutdown(socket.SHUT_WR)
+        assert events_of(closer_near, select.EPOLLRDHUP) & select.EPOLLRDHUP
+        assert closer_near.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        assert other_near.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        other_near.shutdown(socket.SHUT_WR)
+        assert talker.recv(1) == b""
+        talker.sendall(b"x" * 300_000)
+        assert recv_exactly(closer, 300_000) == b"x" * 300_000
+        assert pair.received(first) == 10
+
+
+@needs_bpf
+def test_a_reset_reports_an_error_on_the_socket_in_the_map():
+    with relayed_by_the_kernel() as (client, server, pair, near, far):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        assert events_of(near, select.EPOLLERR) & select.EPOLLERR
+        assert near.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+        server.sendall(b"still fine")  # the other socket is untouched
+
+
+@needs_bpf
+def test_send_queue_accounting_counts_what_was_put_in_either_way():
+    with relayed_by_the_kernel(before=(b"hdr", b"")) as (client, server, pair, near, far):
+        far.sendall(b"PROXY TCP4 ...\r\n")  # written by Warren itself
+        client.sendall(b"redirected")
+        recv_exactly(server, 29)
+        wait_until(lambda: queued_into(far, connected=True) == 29)
+        assert queued_into(near, connected=False) == 0
+
+
+@needs_bpf
+def test_a_full_map_refuses_a_pair_until_one_is_released():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        socks = [s for _ in range(3) for s in tcp_pair(listener)]
+    smap = Sockmap(4)
+    try:
+        first = smap.add(socks[0], socks[1])
+        smap.add(socks[2], socks[3])
+        with pytest.raises(Full):
+            smap.add(socks[4], socks[5])
+        first.release()
+        first.release()  # idempotent
+        socks[0].close()  # closing takes a socket out of the map
+        socks[1].close()
+        smap.add(socks[4], socks[5])
+        assert smap.pairs == 2
+    finally:
+        for sock in socks:
+            sock.close()
+        smap.close()
+
+
+@needs_bpf
+def test_a_socket_the_kernel_refuses_leaves_nothing_behind():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        client, near = tcp_pair(listener)
+    unconnected = socket.socket()
+    smap = Sockmap(2)
+    try:
+        with pytest.raises(OSError):
+            smap.add(near, unconnected)
+        assert smap.pairs == 0
+        # Its slots are free again: a good pair still fits.
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4)
+            a, b = tcp_pair(listener)
+        with a, b:
+            smap.add(a, b)
+    finally:
+        for sock in (client, near, unconnected):
+            sock.close()
+        smap.close()
