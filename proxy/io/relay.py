@@ -37,6 +37,7 @@ import functools
 import math
 import select
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -177,6 +178,17 @@ _ENDING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WAKES_READER = ~_OUT
 _WAKES_WRITER = ~_IN
 
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the coming close() send a reset (SO_LINGER 0): a side that
+    failed is passed on to the other as what it was, not as an end of stream."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # already gone
+
 
 class Link:
     """One connection being relayed: both directions, readiness and deadlines.
@@ -192,7 +204,7 @@ class Link:
 
     __slots__ = (
         "socks", "fds", "traffic", "poller", "ways", "want", "events",
-        "notify", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned",
+        "notify", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned", "aborted",
     )  # fmt: skip
 
     def __init__(self, client, server, traffic, timeouts, pipes, poller, owned, notify) -> None:
@@ -213,6 +225,7 @@ class Link:
         self.deadline = math.inf  # the earlier of the two
         self.scheduled = math.inf  # when the poller will next look at us
         self.owned = owned  # close the sockets at the end
+        self.aborted = False  # a side failed: the close resets the other
         poller.watch(self.fds[0], self, EDGE_MASK)
         try:
             poller.watch(self.fds[1], self, EDGE_MASK)
@@ -254,6 +267,7 @@ class Link:
                 moved1 = True
                 want[1] = self._move(1)
         except SideLost as lost:
+            self.aborted = True
             self.ended(_ABORT[lost.side])
             return False
         want0, want1 = want
@@ -315,6 +329,8 @@ class Link:
             # Closing removes them from the epoll set: no unregistering.
             for fd, sock in zip(self.fds, self.socks):
                 self.poller.drop(fd)
+                if self.aborted:
+                    reset_on_close(sock)
                 sock.close()
         else:
             self.poller.forget(self.fds[0])

@@ -63,11 +63,15 @@ _REDIRECTED, _PASSED, _LIMIT, _FORWARDED = range(4)
 _STATE_WORDS = 4
 _STATE_SIZE = 8 * _STATE_WORDS
 
-# How many bytes a direction may redirect before Warren looks at it again.
-# Bounds the kernel memory a stalled receiver can pin per direction (on top
-# of the socket buffers), and sets how often a busy direction costs Warren a
-# wake-up: for small AMQP frames, once per this many bytes.
+# How many bytes a direction may redirect before Warren looks at it again:
+# at most what the target's send buffer has room for (:func:`send_room`), so
+# that redirected bytes never wait in the target's psock queue. That queue
+# is shared with the bytes the program passes to the target socket itself:
+# a redirected skb stuck in it (its receiver stopped reading) would hold up
+# the *other* direction's passed bytes behind it. The first grant, before
+# Warren has looked at the buffers, is small; later ones are capped here.
 DEFAULT_CREDIT = 4 * 1024 * 1024
+FIRST_CREDIT = 64 * 1024
 DEFAULT_CAPACITY = 16384  # sockets, i.e. 8,192 pairs
 _STALE_BATCH = 256  # closed sockets' slot entries deleted together
 
@@ -157,11 +161,12 @@ class Sockmap:
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, *, credit: int = DEFAULT_CREDIT,
-                 attach: str = "verdict") -> None:  # fmt: skip
-        if capacity < 2 or credit < 1:
-            raise ValueError("capacity must be >= 2 and credit >= 1")
+                 first_credit: int = FIRST_CREDIT, attach: str = "verdict") -> None:  # fmt: skip
+        if capacity < 2 or credit < 1 or first_credit < 1:
+            raise ValueError("capacity must be >= 2 and credits >= 1")
         self.capacity = capacity
         self.credit = credit
+        self.first_credit = first_credit
         self._fds: list[int] = []
         try:
             # Room for the cookies of closed sockets until they are collected.
@@ -230,7 +235,7 @@ class Sockmap:
         socks = (client, server)
         cookies = tuple(_COOKIE.pack(_cookie(sock)) for sock in socks)
         slots = (self._free.popleft(), self._free.popleft())
-        words, credit = self._words, self.credit
+        words, credit = self._words, self.first_credit
         for slot in slots:
             base = slot * _STATE_WORDS
             words[base + _REDIRECTED] = words[base + _PASSED] = words[base + _FORWARDED] = 0
@@ -324,10 +329,10 @@ class Pair:
         that equals ``passed``, the program may redirect again."""
         self.sockmap._set_word(self.slots[side], _FORWARDED, value)
 
-    def grant(self, side: int) -> None:
-        """New credit: `side` may redirect ``credit`` bytes from now on."""
+    def grant(self, side: int, amount: int) -> None:
+        """New credit: `side` may redirect `amount` more bytes from now on."""
         slot, sockmap = self.slots[side], self.sockmap
-        sockmap._set_word(slot, _LIMIT, sockmap._word(slot, _REDIRECTED) + sockmap.credit)
+        sockmap._set_word(slot, _LIMIT, sockmap._word(slot, _REDIRECTED) + amount)
 
     def stop(self, side: int) -> None:
         """No credit left for `side`: what it receives is passed from now on."""
@@ -404,7 +409,7 @@ def probe(*, attach: str = "verdict") -> Availability:
     if missing:
         return Availability(False, f"missing {' and '.join(missing)} (the kernel path needs CAP_BPF and CAP_NET_ADMIN)")
     try:
-        sockmap = Sockmap(8, credit=1 << 20, attach=attach)
+        sockmap = Sockmap(8, first_credit=1 << 20, attach=attach)
     except bpf.Unsupported as exc:
         return Availability(False, str(exc))
     except bpf.BpfError as exc:
@@ -477,7 +482,7 @@ def _self_test(sockmap: Sockmap) -> None:
             raise SelfTestFailed(f"passed bytes read back as {held!r}, counted {pair.passed(0)}")
         far.sendall(held)
         pair.set_forwarded(0, 4)
-        pair.grant(0)
+        pair.grant(0, send_room(far))
         client.sendall(b" and more")
         _expect(server, b"held and more", "bytes forwarded by Warren, then redirected again")
         _check_accounting(far, written=19 + len(blob) + 13, connected=True)
@@ -543,6 +548,20 @@ def queued_into(sock: socket.socket, connected: bool) -> int:
     acked = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
     outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
     return acked + outq - (1 if connected else 0)
+
+
+_SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+_MEMINFO = struct.Struct("=9I")  # rmem_alloc rcvbuf wmem_alloc sndbuf fwd_alloc wmem_queued ...
+
+
+def send_room(sock: socket.socket) -> int:
+    """Bytes `sock`'s send buffer takes now without a kernel worker having to
+    wait: the worker sends only while less than half the buffer is in use
+    (sock_writeable), and buffer use counts skb overhead too (about twice
+    the payload for small segments), hence the quarter."""
+    info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))
+    sndbuf, queued = info[3], info[5]
+    return max(0, sndbuf // 2 - queued) // 2
 
 
 def _check_accounting(sock: socket.socket, *, written: int, connected: bool) -> None:

@@ -100,7 +100,7 @@ def relayed_by_the_kernel(*, before=(b"", b""), credit=1 << 20, attach="verdict"
         client, near = tcp_pair(listener)
         far, server = tcp_pair(listener)
     socks = [client, near, far, server]
-    smap = Sockmap(16, credit=credit, attach=attach)
+    smap = Sockmap(16, first_credit=credit, attach=attach)
     try:
         if before[0]:
             client.sendall(before[0])
@@ -243,7 +243,7 @@ def test_passed_bytes_forwarded_by_warren_keep_their_place_in_the_stream():
         pair.stop(0)
         client.sendall(b"one ")
         wait_until(lambda: pair.passed(0) == 4)
-        pair.grant(0)  # credit again, but the passed bytes are not forwarded yet
+        pair.grant(0, 1 << 20)  # credit again, but the passed bytes are not forwarded yet
         client.sendall(b"two ")
         wait_until(lambda: pair.passed(0) == 8)
         assert pair.redirected(0) == 0  # kept passing: "two" must not overtake "one"

@@ -1,0 +1,458 @@
+"""The kernel relay: a connection whose bytes the kernel moves (a socket map).
+
+The third relay path beside splice and copy (:mod:`proxy.io.sockmap` says
+what the kernel does and does not do). Once the pair is in the map, Warren
+is woken only for what the kernel leaves to it:
+
+* **passed bytes** (EPOLLIN): a direction ran out of credit, or a skb came
+  while its peer was not in the map yet. The program keeps passing until
+  Warren has forwarded all of them, so Warren waits until the kernel has put
+  every redirected byte in the target's send queue (``queued_into``), then
+  reads the passed bytes and writes them, in order, and grants new credit.
+  A target that does not drain (its receiver stopped reading) is waited for:
+  meanwhile the source's window stays closed. That is the backpressure.
+* **end of stream** (EPOLLRDHUP): once the program has handled every byte
+  before the FIN and the target has sent them, ``shutdown(SHUT_WR)`` on the
+  target; when both directions have ended the relay ends and both sockets
+  are closed (which takes them out of the map).
+* **errors** (EPOLLERR with SO_ERROR set): the relay ends with that side's
+  abort, and the other socket is reset (closed with SO_LINGER 0): a reset is
+  propagated.
+* **idle deadlines**: checked lazily when they fall due, from the kernel's
+  last-receive times (TCP_INFO ``tcpi_last_data_recv``), not from reads.
+
+Byte counts come from the program's counters (:class:`KernelTraffic`).
+Sockets are registered for EPOLLIN and EPOLLRDHUP only, edge-triggered:
+EPOLLOUT would wake Warren for every redirected skb the kernel sends, so it
+is added only while a direction waits for its target.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import math
+import select
+import socket
+import struct
+
+import outcome
+import trio
+
+from .directions import SideLost, lost_or_raise
+from .poller import current_poller
+from .relay import Ending, Timeouts, reset_on_close
+from .sockmap import Pair, Sockmap, queued_into, send_room
+
+_CLIENT, _SERVER = 0, 1
+_ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
+_TIMEOUT = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
+
+_QUIET_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_WAIT_MASK = _QUIET_MASK | select.EPOLLOUT
+
+# A direction's state.
+_FLOWING, _WAIT_TARGET, _WAIT_WRITE, _WAIT_READ, _DONE = range(5)
+
+# While a target drains its redirected bytes (a kernel worker sends them),
+# look again after this long, doubling up to the maximum; an EPOLLOUT edge
+# (the target's buffer had filled and now has room) looks again at once.
+_DRAIN_POLL_FIRST = 0.001
+_DRAIN_POLL_MAX = 0.1
+_CHUNK = 256 * 1024
+# Below this much room in the target's buffer, wait for it to drain rather
+# than wake up for every few bytes.
+_MIN_GRANT = 4096
+
+_TCPI_LAST_DATA_RECV = 52
+_TCP_INFO_TIMES = 56
+
+class KernelTraffic:
+    """Byte counters of a kernel-relayed connection, read from the program's
+    counters while it lives (no system call), frozen when it ends."""
+
+    __slots__ = ("pair", "frozen_in", "frozen_out")
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair: Pair | None = pair
+        self.frozen_in = self.frozen_out = 0
+
+    @property
+    def bytes_in(self) -> int:
+        pair = self.pair
+        return self.frozen_in if pair is None else pair.received(_CLIENT)
+
+    @property
+    def bytes_out(self) -> int:
+        pair = self.pair
+        return self.frozen_out if pair is None else pair.received(_SERVER)
+
+    def freeze(self) -> None:
+        pair = self.pair
+        if pair is not None:
+            self.frozen_in, self.frozen_out = pair.received(_CLIENT), pair.received(_SERVER)
+            self.pair = None
+
+
+async def kernel_relay(
+    client: socket.socket,
+    server: socket.socket,
+    sockmap: Sockmap,
+    timeouts: Timeouts = Timeouts(),
+    *,
+    written: tuple[int, int] = (0, 0),
+) -> tuple[Ending, KernelTraffic]:
+    """:func:`start_kernel_relay` for a task: sleeps until the relay ends.
+    Returns the ending (None after a kill) and the connection's counters."""
+    task = trio.lowlevel.current_task()
+    link = start_kernel_relay(
+        client, server, sockmap, timeouts, written=written,
+        notify=functools.partial(trio.lowlevel.reschedule, task),
+    )  # fmt: skip
+    try:
+        return await trio.lowlevel.wait_task_rescheduled(link.abort), link.traffic
+    finally:
+        link.stop()
+
+
+def start_kernel_relay(
+    client: socket.socket,
+    server: socket.socket,
+    sockmap: Sockmap,
+    timeouts: Timeouts,
+    *,
+    written: tuple[int, int] = (0, 0),
+    notify,
+) -> KernelLink:
+    """Put a connected pair in the socket map and serve what the kernel
+    leaves to Warren; `notify` gets the outcome (an Ending, None after
+    ``interrupt()``, or an unexpected error) and must then call ``stop()``,
+    which closes both sockets. `written` counts bytes Warren already wrote
+    to (client, server), e.g. a PROXY header. Raises Full or OSError (the
+    kernel refused a socket, e.g. one no longer established) with the
+    sockets untouched and open: the caller relays them another way."""
+    pair = sockmap.add(client, server)
+    try:
+        link = KernelLink(client, server, pair, timeouts, written, notify)
+    except BaseException:
+        pair.release()
+        raise
+    return link
+
+
+class _Way:
+    """One direction: bytes received on ``source`` go out on ``target``."""
+
+    __slots__ = ("source", "target", "state", "eof", "pending", "checked", "poll", "active")
+
+    def __init__(self, source: int) -> None:
+        self.source = source
+        self.target = 1 - source
+        self.state = _FLOWING
+        self.eof = False  # the source's FIN has been seen
+        self.pending = b""  # passed bytes read but not yet written
+        self.checked = False  # the target has sent every redirected byte
+        self.poll = _DRAIN_POLL_FIRST
+        self.active = 0.0  # when this direction last made progress (trio time)
+
+
+class KernelLink:
+    """One kernel-relayed connection, as a link of the relays' poller."""
+
+    __slots__ = (
+        "socks", "fds", "pair", "traffic", "written", "ways", "events", "queued", "notify",
+        "timeouts", "idle_deadline", "deadline", "scheduled", "poller", "masks", "drain_at",
+        "ending", "closed",
+    )  # fmt: skip
+
+    def __init__(self, client, server, pair: Pair, timeouts: Timeouts, written, notify) -> None:
+        self.socks = (client, server)
+        self.fds = (client.fileno(), server.fileno())
+        self.pair = pair
+        self.traffic = KernelTraffic(pair)
+        self.written = written
+        self.ways = (_Way(_CLIENT), _Way(_SERVER))
+        self.events = [0, 0]
+        self.queued = False
+        self.notify = notify
+        self.timeouts = timeouts if timeouts.enabled else None
+        # The poller calls expire() once `deadline` has passed: the earlier of
+        # the idle deadline and the next look at a draining direction.
+        self.idle_deadline = self.deadline = self.scheduled = self.drain_at = math.inf
+        self.ending: Ending | None = None
+        self.closed = False
+        self.poller = poller = current_poller()
+        self.masks = [_QUIET_MASK, _QUIET_MASK]
+        poller.watch(self.fds[0], self, _QUIET_MASK)
+        try:
+            poller.watch(self.fds[1], self, _QUIET_MASK)
+        except BaseException:
+            poller.forget(self.fds[0])
+            raise
+        # What each socket had queued before the pair entered the map goes
+        # through the program now, ahead of anything arriving later.
+        pair.flush()
+        now = trio.current_time()
+        for way in self.ways:
+            way.active = now
+        if self.timeouts is not None:
+            self._schedule(now)
+        # Anything already announced (a FIN, a reset) is reported by the
+        # registrations above; the poller serves us then.
+
+    # --- the poller's side ----------------------------------------------------------
+
+    def serve(self) -> bool:
+        events = self.events
+        reported = (events[0], events[1])
+        events[0] = events[1] = 0
+        try:
+            for side in (_CLIENT, _SERVER):
+                if reported[side] & (select.EPOLLERR | select.EPOLLHUP):
+                    self._check_error(side)
+                if reported[side] & (select.EPOLLRDHUP | select.EPOLLHUP):
+                    self.ways[side].eof = True
+            self._advance()
+        except SideLost as lost:
+            self._end(_ABORT[lost.side])
+        return False
+
+    def expire(self) -> None:
+        """A timer fell due: a drain to look at again, or an idle deadline."""
+        now = trio.current_time()
+        try:
+            if self.drain_at <= now:
+                self.drain_at = math.inf
+                self._advance()
+            if self.notify is not None and self.idle_deadline <= now:
+                blamed = self._idle_blame(now)
+                if blamed is not None:
+                    self._end(_TIMEOUT[blamed])
+                    return
+        except SideLost as lost:
+            self._end(_ABORT[lost.side])
+            return
+        if self.notify is not None:
+            self._schedule(now)
+
+    def finish(self, result: outcome.Outcome) -> None:
+        notify = self.notify
+        if notify is not None:
+            self.notify = None
+            notify(result)
+
+    def interrupt(self) -> None:
+        """End the relay from outside (a kill): the outcome is None."""
+        self.finish(outcome.Value(None))
+
+    def abort(self, raise_cancel) -> trio.lowlevel.Abort:
+        self.notify = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def stop(self) -> None:
+        """Close both sockets (taking them out of the map); a reset of one
+        side resets the other. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.notify = None
+        self.scheduled = math.inf
+        self.traffic.freeze()
+        self.pair.release()
+        reset = self.ending in _ABORT
+        for fd, sock in zip(self.fds, self.socks):
+            self.poller.drop(fd)
+            if reset:
+                reset_on_close(sock)
+            sock.close()
+
+    # --- moving what the kernel leaves to Warren -------------------------------------
+
+    def _end(self, ending: Ending) -> None:
+        self.ending = ending
+        self.finish(outcome.Value(ending))
+
+    def _check_error(self, side: int) -> None:
+        error = self.socks[side].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise lost_or_raise(OSError(error, os.strerror(error)), side)
+
+    def _advance(self) -> None:
+        for way in self.ways:
+            if way.state != _DONE:
+                way.state = self._move(way)
+        if self.ways[0].state == _DONE and self.ways[1].state == _DONE:
+            self._end(Ending.NORMAL)
+            return
+        self._update_registrations()
+
+    def _move(self, way: _Way) -> int:
+        pair = self.pair
+        for _ in range(2):
+            if way.pending or pair.passed(way.source) != pair.forwarded(way.source):
+                state = self._forward_passed(way)
+                if state != _FLOWING:
+                    return state
+            if pair.redirected(way.source) >= pair.limit(way.source):
+                # Out of credit (the program passes from now on): more once
+                # the kernel has handed what it was given to the target, as
+                # much as the target's buffer has room for.
+                if not self._target_drained(way):
+                    return _WAIT_TARGET
+                room = self._room(way)
+                if room < _MIN_GRANT:
+                    return _WAIT_TARGET
+                pair.grant(way.source, min(room, self.pair.sockmap.credit))
+                way.checked = False
+            if not way.eof:
+                return _FLOWING
+            # The FIN. A system call that takes the socket's lock runs after
+            # the softirq that queued it; the program has handled its data.
+            try:
+                peeked = self.socks[way.source].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                peeked = b""
+            except OSError as exc:
+                raise lost_or_raise(exc, way.source) from exc
+            if not peeked and pair.passed(way.source) == pair.forwarded(way.source):
+                break
+        else:
+            return _WAIT_READ  # passed bytes still on their way to the socket's queue
+        if not self._target_drained(way):
+            return _WAIT_TARGET
+        if self.ways[way.target].state != _DONE:
+            # The other way still flows: a half-close. (After both, closing
+            # the sockets sends the last FIN.)
+            try:
+                self.socks[way.target].shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                raise lost_or_raise(exc, way.target) from exc
+        way.active = trio.current_time()
+        return _DONE
+
+    def _forward_passed(self, way: _Way) -> int:
+        """Forward the bytes the program passed to Warren, after every byte
+        it redirected; _FLOWING once caught up."""
+        if not way.checked and not self._target_drained(way):
+            return _WAIT_TARGET
+        way.checked = True
+        pair, source = self.pair, way.source
+        src, dst = self.socks[source], self.socks[way.target]
+        forwarded = pair.forwarded(source)
+        while True:
+            if way.pending:
+                try:
+                    sent = dst.send(way.pending)
+                except BlockingIOError:
+                    return _WAIT_WRITE
+                except OSError as exc:
+                    raise lost_or_raise(exc, way.target) from exc
+                way.pending = way.pending[sent:]
+                forwarded += sent
+                pair.set_forwarded(source, forwarded)
+                way.active = trio.current_time()
+                if way.pending:
+                    continue
+            if forwarded == pair.passed(source):
+                break
+            try:
+                way.pending = src.recv(min(_CHUNK, pair.passed(source) - forwarded))
+            except BlockingIOError:
+                return _WAIT_READ  # still on its way to the socket's queue
+            except OSError as exc:
+                raise lost_or_raise(exc, source) from exc
+            if not way.pending:
+                return _WAIT_READ  # the end came first: the rest is still on its way
+        way.checked = False
+        return _FLOWING
+
+    def _target_drained(self, way: _Way) -> bool:
+        """Has the kernel put every byte it redirected in the target's send
+        queue? (A kernel worker sends them after the redirect.)"""
+        target = way.target
+        expected = self.written[target] + self.pair.redirected(way.source) + self.pair.forwarded(way.source)
+        try:
+            queued = queued_into(self.socks[target], connected=target == _SERVER)
+        except OSError as exc:
+            raise lost_or_raise(exc, target) from exc
+        if queued >= expected:
+            way.poll = _DRAIN_POLL_FIRST
+            return True
+        return False
+
+    def _room(self, way: _Way) -> int:
+        try:
+            return send_room(self.socks[way.target])
+        except OSError as exc:
+            raise lost_or_raise(exc, way.target) from exc
+
+    def _update_registrations(self) -> None:
+        """EPOLLOUT on a socket only while a direction waits to write to it;
+        a drain to look at again on a timer."""
+        now = None
+        for side in (_CLIENT, _SERVER):
+            way = self.ways[1 - side]  # the direction whose target is `side`
+            mask = _WAIT_MASK if way.state in (_WAIT_TARGET, _WAIT_WRITE) else _QUIET_MASK
+            if mask != self.masks[side]:
+                self.masks[side] = mask
+                self.poller.watch(self.fds[side], self, mask)
+        for way in self.ways:
+            # A read wait is woken by EPOLLIN; the timer only guards it.
+            if way.state in (_WAIT_TARGET, _WAIT_READ):
+                now = trio.current_time() if now is None else now
+                when = now + way.poll
+                way.poll = min(way.poll * 2, _DRAIN_POLL_MAX)
+                if when < self.drain_at:
+                    self.drain_at = when
+        if self.drain_at < math.inf:
+            self._schedule(now if now is not None else trio.current_time())
+
+    # --- idle deadlines -----------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        if self.timeouts is not None:
+            self.idle_deadline = min(self._deadline(way, now) for way in self.ways)
+        self.deadline = when = min(self.idle_deadline, self.drain_at)
+        if when < self.scheduled:
+            self.scheduled = when
+            self.poller.wake_at(self, when)
+
+    def _deadline(self, way: _Way, now: float) -> float:
+        if way.state == _DONE:
+            return math.inf
+        return way.active + self._limit(way)
+
+    def _waited_side(self, way: _Way) -> int:
+        return way.target if way.state in (_WAIT_TARGET, _WAIT_WRITE) else way.source
+
+    def _limit(self, way: _Way) -> float:
+        timeouts, side = self.timeouts, self._waited_side(way)
+        if self.ways[way.target].state == _DONE and side == way.source:
+            fin = timeouts.client_fin if side == _CLIENT else timeouts.server_fin
+            if fin is not None:
+                return fin
+        if timeouts.tunnel is not None:
+            return timeouts.tunnel
+        limit = timeouts.client if side == _CLIENT else timeouts.server
+        return math.inf if limit is None else limit
+
+    def _idle_blame(self, now: float) -> int | None:
+        """Refresh each direction's last activity from the kernel; the side
+        to blame if one is still past its deadline, else None."""
+        for way in self.ways:
+            if way.state != _DONE and self._waited_side(way) == way.source:
+                way.active = max(way.active, now - _since_last_receive(self.socks[way.source]))
+        if self.timeouts.tunnel is not None:
+            latest = max(way.active for way in self.ways)
+            for way in self.ways:
+                way.active = latest
+        late = [way for way in self.ways if self._deadline(way, now) <= now]
+        if not late:
+            return None
+        return self._waited_side(min(late, key=lambda way: self._deadline(way, now)))
+
+
+def _since_last_receive(sock: socket.socket) -> float:
+    """Seconds since `sock` last received data (the kernel's own clock)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_TIMES)
+    return struct.unpack_from("=I", info, _TCPI_LAST_DATA_RECV)[0] / 1000
