@@ -28,7 +28,7 @@ from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
 from .errors import StartupError
 from .frontends.listener import BindError, open_listener, serve_listener
-from .io.pipes import PipePool, splice_supported
+from .frontends.relay_path import choose_relay
 from .frontends.session import Sessions
 from .health.checker import HealthService
 from .runtime import FrontendRuntime, KillReason, Runtime
@@ -46,9 +46,10 @@ class App:
     def __init__(self, config: Config, *, handle_signals: bool = True, splice: bool | None = None):
         self.config = config
         self.runtime = Runtime(config)
-        use_splice = splice_supported() if splice is None else splice
-        self.pipes = PipePool() if use_splice else None
-        self.sessions = Sessions(self.runtime, self.pipes, _logs_connections(config))
+        self.relay = choose_relay(config, splice=splice)
+        self.pipes = self.relay.pipes
+        self.runtime.relay = self.relay.describe()
+        self.sessions = Sessions(self.runtime, self.pipes, _logs_connections(config), self.relay.sockmap)
         self.handle_signals = handle_signals
         self.services: list[Service] = default_services(config)
         self._supervised: list[tuple[Service, Supervisor]] = []
@@ -72,7 +73,9 @@ class App:
         self._stop.set()
 
     async def serve(self, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED) -> None:
-        """Runs until stopped; raises StartupError if a listener cannot be bound."""
+        """Runs until stopped; raises StartupError if a listener cannot be
+        bound or the relay path the configuration insists on is unavailable."""
+        self.relay.check()
         opened = await self._open_listeners(self.config)  # before any nursery: a plain error
         async with trio.open_nursery() as session_nursery:
             self._session_nursery = session_nursery
@@ -87,7 +90,7 @@ class App:
                 log.info(
                     "warren.started",
                     listeners={f: [_fmt(a) for a in addrs] for f, addrs in self.addresses.items()},
-                    splice=self.pipes is not None,
+                    relay=self.relay.path,
                 )
                 self.systemd.ready(self.status_line())
                 session_nursery.start_soon(self.systemd.keep_alive, self.status_line)

@@ -462,6 +462,7 @@ class Statistics:
     backends: tuple[BackendStats, ...]
     extra: dict[str, Any] = field(default_factory=dict)  # vip, ... by later capabilities
     services: tuple[ServiceStats, ...] = ()  # every supervised service, in start order
+    relay: str = ""  # the relay path in use (and why, if not the one asked for)
 
 
 class Runtime:
@@ -471,6 +472,7 @@ class Runtime:
         now = time.monotonic()
         self.config = config
         self.started = now
+        self.relay = ""  # set by the App: the relay path in use
         self.frontends = {f.name: FrontendRuntime(f) for f in config.frontends}
         self.backends = {b.name: BackendRuntime(b, now) for b in config.backends}
         # Removed by a reload while clients were connected: their slots stay
@@ -573,6 +575,7 @@ class Runtime:
             backends=tuple(_backend_stats(b, now) for b in self.backends.values()),
             extra={name: snap() for name, snap in self.extra_statistics.items()},
             services=self.supervisors.statistics(),
+            relay=self.relay,
         )
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
+import pytest
 import trio
 
 from proxy.app import App
 from proxy.config.model import (
-    Backend, BackendTimeouts, Balance, BindAddress, Config, Frontend, Global, Server,
+    Backend, BackendTimeouts, Balance, BindAddress, Config, Frontend, Global, RelayPath, Server,
 )
+from proxy.io import sockmap
+from proxy.io.pipes import splice_supported
 
 
 async def serve_named(name: str, *, task_status=trio.TASK_STATUS_IGNORED):
@@ -83,10 +87,29 @@ def server(name: str, port: int, **kw) -> Server:
     return Server(name=name, address="127.0.0.1", port=port, **kw)
 
 
-async def start_warren(nursery: trio.Nursery, config: Config, **kw) -> App:
+async def start_warren(nursery: trio.Nursery, config: Config, *, relay: str | None = None, **kw) -> App:
+    """Warren serving `config`, on the relay path `relay` ("copy", "splice",
+    "kernel"; skipped where this machine has not got it) if given."""
+    if relay is not None:
+        config = with_relay(config, relay)
     app = App(config, handle_signals=False, **kw)
     await nursery.start(app.serve)
     return app
+
+
+def with_relay(config: Config, relay: str) -> Config:
+    if relay == "kernel":
+        availability = kernel_availability()
+        if not availability.available:
+            pytest.skip(f"kernel path unavailable: {availability.reason}")
+    if relay == "splice" and not splice_supported():
+        pytest.skip("splice(2) unavailable")
+    return replace(config, global_=replace(config.global_, relay=RelayPath(relay)))
+
+
+@functools.cache
+def kernel_availability():
+    return sockmap.probe()
 
 
 def front(app: App) -> tuple[str, int]:

@@ -57,6 +57,17 @@ class LogFormat(enum.StrEnum):
     JSON = "json"
 
 
+class RelayPath(enum.StrEnum):
+    """How relayed bytes move: in the kernel (a BPF socket map), spliced
+    through pipes, or copied; ``auto`` takes the kernel where its start-up
+    self-test passes, else splice."""
+
+    AUTO = "auto"
+    KERNEL = "kernel"
+    SPLICE = "splice"
+    COPY = "copy"
+
+
 @dataclass(frozen=True, slots=True)
 class BindAddress:
     host: str  # literal IPv4/IPv6 address, "0.0.0.0" / "::" for any
@@ -80,6 +91,9 @@ class Frontend:
     maxconn: int = 2000
     backlog: int = 1024
     timeout: FrontendTimeouts = FrontendTimeouts()
+    # Bulk streams: relayed with splice even where the kernel path is in
+    # use (the kernel path moves small messages for less, bulk more slowly).
+    bulk: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +275,7 @@ class Global:
     log_level: str = "info"
     grace: float = 30.0  # SIGTERM: how long live connections may finish
     control_socket: str | None = None  # `warren ctl` UNIX socket path
+    relay: RelayPath = RelayPath.AUTO
 
 
 @dataclass(frozen=True, slots=True)

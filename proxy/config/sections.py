@@ -40,6 +40,7 @@ from .model import (
     OnError,
     OnMarkedDown,
     OnMarkedUp,
+    RelayPath,
     Resolvers,
     SendProxy,
     Server,
@@ -251,6 +252,7 @@ GLOBAL = {
     "log_level": Field(choice(LOG_LEVELS)),
     "grace": Field(duration(positive=False)),
     "control_socket": Field(string()),
+    "relay": Field(choice(RelayPath)),
 }
 
 RESOLVERS = {
@@ -270,6 +272,7 @@ FRONTEND = {
     "maxconn": Field(integer(1)),
     "backlog": Field(integer(1, 65535)),
     "timeout": Field(table(FRONTEND_TIMEOUTS, FrontendTimeouts)),
+    "bulk": Field(boolean()),
 }
 
 SERVER = {

@@ -29,6 +29,7 @@ import errno
 import socket
 import time
 
+import outcome
 import structlog
 import trio
 
@@ -37,8 +38,10 @@ from ..backends.dispatch import Connect, Dispatch, Fail, Queue, Timing
 from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import SendProxy
 from ..io.pipes import PipePool
+from ..io.kernel_relay import KernelLink, Refused, start_kernel_relay
 from ..io.poller import Poller, Writable, current_poller
 from ..io.relay import Ending, Link, Timeouts, Traffic
+from ..io.sockmap import Sockmap
 from ..runtime import BackendRuntime, Connection, FrontendRuntime, KillReason, Runtime, ServerRuntime
 
 log = structlog.get_logger("warren.session")
@@ -55,9 +58,11 @@ _ENDINGS = {
 class Sessions:
     """Runs client sessions for all frontends; holds what they share."""
 
-    def __init__(self, runtime: Runtime, pipes: PipePool | None, log_connections: bool = True):
+    def __init__(self, runtime: Runtime, pipes: PipePool | None, log_connections: bool = True,
+                 sockmap: Sockmap | None = None):  # fmt: skip
         self.runtime = runtime
         self.pipes = pipes
+        self.sockmap = sockmap  # the kernel path, where in use
         self.log_connections = log_connections
         self.live: set[Connection] = set()
         self.drained = trio.Event()  # set (and replaced) whenever live becomes empty
@@ -121,7 +126,7 @@ class _Session(Link):
 
     __slots__ = (
         "sessions", "client", "frontend", "conn", "started", "backend", "dispatch",
-        "server_sock", "waiter", "done",
+        "server_sock", "waiter", "done", "kernel",
     )  # fmt: skip
 
     def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
@@ -137,6 +142,7 @@ class _Session(Link):
         self.server_sock: socket.socket | None = None
         self.waiter: Writable | None = None
         self.done = False
+        self.kernel: KernelLink | None = None  # the kernel's relay, on that path
 
     def begin(self) -> None:
         conn = self.conn
@@ -205,17 +211,34 @@ class _Session(Link):
     def _connected(self) -> None:
         dispatch, sock = self.dispatch, self.server_sock
         dispatch.connected(self.sessions.poller.now())
-        refused = _send_proxy_header(self.client, sock, dispatch.server, self.conn)
+        refused, written = _send_proxy_header(self.client, sock, dispatch.server, self.conn)
         if refused is not None:
             self._end(*refused)
             return
-        self._relay()
+        self._relay(written)
 
-    def _relay(self) -> None:
-        """Both sockets go to the relay (this session as its link), which
-        owns and closes them."""
+    def _relay(self, written: int = 0) -> None:
+        """Both sockets go to the relay, which owns and closes them: the
+        kernel's where it is in use (unless the frontend carries bulk
+        streams), else this session as the splice or copy relay's link. The
+        path is chosen here, once: a pair the kernel refuses (a client gone
+        already, a full map) is relayed the other way; a pair in the map
+        never leaves it. `written`: bytes already sent to the server (a
+        PROXY header), ahead of anything relayed."""
         sessions, client, sock = self.sessions, self.client, self.server_sock
         self.server_sock = None
+        if sessions.sockmap is not None and not self.frontend.config.bulk:
+            try:
+                self.kernel = start_kernel_relay(
+                    client, sock, sessions.sockmap, sessions.timeouts(self.frontend, self.backend),
+                    written=(0, written), notify=self._kernel_ended,
+                )  # fmt: skip
+            except Refused as refused:
+                log.debug("relay.kernel_refused", conn=self.conn.id, reason=str(refused))
+            else:
+                self.conn.traffic = self.kernel.traffic
+                self.conn.interrupt = self.kernel.interrupt
+                return
         try:
             Link.__init__(
                 self, client, sock, self.conn.traffic, sessions.timeouts(self.frontend, self.backend),
@@ -238,6 +261,16 @@ class _Session(Link):
         """The poller's call when serving this session (its connect wait or
         its relay) raised unexpectedly."""
         self._crashed(error)
+
+    def _kernel_ended(self, result: outcome.Outcome) -> None:
+        """The kernel relay's outcome: an Ending, None (a kill) or an error."""
+        self.kernel.stop()
+        try:
+            ending = result.unwrap()
+        except Exception as error:
+            self._crashed(error)
+            return
+        self._end(self._killed() if ending is None else _ENDINGS[ending], None)
 
     def _interrupt_connect(self) -> None:
         if self.waiter is not None:
@@ -291,6 +324,8 @@ class _Session(Link):
     def _crashed(self, error: Exception) -> None:
         log.error("session.failed", conn=self.conn.id, client=_addr(self.conn.client), exc_info=error)
         self.stop()  # the relay, if it runs
+        if self.kernel is not None:
+            self.kernel.stop()
         self._end("PD", f"internal error: {error!r}")
 
     def _drop_server_socket(self) -> None:
@@ -345,25 +380,26 @@ class _Session(Link):
 
 def _send_proxy_header(
     client: socket.socket, server_sock: socket.socket, server: ServerRuntime, conn: Connection
-) -> tuple[str, str] | None:
-    """Sends the PROXY header if `server` wants one; (termination, reason)
-    if that failed. A freshly connected socket's buffer always takes the
-    header (at most a few hundred bytes) at once."""
+) -> tuple[tuple[str, str] | None, int]:
+    """Sends the PROXY header if `server` wants one, before any relayed byte
+    (and before the pair enters a socket map); returns ((termination,
+    reason) if that failed, else None; bytes written). A freshly connected
+    socket's buffer always takes the header (a few hundred bytes) at once."""
     version = server.config.send_proxy
     if version is SendProxy.NONE:
-        return None
+        return None, 0
     try:
         local = client.getsockname()[:2]
     except OSError:  # the client is already gone
-        return "CC", "client closed while connecting"
+        return ("CC", "client closed while connecting"), 0
     header = encode_proxy_header(version.value, conn.client, local)
     try:
         sent = server_sock.send(header)
     except OSError as error:
-        return "SD", f"sending the PROXY header failed: {error.strerror}"
+        return ("SD", f"sending the PROXY header failed: {error.strerror}"), 0
     if sent != len(header):
-        return "SD", "sending the PROXY header failed: the socket took only part of it"
-    return None
+        return ("SD", "sending the PROXY header failed: the socket took only part of it"), sent
+    return None, sent
 
 
 def _close(poller: Poller, sock: socket.socket) -> None:

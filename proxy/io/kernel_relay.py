@@ -29,7 +29,6 @@ is added only while a direction waits for its target.
 
 from __future__ import annotations
 
-import functools
 import os
 import math
 import select
@@ -42,7 +41,7 @@ import trio
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller
 from .relay import Ending, Timeouts, reset_on_close
-from .sockmap import Pair, Sockmap, queued_into, send_room
+from .sockmap import Full, Pair, Sockmap, queued_into, send_room
 
 _CLIENT, _SERVER = 0, 1
 _ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
@@ -94,25 +93,10 @@ class KernelTraffic:
             self.pair = None
 
 
-async def kernel_relay(
-    client: socket.socket,
-    server: socket.socket,
-    sockmap: Sockmap,
-    timeouts: Timeouts = Timeouts(),
-    *,
-    written: tuple[int, int] = (0, 0),
-) -> tuple[Ending, KernelTraffic]:
-    """:func:`start_kernel_relay` for a task: sleeps until the relay ends.
-    Returns the ending (None after a kill) and the connection's counters."""
-    task = trio.lowlevel.current_task()
-    link = start_kernel_relay(
-        client, server, sockmap, timeouts, written=written,
-        notify=functools.partial(trio.lowlevel.reschedule, task),
-    )  # fmt: skip
-    try:
-        return await trio.lowlevel.wait_task_rescheduled(link.abort), link.traffic
-    finally:
-        link.stop()
+class Refused(Exception):
+    """The kernel (or a full map) refused the pair, e.g. a socket no longer
+    established (a client that sent its FIN already): nothing was changed,
+    relay the sockets another way."""
 
 
 def start_kernel_relay(
@@ -128,16 +112,25 @@ def start_kernel_relay(
     leaves to Warren; `notify` gets the outcome (an Ending, None after
     ``interrupt()``, or an unexpected error) and must then call ``stop()``,
     which closes both sockets. `written` counts bytes Warren already wrote
-    to (client, server), e.g. a PROXY header. Raises Full or OSError (the
-    kernel refused a socket, e.g. one no longer established) with the
-    sockets untouched and open: the caller relays them another way."""
-    pair = sockmap.add(client, server)
+    to (client, server), e.g. a PROXY header; `server` is the socket Warren
+    connected, `client` an accepted one.
+
+    Raises Refused with the sockets untouched if the pair cannot enter the
+    map. Once in, the pair never leaves for another path: any later failure
+    closes both sockets and propagates."""
     try:
-        link = KernelLink(client, server, pair, timeouts, written, notify)
+        pair = sockmap.add(client, server)
+    except (Full, OSError) as exc:
+        raise Refused(str(exc)) from exc
+    try:
+        return KernelLink(client, server, pair, timeouts, written, notify)
     except BaseException:
         pair.release()
+        poller = current_poller()
+        for sock in (client, server):
+            poller.drop(sock.fileno())
+            sock.close()
         raise
-    return link
 
 
 class _Way:

@@ -31,7 +31,7 @@ HELP = """\
 Commands:
   help                                   this list
   show stat                              statistics as CSV (HAProxy 2.6 column names)
-  show info                              version, pid, uptime, session totals
+  show info                              version, pid, uptime, session totals, relay path
   show servers state [<backend>]         one line per server: state, admin, weight, last check
   show vip                               floating-IP instances and their VRRP state
   set server <b>/<s> state ready|drain|maint
@@ -103,6 +103,7 @@ def _show_info(args, runtime, now, user) -> str:
         ("Frontends", len(stats.frontends)), ("Backends", len(stats.backends)),
         ("Servers", len(servers)),
         ("ServersUsable", sum(1 for s in servers if view.server_state_label(s) == "UP")),
+        ("Relay", stats.relay),
     ]
     return "".join(f"{name}: {value}\n" for name, value in fields)
 

@@ -91,6 +91,7 @@ def _header(stats: Any, context: PageContext) -> str:
         ("current sessions", sessions),
         ("total sessions", total),
         ("servers usable", f"{usable}/{len(servers)}"),
+        ("relay", stats.relay),
         ("user", context.user),
     ]
     facts_html = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in facts)

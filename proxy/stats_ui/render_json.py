@@ -20,6 +20,7 @@ def render_json(stats: Any, *, hide_version: bool = False) -> str:
     document.update(
         pid=stats.pid,
         uptime=round(stats.uptime, 3),
+        relay=stats.relay,
         frontends=[_frontend(f) for f in stats.frontends],
         backends=[_backend(b) for b in stats.backends],
         vip=[_vip(v) for v in view.vip_instances(stats)],

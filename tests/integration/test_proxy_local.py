@@ -20,19 +20,20 @@ from tests.proxyutil import (
     start_warren, unanswered_port,
 )
 
-pytestmark = pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+# Every behaviour holds on each relay path.
+pytestmark = pytest.mark.parametrize("relay_path", ["copy", "splice", "kernel"])
 
 
 async def named_servers(nursery, names):
     return {name: await nursery.start(serve_named, name) for name in names}
 
 
-async def test_roundrobin_spreads_by_weight(splice):
+async def test_roundrobin_spreads_by_weight(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "abc")
             config = make_config([server(n, p, weight=w) for (n, p), w in zip(ports.items(), (1, 2, 3))])
-            app = await start_warren(nursery, config, splice=splice)
+            app = await start_warren(nursery, config, relay=relay_path)
             seen = Counter()
             for _ in range(60):
                 stream, name = await connect_and_greet(app)
@@ -42,11 +43,11 @@ async def test_roundrobin_spreads_by_weight(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_data_flows_both_ways_and_is_counted(splice):
+async def test_data_flows_both_ways_and_is_counted(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
             stream, _ = await connect_and_greet(app)
             payload = bytes(range(256)) * 4096  # 1 MiB
             async with trio.open_nursery() as io:
@@ -63,12 +64,12 @@ async def test_data_flows_both_ways_and_is_counted(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_dead_server_is_redispatched_without_client_error(splice):
+async def test_dead_server_is_redispatched_without_client_error(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "b")
             config = make_config([server("dead", dead_port()), server("b", ports["b"])], retries=2)
-            app = await start_warren(nursery, config, splice=splice)
+            app = await start_warren(nursery, config, relay=relay_path)
             with structlog.testing.capture_logs() as logs:
                 for _ in range(4):
                     stream, name = await connect_and_greet(app)
@@ -83,10 +84,10 @@ async def test_dead_server_is_redispatched_without_client_error(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_all_servers_dead_closes_client_with_sc(splice):
+async def test_all_servers_dead_closes_client_with_sc(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            app = await start_warren(nursery, make_config([server("x", dead_port())], retries=1), splice=splice)
+            app = await start_warren(nursery, make_config([server("x", dead_port())], retries=1), relay=relay_path)
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
                 assert await stream.receive_some(10) == b""
@@ -96,11 +97,11 @@ async def test_all_servers_dead_closes_client_with_sc(splice):
 
 
 @pytest.mark.parametrize("retries", [0, 1])
-async def test_a_connect_that_never_completes_ends_with_sc_after_the_timeout(splice, retries):
+async def test_a_connect_that_never_completes_ends_with_sc_after_the_timeout(relay_path, retries):
     with trio.fail_after(20), unanswered_port() as port:
         async with trio.open_nursery() as nursery:
             config = make_config([server("x", port)], retries=retries, connect=0.2)
-            app = await start_warren(nursery, config, splice=splice)
+            app = await start_warren(nursery, config, relay=relay_path)
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
                 assert await stream.receive_some(10) == b""
@@ -112,10 +113,10 @@ async def test_a_connect_that_never_completes_ends_with_sc_after_the_timeout(spl
             nursery.cancel_scope.cancel()
 
 
-async def test_a_session_killed_while_connecting_ends_at_once_with_kd(splice):
+async def test_a_session_killed_while_connecting_ends_at_once_with_kd(relay_path):
     with trio.fail_after(20), unanswered_port() as port:
         async with trio.open_nursery() as nursery:
-            app = await start_warren(nursery, make_config([server("x", port)], connect=30.0), splice=splice)
+            app = await start_warren(nursery, make_config([server("x", port)], connect=30.0), relay=relay_path)
             target = app.runtime.server("be", "x")
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
@@ -128,11 +129,11 @@ async def test_a_session_killed_while_connecting_ends_at_once_with_kd(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_no_available_server_accepts_then_closes_and_logs_why(splice):
+async def test_no_available_server_accepts_then_closes_and_logs_why(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
             app.runtime.server("be", "a").set_admin(AdminState.MAINT, trio.current_time())
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
@@ -143,12 +144,12 @@ async def test_no_available_server_accepts_then_closes_and_logs_why(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_backup_used_only_when_no_active_server(splice):
+async def test_backup_used_only_when_no_active_server(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, ["act", "bak"])
             config = make_config([server("act", ports["act"]), server("bak", ports["bak"], backup=True)])
-            app = await start_warren(nursery, config, splice=splice)
+            app = await start_warren(nursery, config, relay=relay_path)
             for _ in range(3):
                 stream, name = await connect_and_greet(app)
                 assert name == "act"
@@ -159,11 +160,11 @@ async def test_backup_used_only_when_no_active_server(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_drained_server_keeps_existing_connections(splice):
+async def test_drained_server_keeps_existing_connections(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "ab")
-            app = await start_warren(nursery, make_config([server(n, p) for n, p in ports.items()]), splice=splice)
+            app = await start_warren(nursery, make_config([server(n, p) for n, p in ports.items()]), relay=relay_path)
             kept, first = await connect_and_greet(app)
             app.runtime.server("be", first).set_admin(AdminState.DRAIN, trio.current_time())
             for _ in range(4):
@@ -175,11 +176,11 @@ async def test_drained_server_keeps_existing_connections(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_server_maxconn_queues_until_a_slot_frees(splice):
+async def test_server_maxconn_queues_until_a_slot_frees(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"], maxconn=1)]), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"], maxconn=1)]), relay=relay_path)
             first, _ = await connect_and_greet(app)
             second = await trio.open_tcp_stream(*front(app))
             await _wait_for(lambda: app.runtime.statistics().backends[0].queue_current == 1)
@@ -189,19 +190,19 @@ async def test_server_maxconn_queues_until_a_slot_frees(splice):
             nursery.cancel_scope.cancel()
 
 
-async def _full_server(nursery, splice, queue: float):
+async def _full_server(nursery, relay_path, queue: float):
     """Warren in front of one server with maxconn 1, and the client holding it."""
     ports = await named_servers(nursery, "a")
     config = make_config([server("a", ports["a"], maxconn=1)], queue=queue)
-    app = await start_warren(nursery, config, splice=splice)
+    app = await start_warren(nursery, config, relay=relay_path)
     first, _ = await connect_and_greet(app)
     return app, first
 
 
-async def test_queue_timeout_closes_client_with_sq(splice):
+async def test_queue_timeout_closes_client_with_sq(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            app, first = await _full_server(nursery, splice, queue=0.2)
+            app, first = await _full_server(nursery, relay_path, queue=0.2)
             with structlog.testing.capture_logs() as logs:
                 second = await trio.open_tcp_stream(*front(app))
                 assert await second.receive_some(10) == b""
@@ -210,11 +211,11 @@ async def test_queue_timeout_closes_client_with_sq(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_frontend_maxconn_holds_extra_clients_in_backlog_not_reset(splice):
+async def test_frontend_maxconn_holds_extra_clients_in_backlog_not_reset(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])], maxconn=1), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])], maxconn=1), relay=relay_path)
             first, _ = await connect_and_greet(app)
             second = await trio.open_tcp_stream(*front(app))  # completes in the kernel backlog
             with trio.move_on_after(0.3) as waited:
@@ -225,11 +226,11 @@ async def test_frontend_maxconn_holds_extra_clients_in_backlog_not_reset(splice)
             nursery.cancel_scope.cancel()
 
 
-async def test_half_close_is_propagated(splice):
+async def test_half_close_is_propagated(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
             stream, _ = await connect_and_greet(app)
             await stream.send_all(b"last words\n")
             await stream.send_eof()
@@ -238,11 +239,11 @@ async def test_half_close_is_propagated(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_killed_sessions_are_closed_and_logged_kd(splice):
+async def test_killed_sessions_are_closed_and_logged_kd(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
             stream, _ = await connect_and_greet(app)
             with structlog.testing.capture_logs() as logs:
                 assert app.runtime.server("be", "a").kill_sessions(KillReason.KILLED) == 1
@@ -253,7 +254,7 @@ async def test_killed_sessions_are_closed_and_logged_kd(splice):
 
 
 @pytest.mark.parametrize("version", [SendProxy.V1, SendProxy.V2])
-async def test_proxy_protocol_header_carries_client_address(splice, version):
+async def test_proxy_protocol_header_carries_client_address(relay_path, version):
     received = trio.Event()
     headers = []
 
@@ -268,7 +269,7 @@ async def test_proxy_protocol_header_carries_client_address(splice, version):
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(trio.serve_tcp, broker, 0)
             port = listeners[0].socket.getsockname()[1]
-            app = await start_warren(nursery, make_config([server("a", port, send_proxy=version)]), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", port, send_proxy=version)]), relay=relay_path)
             client = await trio.open_tcp_stream(*front(app))
             await received.wait()
             header = headers[0]
@@ -277,11 +278,11 @@ async def test_proxy_protocol_header_carries_client_address(splice, version):
             nursery.cancel_scope.cancel()
 
 
-async def test_stop_closes_listeners_and_lets_connections_finish(splice):
+async def test_stop_closes_listeners_and_lets_connections_finish(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])], grace=30), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])], grace=30), relay=relay_path)
             stream, _ = await connect_and_greet(app)
             address = front(app)
             app.stop()
@@ -291,11 +292,11 @@ async def test_stop_closes_listeners_and_lets_connections_finish(splice):
             nursery.cancel_scope.cancel()
 
 
-async def test_stop_kills_what_outlives_the_grace_period(splice):
+async def test_stop_kills_what_outlives_the_grace_period(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])], grace=0.2), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])], grace=0.2), relay=relay_path)
             stream, _ = await connect_and_greet(app)
             app.stop()
             assert await stream.receive_some(10) == b""
@@ -321,7 +322,7 @@ async def _wait_for_refused(address):
         await trio.sleep(0.01)
 
 
-async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
+async def test_a_failing_session_is_closed_alone(relay_path, monkeypatch):
     import proxy.frontends.session as session_module
 
     real_relay = session_module._Session._relay
@@ -332,7 +333,7 @@ async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
-            app = await start_warren(nursery, make_config([server("a", ports["a"])]), splice=splice)
+            app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
             monkeypatch.setattr(session_module._Session, "_relay", broken_relay)
             with structlog.testing.capture_logs() as logs:
                 victim = await trio.open_tcp_stream(*front(app))
@@ -346,10 +347,10 @@ async def test_a_failing_session_is_closed_alone(splice, monkeypatch):
             nursery.cancel_scope.cancel()
 
 
-async def test_a_queued_session_killed_ends_at_once_with_kd_and_frees_its_slot(splice):
+async def test_a_queued_session_killed_ends_at_once_with_kd_and_frees_its_slot(relay_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            app, first = await _full_server(nursery, splice, queue=30.0)
+            app, first = await _full_server(nursery, relay_path, queue=30.0)
             with structlog.testing.capture_logs() as logs:
                 queued = await trio.open_tcp_stream(*front(app))
                 backend = app.runtime.backends["be"]
@@ -365,12 +366,12 @@ async def test_a_queued_session_killed_ends_at_once_with_kd_and_frees_its_slot(s
             nursery.cancel_scope.cancel()
 
 
-async def test_a_connect_retried_after_a_timeout_goes_on_to_the_next_server(splice):
+async def test_a_connect_retried_after_a_timeout_goes_on_to_the_next_server(relay_path):
     with trio.fail_after(20), unanswered_port() as port:
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "b")
             config = make_config([server("silent", port), server("b", ports["b"])], retries=1, connect=0.2)
-            app = await start_warren(nursery, config, splice=splice)
+            app = await start_warren(nursery, config, relay=relay_path)
             with structlog.testing.capture_logs() as logs:
                 stream, name = await connect_and_greet(app)
                 assert name == "b"
@@ -383,16 +384,16 @@ async def test_a_connect_retried_after_a_timeout_goes_on_to_the_next_server(spli
             nursery.cancel_scope.cancel()
 
 
-async def _one_slot_app(nursery, splice, **backend_timeouts):
+async def _one_slot_app(nursery, relay_path, **backend_timeouts):
     ports = await named_servers(nursery, "a")
     config = make_config([server("a", ports["a"])], maxconn=1)
     if backend_timeouts:
         backend = replace(config.backends[0], timeout=replace(config.backends[0].timeout, **backend_timeouts))
         config = replace(config, backends=(backend,))
-    return await start_warren(nursery, config, splice=splice)
+    return await start_warren(nursery, config, relay=relay_path)
 
 
-async def test_a_session_failing_as_its_relay_ends_is_closed_alone_and_frees_its_slot(splice, monkeypatch):
+async def test_a_session_failing_as_its_relay_ends_is_closed_alone_and_frees_its_slot(relay_path, monkeypatch):
     """A bug in a session's own callback (here: the relay's ending unknown
     to it) ends that session with PD; the poller, the listener and the
     frontend slot (maxconn 1 here) carry on."""
@@ -400,7 +401,7 @@ async def test_a_session_failing_as_its_relay_ends_is_closed_alone_and_frees_its
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            app = await _one_slot_app(nursery, splice)
+            app = await _one_slot_app(nursery, relay_path)
             with structlog.testing.capture_logs() as logs:
                 victim, _ = await connect_and_greet(app)
                 monkeypatch.setattr(session_module, "_ENDINGS", {})
@@ -415,17 +416,20 @@ async def test_a_session_failing_as_its_relay_ends_is_closed_alone_and_frees_its
             nursery.cancel_scope.cancel()
 
 
-async def test_a_failing_idle_timeout_ends_that_session_alone_and_frees_its_slot(splice, monkeypatch):
+async def test_a_failing_idle_timeout_ends_that_session_alone_and_frees_its_slot(relay_path, monkeypatch):
     from proxy.io.relay import Link
 
-    def broken_blame(self):
+    from proxy.io.kernel_relay import KernelLink
+
+    def broken_blame(self, *args):
         raise RuntimeError("a bug in one relay's timeout")
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            app = await _one_slot_app(nursery, splice, tunnel=0.2)
+            app = await _one_slot_app(nursery, relay_path, tunnel=0.2)
             with structlog.testing.capture_logs() as logs:
                 monkeypatch.setattr(Link, "_blame", broken_blame)
+                monkeypatch.setattr(KernelLink, "_idle_blame", broken_blame)
                 victim, _ = await connect_and_greet(app)
                 assert await victim.receive_some(10) == b""  # closed when its timer fired
                 await _wait_for(lambda: _closed(logs))
