@@ -15,15 +15,19 @@ UP; Warren's default is DOWN until `rise` checks pass, so Warren gets
 `init_state = "up"` to start the same way (the harness waits until traffic
 passes through either proxy before measuring anyway). HAProxy runs with its
 default thread count (one per CPU), in TCP mode, without splicing (its
-default); Warren with its defaults (splice relay where supported) and
-`log_level = "warning"`, which silences its per-connection log line as
-HAProxy without a `log` line logs nothing.
+default); Warren with its defaults (the kernel relay path where its start-up
+self-test passes, else splice; a `bulk` spec marks the frontend `bulk = true`,
+which splices) and `log_level = "warning"`, which silences its per-connection
+log line as HAProxy without a `log` line logs nothing. The Warren variants
+`warren-splice` and `warren-kernel` pin `[global] relay` (the latter also
+without `bulk`), for a row per relay path where the paths differ.
 
 `config_haproxy` / `config_warren` are pure; `start()` runs one contender.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -39,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 # "baseline" beside "warren" (an A/B of two versions in one run).
 BASELINE: Path | None = None
 CONTENDERS = ("direct", "haproxy", "warren")
+# Warren pinned to one relay path: contender name -> [global] relay.
+WARREN_VARIANTS = {"warren-splice": "splice", "warren-kernel": "kernel"}
 HOST = "127.0.0.1"
 # Connection.Start starts with frame type 1, channel 0, a 4-byte size, then
 # class 10 method 10; the size varies, so HAProxy looks for the class/method.
@@ -74,6 +80,7 @@ class ProxySpec:
     health: Health = field(default_factory=Health)
     maxconn: int = 9000  # 8,000 idle connections plus room; the same for both
     stats_socket: bool = False  # start() gives each proxy a `show stat` socket (Contender.stats_socket)
+    bulk: bool = False  # Warren's frontend carries bulk streams (`bulk = true`: splice)
 
 
 def _ms(seconds: float) -> int:
@@ -116,7 +123,7 @@ def config_haproxy(spec: ProxySpec, port: int, socket_path: str | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def config_warren(spec: ProxySpec, port: int, socket_path: str | None = None) -> str:
+def config_warren(spec: ProxySpec, port: int, socket_path: str | None = None, relay: str | None = None) -> str:
     """Warren's TOML listening on HOST:port, equivalent to config_haproxy
     (with `warren ctl` on the UNIX socket `socket_path` when given)."""
     h = spec.health
@@ -126,11 +133,13 @@ def config_warren(spec: ProxySpec, port: int, socket_path: str | None = None) ->
         'log_format = "json"',
         'log_level = "warning"  # no per-connection line (HAProxy here logs nothing)',
         *([f'control_socket = "{socket_path}"'] if socket_path else []),
+        *([f'relay = "{relay}"'] if relay else []),
         "",
         "[frontends.bench]",
         f'bind = ["{HOST}:{port}"]',
         'backend = "servers"',
         f"maxconn = {spec.maxconn}",
+        *(["bulk = true  # bulk streams: spliced"] if spec.bulk and relay != "kernel" else []),
         "",
         "[backends.servers]",
         'balance = "roundrobin"',
@@ -189,6 +198,37 @@ def missing(name: str) -> str | None:
     return tool_missing("haproxy") if name == "haproxy" else None
 
 
+@functools.cache
+def kernel_path() -> str:
+    """"" if Warren's kernel relay path works here (as the bench runs), else why not."""
+    from proxy.io.sockmap import probe
+
+    availability = probe()
+    return "" if availability.available else availability.reason
+
+
+def with_warren_paths(contenders: tuple[str, ...], *, bulk: bool = False) -> tuple[str, ...]:
+    """`contenders` plus a Warren row for the other relay path, where the
+    kernel path works here (else Warren's default is splice already): for
+    small messages Warren's default is the kernel path, so splice is added;
+    for bulk its default is splice (`bulk = true`), so the kernel is added."""
+    if kernel_path():
+        return contenders
+    return (*contenders, "warren-kernel" if bulk else "warren-splice")
+
+
+def warren_path_note(*, bulk: bool = False) -> str:
+    """Which relay path each Warren row used, for the report."""
+    if kernel_path():
+        return f"Relay path: Warren used splice (the kernel path is unavailable here: {kernel_path()})."
+    if bulk:
+        return ("Relay paths: **Warren** = splice (its frontend is marked `bulk = true`, as an operator "
+                "marks bulk frontends); **Warren (kernel)** = the kernel path (the same frontend "
+                "without `bulk`).")
+    return ("Relay paths: **Warren** = the kernel path (its default here: the self-test passed); "
+            "**Warren (splice)** = `relay = \"splice\"`.")
+
+
 def start(name: str, spec: ProxySpec, workdir: Path, *, timeout: float = 30.0) -> Contender:
     """Starts contender `name` in front of spec.servers (direct: the first
     server itself) and returns once it listens."""
@@ -202,9 +242,9 @@ def start(name: str, spec: ProxySpec, workdir: Path, *, timeout: float = 30.0) -
         path = workdir / "haproxy.cfg"
         path.write_text(config_haproxy(spec, port, str(sock) if sock else None))
         argv = ["haproxy", "-f", str(path), "-db"]
-    elif name in ("warren", "baseline"):
+    elif name in ("warren", "baseline") or name in WARREN_VARIANTS:
         path = workdir / "warren.toml"
-        path.write_text(config_warren(spec, port, str(sock) if sock else None))
+        path.write_text(config_warren(spec, port, str(sock) if sock else None, WARREN_VARIANTS.get(name)))
         argv = [sys.executable, "-m", "proxy", "run", str(path)]
     else:
         raise ValueError(f"unknown contender {name!r}")

@@ -229,6 +229,15 @@ def rss_kb(pid: int) -> int:
     return total
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent busy so far (every core; user,
+    system, interrupts and softirq included, idle and iowait not): what the
+    kernel does on a process's behalf in workers and softirq counts here."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by `pid` (all its threads) and
     its descendants: /proc/PID/stat fields utime and stime."""

@@ -14,7 +14,8 @@ from . import contenders as C
 from .model import BenchResult, Metric
 
 NAMES = {"direct": "direct", "haproxy": "HAProxy", "keepalived": "keepalived", "warren": "Warren",
-         "baseline": "baseline"}
+         "baseline": "baseline", "warren-splice": "Warren (splice)", "warren-kernel": "Warren (kernel)"}
+VARIANTS = ("warren-splice", "warren-kernel")  # Warren pinned to a relay path: compared with HAProxy too
 # What Warren's medians are divided by, where both were measured.
 RATIO_BASES = ("haproxy", "direct", "baseline")
 DEBIAN_PACKAGES = ("haproxy", "iperf3", "wrk", "rabbitmq-server", "erlang-base", "keepalived")
@@ -88,8 +89,8 @@ def _fmt(value: float | None, metric: Metric) -> str:
     return f"{value:,.{metric.digits}f}"
 
 
-def _ratio(result: BenchResult, metric: Metric, baseline: str) -> float | None:
-    mine, base = result.median(metric.key, "warren"), result.median(metric.key, baseline)
+def _ratio(result: BenchResult, metric: Metric, baseline: str, mine: str = "warren") -> float | None:
+    mine, base = result.median(metric.key, mine), result.median(metric.key, baseline)
     if not metric.compared or mine is None or base is None or base <= 0:
         return None
     return mine / base
@@ -115,6 +116,9 @@ def records(results: list[BenchResult]) -> list[dict]:
             for baseline in RATIO_BASES:
                 if baseline in names and "warren" in names:
                     record[f"warren_vs_{baseline}"] = _ratio(result, metric, baseline)
+            for variant in VARIANTS:
+                if "haproxy" in names and variant in names:
+                    record[f"{variant}_vs_haproxy"] = _ratio(result, metric, "haproxy", variant)
             targets = [t for t in result.targets if t.metric == metric.key]
             if targets:
                 record["targets"] = []
@@ -179,11 +183,15 @@ def markdown(results: list[BenchResult], meta: dict) -> str:
         "",
         "Contenders: **direct** (the client talks to the backend itself), **HAProxy** "
         f"(Debian {meta['versions'].get('haproxy', '?')}, TCP mode, roundrobin, health checks on, default "
-        "thread count, no splicing, no logging) and **Warren** (`warren run` with its defaults: splice "
-        "where the kernel has it, health checks on; plus `[global] log_level = \"warning\"`, which "
+        "thread count, no splicing, no logging) and **Warren** (`warren run` with its defaults: the "
+        "kernel relay path where its start-up self-test passes, else splice; frontends carrying bulk "
+        "streams marked `bulk = true`, which splices them; health checks on; plus "
+        "`[global] log_level = \"warning\"`, which "
         "silences the per-connection `connection.closed` "
         "log line, as HAProxy without a `log` line logs nothing). Both proxies listen on loopback and "
-        "forward to the same backend with equivalent settings (configurations below).",
+        "forward to the same backend with equivalent settings (configurations below). Where Warren's "
+        "relay paths differ, a second Warren row pins the other one (**Warren (splice)**, "
+        "**Warren (kernel)**); each table says which path each Warren row used.",
         "",
         "## Targets",
         "",
@@ -207,9 +215,10 @@ def markdown(results: list[BenchResult], meta: dict) -> str:
 
 def _section(result: BenchResult) -> list[str]:
     contenders = [c for c in result.contenders if any(c in r for r in result.rounds)]
-    ratios = [b for b in RATIO_BASES if b in contenders and "warren" in contenders]
+    ratios = [("warren", b) for b in RATIO_BASES if b in contenders and "warren" in contenders]
+    ratios += [(v, "haproxy") for v in VARIANTS if v in contenders and "haproxy" in contenders]
     head = ["metric", "unit", *[NAMES.get(c, c) for c in contenders],
-            *[f"Warren / {NAMES[b]}" for b in ratios], "rounds"]
+            *[f"{NAMES[mine]} / {NAMES[b]}" for mine, b in ratios], "rounds"]
     lines = [f"## {result.name}: {result.title}", "", result.description, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for metric in result.metrics:
@@ -218,8 +227,8 @@ def _section(result: BenchResult) -> list[str]:
             continue
         cells = [metric.label + (" (lower is better)" if not metric.higher_is_better else ""), metric.unit]
         cells += [_fmt(result.median(metric.key, c), metric) if c in names else "–" for c in contenders]
-        for baseline in ratios:
-            ratio = _ratio(result, metric, baseline) if baseline in names else None
+        for mine, baseline in ratios:
+            ratio = _ratio(result, metric, baseline, mine) if baseline in names and mine in names else None
             cells.append("–" if ratio is None else f"{ratio:.2f}")
         cells.append(str(result.round_count(metric.key)))
         lines.append("| " + " | ".join(cells) + " |")

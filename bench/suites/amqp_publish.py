@@ -37,6 +37,7 @@ class AmqpPublish(Benchmark):
         Metric("publish", "publish rate (confirmed)", "msg/s", True, 0),
         Metric("e2e", "end-to-end rate (consumed)", "msg/s", True, 0),
     )
+    contenders = C.with_warren_paths(C.CONTENDERS)
     targets = (Target("publish", ">=", 0.95, baseline="direct"), Target("publish", ">=", 1.0))
 
     def count(self) -> int:
@@ -48,6 +49,7 @@ class AmqpPublish(Benchmark):
         spec = C.ProxySpec(servers=(C.Server(node.spec.name, node.spec.amqp_port),),
                            health=C.Health(protocol="amqp"))
         self.notes.append(f"{self.count()} messages per measurement; RabbitMQ node {node.nodename}.")
+        self.notes.append(C.warren_path_note())
         with C.all_running(self.contenders, spec, self.lab.dir(self.name)) as running:
             for contender in running.values():
                 wait_routes_to(contender.address, [node.nodename], [node.nodename], timeout=30)

@@ -29,12 +29,16 @@ class Idle(Benchmark):
     title = "Idle connections (memory)"
     description = ("COUNT proxied connections held open (each proven by one echoed ping); growth "
                    "of the proxy's VmRSS divided by COUNT.")
-    contenders = ("haproxy", "warren")
+    contenders = C.with_warren_paths(("haproxy", "warren"))
     metrics = (
         Metric("per_conn", "RSS growth per connection", "kB", False, 2),
         Metric("rss_mb", "RSS with all connections", "MB", False, 1, compared=False),
     )
-    targets = (Target("per_conn", "<=", 8.0, baseline=None),)
+    targets = (Target("per_conn", "<=", 4.0, baseline=None),)
+
+    def __init__(self, lab) -> None:
+        super().__init__(lab)
+        self.notes.append(C.warren_path_note())
 
     def count(self) -> int:
         return self.mode.pick(8000, 8000, 100)

@@ -33,6 +33,7 @@ MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 PROG_LOAD = 5
+MAP_DELETE_BATCH = 27  # kernel 5.6+
 PROG_ATTACH = 8
 PROG_DETACH = 9
 
@@ -256,6 +257,20 @@ def delete_elem(map_fd: int, key: bytes) -> None:
     key_buf = ctypes.create_string_buffer(key, len(key))
     attr = struct.pack("IIQQQ", map_fd, 0, _pointer(key_buf), 0, 0)
     bpf(MAP_DELETE_ELEM, attr, "deleting a map element")
+
+
+def delete_batch(map_fd: int, keys: list[bytes]) -> None:
+    """Delete `keys` (all of one size) in one call; raises BpfError (EINVAL
+    on kernels without batch operations, ENOENT at the first missing key:
+    the ones before it are deleted)."""
+    joined = b"".join(keys)
+    keys_buf = ctypes.create_string_buffer(joined, len(joined))
+    # struct { u64 in_batch, out_batch, keys, values; u32 count, map_fd; u64 elem_flags, flags; }
+    attr = ctypes.create_string_buffer(
+        struct.pack("QQQQIIQQ", 0, 0, _pointer(keys_buf), 0, len(keys), map_fd, 0, 0).ljust(_ATTR_SIZE, b"\0"),
+        _ATTR_SIZE,
+    )
+    bpf(MAP_DELETE_BATCH, attr, "deleting map elements")
 
 
 def lookup_elem(map_fd: int, key: bytes, value_size: int) -> bytes:

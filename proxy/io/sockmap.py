@@ -268,9 +268,15 @@ class Sockmap:
             self._collect_stale()
 
     def _collect_stale(self) -> None:
-        """Delete slot entries of closed sockets (cookies are never reused,
-        so a stale entry is harmless; it only takes room)."""
+        """Delete slot entries of closed sockets, in one system call where
+        the kernel can (cookies are never reused, so a stale entry is
+        harmless; it only takes room)."""
         stale, self._stale = self._stale, []
+        try:
+            bpf.delete_batch(self._slots_fd, stale)
+            return
+        except OSError:
+            pass  # no batch operations (before 5.6), or one already gone
         for cookie in stale:
             _delete_quietly(self._slots_fd, cookie)
 

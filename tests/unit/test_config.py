@@ -16,6 +16,7 @@ from proxy.config import (
     Health,
     InitState,
     Problem,
+    RelayPath,
     SendProxy,
     format_duration,
     load_config,
@@ -297,6 +298,8 @@ def test_the_file_name_and_an_unknown_line_are_left_out_of_the_message_as_docume
         ("[global]\nlog_format = 'xml'", "global.log_format", 'expected one of "console", "json", got "xml"'),
         ("[global]\ngrace = -1", "global.grace", "a duration cannot be negative, got -1"),
         ("[global]\ncontrol_socket = ''", "global.control_socket", "expected a non-empty string"),
+        ("[global]\nrelay = 'sockmap'", "global.relay", 'expected one of "auto", "kernel", "splice", "copy", got "sockmap"'),
+        ("[frontends.f]\nbind='*:1'\nbackend='rabbit'\nbulk='yes'", "frontends.f.bulk", 'expected boolean, got string "yes"'),
         ("[resolvers]\nnameservers = ['dns.example']", "resolvers.nameservers[0]", "is not an IP address"),
         ("[resolvers]\ninterval = 1.5", "resolvers.interval", "expected duration"),
         ("[stats]\nbind = '*:80'\nusers = { 'a:b' = 'pw' }", 'stats.users."a:b"', 'invalid user name "a:b"'),
@@ -360,6 +363,7 @@ def test_a_full_file_builds_every_section():
             log_level = "debug"
             grace = "1m30s"
             control_socket = "/run/warren.sock"
+            relay = "splice"
 
             [resolvers]
             nameservers = ["10.0.0.2", "[::1]:5353"]
@@ -369,6 +373,7 @@ def test_a_full_file_builds_every_section():
             bind = ["*:5670", "[::]:5670", "[::1]:5671"]
             backend = "rabbit"
             timeout = { client = "3h", client_fin = 0 }
+            bulk = true
 
             [backends.rabbit]
             balance = "leastconn"
@@ -393,11 +398,13 @@ def test_a_full_file_builds_every_section():
         FILE,
     )
     assert config.global_.grace == 90.0 and config.global_.control_socket == "/run/warren.sock"
+    assert config.global_.relay is RelayPath.SPLICE
     assert config.resolvers.nameservers == (BindAddress("10.0.0.2", 53), BindAddress("::1", 5353))
     assert config.resolvers.interval == 60.0
     (frontend,) = config.frontends
     assert frontend.binds == (BindAddress("0.0.0.0", 5670), BindAddress("::", 5670), BindAddress("::1", 5671))
     assert frontend.timeout.client == 3 * 3600 and frontend.timeout.client_fin is None
+    assert frontend.bulk
     backend = config.backend("rabbit")
     assert backend.timeout.tunnel == 86400 and backend.timeout.queue == 0.5
     assert backend.health.kinds == (CheckKind.AMQP, CheckKind.WATCH, CheckKind.HTTP)

@@ -1,0 +1,188 @@
+"""Warren on the kernel relay path: chosen at start-up, per frontend and per
+connection, shown to operators, and the fallback where it is unavailable.
+
+The data-path behaviours themselves (half-close, resets, kills, timeouts,
+PROXY header...) are specified on all three paths in test_proxy_local.py and
+tests/unit/test_relay_paths.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+import structlog
+import trio
+
+from proxy.config.model import FrontendTimeouts
+from proxy.stats_ui.commands import execute
+from proxy.stats_ui.render_json import render_json
+from tests.proxyutil import (
+    connect_and_greet,
+    kernel_availability,
+    make_config,
+    read_line,
+    server,
+    serve_named,
+    start_warren,
+)
+from tests.warrenproc import PYTHON, WarrenProcess, json_global, write
+
+needs_kernel = pytest.mark.skipif(
+    not kernel_availability().available, reason=f"kernel path unavailable: {kernel_availability().reason}"
+)
+# nobody, keeping only the right to read this checkout wherever it lies.
+UNPRIVILEGED = [
+    "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+    "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+]  # fmt: skip
+
+
+async def until(predicate, step=0.005):
+    while not predicate():
+        await trio.sleep(step)
+
+
+def closed_lines(logs):
+    return [e for e in logs if e["event"] == "connection.closed"]
+
+
+@needs_kernel
+async def test_by_default_connections_go_through_the_kernel_and_are_counted_by_it():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            app = await start_warren(nursery, make_config([server("a", port)]))
+            assert app.relay.path == "kernel"
+            with structlog.testing.capture_logs() as logs:
+                stream, name = await connect_and_greet(app)
+                assert name == "a"
+                assert app.relay.sockmap.pairs == 1
+                await stream.send_all(b"x" * 100_000 + b"\n")
+                echoed = b""
+                while len(echoed) < 100_001:
+                    echoed += await stream.receive_some(1 << 16)
+                await stream.send_eof()
+                assert await stream.receive_some(10) == b""
+                await until(lambda: closed_lines(logs))
+            (line,) = closed_lines(logs)
+            assert (line["bytes_in"], line["bytes_out"], line["termination"]) == (100_001, 100_003, "--")
+            assert app.relay.sockmap.pairs == 0
+            stats = app.runtime.statistics()
+            assert stats.relay == "kernel (bulk frontends: splice)"
+            assert json.loads(render_json(stats))["relay"] == stats.relay
+            answer, ok = execute("show info", app.runtime, 0.0)
+            assert ok and "Relay: kernel (bulk frontends: splice)\n" in answer
+            nursery.cancel_scope.cancel()
+
+
+@needs_kernel
+async def test_a_bulk_frontend_is_spliced_and_never_enters_the_map():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            config = make_config([server("a", port)])
+            config = replace(config, frontends=(replace(config.frontends[0], bulk=True),))
+            app = await start_warren(nursery, config)
+            stream, _ = await connect_and_greet(app)
+            await stream.send_all(b"y" * (8 << 20))
+            received = 0
+            while received < 8 << 20:
+                received += len(await stream.receive_some(1 << 20))
+                assert app.relay.sockmap.pairs == 0
+            assert app.pipes.statistics().created >= 1
+            nursery.cancel_scope.cancel()
+
+
+@needs_kernel
+async def test_a_pair_the_kernel_refuses_is_relayed_another_way(monkeypatch):
+    """E.g. a client whose FIN came before its broker connection: the map
+    takes only established sockets (EOPNOTSUPP)."""
+
+    def refuse(self, client, server):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            app = await start_warren(nursery, make_config([server("a", port)]))
+            monkeypatch.setattr(type(app.relay.sockmap), "add", refuse)
+            with structlog.testing.capture_logs() as logs:
+                stream, name = await connect_and_greet(app)
+                await stream.send_all(b"still relayed\n")
+                assert await read_line(stream) == "still relayed"
+            assert name == "a"
+            assert any(e["event"] == "relay.kernel_refused" for e in logs)
+            nursery.cancel_scope.cancel()
+
+
+@needs_kernel
+async def test_an_idle_client_times_out_on_the_kernel_path_by_the_kernels_clock():
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            config = make_config([server("a", port)])
+            frontend = replace(config.frontends[0], timeout=FrontendTimeouts(client=0.3))
+            app = await start_warren(nursery, replace(config, frontends=(frontend,)))
+            with structlog.testing.capture_logs() as logs:
+                stream, _ = await connect_and_greet(app)
+                for _ in range(4):  # the client talking keeps it alive
+                    await trio.sleep(0.15)
+                    await stream.send_all(b"ping\n")
+                    assert await read_line(stream) == "ping"
+                assert await stream.receive_some(10) == b""
+                await until(lambda: closed_lines(logs))
+            (line,) = closed_lines(logs)
+            assert line["termination"] == "cD" and line["tt_ms"] >= 800
+            nursery.cancel_scope.cancel()
+
+
+def _config_text(port: int, relay: str | None = None) -> str:
+    return json_global(f'relay = "{relay}"' if relay else "") + (
+        '[frontends.fe]\nbind = "127.0.0.1:0"\nbackend = "be"\n'
+        f'[backends.be]\n[[backends.be.servers]]\nname = "a"\naddress = "127.0.0.1"\nport = {port}\n'
+    )
+
+
+needs_setpriv = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+
+
+@needs_setpriv
+async def test_without_the_capabilities_warren_starts_on_splice_and_says_why(tmp_path):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            async with WarrenProcess(write(tmp_path / "w.toml", _config_text(port))) as warren:
+                warren.command = [*UNPRIVILEGED, PYTHON, "-m", "proxy"]
+                started = await warren.start(nursery)
+                assert started["relay"] == "splice"
+                (fallback,) = [e for e in warren.events if e["event"] == "relay.fallback"]
+                assert fallback["level"] == "warning" and fallback["path"] == "splice"
+                assert fallback["reason"] == (
+                    "kernel path unavailable: missing CAP_BPF and CAP_NET_ADMIN "
+                    "(the kernel path needs CAP_BPF and CAP_NET_ADMIN)"
+                )
+                stream = await trio.open_tcp_stream(*warren.front("fe"))
+                assert await read_line(stream) == "a"
+                await stream.aclose()
+                assert await warren.stop() == 0
+            nursery.cancel_scope.cancel()
+
+
+@needs_setpriv
+async def test_a_configuration_that_insists_on_the_kernel_path_does_not_start_without_it(tmp_path):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            path = write(tmp_path / "w.toml", _config_text(port, relay="kernel"))
+            process = await trio.run_process(
+                [*UNPRIVILEGED, PYTHON, "-m", "proxy", "run", str(path)], capture_stderr=True, check=False,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )  # fmt: skip
+            assert process.returncode == 1
+            assert 'relay = "kernel": the kernel path unavailable: missing CAP_BPF' in process.stderr.decode()
+            nursery.cancel_scope.cancel()
