@@ -40,7 +40,7 @@ import trio
 
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller
-from .relay import Ending, Timeouts, reset_on_close
+from .relay import Ending, Link, Timeouts, reset_on_close
 from .sockmap import Full, Pair, Sockmap, queued_into, send_room
 
 _CLIENT, _SERVER = 0, 1
@@ -185,13 +185,21 @@ class KernelLink:
         # What each socket had queued before the pair entered the map goes
         # through the program now, ahead of anything arriving later.
         pair.flush()
-        now = trio.current_time()
+        now = self.poller.now()
         for way in self.ways:
             way.active = now
         if self.timeouts is not None:
             self._schedule(now)
         # Anything already announced (a FIN, a reset) is reported by the
         # registrations above; the poller serves us then.
+
+    # How the outcome is handed over (``notify`` gets it once; nothing after
+    # ``stop`` or a cancelled wait): as the splice and copy relay's link.
+    ended = Link.ended
+    fail = Link.fail
+    finish = Link.finish
+    interrupt = Link.interrupt
+    abort = Link.abort
 
     # --- the poller's side ----------------------------------------------------------
 
@@ -212,7 +220,7 @@ class KernelLink:
 
     def expire(self) -> None:
         """A timer fell due: a drain to look at again, or an idle deadline."""
-        now = trio.current_time()
+        now = self.poller.now()
         try:
             if self.drain_at <= now:
                 self.drain_at = math.inf
@@ -227,20 +235,6 @@ class KernelLink:
             return
         if self.notify is not None:
             self._schedule(now)
-
-    def finish(self, result: outcome.Outcome) -> None:
-        notify = self.notify
-        if notify is not None:
-            self.notify = None
-            notify(result)
-
-    def interrupt(self) -> None:
-        """End the relay from outside (a kill): the outcome is None."""
-        self.finish(outcome.Value(None))
-
-    def abort(self, raise_cancel) -> trio.lowlevel.Abort:
-        self.notify = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
     def stop(self) -> None:
         """Close both sockets (taking them out of the map); a reset of one
@@ -320,7 +314,7 @@ class KernelLink:
                 self.socks[way.target].shutdown(socket.SHUT_WR)
             except OSError as exc:
                 raise lost_or_raise(exc, way.target) from exc
-        way.active = trio.current_time()
+        way.active = self.poller.now()
         return _DONE
 
     def _forward_passed(self, way: _Way) -> int:
@@ -343,7 +337,7 @@ class KernelLink:
                 way.pending = way.pending[sent:]
                 forwarded += sent
                 pair.set_forwarded(source, forwarded)
-                way.active = trio.current_time()
+                way.active = self.poller.now()
                 if way.pending:
                     continue
             if forwarded == pair.passed(source):
@@ -392,13 +386,13 @@ class KernelLink:
         for way in self.ways:
             # A read wait is woken by EPOLLIN; the timer only guards it.
             if way.state in (_WAIT_TARGET, _WAIT_READ):
-                now = trio.current_time() if now is None else now
+                now = self.poller.now() if now is None else now
                 when = now + way.poll
                 way.poll = min(way.poll * 2, _DRAIN_POLL_MAX)
                 if when < self.drain_at:
                     self.drain_at = when
         if self.drain_at < math.inf:
-            self._schedule(now if now is not None else trio.current_time())
+            self._schedule(now if now is not None else self.poller.now())
 
     # --- idle deadlines -----------------------------------------------------------------
 
@@ -419,15 +413,8 @@ class KernelLink:
         return way.target if way.state in (_WAIT_TARGET, _WAIT_WRITE) else way.source
 
     def _limit(self, way: _Way) -> float:
-        timeouts, side = self.timeouts, self._waited_side(way)
-        if self.ways[way.target].state == _DONE and side == way.source:
-            fin = timeouts.client_fin if side == _CLIENT else timeouts.server_fin
-            if fin is not None:
-                return fin
-        if timeouts.tunnel is not None:
-            return timeouts.tunnel
-        limit = timeouts.client if side == _CLIENT else timeouts.server
-        return math.inf if limit is None else limit
+        side = self._waited_side(way)
+        return self.timeouts.limit(side, fin=self.ways[way.target].state == _DONE and side == way.source)
 
     def _idle_blame(self, now: float) -> int | None:
         """Refresh each direction's last activity from the kernel; the side

@@ -91,6 +91,19 @@ class Timeouts:
             if value is not None and not value > 0:
                 raise ValueError(f"timeout {name} must be > 0 or None, got {value!r}")
 
+    def limit(self, side: int, *, fin: bool) -> float:
+        """How long a direction may wait on `side` (0: the client, 1: the
+        server); `fin`: it waits on its sender while the other direction
+        has ended, which that side's fin timeout bounds when set."""
+        if fin:
+            fin_limit = self.client_fin if side == 0 else self.server_fin
+            if fin_limit is not None:
+                return fin_limit
+        if self.tunnel is not None:
+            return self.tunnel
+        limit = self.client if side == 0 else self.server
+        return math.inf if limit is None else limit
+
     @property
     def enabled(self) -> bool:
         """True if at least one timeout is set (asked once per connection)."""
@@ -360,16 +373,9 @@ class Link:
         return 1 - index if self.want[index] == WRITE else index
 
     def _limit(self, index: int) -> float:
-        timeouts, side = self.timeouts, self._waited_side(index)
-        if self.want[1 - index] == DONE and side == index:
-            # Waiting on this direction's sender while the other has ended.
-            fin = timeouts.client_fin if side == _CLIENT else timeouts.server_fin
-            if fin is not None:
-                return fin
-        if timeouts.tunnel is not None:
-            return timeouts.tunnel
-        limit = timeouts.client if side == _CLIENT else timeouts.server
-        return math.inf if limit is None else limit
+        side = self._waited_side(index)
+        # Waiting on this direction's sender while the other has ended?
+        return self.timeouts.limit(side, fin=self.want[1 - index] == DONE and side == index)
 
     def _blame(self) -> Ending:
         d0, d1 = self.deadlines

@@ -31,6 +31,7 @@ from proxy.io.pipes import PipePool, splice_supported
 from proxy.io.relay import Ending, Timeouts, Traffic, start_relay
 from proxy.io.kernel_relay import start_kernel_relay
 from proxy.io.sockmap import Sockmap, probe
+from tests.unit.test_relay import recv_exactly, recv_to_eof, reset, send_all
 
 IO_BOUND = 60  # seconds: every test fails rather than hangs
 PATHS = ["copy", "splice", "kernel"]
@@ -172,34 +173,6 @@ async def wait_until(predicate) -> None:
     changes without trio knowing); callers bound the wait."""
     while not predicate():
         await trio.sleep(0.001)
-
-
-async def send_all(sock, data) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[await sock.send(view[: 1 << 20]) :]
-
-
-async def recv_exactly(sock, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError(f"EOF after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
-
-
-async def recv_to_eof(sock) -> bytes:
-    data = bytearray()
-    while chunk := await sock.recv(1 << 20):
-        data += chunk
-    return bytes(data)
-
-
-def reset(sock) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def closed(link: Proxied) -> bool:
@@ -372,8 +345,11 @@ async def test_silence_ends_the_relay_after_the_idle_timeout(path, timeouts, tal
                 if talker:
                     sender = getattr(link, talker)
                     receiver = link.client if talker == "server" else link.server
-                    await send_all(sender, b"tick")
-                    await recv_exactly(receiver, 4)
+                    try:
+                        await send_all(sender, b"tick")
+                        await recv_exactly(receiver, 4)
+                    except (EOFError, OSError):
+                        pass  # the relay ended meanwhile
                 with trio.move_on_after(0.1):
                     await link.done.wait()
             assert link.ending is expected
@@ -465,14 +441,14 @@ def test_random_interleavings_of_half_closes_and_resets(name, actions):
 
 async def _interleaving(path: Path, actions: list[str]) -> None:
     sent = {"c": bytearray(), "s": bytearray()}
-    state = {"c": "open", "s": "open"}  # open, fin, reset
+    state = {"c": "open", "s": "open"}  # open, fin, reset (by itself), hit (by the other's reset)
     finned = set()  # sides that ended their stream (before any reset)
     with trio.fail_after(IO_BOUND):
         async with proxied(path) as link:
             socks = {"c": link.client, "s": link.server}
             for action in actions:
                 side, verb = action.split("_")
-                if state[side] == "reset" or (verb in ("send", "bulk", "fin") and state[side] == "fin"):
+                if state[side] in ("reset", "hit") or (verb in ("send", "bulk", "fin") and state[side] == "fin"):
                     continue
                 if verb in ("send", "bulk"):
                     view = memoryview(os.urandom(100 if verb == "send" else 2_000_000))
@@ -482,10 +458,14 @@ async def _interleaving(path: Path, actions: list[str]) -> None:
                                 count = await socks[side].send(view[: 1 << 16])
                                 sent[side] += view[:count]
                                 view = view[count:]
-                    except OSError:
-                        state[side] = "reset"
+                    except OSError:  # the other side's reset reached this one
+                        state[side] = "hit"
                 elif verb == "fin":
-                    socks[side].shutdown(socket.SHUT_WR)
+                    try:
+                        socks[side].shutdown(socket.SHUT_WR)
+                    except OSError:
+                        state[side] = "hit"
+                        continue
                     state[side] = "fin"
                     finned.add(side)
                 else:
@@ -494,11 +474,17 @@ async def _interleaving(path: Path, actions: list[str]) -> None:
             # Finish: every side still open ends its stream.
             for side in ("c", "s"):
                 if state[side] == "open":
-                    socks[side].shutdown(socket.SHUT_WR)
-                    state[side] = "fin"
+                    try:
+                        socks[side].shutdown(socket.SHUT_WR)
+                        state[side] = "fin"
+                    except OSError:
+                        state[side] = "hit"
             received = {}
             for side, other in (("c", "s"), ("s", "c")):
                 if state[side] == "reset":
+                    continue
+                if state[side] == "hit":
+                    received[side] = ("reset", b"")
                     continue
                 data = bytearray()
                 try:
