@@ -106,6 +106,7 @@ class App:
             else:
                 session_nursery.start_soon(self._end_sessions, session_nursery.cancel_scope, grace)
         log.info("warren.stopped")
+        self.relay.close_if_idle()
 
     def _supervise(self, service: Service) -> Supervisor:
         supervisor = Supervisor(service.name, partial(service.run, self.runtime), registry=self.runtime.supervisors)

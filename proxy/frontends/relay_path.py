@@ -57,6 +57,15 @@ class RelayChoice:
         if self.sockmap is not None:
             self.sockmap.close()
 
+    def close_if_idle(self) -> None:
+        """Release the pipes and the socket map once no connection uses
+        them (a connection still relayed after a stop keeps them)."""
+        in_use = (self.pipes is not None and self.pipes.statistics().in_use) or (
+            self.sockmap is not None and self.sockmap.pairs
+        )
+        if not in_use:
+            self.close()
+
 
 def choose_relay(config: Config, *, splice: bool | None = None) -> RelayChoice:
     """The relay path for `config` on this machine; `splice=False` forbids
