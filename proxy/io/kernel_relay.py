@@ -29,11 +29,10 @@ is added only while a direction waits for its target.
 
 from __future__ import annotations
 
-import os
 import math
+import os
 import select
 import socket
-import struct
 
 import outcome
 import trio
@@ -41,7 +40,7 @@ import trio
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller
 from .relay import Ending, Link, Timeouts, reset_on_close
-from .sockmap import Full, Pair, Sockmap, queued_into, send_room
+from .sockmap import Full, Pair, Sockmap, queued_into, send_room, since_last_receive
 
 _CLIENT, _SERVER = 0, 1
 _ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
@@ -63,8 +62,7 @@ _CHUNK = 256 * 1024
 # than wake up for every few bytes.
 _MIN_GRANT = 4096
 
-_TCPI_LAST_DATA_RECV = 52
-_TCP_INFO_TIMES = 56
+
 
 class KernelTraffic:
     """Byte counters of a kernel-relayed connection, read from the program's
@@ -426,7 +424,7 @@ class KernelLink:
         to blame if one is still past its deadline, else None."""
         for way in self.ways:
             if way.state != _DONE and self._waited_side(way) == way.source:
-                way.active = max(way.active, now - _since_last_receive(self.socks[way.source]))
+                way.active = max(way.active, now - since_last_receive(self.socks[way.source]))
         if self.timeouts.tunnel is not None:
             latest = max(way.active for way in self.ways)
             for way in self.ways:
@@ -435,9 +433,3 @@ class KernelLink:
         if not late:
             return None
         return self._waited_side(min(late, key=lambda way: self._deadline(way, now)))
-
-
-def _since_last_receive(sock: socket.socket) -> float:
-    """Seconds since `sock` last received data (the kernel's own clock)."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_TIMES)
-    return struct.unpack_from("=I", info, _TCPI_LAST_DATA_RECV)[0] / 1000

@@ -371,7 +371,6 @@ _SIOCOUTQ = 0x5411
 # struct tcp_info (include/uapi/linux/tcp.h): where the fields Warren reads sit.
 _TCPI_LAST_DATA_RECV = 52
 _TCPI_BYTES_ACKED = 120
-_TCPI_BYTES_RECEIVED = 128
 _TCP_INFO_SIZE = 136  # up to bytes_received (Linux 4.1+)
 _PROBE_TIMEOUT = 2.0
 
@@ -554,6 +553,13 @@ def queued_into(sock: socket.socket, connected: bool) -> int:
     acked = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
     outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
     return acked + outq - (1 if connected else 0)
+
+
+def since_last_receive(sock: socket.socket) -> float:
+    """Seconds since `sock` last received data, by the kernel's own clock
+    (jiffies: a few milliseconds' resolution)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LAST_DATA_RECV + 4)
+    return struct.unpack_from("=I", info, _TCPI_LAST_DATA_RECV)[0] / 1000
 
 
 _SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
