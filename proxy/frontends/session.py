@@ -263,14 +263,16 @@ class _Session(Link):
         self._crashed(error)
 
     def _kernel_ended(self, result: outcome.Outcome) -> None:
-        """The kernel relay's outcome: an Ending, None (a kill) or an error."""
-        self.kernel.stop()
+        """The kernel relay's outcome: an Ending, None (a kill) or an error
+        (a failure here ends this session only: PD)."""
         try:
+            self.kernel.stop()
             ending = result.unwrap()
+            termination = self._killed() if ending is None else _ENDINGS[ending]
         except Exception as error:
             self._crashed(error)
             return
-        self._end(self._killed() if ending is None else _ENDINGS[ending], None)
+        self._end(termination, None)
 
     def _interrupt_connect(self) -> None:
         if self.waiter is not None:

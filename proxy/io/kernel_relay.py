@@ -35,7 +35,6 @@ import select
 import socket
 
 import outcome
-import trio
 
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller

@@ -8,7 +8,6 @@ them its cases are skipped with the probe's reason.
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import resource
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 
 import hypothesis
 import hypothesis.strategies as st
-import outcome
 import pytest
 import trio
 
