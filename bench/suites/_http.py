@@ -38,6 +38,18 @@ def config_responder(port: int) -> str:
     ]) + "\n"
 
 
+class HttpBenchmark(Benchmark):
+    """The wrk benchmarks: every contender plus a Warren row for its other
+    relay path, and each proxy's CPU per request."""
+
+    contenders = C.with_warren_paths(C.CONTENDERS)
+    metric_contenders = {"cpu": tuple(c for c in contenders if c != "direct")}  # direct: no proxy
+
+    def __init__(self, lab) -> None:
+        super().__init__(lab)
+        self.notes.append(C.warren_path_note())
+
+
 @contextmanager
 def responder_and_contenders(bench: Benchmark) -> Iterator[dict[str, C.Contender]]:
     """The responder, then every contender in front of it; all stopped after."""

@@ -8,11 +8,10 @@ from typing import Iterator
 
 from .. import contenders as C
 from ..model import Metric, Target
-from ._http import responder_and_contenders, run_wrk
-from .base import Benchmark
+from ._http import HttpBenchmark, responder_and_contenders, run_wrk
 
 
-class ConnRate(Benchmark):
+class ConnRate(HttpBenchmark):
     name = "connrate"
     title = "Connection rate (wrk, Connection: close)"
     description = ("wrk -t2 -c50 with `Connection: close`: one request per connection; new "
@@ -24,12 +23,6 @@ class ConnRate(Benchmark):
         Metric("cpu_machine", "machine CPU per connection (all processes, kernel workers)", "µs", False, 1,
                compared=False),
     )
-    contenders = C.with_warren_paths(C.CONTENDERS)
-    metric_contenders = {"cpu": tuple(c for c in contenders if c != "direct")}  # direct: no proxy
-
-    def __init__(self, lab) -> None:
-        super().__init__(lab)
-        self.notes.append(C.warren_path_note())
     targets = (Target("rate", ">=", 0.75),)
 
     def seconds(self) -> int:

@@ -12,11 +12,10 @@ from typing import Iterator
 
 from .. import contenders as C
 from ..model import BenchResult, Metric, Target, add_difference
-from ._http import responder_and_contenders, run_wrk
-from .base import Benchmark
+from ._http import HttpBenchmark, responder_and_contenders, run_wrk
 
 
-class KeepAlive(Benchmark):
+class KeepAlive(HttpBenchmark):
     name = "requests"
     title = "Small requests, keep-alive (wrk)"
     description = ("wrk -t2 -c50 with keep-alive through the contender to an HTTP responder answering "
@@ -33,12 +32,6 @@ class KeepAlive(Benchmark):
         Metric("cpu_machine", "machine CPU per request (all processes, kernel workers)", "µs", False, 1,
                compared=False),
     )
-    contenders = C.with_warren_paths(C.CONTENDERS)
-    metric_contenders = {"cpu": tuple(c for c in contenders if c != "direct")}  # direct: no proxy
-
-    def __init__(self, lab) -> None:
-        super().__init__(lab)
-        self.notes.append(C.warren_path_note())
     targets = (
         Target("rate", ">=", 1.2),
         Target("p50_added", "<=", 1.0),
