@@ -366,4 +366,13 @@ def unprivileged_user(tag: str) -> Iterator[User]:
         yield User(name, home)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+        _remove_user(name)
+
+
+def _remove_user(name: str, patience: float = 15.0) -> None:
+    """userdel refuses (status 8) while a process of the user is still on its way out; ask again."""
+    deadline = time.monotonic() + patience
+    while subprocess.run(["userdel", name], capture_output=True, timeout=30).returncode == 8:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"user {name} still has processes; it was not removed")
+        time.sleep(0.1)
