@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import logs
+from . import logs, privileges
 from .backends.names import NamesService
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
@@ -178,9 +178,11 @@ class App:
         except ConfigError as error:
             log.error("config.reload_failed", path=path, errors=[str(p) for p in error.problems])
             return False
-        stranded = self.runtime.refuse_reload(config)
-        if stranded:
-            log.error("config.reload_failed", path=path, errors=stranded)
+        # A reload must not strand live clients nor need what this process lacks
+        # (a [vip] added without CAP_NET_ADMIN would only fail later, in the service).
+        refused = self.runtime.refuse_reload(config) + privileges.capability_problems(config)
+        if refused:
+            log.error("config.reload_failed", path=path, errors=refused)
             return False
         try:
             opened = await self._open_listeners(config)

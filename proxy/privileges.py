@@ -16,9 +16,14 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 
-from .config.model import Config
+from .config.model import Config, RelayPath
 
-CAPABILITY_BITS = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
+CAPABILITY_BITS = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21,
+                   "CAP_BPF": 39}
+# Before Linux 5.8 loading BPF programs and maps took CAP_SYS_ADMIN, which still grants it.
+_STANDS_IN = {"CAP_BPF": "CAP_SYS_ADMIN"}
+# The kernel relay (relay = "kernel"): BPF programs and maps, and socket maps.
+KERNEL_RELAY_NEEDS = ("CAP_BPF", "CAP_NET_ADMIN")
 DEFAULT_UNPRIVILEGED_PORT_START = 1024
 DESCRIPTORS_PER_CONNECTION = 2  # the client's socket and the server's (splice pipes come from a bounded pool)
 DESCRIPTORS_BASE = 256  # listeners, checks, watch connections, pipes, the VIP's sockets, logs
@@ -36,6 +41,9 @@ def needed_capabilities(config: Config, unprivileged_port_start: int = DEFAULT_U
     for vip in config.vip:
         needs.append(Need("CAP_NET_ADMIN", f"vip.{vip.name}", "adds and removes the floating address"))
         needs.append(Need("CAP_NET_RAW", f"vip.{vip.name}", "sends VRRP adverts and gratuitous ARP on raw sockets"))
+    if config.global_.relay is RelayPath.KERNEL:  # "auto" falls back to splice without them
+        needs.append(Need("CAP_BPF", "global.relay", "loads the kernel relay's BPF program and socket map"))
+        needs.append(Need("CAP_NET_ADMIN", "global.relay", "puts sockets in the kernel relay's socket map"))
     listeners = [(f"frontends.{f.name}", f.binds) for f in config.frontends]
     if config.stats is not None:
         listeners.append(("stats", config.stats.binds))
@@ -47,8 +55,12 @@ def needed_capabilities(config: Config, unprivileged_port_start: int = DEFAULT_U
     return needs
 
 
+def has(capability: str, effective: set[str]) -> bool:
+    return capability in effective or _STANDS_IN.get(capability) in effective
+
+
 def missing(needs: list[Need], effective: set[str]) -> list[Need]:
-    return [need for need in needs if need.capability not in effective]
+    return [need for need in needs if not has(need.capability, effective)]
 
 
 def explain(need: Need) -> str:
@@ -67,9 +79,14 @@ def descriptors_needed(config: Config) -> int:
 def effective_capabilities(status_path: str = "/proc/self/status") -> set[str]:
     try:
         with open(status_path) as status:
-            mask = next((int(line.split()[1], 16) for line in status if line.startswith("CapEff:")), 0)
+            return parse_effective(status.read())
     except OSError:
         return set()
+
+
+def parse_effective(status: str) -> set[str]:
+    """The capabilities Warren cares about in the ``CapEff:`` line of a /proc/<pid>/status text."""
+    mask = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:")), 0)
     return {name for name, bit in CAPABILITY_BITS.items() if mask & (1 << bit)}
 
 

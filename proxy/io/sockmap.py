@@ -51,6 +51,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from ..privileges import KERNEL_RELAY_NEEDS, effective_capabilities, has, parse_effective
 from . import bpf
 from .bpf import (
     R0, R1, R2, R3, R4, R6, R7, R8, R10, U32, U64, JEQ, JGE, JNE,
@@ -366,7 +367,6 @@ def _delete_quietly(map_fd: int, key: bytes) -> None:
 
 # --- can this process use it? ---------------------------------------------------
 
-_CAP_NET_ADMIN, _CAP_SYS_ADMIN, _CAP_BPF = 12, 21, 39
 _SIOCOUTQ = 0x5411
 # struct tcp_info (include/uapi/linux/tcp.h): where the fields Warren reads sit.
 _TCPI_LAST_DATA_RECV = 52
@@ -389,19 +389,8 @@ def missing_capabilities(status: str | None = None) -> list[str]:
     """Capabilities the kernel path needs that this process lacks (from
     /proc/self/status): loading programs and maps needs CAP_BPF (or, before
     Linux 5.8, CAP_SYS_ADMIN), socket maps also CAP_NET_ADMIN."""
-    if status is None:
-        with open("/proc/self/status") as file:
-            status = file.read()
-    effective = 0
-    for line in status.splitlines():
-        if line.startswith("CapEff:"):
-            effective = int(line.split()[1], 16)
-    missing = []
-    if not effective & (1 << _CAP_BPF | 1 << _CAP_SYS_ADMIN):
-        missing.append("CAP_BPF")
-    if not effective & 1 << _CAP_NET_ADMIN:
-        missing.append("CAP_NET_ADMIN")
-    return missing
+    effective = effective_capabilities() if status is None else parse_effective(status)
+    return [capability for capability in KERNEL_RELAY_NEEDS if not has(capability, effective)]
 
 
 def probe(*, attach: str = "verdict") -> Availability:

@@ -10,8 +10,11 @@ by `shutdown sessions`).
 from __future__ import annotations
 
 import signal
+
+import structlog
 import trio
 
+from proxy import privileges
 from proxy.app import App
 from proxy.config import load_config
 from proxy.stats_ui.commands import execute
@@ -146,4 +149,22 @@ async def test_a_frontend_removed_and_restored_still_counts_its_old_connections(
             await old.aclose()
             assert await read_line(waiting) == "a"  # served once the old client left
             await waiting.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_that_needs_a_capability_this_process_lacks_is_refused(tmp_path, monkeypatch):
+    # Checked before anything changes, like at start-up: a [vip] added by a
+    # reload without CAP_NET_ADMIN/CAP_NET_RAW would only fail in its service.
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            path = tmp_path / "w.toml"
+            app = await _start(nursery, path, {"a": port})
+            monkeypatch.setattr(privileges, "effective_capabilities", lambda: set())
+            vip = '\n[vip.front]\ninterface = "lo"\nvrid = 7\naddresses = ["192.0.2.7/32"]\n'
+            with structlog.testing.capture_logs() as logs:
+                assert not await _reload(app, path, config_text({"a": port}) + vip)
+            (failed,) = [e for e in logs if e["event"] == "config.reload_failed"]
+            assert any("vip.front: needs CAP_NET_ADMIN" in error for error in failed["errors"])
+            assert app.config.vip == ()
             nursery.cancel_scope.cancel()

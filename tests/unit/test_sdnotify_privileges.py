@@ -106,6 +106,17 @@ def test_a_vip_needs_net_admin_and_net_raw_and_a_low_port_net_bind_service():
     assert "vip.front: needs CAP_NET_RAW" in text and "AmbientCapabilities=CAP_NET_RAW" in text
 
 
+def test_the_kernel_relay_needs_bpf_and_net_admin_and_sys_admin_stands_in_for_bpf():
+    plain = VIP_AND_LOW_PORT.split("[vip.front]")[0].format(port=5672)
+    assert needed_capabilities(parse_config(plain.replace("[frontends", '[global]\nrelay = "auto"\n\n[frontends'),
+                                            "w.toml")) == []  # auto falls back to splice
+    config = parse_config(plain.replace("[frontends", '[global]\nrelay = "kernel"\n\n[frontends'), "w.toml")
+    needs = needed_capabilities(config)
+    assert [(n.capability, n.what) for n in needs] == [("CAP_BPF", "global.relay"), ("CAP_NET_ADMIN", "global.relay")]
+    assert missing(needs, {"CAP_SYS_ADMIN", "CAP_NET_ADMIN"}) == []  # before Linux 5.8
+    assert [n.capability for n in missing(needs, {"CAP_NET_ADMIN"})] == ["CAP_BPF"]
+
+
 def test_a_plain_config_on_high_ports_needs_no_capability():
     config = parse_config(VIP_AND_LOW_PORT.split("[vip.front]")[0].format(port=5672), "w.toml")
     assert needed_capabilities(config) == []
