@@ -83,11 +83,16 @@ class Truncated(Exception):
 
 
 class Cursor:
-    """Reads big-endian fields from bytes, never past the end."""
+    """Reads big-endian fields from bytes, never past the end.
+
+    `data` may be a memoryview (the connection inspector parses frames in
+    place, so a password never gets a copy of its own): strings are decoded
+    straight from the buffer and opaque byte strings copied out.
+    """
 
     __slots__ = ("data", "pos")
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes | memoryview):
         self.data = data
         self.pos = 0
 
@@ -115,10 +120,16 @@ class Cursor:
         return self.unpack(_U32)
 
     def shortstr(self) -> str:
-        return self.take(self.octet()).decode("utf-8", "replace")
+        return str(self.take(self.octet()), "utf-8", "replace")
 
-    def longstr(self) -> bytes:
+    def longstr(self) -> bytes | memoryview:
         return self.take(self.long())
+
+    def skip(self, n: int) -> None:
+        """Steps over `n` bytes without reading them (Truncated if absent)."""
+        if self.pos + n > len(self.data):
+            raise Truncated
+        self.pos += n
 
 
 _U8, _U16, _U32 = struct.Struct("!B"), struct.Struct("!H"), struct.Struct("!I")
@@ -144,9 +155,9 @@ def _decode_value(cur: Cursor, depth: int) -> Any:
     if kind == ord("t"):
         return cur.octet() != 0
     if kind == ord("S"):
-        return cur.longstr().decode("utf-8", "replace")
+        return str(cur.longstr(), "utf-8", "replace")
     if kind == ord("x"):
-        return cur.longstr()
+        return bytes(cur.longstr())
     if kind == ord("D"):
         scale = cur.octet()
         return Decimal(cur.unpack(_NUMBERS[ord("I")])).scaleb(-scale)
@@ -180,6 +191,24 @@ def _decode_array(cur: Cursor, depth: int) -> list[Any]:
     while not inner.at_end():
         items.append(_decode_value(inner, depth))
     return items
+
+
+_FIXED_SIZES = {kind: fmt.size for kind, fmt in _NUMBERS.items()} | {ord("t"): 1, ord("D"): 5, ord("V"): 0}
+
+
+def skip_value(cur: Cursor) -> None:
+    """Steps over one typed field value without decoding it (a password stays unread).
+
+    Raises Truncated, or ValueError for an unknown type letter.
+    """
+    kind = cur.octet()
+    size = _FIXED_SIZES.get(kind)
+    if size is not None:
+        cur.skip(size)
+    elif kind in (ord("S"), ord("x"), ord("F"), ord("A")):
+        cur.skip(cur.long())
+    else:
+        raise ValueError(f"unknown field type {kind:#04x}")
 
 
 def encode_shortstr(text: str) -> bytes:
@@ -273,21 +302,44 @@ class FrameBuffer:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, None if more bytes are needed; HandshakeError(L6RSP)."""
-        if len(self._buffer) < _FRAME_HEAD.size:
+        span = scan_frame(self._buffer, 0, self.max_frame)
+        if span is None:
             return None
-        frame_type, channel, size = _FRAME_HEAD.unpack_from(self._buffer)
-        if frame_type not in (FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT):
-            raise framing_error(f"unknown frame type {frame_type} ({printable(self._buffer)})")
-        if size + _OVERHEAD > self.max_frame:
-            raise framing_error(f"frame of {size + _OVERHEAD} bytes exceeds frame-max {self.max_frame}")
-        end = _FRAME_HEAD.size + size
-        if len(self._buffer) <= end:
-            return None
-        if self._buffer[end] != FRAME_END:
-            raise framing_error(f"frame-end octet is {self._buffer[end]:#04x}, not 0xce")
-        payload = bytes(self._buffer[_FRAME_HEAD.size : end])
-        del self._buffer[: end + 1]
-        return Frame(frame_type, channel, payload)
+        payload = bytes(self._buffer[span.payload_start : span.end - 1])
+        del self._buffer[: span.end]
+        return Frame(span.type, span.channel, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameSpan:
+    """Where one complete frame sits in a buffer: payload at [payload_start, end - 1)."""
+
+    type: int
+    channel: int
+    payload_start: int
+    end: int  # just past the frame-end octet
+
+
+def scan_frame(data: bytes | bytearray | memoryview, pos: int, max_frame: int) -> FrameSpan | None:
+    """Locates the frame starting at `pos` without copying it (spec 4.2.3).
+
+    None if it is not complete yet; HandshakeError(L6RSP) for an unknown
+    frame type, a frame over `max_frame` (decided from its 7-byte header) or
+    a wrong frame-end octet.
+    """
+    if len(data) - pos < _FRAME_HEAD.size:
+        return None
+    frame_type, channel, size = _FRAME_HEAD.unpack_from(data, pos)
+    if frame_type not in (FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT):
+        raise framing_error(f"unknown frame type {frame_type} ({printable(bytes(data[pos : pos + 32]))})")
+    if size + _OVERHEAD > max_frame:
+        raise framing_error(f"frame of {size + _OVERHEAD} bytes exceeds frame-max {max_frame}")
+    end = pos + _FRAME_HEAD.size + size
+    if len(data) <= end:
+        return None
+    if data[end] != FRAME_END:
+        raise framing_error(f"frame-end octet is {data[end]:#04x}, not 0xce")
+    return FrameSpan(frame_type, channel, pos + _FRAME_HEAD.size, end + 1)
 
 
 # --- Argument domains (spec 4.2.5) --------------------------------------------
@@ -298,8 +350,8 @@ ARGUMENT_READERS = {
     "short": Cursor.short,
     "long": Cursor.long,
     "shortstr": Cursor.shortstr,
-    "longstr": lambda cur: cur.longstr().decode("utf-8", "replace"),
-    "bytes": Cursor.longstr,
+    "longstr": lambda cur: str(cur.longstr(), "utf-8", "replace"),
+    "bytes": lambda cur: bytes(cur.longstr()),
     "table": _decode_table,
 }
 ARGUMENT_WRITERS = {

@@ -1,0 +1,219 @@
+"""Admission control for new connections, sans-I/O (time is passed in).
+
+Two independent mechanisms against reconnect storms and runaway clients:
+
+- rates: a :class:`TokenBucket` of new connections per frontend, and one per
+  client source address (:class:`SourceBuckets`, bounded in size). A client
+  that finds no token is queued (its token reserved in the future, so a storm
+  is spread at exactly the rate, first come first served) as long as its wait
+  stays under the queue bound, else rejected;
+- counts: :class:`ConnectionCounts` of live connections per vhost and per
+  user, checked when the client's Connection.Open is seen.
+
+Each check has an action: ``queue`` / ``reject`` for rates, ``refuse`` for
+counts, and ``alarm`` for both, which only counts and logs the hit.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+class RateAction(enum.StrEnum):
+    QUEUE = "queue"
+    REJECT = "reject"
+    ALARM = "alarm"
+
+
+class LimitAction(enum.StrEnum):
+    REFUSE = "refuse"
+    ALARM = "alarm"
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; starts full.
+
+    Tokens may go negative: each negative token is a client already promised
+    a future moment (see :meth:`reserve`).
+    """
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def reserve(self, now: float, max_wait: float) -> float | None:
+        """Takes a token: the seconds to wait for it (0: now), or None (and
+        nothing taken) when that wait would exceed `max_wait`."""
+        self._refill(now)
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        wait = (1 - self.tokens) / self.rate
+        if wait > max_wait:
+            return None
+        self.tokens -= 1
+        return wait
+
+    def full(self, now: float) -> bool:
+        """True when it is as if this bucket had never been used."""
+        self._refill(now)
+        return self.tokens >= self.burst
+
+
+class SourceBuckets:
+    """One token bucket per client address, at most `capacity` of them.
+
+    A bucket that has refilled is dropped (a fresh one is the same); when
+    more distinct addresses than `capacity` are active at once, the least
+    recently seen lose their state (they get a fresh burst): memory stays
+    bounded whatever the number of sources.
+    """
+
+    def __init__(self, rate: float, burst: float, capacity: int = 65536) -> None:
+        self.rate, self.burst, self.capacity = rate, burst, capacity
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def reserve(self, source: str, now: float, max_wait: float) -> float | None:
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            self._make_room(now)
+            bucket = self._buckets[source] = TokenBucket(self.rate, self.burst, now)
+        else:
+            self._buckets.move_to_end(source)
+        return bucket.reserve(now, max_wait)
+
+    def _make_room(self, now: float) -> None:
+        buckets = self._buckets
+        if len(buckets) < self.capacity:
+            return
+        for source in [s for s, b in buckets.items() if b.full(now)]:
+            del buckets[source]
+        while len(buckets) >= self.capacity:
+            buckets.popitem(last=False)
+
+
+class RateMeter:
+    """Events per second over the last `window` seconds, in one-second slots."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._slots: list[int] = [0] * window
+        self._second = 0
+
+    def add(self, now: float, count: int = 1) -> None:
+        self._advance(int(now))
+        self._slots[self._second % self.window] += count
+
+    def rate(self, now: float) -> float:
+        """The average over the last complete `window` seconds plus this one."""
+        self._advance(int(now))
+        return sum(self._slots) / self.window
+
+    def _advance(self, second: int) -> None:
+        if second <= self._second:
+            return
+        for step in range(self._second + 1, min(second, self._second + self.window) + 1):
+            self._slots[step % self.window] = 0
+        self._second = second
+
+
+@dataclass(frozen=True, slots=True)
+class LimitHit:
+    """A connection limit reached: which kind ("vhost"/"user"), which name, the limit."""
+
+    kind: str
+    name: str
+    limit: int
+
+    def text(self) -> str:
+        return f"warren: connection limit for {self.kind} {self.name} reached ({self.limit})"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-vhost and per-user connection limits (None: no default limit)."""
+
+    per_vhost: int | None = None
+    per_user: int | None = None
+    vhosts: Mapping[str, int] = field(default_factory=dict)
+    users: Mapping[str, int] = field(default_factory=dict)
+    action: LimitAction = LimitAction.REFUSE
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.per_vhost or self.per_user or self.vhosts or self.users)
+
+    def for_vhost(self, vhost: str) -> int | None:
+        return self.vhosts.get(vhost, self.per_vhost)
+
+    def for_user(self, user: str) -> int | None:
+        return self.users.get(user, self.per_user)
+
+
+class ConnectionCounts:
+    """Live connections per vhost and per user (of one backend), and limit hits."""
+
+    def __init__(self) -> None:
+        self.vhosts: Counter[str] = Counter()
+        self.users: Counter[str] = Counter()
+        self.hits: Counter[str] = Counter()  # "vhost" / "user" -> times a limit was reached
+
+    def check(self, limits: Limits, vhost: str | None, user: str | None) -> LimitHit | None:
+        """The first limit one more connection would exceed (counted as a hit), or None."""
+        for kind, name, counts, limit in (
+            ("vhost", vhost, self.vhosts, limits.for_vhost(vhost) if vhost is not None else None),
+            ("user", user, self.users, limits.for_user(user) if user is not None else None),
+        ):
+            if limit is not None and counts[name] >= limit:
+                self.hits[kind] += 1
+                return LimitHit(kind, name, limit)
+        return None
+
+    def add(self, vhost: str | None, user: str | None) -> None:
+        if vhost is not None:
+            self.vhosts[vhost] += 1
+        if user is not None:
+            self.users[user] += 1
+
+    def remove(self, vhost: str | None, user: str | None) -> None:
+        for counts, name in ((self.vhosts, vhost), (self.users, user)):
+            if name is not None:
+                counts[name] -= 1
+                if counts[name] <= 0:
+                    del counts[name]
+
+
+def top_labels(counts: Mapping[str, int], cap: int, other: str = "other") -> dict[str, int]:
+    """At most `cap` names with the largest counts (ties by name), the rest summed as `other`.
+
+    Bounds the label cardinality of a metric whatever the number of vhosts or users.
+    """
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kept = dict(ranked[:cap])
+    rest = sum(count for _, count in ranked[cap:])
+    if rest:
+        kept[other] = kept.get(other, 0) + rest
+    return kept
+
+
+def merged(counters: Iterable[Mapping[str, int]]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for counter in counters:
+        total.update(counter)
+    return total
