@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from . import logs, privileges
+from .amqp.rebalancer import RebalanceService
 from .backends.names import NamesService
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
@@ -216,7 +217,7 @@ def default_services(config: Config) -> list[Service]:
     """The capabilities that run beside the proxy, in start order."""
     # The floating IP last: a host competes for it only once it can serve it.
     return [
-        NamesService(config), HealthService(config), StatsService(config),
+        NamesService(config), HealthService(config), RebalanceService(config), StatsService(config),
         ControlService(config), VipService(config),
     ]
 

@@ -21,6 +21,7 @@ import trio
 
 from . import __version__
 from .backends.dispatch import FULL, NO_SERVER
+from .amqp.admission import ConnectionCounts, RateGate
 from .backends.lb import make_balancer
 from .config.model import Backend, Config, Frontend, InitState, Server
 from .supervisor import ServiceStats, Supervisors
@@ -51,7 +52,7 @@ class Connection:
 
     __slots__ = (
         "id", "client", "frontend", "backend", "server", "traffic",
-        "started", "interrupt", "kill_reason",
+        "started", "interrupt", "kill_reason", "kill_note", "amqp",
     )
 
     def __init__(self, conn_id: int, client: tuple[str, int], frontend: str, traffic: Traffic):
@@ -66,11 +67,14 @@ class Connection:
         # the relay's interrupt, ...); set by the session as it goes.
         self.interrupt: Callable[[], None] | None = None
         self.kill_reason: KillReason | None = None
+        self.kill_note: str | None = None  # the log line's reason (e.g. "rebalanced")
+        self.amqp: Any = None  # proxy.amqp.tap.AmqpConnection on an AMQP frontend
 
-    def kill(self, reason: KillReason) -> None:
-        """Ends the connection from outside; the session logs `reason`."""
+    def kill(self, reason: KillReason, note: str | None = None) -> None:
+        """Ends the connection from outside; the session logs `reason` (and `note`)."""
         if self.kill_reason is None:
             self.kill_reason = reason
+            self.kill_note = note
         if self.interrupt is not None:
             self.interrupt()
 
@@ -247,6 +251,8 @@ class BackendRuntime:
         self.total_sessions = 0
         self.no_server = 0
         self.queue_timeouts = 0
+        self.amqp_counts = ConnectionCounts()  # live AMQP connections per vhost / user
+        self.rebalance: Any = None  # proxy.amqp.rebalancer.RebalanceState, once rebalanced
 
     @property
     def name(self) -> str:
@@ -363,6 +369,7 @@ class FrontendRuntime:
         self.max_sessions = 0
         self.total_sessions = 0
         self._slot_freed: trio.Event | None = None  # while a listener waits for a slot
+        self.gate = _rate_gate(config)
 
     @property
     def name(self) -> str:
@@ -371,6 +378,8 @@ class FrontendRuntime:
     def reconfigure(self, config: Frontend) -> None:
         self.config = config
         self._wake_listeners()  # maxconn may have grown
+        if self.gate is None or not self.gate.same_limits(config):
+            self.gate = _rate_gate(config)
 
     def take_slot(self) -> None:
         """A client was just accepted (no checkpoint since a slot was free)."""
@@ -395,6 +404,12 @@ class FrontendRuntime:
         event, self._slot_freed = self._slot_freed, None
         if event is not None:
             event.set()
+
+
+def _rate_gate(config: Frontend) -> RateGate | None:
+    if config.rate_limit is None and config.source_rate_limit is None:
+        return None
+    return RateGate(config, now=0.0)  # buckets start full: the start time does not matter
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +442,49 @@ class ServerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class AmqpCountStats:
+    """Live AMQP connections of a backend per vhost and per user, and limit hits."""
+
+    vhosts: tuple[tuple[str, int], ...] = ()
+    users: tuple[tuple[str, int], ...] = ()
+    hits: tuple[tuple[str, int], ...] = ()  # ("vhost" | "user", times a limit was reached)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStats:
+    """A frontend's rate limits and what they did."""
+
+    rate: float  # new connections per second, last 10 s
+    rate_limit: float | None
+    source_rate_limit: float | None
+    queued: int
+    rejected: int
+    alarms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStats:
+    """One established connection, as the connections view shows it."""
+
+    id: int
+    client: str
+    frontend: str
+    backend: str
+    server: str
+    age: float
+    idle: float  # since Warren last saw its byte counts change (to the sampling interval)
+    bytes_in: int
+    bytes_out: int
+    name: str | None = None  # AMQP connection_name, else product
+    product: str | None = None
+    version: str | None = None
+    user: str | None = None
+    vhost: str | None = None
+    heartbeat: int | None = None
+    phase: str | None = None  # None: not an AMQP frontend
+
+
+@dataclass(frozen=True, slots=True)
 class BackendStats:
     name: str
     balance: str
@@ -440,6 +498,7 @@ class BackendStats:
     no_server: int
     bytes_in: int
     bytes_out: int
+    amqp: AmqpCountStats = AmqpCountStats()
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +510,8 @@ class FrontendStats:
     max_sessions: int
     limit: int
     total_sessions: int
+    mode: str = "tcp"
+    admission: AdmissionStats | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,6 +542,7 @@ class Runtime:
         self._next_id = 0
         self.extra_statistics: dict[str, Any] = {}  # name -> callable returning a snapshot
         self.supervisors = Supervisors()  # the services' health: running, crashes, restarts
+        self._activity: dict[int, tuple[int, float]] = {}  # conn id -> (bytes seen, since when)
 
     def new_connection_id(self) -> int:
         self._next_id += 1
@@ -565,6 +627,50 @@ class Runtime:
         yield from self.frontends.values()
         yield from (f for f in self.retired_frontends.values() if f.current)
 
+    def connection_stats(self, backend: str | None = None, server: str | None = None,
+                         frontend: str | None = None) -> list[ConnectionStats]:
+        """Snapshots of the established connections, filtered. Idle times are
+        observed (bytes unchanged since an earlier look: this one, or the stats
+        sampler's :meth:`observe_activity`), so they are exact to that interval."""
+        if len(self._activity) > 2 * sum(len(s.connections) for s in self._all_servers()) + 1024:
+            self.observe_activity()  # nothing samples (no stats page): forget ended connections here
+        now = time.monotonic()
+        found = []
+        for server_runtime in self._all_servers():
+            if backend is not None and server_runtime.backend.name != backend:
+                continue
+            if server is not None and server_runtime.name != server:
+                continue
+            for conn in server_runtime.connections:
+                if frontend is None or conn.frontend == frontend:
+                    since = self._note_activity(conn, now, self._activity)
+                    found.append(_connection_stats(conn, server_runtime.backend.name, server_runtime.name, now, since))
+        return found
+
+    def observe_activity(self) -> None:
+        """Notes which connections moved bytes since the last look (the stats
+        sampler calls this every few seconds); forgets the ones that ended."""
+        now, seen = time.monotonic(), {}
+        for server in self._all_servers():
+            for conn in server.connections:
+                seen[conn.id] = self._activity.get(conn.id)
+                self._note_activity(conn, now, seen)
+        self._activity = seen
+
+    @staticmethod
+    def _note_activity(conn: Connection, now: float, into: dict[int, tuple[int, float] | None]) -> float:
+        """Since when `conn` has moved no byte, as far as the looks saw; recorded in `into`."""
+        moved = conn.traffic.bytes_in + conn.traffic.bytes_out
+        last = into.get(conn.id)
+        since = last[1] if last is not None and last[0] == moved else now
+        into[conn.id] = (moved, since)
+        return since
+
+    def _all_servers(self) -> Iterator[ServerRuntime]:
+        for backend in self.backends.values():
+            yield from backend.servers.values()
+            yield from backend.retired.values()
+
     def statistics(self) -> Statistics:
         now = time.monotonic()
         return Statistics(
@@ -626,19 +732,64 @@ def _backend_stats(backend: BackendRuntime, now: float) -> BackendStats:
         no_server=backend.no_server,
         bytes_in=sum(s.bytes_in for s in servers),
         bytes_out=sum(s.bytes_out for s in servers),
+        amqp=_amqp_count_stats(backend),
     )
 
 
 def _frontend_stats(frontend: FrontendRuntime) -> FrontendStats:
+    gate, config = frontend.gate, frontend.config
+    admission = None
+    if gate is not None:
+        admission = AdmissionStats(
+            rate=gate.accepted.rate(trio.current_time() if _in_trio() else 0.0),
+            rate_limit=config.rate_limit.rate if config.rate_limit else None,
+            source_rate_limit=config.source_rate_limit.rate if config.source_rate_limit else None,
+            queued=gate.queued, rejected=gate.rejected, alarms=gate.alarms,
+        )
     return FrontendStats(
         name=frontend.name,
-        binds=tuple(str(b) for b in frontend.config.binds),
-        backend=frontend.config.backend,
+        binds=tuple(str(b) for b in config.binds),
+        backend=config.backend,
         current_sessions=frontend.current,
         max_sessions=frontend.max_sessions,
-        limit=frontend.config.maxconn,
+        limit=config.maxconn,
         total_sessions=frontend.total_sessions,
+        mode=config.mode.value,
+        admission=admission,
     )
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _amqp_count_stats(backend: BackendRuntime) -> AmqpCountStats:
+    counts = backend.amqp_counts
+    return AmqpCountStats(
+        vhosts=tuple(sorted(counts.vhosts.items())),
+        users=tuple(sorted(counts.users.items())),
+        hits=tuple(sorted(counts.hits.items())),
+    )
+
+
+def _connection_stats(conn: Connection, backend: str, server: str, now: float, since: float) -> ConnectionStats:
+    host, port = conn.client[0], conn.client[1]
+    stats = dict(
+        id=conn.id, client=f"[{host}]:{port}" if ":" in host else f"{host}:{port}", frontend=conn.frontend,
+        backend=backend, server=server, age=now - conn.started, idle=now - since,
+        bytes_in=conn.traffic.bytes_in, bytes_out=conn.traffic.bytes_out,
+    )
+    amqp = conn.amqp
+    if amqp is not None:
+        identity = amqp.identity
+        stats.update(name=identity.name, product=identity.product, version=identity.version,
+                     user=identity.user, vhost=identity.vhost, heartbeat=identity.heartbeat,
+                     phase=amqp.inspector.phase.value)
+    return ConnectionStats(**stats)
 
 
 def _is_ip(address: str) -> bool:

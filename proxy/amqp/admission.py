@@ -10,27 +10,18 @@ Two independent mechanisms against reconnect storms and runaway clients:
 - counts: :class:`ConnectionCounts` of live connections per vhost and per
   user, checked when the client's Connection.Open is seen.
 
-Each check has an action: ``queue`` / ``reject`` for rates, ``refuse`` for
-counts, and ``alarm`` for both, which only counts and logs the hit.
+Each check has an action (:class:`~proxy.config.model.RateAction`,
+:class:`~proxy.config.model.LimitAction`): ``queue`` / ``reject`` for rates,
+``refuse`` for counts, and ``alarm`` for both, which only counts and logs.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-class RateAction(enum.StrEnum):
-    QUEUE = "queue"
-    REJECT = "reject"
-    ALARM = "alarm"
-
-
-class LimitAction(enum.StrEnum):
-    REFUSE = "refuse"
-    ALARM = "alarm"
+from ..config.model import ConnectionLimits, Frontend, RateAction, RateLimit
 
 
 class TokenBucket:
@@ -134,6 +125,77 @@ class RateMeter:
 
 
 @dataclass(frozen=True, slots=True)
+class Admitted:
+    """A rate gate's answer: wait `wait` seconds (0: go now), or `wait` None: rejected."""
+
+    wait: float | None
+    limit: str | None = None  # which limit decided (for the log line), None: none was hit
+
+
+_GO = Admitted(0.0)
+
+
+class RateGate:
+    """A frontend's new-connection rate limits (global and per source), its meters.
+
+    Built from the frontend's config; rebuilt (state reset) when a reload
+    changes those limits.
+    """
+
+    def __init__(self, frontend: Frontend, now: float) -> None:
+        self.name = frontend.name
+        self.global_limit, self.source_limit = frontend.rate_limit, frontend.source_rate_limit
+        self.bucket = _bucket(self.global_limit, now)
+        source = self.source_limit
+        self.sources = SourceBuckets(source.rate, source.bucket_size) if source is not None else None
+        self.accepted = RateMeter()
+        self.queued = 0
+        self.rejected = 0
+        self.alarms = 0
+
+    def same_limits(self, frontend: Frontend) -> bool:
+        return (frontend.rate_limit, frontend.source_rate_limit) == (self.global_limit, self.source_limit)
+
+    def admit(self, source: str, now: float, max_wait: float) -> Admitted:
+        """Whether a new client from `source` may go on now, later, or not at all."""
+        self.accepted.add(now)
+        answer = _GO
+        if self.sources is not None:
+            answer = self._decide(self.source_limit, self.sources.reserve(source, now, self._wait_bound(
+                self.source_limit, max_wait)), f"source {source}")
+            if answer.wait is None:
+                return answer
+        if self.bucket is not None:
+            wait = self.bucket.reserve(now, self._wait_bound(self.global_limit, max_wait))
+            answer2 = self._decide(self.global_limit, wait, f"frontend {self.name}")
+            if answer2.wait is None or answer2.wait > answer.wait:
+                answer = answer2
+        if answer.wait:
+            self.queued += 1
+        return answer
+
+    @staticmethod
+    def _wait_bound(limit: RateLimit, max_wait: float) -> float:
+        return max_wait if limit.action is RateAction.QUEUE else 0.0
+
+    def _decide(self, limit: RateLimit, wait: float | None, what: str) -> Admitted:
+        if wait == 0.0:
+            return _GO
+        text = f"rate limit: {what} ({limit.rate:g}/s)"
+        if limit.action is RateAction.ALARM:
+            self.alarms += 1
+            return Admitted(0.0, text)
+        if wait is None:
+            self.rejected += 1
+            return Admitted(None, text)
+        return Admitted(wait, text)
+
+
+def _bucket(limit: RateLimit | None, now: float) -> TokenBucket | None:
+    return None if limit is None else TokenBucket(limit.rate, limit.bucket_size, now)
+
+
+@dataclass(frozen=True, slots=True)
 class LimitHit:
     """A connection limit reached: which kind ("vhost"/"user"), which name, the limit."""
 
@@ -145,27 +207,6 @@ class LimitHit:
         return f"warren: connection limit for {self.kind} {self.name} reached ({self.limit})"
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Per-vhost and per-user connection limits (None: no default limit)."""
-
-    per_vhost: int | None = None
-    per_user: int | None = None
-    vhosts: Mapping[str, int] = field(default_factory=dict)
-    users: Mapping[str, int] = field(default_factory=dict)
-    action: LimitAction = LimitAction.REFUSE
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.per_vhost or self.per_user or self.vhosts or self.users)
-
-    def for_vhost(self, vhost: str) -> int | None:
-        return self.vhosts.get(vhost, self.per_vhost)
-
-    def for_user(self, user: str) -> int | None:
-        return self.users.get(user, self.per_user)
-
-
 class ConnectionCounts:
     """Live connections per vhost and per user (of one backend), and limit hits."""
 
@@ -174,7 +215,7 @@ class ConnectionCounts:
         self.users: Counter[str] = Counter()
         self.hits: Counter[str] = Counter()  # "vhost" / "user" -> times a limit was reached
 
-    def check(self, limits: Limits, vhost: str | None, user: str | None) -> LimitHit | None:
+    def check(self, limits: ConnectionLimits, vhost: str | None, user: str | None) -> LimitHit | None:
         """The first limit one more connection would exceed (counted as a hit), or None."""
         for kind, name, counts, limit in (
             ("vhost", vhost, self.vhosts, limits.for_vhost(vhost) if vhost is not None else None),

@@ -45,7 +45,7 @@ from ..health.amqp_wire import (
     Cursor,
     HandshakeError,
     Truncated,
-    _decode_table,
+    pick_strings,
     scan_frame,
     skip_value,
 )
@@ -58,8 +58,8 @@ START, SECURE, TUNE, OPEN, OPEN_OK, CLOSE, CLOSE_OK = (
     (10, 10), (10, 20), (10, 30), (10, 40), (10, 41), (10, 50), (10, 51),
 )  # fmt: skip
 START_OK, SECURE_OK, TUNE_OK = (10, 11), (10, 21), (10, 31)
-CLIENT_PROPERTY_KEYS = ("connection_name", "product", "version", "platform")
-SERVER_PROPERTY_KEYS = ("cluster_name", "version", "product")
+CLIENT_PROPERTY_KEYS = frozenset((b"connection_name", b"product", b"version", b"platform"))
+SERVER_PROPERTY_KEYS = frozenset((b"cluster_name", b"version", b"product"))
 
 
 class Phase(enum.Enum):
@@ -170,6 +170,9 @@ class HandshakeInspector:
     refusal (the phase becomes HELD, the caller answers 530 NOT_ALLOWED).
     Neither method raises on any input.
     """
+
+    __slots__ = ("identity", "phase", "reason", "refusal", "held", "header_seen", "_admit", "_client",
+                 "_server", "_client_step", "_server_step")
 
     def __init__(self, *, budget: int = HANDSHAKE_BUDGET,
                  admit: Callable[[Identity], str | None] | None = None) -> None:
@@ -319,9 +322,11 @@ class HandshakeInspector:
 
     def _start_ok(self, cur: Cursor) -> None:
         identity = self.identity
-        properties = _decode_table(cur)
-        for key in CLIENT_PROPERTY_KEYS:
-            setattr(identity, key, _text(properties.get(key)))
+        properties = pick_strings(cur, CLIENT_PROPERTY_KEYS, MAX_TEXT)
+        identity.connection_name = properties.get(b"connection_name")
+        identity.product = properties.get(b"product")
+        identity.version = properties.get(b"version")
+        identity.platform = properties.get(b"platform")
         identity.mechanism = _cut(cur.shortstr())
         response = Cursor(cur.longstr())
         if identity.mechanism == "PLAIN":
@@ -360,12 +365,12 @@ class HandshakeInspector:
             if ids != self._server_step:
                 raise _Passed(f"broker sent method {ids[0]}.{ids[1]} where {self._server_step} was expected")
             if ids == START:
-                cur.octet(), cur.octet()
-                properties = _decode_table(cur)
+                cur.skip(2)  # version major, minor
+                properties = pick_strings(cur, SERVER_PROPERTY_KEYS, MAX_TEXT)
                 identity = self.identity
-                identity.server_cluster = _text(properties.get("cluster_name"))
-                identity.server_version = _text(properties.get("version"))
-                identity.server_product = _text(properties.get("product"))
+                identity.server_cluster = properties.get(b"cluster_name")
+                identity.server_version = properties.get(b"version")
+                identity.server_product = properties.get(b"product")
                 self._server_step = TUNE
             elif ids == TUNE:
                 self._server_step = OPEN_OK
@@ -377,8 +382,14 @@ class HandshakeInspector:
 
     def _pass(self, reason: str) -> None:
         self.phase, self.reason = Phase.PASSED, reason
+        self.release()
+
+    def release(self) -> None:
+        """Frees the buffers once inspection is over (the identity stays);
+        the inspector then only counts what it is shown."""
         for stream in (self._client, self._server):
             stream.consume(stream.size)
+            stream.data = bytearray()
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -386,10 +397,6 @@ class HandshakeInspector:
 
 def _cut(text: str) -> str:
     return text[:MAX_TEXT]
-
-
-def _text(value: Any) -> str | None:
-    return _cut(value) if isinstance(value, str) else None
 
 
 def _plain_user(response: Cursor) -> str | None:

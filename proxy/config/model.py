@@ -52,6 +52,26 @@ class OnError(enum.StrEnum):
     MARK_DOWN = "mark-down"
 
 
+class FrontendMode(enum.StrEnum):
+    AMQP = "amqp"  # AMQP 0-9-1 clients: handshakes are read (identity, heartbeat, limits)
+    TCP = "tcp"  # any TCP protocol, relayed blind
+
+
+class RateAction(enum.StrEnum):
+    QUEUE = "queue"  # hold the client until its turn (at most timeout.queue)
+    REJECT = "reject"  # close it at once
+    ALARM = "alarm"  # only count and log
+
+
+class LimitAction(enum.StrEnum):
+    REFUSE = "refuse"  # AMQP Connection.Close 530 NOT_ALLOWED
+    ALARM = "alarm"  # only count and log
+
+
+HEARTBEAT = "heartbeat"  # timeout.client: idle limit from the negotiated AMQP heartbeat
+AUTO = "auto"  # a default the frontend's mode settles (see build_frontend)
+
+
 class LogFormat(enum.StrEnum):
     CONSOLE = "console"
     JSON = "json"
@@ -79,8 +99,25 @@ class BindAddress:
 
 @dataclass(frozen=True, slots=True)
 class FrontendTimeouts:
-    client: float | None = None  # idle client side once established
+    # Idle client side once established: seconds, None (off) or HEARTBEAT
+    # (AMQP frontends' default: twice the negotiated heartbeat, see proxy.amqp.heartbeat).
+    client: float | str | None = AUTO
     client_fin: float | None = None  # half-closed client side
+    client_fallback: float | None = None  # HEARTBEAT, but no heartbeat negotiated (or not AMQP)
+    handshake: float | None | str = AUTO  # AMQP: the client's protocol header within this (cR)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket of new connections: `rate` a second, `burst` saved up."""
+
+    rate: float
+    burst: float | None = None  # None: one second's worth (rate, at least 1)
+    action: RateAction = RateAction.QUEUE
+
+    @property
+    def bucket_size(self) -> float:
+        return self.burst if self.burst is not None else max(1.0, self.rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +125,19 @@ class Frontend:
     name: str
     binds: tuple[BindAddress, ...]
     backend: str
+    mode: FrontendMode = FrontendMode.AMQP
     maxconn: int = 2000
     backlog: int = 1024
-    timeout: FrontendTimeouts = FrontendTimeouts()
+    timeout: FrontendTimeouts = FrontendTimeouts(client=None, handshake=None)
     # Bulk streams: relayed with splice even where the kernel path is in
     # use (the kernel path moves small messages for less, bulk more slowly).
     bulk: bool = False
+    rate_limit: RateLimit | None = None  # new connections on this frontend
+    source_rate_limit: RateLimit | None = None  # new connections per client address
+
+    @property
+    def amqp(self) -> bool:
+        return self.mode is FrontendMode.AMQP
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +203,37 @@ class BackendTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Live AMQP connections per vhost and per user, checked at Connection.Open."""
+
+    per_vhost: int | None = None  # every vhost (None: no default limit)
+    per_user: int | None = None
+    vhosts: tuple[tuple[str, int], ...] = ()  # overrides by name
+    users: tuple[tuple[str, int], ...] = ()
+    action: LimitAction = LimitAction.REFUSE
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.per_vhost or self.per_user or self.vhosts or self.users)
+
+    def for_vhost(self, vhost: str) -> int | None:
+        return dict(self.vhosts).get(vhost, self.per_vhost)
+
+    def for_user(self, user: str) -> int | None:
+        return dict(self.users).get(user, self.per_user)
+
+
+@dataclass(frozen=True, slots=True)
+class Rebalance:
+    """Closing connections of over-loaded servers so a returned broker gets its share."""
+
+    tolerance: float = 0.1  # fraction of a server's share it may exceed
+    rate: float = 5.0  # closes per second, at most
+    min_age: float = 60.0  # never a connection younger than this
+    interval: float = 1.0  # how often the spread is looked at
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     name: str
     servers: tuple[Server, ...]
@@ -167,6 +242,8 @@ class Backend:
     redispatch: bool = True
     timeout: BackendTimeouts = BackendTimeouts()
     health: Health = Health()
+    limits: ConnectionLimits = ConnectionLimits()
+    rebalance: Rebalance | None = None  # None: never rebalanced automatically
 
     def server(self, name: str) -> Server:
         for server in self.servers:
@@ -194,6 +271,7 @@ class Stats:
     admin: bool = False
     hide_version: bool = False
     metrics_auth: bool = True  # False: /metrics without credentials
+    label_limit: int = 20  # vhosts / users named in /metrics; the rest are "other"
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ from typing import Any
 from .addresses import check_server_address, parse_bind, parse_nameserver
 from .durations import format_duration, parse_duration
 from .model import (
+    AUTO,
+    HEARTBEAT,
     AmqpCheck,
     Backend,
     BackendTimeouts,
@@ -30,16 +32,22 @@ from .model import (
     BindAddress,
     CheckKind,
     Config,
+    ConnectionLimits,
     Frontend,
+    FrontendMode,
     FrontendTimeouts,
     Global,
     Health,
     HttpCheck,
     InitState,
+    LimitAction,
     LogFormat,
     OnError,
     OnMarkedDown,
     OnMarkedUp,
+    RateAction,
+    RateLimit,
+    Rebalance,
     RelayPath,
     Resolvers,
     SendProxy,
@@ -245,6 +253,43 @@ def build_vip(*, lease: float | None = _DERIVED, **values: Any) -> Vip:
 BINDS = one_or_many(string(parse_bind))
 
 
+# --- AMQP awareness: modes, heartbeat timeouts, admission, rebalancing ---------------
+
+DEFAULT_HANDSHAKE = 5.0  # AMQP frontends: seconds for the client's protocol header
+
+
+def client_timeout(value: Any) -> float | str | None:
+    """``"heartbeat"`` (from the negotiated AMQP heartbeat) or a duration (0: off)."""
+    if value == HEARTBEAT:
+        return HEARTBEAT
+    try:
+        return to_seconds(value, optional=True)
+    except Invalid as error:
+        raise Invalid(f'expected "heartbeat" or a duration: {error}') from None
+
+
+def build_frontend(*, timeout: FrontendTimeouts | None = None, **values: Any) -> Frontend:
+    """A frontend whose timeout defaults are settled by its mode: AMQP frontends
+    get ``client = "heartbeat"`` and a 5 s handshake timeout, TCP ones neither."""
+    frontend = Frontend(**values)
+    timeout = timeout or FrontendTimeouts()
+    if frontend.mode is FrontendMode.AMQP:
+        client = HEARTBEAT if timeout.client == AUTO else timeout.client
+        handshake = DEFAULT_HANDSHAKE if timeout.handshake == AUTO else timeout.handshake
+    else:
+        if timeout.client == HEARTBEAT:
+            raise Invalid('timeout.client = "heartbeat" needs mode = "amqp" (a TCP frontend sees no heartbeat)')
+        if timeout.handshake not in (AUTO, None):
+            raise Invalid('timeout.handshake needs mode = "amqp"')
+        client = None if timeout.client == AUTO else timeout.client
+        handshake = None
+    if timeout.client_fallback is not None and client != HEARTBEAT:
+        raise Invalid('timeout.client_fallback applies only with timeout.client = "heartbeat"')
+    return dataclasses.replace(frontend, timeout=dataclasses.replace(timeout, client=client, handshake=handshake))
+
+
+
+
 # --- the sections ---------------------------------------------------------------------
 
 GLOBAL = {
@@ -262,17 +307,28 @@ RESOLVERS = {
 }
 
 FRONTEND_TIMEOUTS = {
-    "client": Field(duration(optional=True)),
+    "client": Field(leaf(client_timeout)),
     "client_fin": Field(duration(optional=True)),
+    "client_fallback": Field(duration(optional=True)),
+    "handshake": Field(duration(optional=True)),
+}
+
+RATE_LIMIT = {
+    "rate": Field(number(0.001, 1e6), required=True),
+    "burst": Field(number(1, 1e7)),
+    "action": Field(choice(RateAction)),
 }
 
 FRONTEND = {
     "bind": Field(BINDS, required=True, attr="binds"),
     "backend": Field(string(), required=True),
+    "mode": Field(choice(FrontendMode)),
     "maxconn": Field(integer(1)),
     "backlog": Field(integer(1, 65535)),
     "timeout": Field(table(FRONTEND_TIMEOUTS, FrontendTimeouts)),
     "bulk": Field(boolean()),
+    "rate_limit": Field(table(RATE_LIMIT, RateLimit)),
+    "source_rate_limit": Field(table(RATE_LIMIT, RateLimit)),
 }
 
 SERVER = {
@@ -330,8 +386,26 @@ BACKEND_TIMEOUTS = {
     "server_fin": Field(duration(optional=True)),
 }
 
+LIMITS = {
+    "per_vhost": Field(integer(1)),
+    "per_user": Field(integer(1)),
+    "vhosts": Field(mapping(integer(1))),
+    "users": Field(mapping(integer(1))),
+    "action": Field(choice(LimitAction)),
+}
+
+REBALANCE = {
+    "tolerance": Field(number(0, 10)),
+    "rate": Field(number(0.01, 1000)),
+    "min_age": Field(duration(positive=False)),
+    "interval": Field(duration()),
+}
+
 BACKEND = {
     "servers": Field(array_of_tables(SERVER, Server, unique="name", what="server"), required=True),
+    "limits": Field(table(LIMITS, ConnectionLimits)),
+    "rebalance": Field(table(REBALANCE, Rebalance)),
+
     "balance": Field(choice(Balance)),
     "retries": Field(integer(0, 100)),
     "redispatch": Field(boolean()),
@@ -348,6 +422,7 @@ STATS = {
     "admin": Field(boolean()),
     "hide_version": Field(boolean()),
     "metrics_auth": Field(boolean()),
+    "label_limit": Field(integer(1, 1000)),
 }
 
 VIP_GARP = {
@@ -398,7 +473,7 @@ VIP = {
 DOCUMENT = {
     "global": Field(table(GLOBAL, Global), attr="global_"),
     "resolvers": Field(table(RESOLVERS, Resolvers)),
-    "frontends": Field(named_tables(FRONTEND, Frontend, check_name=check_name)),
+    "frontends": Field(named_tables(FRONTEND, build_frontend, check_name=check_name)),
     "backends": Field(named_tables(BACKEND, Backend, check_name=check_name)),
     "stats": Field(table(STATS, Stats)),
     "vip": Field(named_tables(VIP, build_vip, check_name=check_name)),

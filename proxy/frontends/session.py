@@ -12,6 +12,15 @@ or what ended the connection, the second in which phase.
     KD  killed by an operator or at the end of the stop grace period
     DD  its server was marked down (shutdown-sessions)
     PD  an unexpected error in Warren ended this one connection (logged as session.failed)
+    cR  AMQP: no protocol header within timeout.handshake
+    SR  AMQP: the broker refused the connection during the handshake (a Close)
+    PR  refused by a Warren limit: a new-connection rate limit (reject, or a queue
+        wait beyond timeout.queue), or an AMQP connection limit at Connection.Open
+        (the client got 530 NOT_ALLOWED)
+
+On an AMQP frontend a completed Connection.Close / Close-Ok is ``--`` even
+though RabbitMQ ends it with a reset, and the log line names the client
+(proxy.amqp.tap).
 
 Which server, when to retry, redispatch, queue or give up: the dispatch
 machine decides (:mod:`proxy.backends.dispatch`); a session carries its
@@ -20,7 +29,9 @@ and the relays' poller calls it back as each connect completes (or times
 out) and as its relay ends (a trio task, a cancel scope and three task
 switches per connection cost as much as everything else Warren does for
 it). Only a session that must wait in the backend's queue for a server slot
-does so in a task of the session nursery, and goes on in callbacks after.
+does so in a task of the session nursery, and goes on in callbacks after;
+so does one that a rate limit holds back, or that an AMQP connection limit
+refuses (the refusal is a short conversation with both peers).
 """
 
 from __future__ import annotations
@@ -42,6 +53,9 @@ from ..io.kernel_relay import KernelLink, Refused, start_kernel_relay
 from ..io.poller import Poller, Writable, current_poller
 from ..io.relay import Ending, Link, Timeouts, Traffic
 from ..io.sockmap import Sockmap
+from ..amqp.inspect import describe_identity
+from ..amqp.refuse import refuse
+from ..amqp.tap import AmqpConnection, AmqpPolicy
 from ..runtime import BackendRuntime, Connection, FrontendRuntime, KillReason, Runtime, ServerRuntime
 
 log = structlog.get_logger("warren.session")
@@ -52,6 +66,7 @@ _ENDINGS = {
     Ending.SERVER_ABORT: "SD",
     Ending.CLIENT_TIMEOUT: "cD",
     Ending.SERVER_TIMEOUT: "sD",
+    Ending.HELD: "PR",  # an AMQP connection limit withheld the Open (refused in a task)
 }
 
 
@@ -70,6 +85,7 @@ class Sessions:
         self.poller: Poller | None = None  # the run's relay poller, from the first client on
         # frontend name -> (its config, its backend's config, relay timeouts)
         self._relay_timeouts: dict[str, tuple[object, object, Timeouts]] = {}
+        self._amqp_policies: dict[str, tuple[object, object, AmqpPolicy]] = {}
 
     def kill_all(self, reason: KillReason) -> None:
         for conn in list(self.live):
@@ -102,6 +118,14 @@ class Sessions:
                 server_fin=bconfig.timeout.server_fin,
             )
             cached = self._relay_timeouts[frontend.name] = (fconfig, bconfig, timeouts)
+        return cached[2]
+
+    def amqp_policy(self, frontend: FrontendRuntime, backend: BackendRuntime) -> AmqpPolicy:
+        """The AMQP timeouts by phase for this frontend and backend, made once per config."""
+        fconfig, bconfig = frontend.config, backend.config
+        cached = self._amqp_policies.get(frontend.name)
+        if cached is None or cached[0] is not fconfig or cached[1] is not bconfig:
+            cached = self._amqp_policies[frontend.name] = (fconfig, bconfig, AmqpPolicy(fconfig, bconfig))
         return cached[2]
 
     def ended(self, conn: Connection) -> None:
@@ -152,9 +176,23 @@ class _Session(Link):
             conn.backend = backend
             backend.total_sessions += 1
             dispatch = self.dispatch = Dispatch(backend, conn)
+            if self.frontend.gate is not None and not self._admitted(backend):
+                return
             self._carry_out(dispatch.start(self.sessions.poller.now()))
         except Exception as error:
             self._crashed(error)
+
+    def _admitted(self, backend: BackendRuntime) -> bool:
+        """The frontend's rate limits: go on now (True), later (in a task) or never."""
+        answer = self.frontend.gate.admit(self.conn.client[0], self.sessions.poller.now(),
+                                          backend.config.timeout.queue)
+        if answer.wait is None:
+            self._end("PR", answer.limit)
+            return False
+        if answer.wait > 0:
+            self.sessions.nursery.start_soon(self._held_back, answer.wait)
+            return False
+        return True
 
     # -- carrying out the dispatch's actions -----------------------------------------------
 
@@ -227,7 +265,10 @@ class _Session(Link):
         PROXY header), ahead of anything relayed."""
         sessions, client, sock = self.sessions, self.client, self.server_sock
         self.server_sock = None
-        if sessions.sockmap is not None and not self.frontend.config.bulk:
+        # An AMQP frontend's connections stay on the splice/copy path, whose
+        # reads the AMQP tap sees (a hand-over to the kernel path after the
+        # handshake is not built yet).
+        if sessions.sockmap is not None and not self.frontend.config.bulk and not self.frontend.config.amqp:
             try:
                 self.kernel = start_kernel_relay(
                     client, sock, sessions.sockmap, sessions.timeouts(self.frontend, self.backend),
@@ -241,21 +282,49 @@ class _Session(Link):
                 return
         try:
             Link.__init__(
-                self, client, sock, self.conn.traffic, sessions.timeouts(self.frontend, self.backend),
+                self, client, sock, self.conn.traffic, self._relay_timeouts(),
                 sessions.pipes, sessions.poller, True, self.fail,
             )  # fmt: skip
         except BaseException:
             self.ways = None
             _close(sessions.poller, sock)
             raise
+        if self.conn.amqp is not None:
+            self.conn.amqp.attach(self)
         self.conn.interrupt = self.interrupt
+
+    def _relay_timeouts(self) -> Timeouts:
+        """The relay's first timeouts; an AMQP frontend's connection gets its AMQP state here."""
+        sessions = self.sessions
+        if not self.frontend.config.amqp:
+            return sessions.timeouts(self.frontend, self.backend)
+        policy = sessions.amqp_policy(self.frontend, self.backend)
+        self.conn.amqp = AmqpConnection(policy, self.backend)
+        return policy.before_header
 
     def ended(self, ending: Ending | None) -> None:
         """The relay's outcome (None: interrupted by a kill)."""
         if self.notify is None:
             return  # ended already
+        conn = self.conn
+        if conn.amqp is not None:
+            conn.amqp.finish(self)  # its tails, before the directions go
+        if conn.kill_note is not None and self.ways is not None:
+            _drain(self.socks)  # a polite kill: FIN both ways, no reset
         self.stop()
-        self._end(self._killed() if ending is None else _ENDINGS[ending], None)
+        if ending is Ending.HELD:  # the sockets are ours again: refuse in a task
+            self.notify = None
+            self.sessions.nursery.start_soon(self._refuse)
+            return
+        self._end(*self._termination(ending))
+
+    def _termination(self, ending: Ending | None) -> tuple[str, str | None]:
+        if ending is None:
+            return self._killed(), self.conn.kill_note
+        termination = _ENDINGS[ending]
+        if self.conn.amqp is None:
+            return termination, None
+        return self.conn.amqp.ending(ending, termination)
 
     def fail(self, error: Exception) -> None:
         """The poller's call when serving this session (its connect wait or
@@ -310,6 +379,45 @@ class _Session(Link):
         except Exception as error:  # one connection's failure never stops the others
             self._crashed(error)
 
+    async def _held_back(self, delay: float) -> None:
+        """A rate limit's queue: this client's turn comes `delay` seconds from
+        now (reserved in the token bucket); then it goes on in callbacks."""
+        conn = self.conn
+        try:
+            with trio.CancelScope() as scope:
+                conn.interrupt = scope.cancel
+                await trio.sleep(delay)
+            conn.interrupt = None
+            if scope.cancelled_caught:
+                self._end(self._killed(), conn.kill_note)
+                return
+            self.dispatch.timing.queue += delay
+            self._carry_out(self.dispatch.start(self.sessions.poller.now()))
+        except trio.Cancelled:  # the stop grace period is over
+            self._end(KillReason.KILLED.value + "D", None)
+            raise
+        except Exception as error:
+            self._crashed(error)
+
+    async def _refuse(self) -> None:
+        """An AMQP connection limit withheld the client's Open (proxy.amqp.refuse)."""
+        amqp = self.conn.amqp
+        termination, reason = "PR", amqp.inspector.refusal
+        try:
+            with trio.CancelScope() as scope:
+                self.conn.interrupt = scope.cancel
+                await refuse(self.client, self.socks[1], amqp.to_server, reason)
+            if scope.cancelled_caught:
+                termination, reason = self._killed(), self.conn.kill_note
+        except trio.Cancelled:
+            termination = KillReason.KILLED.value + "D"
+            raise
+        except Exception as error:
+            log.error("session.failed", conn=self.conn.id, client=_addr(self.conn.client), exc_info=error)
+            termination, reason = "PD", f"internal error: {error!r}"
+        finally:
+            self._end(termination, reason)
+
     # -- the end ---------------------------------------------------------------------
 
     def _killed(self) -> str:
@@ -345,6 +453,8 @@ class _Session(Link):
         conn = self.conn
         conn.interrupt = None
         try:
+            if conn.amqp is not None:
+                conn.amqp.finish(None)  # uncounts, if nothing did yet
             if self.waiter is not None:
                 self.waiter.cancel()
             self._drop_server_socket()
@@ -377,6 +487,8 @@ class _Session(Link):
         )
         if reason:
             fields["reason"] = reason
+        if conn.amqp is not None:
+            fields.update(describe_identity(conn.amqp.identity))
         log.info("connection.closed", **fields)
 
 
@@ -402,6 +514,18 @@ def _send_proxy_header(
     if sent != len(header):
         return ("SD", "sending the PROXY header failed: the socket took only part of it"), sent
     return None, sent
+
+
+def _drain(socks) -> None:
+    """Reads and drops what the kernel holds for each socket, so that closing
+    sends a FIN rather than a reset (close() resets when unread bytes remain)."""
+    for sock in socks:
+        for _ in range(16):
+            try:
+                if not sock.recv(65536, socket.MSG_DONTWAIT):
+                    break
+            except OSError:  # EAGAIN (drained), or the connection is already gone
+                break
 
 
 def _close(poller: Poller, sock: socket.socket) -> None:

@@ -211,6 +211,48 @@ def skip_value(cur: Cursor) -> None:
         raise ValueError(f"unknown field type {kind:#04x}")
 
 
+_LONG = struct.Struct("!I")
+_LENGTH_PREFIXED = frozenset(map(ord, "SxFA"))
+
+
+def pick_strings(cur: Cursor, wanted: frozenset[bytes], limit: int = 256) -> dict[bytes, str]:
+    """Reads one field table (length prefix included) at the cursor, decoding
+    only the string values of the `wanted` keys (cut to `limit` characters);
+    every other value is stepped over unread. Much cheaper than decoding the
+    whole table (nested capabilities and all) when a few properties are needed.
+    Raises Truncated, or ValueError for an unknown type letter.
+    """
+    data = cur.data
+    size = cur.long()
+    pos, end = cur.pos, cur.pos + size
+    if end > len(data):
+        raise Truncated
+    found: dict[bytes, str] = {}
+    while pos < end:
+        key_end = pos + 1 + data[pos]
+        if key_end >= end:
+            raise Truncated
+        key = bytes(data[pos + 1 : key_end])
+        kind = data[key_end]
+        pos = key_end + 1
+        if kind in _LENGTH_PREFIXED:
+            if pos + 4 > end:
+                raise Truncated
+            length = _LONG.unpack_from(data, pos)[0]
+            if kind == 83 and key in wanted and pos + 4 + length <= end:  # "S"
+                found[key] = str(data[pos + 4 : pos + 4 + min(length, 4 * limit)], "utf-8", "replace")[:limit]
+            pos += 4 + length
+        else:
+            fixed = _FIXED_SIZES.get(kind)
+            if fixed is None:
+                raise ValueError(f"unknown field type {kind:#04x}")
+            pos += fixed
+    if pos != end:
+        raise Truncated
+    cur.pos = end
+    return found
+
+
 def encode_shortstr(text: str) -> bytes:
     raw = text.encode()
     if len(raw) > 255:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -67,6 +67,15 @@ _SPARE_BUFFERS_MAX = 16
 _spare_buffers: list[memoryview] = []
 
 
+# How many of the last bytes a direction keeps once told to (``tail``): enough
+# for an AMQP Connection.Close frame (proxy.amqp.closing).
+TAIL = 512
+
+
+class Hold(Exception):
+    """A tap withheld the bytes it was shown: the relay stops, both sockets stay open."""
+
+
 class SideLost(Exception):
     """A socket reported a connection error; ``side`` is the one to blame."""
 
@@ -83,11 +92,15 @@ def lost_or_raise(exc: OSError, side: int) -> SideLost:
 class Direction:
     """Moves bytes from one socket to the other; ``move`` never blocks."""
 
-    __slots__ = ("link", "index", "src", "dst", "eof", "ending")
+    __slots__ = ("link", "index", "src", "dst", "eof", "ending", "tap", "tail")
     # Subclasses set these in their __init__ (one call per direction, on
     # every connection): link, index, src = link.fds[index], dst = the other
     # fd, eof (the source's end of stream has been read) and ending (... is
-    # announced: read until it comes).
+    # announced: read until it comes), tap (None, or shown every read before
+    # it is written: tap(buffer, length), which may raise Hold; set during an
+    # AMQP handshake only, proxy.amqp.tap) and tail (None, or the last TAIL
+    # bytes read through user space, b"" once a splice moved bytes past
+    # them: how the connection ended, read once).
 
     def move(self) -> int:
         """Move bytes until blocked or the round's budget is spent; say what next.
@@ -130,6 +143,8 @@ class CopyDirection(Direction):
         self.src = link.fds[index]
         self.dst = link.fds[1 - index]
         self.eof = self.ending = False
+        self.tap: Callable[[memoryview, int], None] | None = None
+        self.tail: bytes | None = None
         self.view: memoryview | None = None
         self.start = 0
         self.pending = 0  # bytes read but not yet written, at view[start:]
@@ -158,6 +173,10 @@ class CopyDirection(Direction):
                         self.link.traffic.bytes_out += pending
                     else:
                         self.link.traffic.bytes_in += pending
+                    if self.tap is not None:
+                        self.tap(view, pending)
+                    if self.tail is not None:
+                        self.tail = view[pending - TAIL if pending > TAIL else 0 : pending].tobytes()
                     start = 0
                     short_read = pending < len(view)
                 try:
@@ -274,6 +293,8 @@ class SpliceDirection(CopyDirection):
                             if not pending and received < _SMALL_SPLICE and not self.ending:
                                 trickle = True  # back to copying, see _SMALL_SPLICE
                             pending += received
+                            if self.tail is not None:
+                                self.tail = b""  # these bytes bypass user space
                             if self.index:
                                 self.link.traffic.bytes_out += received
                             else:
@@ -322,5 +343,5 @@ class SpliceDirection(CopyDirection):
 
     def as_copy(self) -> Direction:
         way = CopyDirection(self.link, self.index)
-        way.eof, way.ending = self.eof, self.ending
+        way.eof, way.ending, way.tap, way.tail = self.eof, self.ending, self.tap, self.tail
         return way

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import outcome
 import trio
 
-from .directions import DONE, NO_PIPE, READ, WRITE, YIELD, CopyDirection, SideLost, SpliceDirection
+from .directions import DONE, NO_PIPE, READ, WRITE, YIELD, CopyDirection, Hold, SideLost, SpliceDirection
 from .pipes import PipePool
 from .poller import EDGE_MASK, current_poller
 
@@ -57,6 +57,7 @@ class Ending(enum.Enum):
     SERVER_ABORT = "server_abort"  # error/reset on the server socket -> "SD"
     CLIENT_TIMEOUT = "client_timeout"  # client idle / client-fin expired -> "cD"
     SERVER_TIMEOUT = "server_timeout"  # server idle / server-fin expired -> "sD"
+    HELD = "held"  # a tap withheld bytes (Hold): the sockets are the caller's again
 
 
 @dataclass(slots=True)
@@ -283,6 +284,10 @@ class Link:
             self.aborted = True
             self.ended(_ABORT[lost.side])
             return False
+        except Hold:
+            self.owned = False  # stop() leaves both sockets open for the owner
+            self.ended(Ending.HELD)
+            return False
         want0, want1 = want
         if want0 == DONE and want1 == DONE:
             self.ended(Ending.NORMAL)
@@ -348,6 +353,16 @@ class Link:
         else:
             self.poller.forget(self.fds[0])
             self.poller.forget(self.fds[1])
+
+    def retime(self, timeouts: Timeouts) -> None:
+        """Replaces the idle timeouts (a handshake learnt the heartbeat);
+        both directions' deadlines restart from now."""
+        self.timeouts = timeouts if timeouts.enabled else None
+        if self.timeouts is None:
+            self.deadlines = [math.inf, math.inf]
+            self.deadline = math.inf
+        else:
+            self._push_deadlines(True, True)
 
     # --- idle deadlines ------------------------------------------------------
     # Each direction's deadline is "now + the limit for the side it waits on",

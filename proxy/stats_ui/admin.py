@@ -39,6 +39,11 @@ class Action(enum.StrEnum):
     MAINT = "maint"
     WEIGHT = "weight"
     KILL = "kill"
+    REBALANCE = "rebalance"  # a backend's action: close connections over their share
+    REBALANCE_DRY_RUN = "rebalance-dry-run"  # ... or only say which
+
+
+BACKEND_ACTIONS = frozenset({Action.REBALANCE, Action.REBALANCE_DRY_RUN})
 
 
 _ADMIN_STATES = {Action.READY: AdminState.READY, Action.DRAIN: AdminState.DRAIN, Action.MAINT: AdminState.MAINT}
@@ -86,14 +91,15 @@ def parse_weight(text: str) -> int:
 
 
 def request_from_form(form: dict[str, str]) -> AdminRequest:
-    """Fields: backend, server, action (ready|drain|maint|weight|kill), weight."""
+    """Fields: backend, server, action (ready|drain|maint|weight|kill), weight;
+    a backend's actions (rebalance, rebalance-dry-run) need no server."""
     backend, server = form.get("backend", ""), form.get("server", "")
-    if not backend or not server:
-        raise BadRequest("missing backend or server")
     try:
         action = Action(form.get("action", ""))
     except ValueError:
         raise BadRequest("unknown action") from None
+    if not backend or not (server or action in BACKEND_ACTIONS):
+        raise BadRequest("missing backend or server")
     weight = parse_weight(form.get("weight", "")) if action is Action.WEIGHT else None
     return AdminRequest(backend, server, action, weight)
 
@@ -107,6 +113,11 @@ def apply_request(runtime: Any, request: AdminRequest, now: float, *, user: str,
     `now` is on the runtime's clock (time.monotonic). Every action is logged
     as `stats.admin_action` with who asked and through which surface.
     """
+    if request.action in BACKEND_ACTIONS:
+        notice = _rebalance(runtime, request, now)
+        log.info("stats.admin_action", user=user, source=source, backend=request.backend,
+                 action=request.action.value)
+        return notice
     server = runtime.server(request.backend, request.server)
     if request.action is Action.KILL:
         killed = server.kill_sessions(KillReason.KILLED)
@@ -122,6 +133,17 @@ def apply_request(runtime: Any, request: AdminRequest, now: float, *, user: str,
     log.info("stats.admin_action", user=user, source=source, backend=request.backend,
              server=request.server, action=request.action.value, weight=request.weight)
     return notice
+
+
+def _rebalance(runtime: Any, request: AdminRequest, now: float) -> str:
+    from ..amqp import rebalancer
+
+    backend = runtime.backends.get(request.backend)
+    if backend is None:
+        raise KeyError(f"no backend {request.backend}")
+    if request.action is Action.REBALANCE_DRY_RUN:
+        return rebalancer.describe(backend.name, rebalancer.rebalance(backend, now, dry_run=True), dry_run=True)
+    return rebalancer.describe(backend.name, rebalancer.request(backend, now), dry_run=False)
 
 
 def _wake_queue(server: Any) -> None:

@@ -6,9 +6,11 @@ Modelled on HAProxy's runtime API so operators keep their muscle memory:
     show info                          version, pid, uptime, totals
     show servers state [BACKEND]       one line per server
     show vip                           the floating-IP instances
+    show sessions [B[/S]] [sort K]     established connections: client, AMQP identity, age, idle, bytes
     set server B/S state ready|drain|maint
     set server B/S weight N            0..256
     shutdown sessions server B/S       closes the server's connections now
+    rebalance backend B [dry-run]      close connections over their share (dry-run: only say which)
     help
 
 Several commands may share a line separated by ";". Every answer ends with
@@ -24,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from . import admin, view
+from . import admin, connections, view
 from .render_csv import render_csv
 
 HELP = """\
@@ -34,9 +36,13 @@ Commands:
   show info                              version, pid, uptime, session totals, relay path
   show servers state [<backend>]         one line per server: state, admin, weight, last check
   show vip                               floating-IP instances and their VRRP state
+  show sessions [<b>[/<s>]] [sort <key>] connections (at most 1000, oldest first; keys: age idle
+                                         bytes_in bytes_out client name user vhost heartbeat)
   set server <b>/<s> state ready|drain|maint
   set server <b>/<s> weight <0-256>
   shutdown sessions server <b>/<s>       close the server's connections now
+  rebalance backend <b> [dry-run]        spread connections by weight again (at the backend's
+                                         close rate, oldest first); dry-run says what would move
 Several commands may be separated by ';'.
 """
 
@@ -192,12 +198,47 @@ def _target(text: str) -> tuple[str, str]:
     return backend, server
 
 
+def _show_sessions(args, runtime, now, user) -> str:
+    """`show sessions [backend[/server]] [sort KEY]`: bounded, like the page."""
+    where, sort = None, "age"
+    words = list(args)
+    if len(words) >= 2 and words[-2] == "sort":
+        sort = words[-1]
+        words = words[:-2]
+    if len(words) > 1:
+        raise CommandError("usage: show sessions [<backend>[/<server>]] [sort <key>]")
+    if words:
+        where = words[0]
+    backend, _, server = (where or "").partition("/")
+    try:
+        query = connections.ConnectionQuery.from_params(
+            {"backend": [backend], "server": [server], "sort": [sort]})
+    except connections.BadQuery as error:
+        raise CommandError(str(error)) from None
+    if backend and backend not in runtime.backends:
+        raise CommandError(f"no backend {backend}")
+    return connections.render_text(connections.select(runtime, query, page_size=connections.TEXT_LIMIT))
+
+
+def _rebalance_backend(args, runtime, now, user) -> str:
+    if len(args) not in (1, 2) or (len(args) == 2 and args[1] != "dry-run"):
+        raise CommandError("usage: rebalance backend <backend> [dry-run]")
+    action = admin.Action.REBALANCE_DRY_RUN if len(args) == 2 else admin.Action.REBALANCE
+    try:
+        return admin.apply_request(runtime, admin.AdminRequest(args[0], "", action), now, user=user,
+                                   source="ctl") + "\n"
+    except KeyError as error:
+        raise CommandError(error.args[0]) from None
+
+
 _COMMANDS: dict[tuple[str, ...], Callable[[list[str], Any, float, str], str]] = {
     ("help",): _help,
     ("show", "stat"): _show_stat,
     ("show", "info"): _show_info,
     ("show", "servers", "state"): _show_servers_state,
     ("show", "vip"): _show_vip,
+    ("show", "sessions"): _show_sessions,
+    ("rebalance", "backend"): _rebalance_backend,
     ("set", "server"): _set_server,
     ("shutdown", "sessions", "server"): _shutdown_sessions,
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..amqp.admission import top_labels
 from . import view
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -43,13 +44,18 @@ class Exposition:
         return "\n".join(lines) + "\n"
 
 
-def render_metrics(stats: Any, *, hide_version: bool = False) -> str:
+def render_metrics(stats: Any, *, hide_version: bool = False, label_limit: int = 20) -> str:
+    """`label_limit` bounds the vhost and user labels per backend (the rest: "other")."""
     out = Exposition()
     _process(out, stats, hide_version)
     for frontend in stats.frontends:
         _frontend(out, frontend)
+    for frontend in stats.frontends:
+        _admission(out, frontend)
     for backend in stats.backends:
         _backend(out, backend)
+    for backend in stats.backends:
+        _amqp(out, backend, label_limit)
     for backend in stats.backends:
         for server in backend.servers:
             _server(out, server)
@@ -78,6 +84,38 @@ def _frontend(out: Exposition, frontend: Any) -> None:
     out.add("warren_frontend_limit_sessions", GAUGE, "The frontend's maxconn", px, frontend.limit)
     out.add("warren_frontend_sessions_total", COUNTER, "Total number of sessions since Warren started",
             px, frontend.total_sessions)
+
+
+def _admission(out: Exposition, frontend: Any) -> None:
+    admission = getattr(frontend, "admission", None)
+    if admission is None:
+        return
+    px = {"proxy": frontend.name}
+    out.add("warren_frontend_connection_rate", GAUGE, "New connections per second, averaged over 10 s",
+            px, round(admission.rate, 3))
+    if admission.rate_limit is not None:
+        out.add("warren_frontend_connection_rate_limit", GAUGE, "The frontend's new-connection rate limit",
+                px, admission.rate_limit)
+    for outcome, value in (("queued", admission.queued), ("rejected", admission.rejected),
+                           ("alarm", admission.alarms)):
+        out.add("warren_frontend_rate_limited_total", COUNTER,
+                "New connections over a rate limit, by what was done with them", {**px, "action": outcome}, value)
+
+
+def _amqp(out: Exposition, backend: Any, label_limit: int) -> None:
+    amqp = getattr(backend, "amqp", None)
+    if amqp is None:
+        return
+    px = {"proxy": backend.name}
+    for label, pairs, name in (("vhost", amqp.vhosts, "warren_amqp_vhost_connections"),
+                               ("user", amqp.users, "warren_amqp_user_connections")):
+        for value, count in top_labels(dict(pairs), label_limit).items():
+            out.add(name, GAUGE, f"Live AMQP connections per {label} (the busiest {label_limit}, the rest as other)",
+                    {**px, label: value}, count)
+    hits = dict(amqp.hits)
+    for kind in ("vhost", "user"):
+        out.add("warren_amqp_limit_hits_total", COUNTER, "Connections that reached a connection limit at Open",
+                {**px, "kind": kind}, hits.get(kind, 0))
 
 
 def _backend(out: Exposition, backend: Any) -> None:

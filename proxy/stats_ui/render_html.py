@@ -56,7 +56,7 @@ def render_page(stats: Any, context: PageContext, history: Any | None = None) ->
         parts.append(_services_section(view.services(stats)))
     if stats.frontends:
         parts.append('<section class="frontends"><h2>Frontends</h2>')
-        parts.extend(_frontend_table(f) for f in stats.frontends)
+        parts.extend(_frontend_table(f, context) for f in stats.frontends)
         parts.append("</section>")
     for backend in stats.backends:
         samples = history.samples(backend.name) if history is not None else ()
@@ -110,6 +110,7 @@ def _nav(context: PageContext) -> str:
     else:
         refresh = f'<a href="{uri}">refresh</a>'
     exports = (
+        f'<a href="{uri};connections">connections</a> · '
         f'<a href="{uri};csv">CSV</a> · <a href="{uri};json">JSON</a> · '
         f'<a href="{esc(context.metrics_path)}">metrics</a>'
     )
@@ -168,17 +169,31 @@ def _services_section(services: Sequence[Any]) -> str:
 # --- frontends ------------------------------------------------------------------------
 
 
-def _frontend_table(frontend: Any) -> str:
+def _frontend_table(frontend: Any, context: PageContext) -> str:
+    link = f'{esc(context.uri)};connections?frontend={esc(frontend.name)}'
     return (
         f'<div class="scroll"><table class="proxy frontend"><caption>{esc(frontend.name)} '
-        f'<small>→ {esc(frontend.backend)}</small></caption><thead><tr>'
-        '<th rowspan="2">Listening on</th><th colspan="4">Sessions</th><th rowspan="2">Status</th></tr>'
-        "<tr><th>Cur</th><th>Max</th><th>Limit</th><th>Total</th></tr></thead><tbody>"
+        f'<small>{esc(frontend.mode)} → {esc(frontend.backend)} · <a href="{link}">connections</a></small></caption>'
+        '<thead><tr><th rowspan="2">Listening on</th><th colspan="4">Sessions</th>'
+        '<th colspan="4">New connections</th><th rowspan="2">Status</th></tr>'
+        "<tr><th>Cur</th><th>Max</th><th>Limit</th><th>Total</th>"
+        '<th title="per second, last 10 s">Rate</th><th title="rate limit per second (per source)">Limit</th>'
+        "<th>Queued</th><th>Rejected</th></tr></thead><tbody>"
         f'<tr class="open"><th scope="row">{esc(", ".join(frontend.binds))}</th>'
         f"{_num(frontend.current_sessions)}{_num(frontend.max_sessions)}{_num(frontend.limit)}"
-        f'{_num(frontend.total_sessions)}<td class="state"><span class="pill">OPEN</span></td></tr>'
+        f"{_num(frontend.total_sessions)}{_admission_cells(frontend.admission)}"
+        '<td class="state"><span class="pill">OPEN</span></td></tr>'
         "</tbody></table></div>"
     )
+
+
+def _admission_cells(admission: Any) -> str:
+    if admission is None:
+        return '<td class="num"></td>' * 4
+    limits = [f"{admission.rate_limit:g}" if admission.rate_limit else "",
+              f"({admission.source_rate_limit:g})" if admission.source_rate_limit else ""]
+    return (f'<td class="num">{admission.rate:.1f}</td><td class="num">{esc(" ".join(filter(None, limits)))}</td>'
+            f"{_num(admission.queued)}{_num(admission.rejected + admission.alarms)}")
 
 
 # --- backends -------------------------------------------------------------------------
@@ -204,12 +219,39 @@ def _backend_section(backend: Any, context: PageContext, samples: Sequence[Sampl
     return (
         f'<section class="backend" id="backend-{esc(backend.name)}">'
         f'<h2>{esc(backend.name)} <span class="badge {state.lower()}">{state}</span>'
-        f' <small>{esc(backend.balance)}</small></h2>'
+        f' <small>{esc(backend.balance)} · <a href="{esc(context.uri)};connections?backend={esc(backend.name)}">'
+        f'connections</a>{_amqp_counts(backend)}</small>{_rebalance_form(backend, context)}</h2>'
         f"{_charts(samples, context)}"
         f'<div class="scroll"><table class="proxy"><caption class="sr">Servers of {esc(backend.name)}</caption>'
         f"{_SERVER_HEAD.format(admin_head=admin_head)}<tbody>{rows}</tbody>"
         f"<tfoot>{_backend_row(backend, context)}</tfoot></table></div></section>"
     )
+
+
+def _rebalance_form(backend: Any, context: PageContext) -> str:
+    if not context.admin:
+        return ""
+    return (
+        f'<form class="rebalance" method="post" action="{esc(context.uri)}" aria-label="rebalance {esc(backend.name)}">'
+        f'<input type="hidden" name="csrf" value="{esc(context.csrf_token)}">'
+        f'<input type="hidden" name="backend" value="{esc(backend.name)}">'
+        '<button name="action" value="rebalance-dry-run" title="show which connections rebalancing would close">'
+        "Rebalance: dry run</button>"
+        '<button name="action" value="rebalance" class="danger" title="close connections over their share, '
+        'oldest first, at the backend\'s close rate, until balanced">Rebalance now</button></form>'
+    )
+
+
+def _amqp_counts(backend: Any) -> str:
+    """The busiest vhosts and users, and connection-limit hits, in the backend's heading."""
+    amqp = getattr(backend, "amqp", None)
+    if amqp is None or not (amqp.vhosts or amqp.hits):
+        return ""
+    def top(pairs):
+        return ", ".join(f"{name} {count}" for name, count in sorted(pairs, key=lambda p: -p[1])[:5])
+    parts = [f"vhosts: {top(amqp.vhosts)}" if amqp.vhosts else "", f"users: {top(amqp.users)}" if amqp.users else "",
+             "limit hits: " + ", ".join(f"{kind} {count}" for kind, count in amqp.hits) if amqp.hits else ""]
+    return " · " + esc(" · ".join(filter(None, parts)))
 
 
 def _server_row(server: Any, context: PageContext) -> str:
@@ -225,8 +267,9 @@ def _server_row(server: Any, context: PageContext) -> str:
     dash = '<td class="num"></td>'
     return (
         f'<tr class="{view.state_class(server)}" id="server-{esc(server.backend)}-{esc(server.name)}">'
-        f'<th scope="row" title="{esc(_address(server))}">{esc(server.name)}'
-        f'<small>{esc(_address(server))}</small></th>'
+        f'<th scope="row" title="{esc(_address(server))}">'
+        f'<a href="{esc(context.uri)};connections?backend={esc(server.backend)}&amp;server={esc(server.name)}">'
+        f'{esc(server.name)}</a><small>{esc(_address(server))}</small></th>'
         f'<td class="state"><span class="pill">{esc(view.human_duration(server.last_change))} {esc(state)}</span></td>'
         f"{check_cell}{_num(server.weight)}"
         f'<td class="flag">{"" if server.backup else "Y"}</td><td class="flag">{"Y" if server.backup else ""}</td>'

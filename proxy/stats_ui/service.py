@@ -174,6 +174,7 @@ class StatsService:
     async def _sample_history(self) -> None:
         while True:
             self.history.record(self._runtime.statistics(), time.monotonic())
+            self._runtime.observe_activity()  # idle times of the connections view
             await trio.sleep(self.sample_interval)
 
 

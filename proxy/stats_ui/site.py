@@ -6,6 +6,7 @@ Routes (with `uri` from `[stats]`, "/" by default):
     POST <uri>           an admin action (admin = true), answered 303 back to the page
     GET  <uri>;csv       HAProxy-compatible CSV
     GET  <uri>;json      JSON
+    GET  <uri>;connections[.json]  the connections view (?backend, server, frontend, sort, order, page)
     GET  /metrics        Prometheus text format (no auth if metrics_auth = false)
 
 HEAD is accepted wherever GET is. Every route needs basic auth, unknown paths
@@ -28,7 +29,7 @@ import structlog
 import trio
 
 from .. import __version__
-from . import admin
+from . import admin, connections
 from .auth import Authenticator, Challenge, Denied, Granted, Pending, Throttled
 from .history import History
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -75,6 +76,8 @@ class StatsSite:
             uri: self._page,
             uri + ";csv": self._csv,
             uri + ";json": self._json,
+            uri + ";connections": self._connections,
+            uri + ";connections.json": self._connections,
         }
         self._routes.setdefault(METRICS_PATH, self._metrics)
         # Only the exporter may skip auth, and only if `uri` did not take its path.
@@ -166,8 +169,21 @@ class StatsSite:
         return Response(200, body.encode(), "application/json")
 
     def _metrics(self, request: Request, user: str) -> Response:
-        body = render_metrics(self.runtime.statistics(), hide_version=self.settings.hide_version)
+        body = render_metrics(self.runtime.statistics(), hide_version=self.settings.hide_version,
+                              label_limit=self.settings.label_limit)
         return Response(200, body.encode(), METRICS_CONTENT_TYPE)
+
+    def _connections(self, request: Request, user: str) -> Response:
+        try:
+            params = urllib.parse.parse_qs(request.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+            query = connections.ConnectionQuery.from_params(params)
+        except ValueError as error:  # too many fields, or connections.BadQuery
+            return text_response(400, str(error))
+        page = connections.select(self.runtime, query)
+        if request.path.endswith(".json"):
+            return Response(200, connections.render_json(page).encode(), "application/json")
+        return Response(200, connections.render_html(page, self.settings.uri).encode(), "text/html; charset=utf-8",
+                        headers=(("content-security-policy", _CSP), ("x-frame-options", "DENY")))
 
     # --- POST --------------------------------------------------------------------------
 

@@ -6,14 +6,14 @@ from hypothesis import strategies as st
 
 from proxy.amqp.admission import (
     ConnectionCounts,
-    LimitAction,
     LimitHit,
-    Limits,
     RateMeter,
     SourceBuckets,
     TokenBucket,
     top_labels,
 )
+from proxy.config.model import ConnectionLimits as Limits
+from proxy.config.model import LimitAction
 
 
 def test_a_bucket_starts_full_then_grants_at_its_rate():
@@ -96,7 +96,7 @@ def test_a_rate_meter_averages_over_its_window():
 
 
 def test_connection_limits_per_vhost_and_per_user_with_overrides():
-    limits = Limits(per_vhost=2, vhosts={"/big": 3}, users={"batch": 1})
+    limits = Limits(per_vhost=2, vhosts=(("/big", 3),), users=(("batch", 1),))
     counts = ConnectionCounts()
     for _ in range(2):
         assert counts.check(limits, "/", "app") is None

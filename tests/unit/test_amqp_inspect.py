@@ -264,7 +264,7 @@ def _check_bounded(inspector: HandshakeInspector, budget: int) -> None:
         assert len(stream.data) <= 2 * budget + 256
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=8), st.lists(st.binary(max_size=300), max_size=8))
 def test_arbitrary_bytes_never_raise_and_stay_bounded(client_chunks, server_chunks):
     inspector = HandshakeInspector(budget=1024)
@@ -275,7 +275,7 @@ def test_arbitrary_bytes_never_raise_and_stay_bounded(client_chunks, server_chun
     _check_bounded(inspector, 1024)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_truncated_or_corrupted_handshakes_never_raise(data):
     client = bytearray(client_bytes())
@@ -293,3 +293,38 @@ def test_truncated_or_corrupted_handshakes_never_raise(data):
     inspector.from_server(bytes(server))
     _check_bounded(inspector, HANDSHAKE_BUDGET)
     assert inspector.phase in (Phase.INSPECTING, Phase.OPEN, Phase.PASSED, Phase.REFUSED)
+
+
+# -- the codec's cheap property reader -----------------------------------------------------
+
+_values = st.recursive(
+    st.one_of(st.text(max_size=40), st.booleans(), st.integers(-(2**40), 2**40), st.binary(max_size=20), st.none(),
+              st.floats(allow_nan=False)),
+    lambda inner: st.one_of(st.dictionaries(st.text(max_size=8), inner, max_size=4), st.lists(inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.text(max_size=20), _values, max_size=8), st.lists(st.text(max_size=20), max_size=4))
+def test_pick_strings_agrees_with_the_full_decoder(table, extra_wanted):
+    from proxy.health.amqp_wire import Cursor, decode_table, encode_table, pick_strings
+
+    encoded = encode_table(table)
+    wanted = frozenset(key.encode() for key in [*table, *extra_wanted])
+    cur = Cursor(memoryview(encoded + b"tail"))
+    picked = pick_strings(cur, wanted, limit=1000)
+    assert cur.pos == len(encoded)
+    full = decode_table(encoded)
+    assert picked == {key.encode(): value for key, value in full.items() if isinstance(value, str)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=200))
+def test_pick_strings_on_garbage_raises_only_its_own_errors(data):
+    from proxy.health.amqp_wire import Cursor, Truncated, pick_strings
+
+    try:
+        pick_strings(Cursor(data), frozenset({b"product"}))
+    except (Truncated, ValueError):
+        pass

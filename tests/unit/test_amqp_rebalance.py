@@ -112,7 +112,7 @@ def test_an_abort_is_not_a_clean_close():
     assert clean_close(CLOSE_OK_FRAME + HEARTBEAT_FRAME, b"") is None  # more came after it
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=TAIL), st.binary(max_size=TAIL))
 def test_any_tails_are_read_without_error(client, server):
     clean_close(client, server + CLOSE_OK_FRAME[: len(server) % 13])
