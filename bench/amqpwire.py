@@ -50,10 +50,37 @@ def method_frame(channel: int, class_id: int, method_id: int, args: bytes) -> by
     return struct.pack("!BHI", FRAME_METHOD, channel, len(payload)) + payload + bytes([FRAME_END])
 
 
-def start_ok(user: str = "guest", password: str = "guest") -> bytes:
-    """Connection.Start-Ok: no client properties, PLAIN login."""
+def _table(fields: dict) -> bytes:
+    """A field table of strings, booleans and nested tables (all a client sends here)."""
+    body = b""
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            encoded = b"t" + bytes([value])
+        elif isinstance(value, dict):
+            encoded = b"F" + _table(value)
+        else:
+            encoded = b"S" + _longstr(str(value).encode())
+        body += _shortstr(key) + encoded
+    return _longstr(body)
+
+
+# What a client library sends (pika 1.3's properties, with a connection name).
+LIBRARY_PROPERTIES = {
+    "product": "Pika Python Client Library",
+    "platform": "Python 3.11.2",
+    "capabilities": {"authentication_failure_close": True, "basic.nack": True, "connection.blocked": True,
+                     "consumer_cancel_notify": True, "publisher_confirms": True},
+    "information": "See http://pika.rtfd.org",
+    "version": "1.3.2",
+    "connection_name": "bench-connrate",
+}
+
+
+def start_ok(user: str = "guest", password: str = "guest", properties: dict | None = None) -> bytes:
+    """Connection.Start-Ok: `properties` as client properties (none by default), PLAIN login."""
     response = b"\x00" + user.encode() + b"\x00" + password.encode()
-    args = struct.pack("!I", 0) + _shortstr("PLAIN") + _longstr(response) + _shortstr("en_US")
+    table = _table(properties) if properties else struct.pack("!I", 0)
+    args = table + _shortstr("PLAIN") + _longstr(response) + _shortstr("en_US")
     return method_frame(0, 10, 11, args)
 
 

@@ -81,6 +81,25 @@ class ProxySpec:
     maxconn: int = 9000  # 8,000 idle connections plus room; the same for both
     stats_socket: bool = False  # start() gives each proxy a `show stat` socket (Contender.stats_socket)
     bulk: bool = False  # Warren's frontend carries bulk streams (`bulk = true`: splice)
+    balance: str = "roundrobin"
+    # New connections per second at most (HAProxy `rate-limit sessions`, Warren a
+    # [frontends.*.rate_limit] token bucket of one second's burst, action "queue").
+    rate_limit: float | None = None
+    rebalance: Rebalancing | None = None  # Warren only: HAProxy has no equivalent
+
+    @property
+    def mode(self) -> str:
+        """Warren's frontend mode: "amqp" in front of brokers, "tcp" for plain backends (HAProxy: tcp)."""
+        return "amqp" if self.health.protocol == "amqp" else "tcp"
+
+
+@dataclass(frozen=True)
+class Rebalancing:
+    """Warren's [backends.*.rebalance] for the rebalancing benchmark."""
+
+    rate: float = 50.0
+    tolerance: float = 0.1
+    min_age: float = 0.0
 
 
 def _ms(seconds: float) -> int:
@@ -109,9 +128,10 @@ def config_haproxy(spec: ProxySpec, port: int, socket_path: str | None = None) -
         "frontend bench",
         f"    bind {HOST}:{port}",
         f"    maxconn {spec.maxconn}",
+        *([f"    rate-limit sessions {round(spec.rate_limit)}"] if spec.rate_limit else []),
         "    default_backend servers",
         "backend servers",
-        "    balance roundrobin",
+        f"    balance {spec.balance}",
     ]
     if h.protocol == "amqp":
         lines += [
@@ -138,16 +158,21 @@ def config_warren(spec: ProxySpec, port: int, socket_path: str | None = None, re
         "[frontends.bench]",
         f'bind = ["{HOST}:{port}"]',
         'backend = "servers"',
+        f'mode = "{spec.mode}"',
         f"maxconn = {spec.maxconn}",
         *(["bulk = true  # bulk streams: spliced"] if spec.bulk and relay != "kernel" else []),
+        # A tenth of a second's burst: any one second then admits at most 1.1 x rate.
+        *([f'rate_limit = {{ rate = {spec.rate_limit:g}, burst = {max(1.0, spec.rate_limit / 10):g}, '
+           'action = "queue" }'] if spec.rate_limit else []),
         "",
         "[backends.servers]",
-        'balance = "roundrobin"',
+        f'balance = "{spec.balance}"',
         "retries = 3",
         "redispatch = true",
         "",
         "[backends.servers.timeout]",
         'connect = "5s"',
+        *(['queue = "60s"  # a rate-limited storm waits its turn'] if spec.rate_limit else []),
         "",
         "[backends.servers.health]",
         f"kinds = {kinds}",
@@ -161,6 +186,10 @@ def config_warren(spec: ProxySpec, port: int, socket_path: str | None = None, re
         lines.append('on_marked_down = "shutdown-sessions"')
     if h.heartbeat is not None:
         lines += ["", "[backends.servers.health.amqp]", f'heartbeat = "{round(h.heartbeat)}s"']
+    if spec.rebalance is not None:
+        r = spec.rebalance
+        lines += ["", "[backends.servers.rebalance]", f"rate = {r.rate:g}", f"tolerance = {r.tolerance:g}",
+                  f'min_age = "{_ms(r.min_age) if r.min_age else 0}ms"', 'interval = "250ms"']
     for s in spec.servers:
         lines += ["", "[[backends.servers.servers]]", f'name = "{s.name}"', f'address = "{s.host}"',
                   f"port = {s.port}"]

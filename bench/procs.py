@@ -248,8 +248,9 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def read_event(process: Managed, want: str, timeout: float) -> dict:
-    """Reads JSON lines from a pipe_stdio process until one has event == want.
+def read_event(process: Managed, want: str | tuple[str, ...], timeout: float) -> dict:
+    """Reads JSON lines from a pipe_stdio process until one has event == want
+    (or one of `want`, a tuple).
 
     An {"event": "error"} line, EOF or the deadline raise ProcessFailed."""
     deadline = time.monotonic() + timeout
@@ -266,7 +267,7 @@ def read_event(process: Managed, want: str, timeout: float) -> dict:
             continue
         if event.get("event") == "error":
             raise ProcessFailed(f"{process.name}: {event.get('message')}")
-        if event.get("event") == want:
+        if event.get("event") == want or (isinstance(want, tuple) and event.get("event") in want):
             return event
 
 

@@ -3,7 +3,9 @@ nodes they need are started only then, so they do not disturb the others)."""
 
 from __future__ import annotations
 
+from .amqp_connrate import AmqpConnRate
 from .amqp_publish import AmqpPublish
+from .rebalance import Rebalance
 from .base import Benchmark, MeasureError
 from .bulk import Bulk
 from .connrate import ConnRate
@@ -11,10 +13,13 @@ from .failover import Failover
 from .detection import Detection
 from .idle import Idle
 from .keepalive import KeepAlive
-from .storm import Storm
+from .storm import Storm, StormLimited
 from .stats import Stats
 
-ALL: tuple[type[Benchmark], ...] = (Bulk, KeepAlive, ConnRate, Idle, AmqpPublish, Storm, Stats, Detection, Failover)
+ALL: tuple[type[Benchmark], ...] = (
+    Bulk, KeepAlive, ConnRate, Idle, AmqpPublish, AmqpConnRate, Storm, StormLimited, Rebalance, Stats, Detection,
+    Failover,
+)
 NAMES = tuple(b.name for b in ALL)
 
 __all__ = ["ALL", "NAMES", "Benchmark", "MeasureError"]

@@ -9,10 +9,15 @@ node answered. Protocol, JSON lines:
   out {"event": "connected", "count": N, "per_node": {...}, "seconds": ...}
   in  {"killing": NODE}           -- the driver is about to kill NODE
   out {"event": "armed"}          -- then the driver kills it
-  out {"event": "recovered", "at": T, "lost": L, "attempts": A, "per_node": {...}}
+  out {"event": "recovered", "at": T, "lost": L, "attempts": A, "per_node": {...}, "peak_rate": R}
       once every client again has a working connection and none is on NODE
       (T is time.monotonic(), the same clock as the driver's on Linux; the
-      condition cannot hold before the kill, as NODE had clients)
+      condition cannot hold before the kill, as NODE had clients; R is the most
+      handshakes completed in any one second after the kill: the surviving
+      brokers' peak rate of new connections)
+  in  {"command": "wait_balanced", "tolerance": F, "deadline": S}
+  out {"event": "balanced", "at": T, "per_node": {...}}  -- every node within F of an even
+      share (and one client), or {"event": "unbalanced", "per_node": {...}} after S seconds
   in  {"command": "quit"}         -- or EOF: close everything
   out {"event": "closed"}
 
@@ -52,6 +57,7 @@ class Storm:
         self.attempts = 0
         self.changed = asyncio.Event()
         self.stopping = False
+        self.reconnected_at: list[float] = []  # handshakes completed after the kill
 
     @property
     def ready(self) -> int:
@@ -78,7 +84,18 @@ class Storm:
                 raise ConnectionError("closed during the handshake")
             writer.write(handshake.received(data))
         self._set(index, node_in(handshake.greeting, self.nodes) or "?")
+        if self.killed is not None:
+            self.reconnected_at.append(time.monotonic())
         return reader
+
+    def peak_rate(self, window: float = 1.0) -> int:
+        """The most reconnections completed within any `window` seconds."""
+        times, peak, first = sorted(self.reconnected_at), 0, 0
+        for last, at in enumerate(times):
+            while at - times[first] >= window:
+                first += 1
+            peak = max(peak, last - first + 1)
+        return peak
 
     async def client(self, index: int, gate: asyncio.Semaphore) -> None:
         async with gate:  # the first connections ramp up; reconnections do not wait
@@ -123,6 +140,13 @@ class Storm:
                 return condition()
         return True
 
+    def balanced(self, tolerance: float) -> bool:
+        """Every client connected and every node within `tolerance` of an even share (and one client)."""
+        if self.ready != self.args.count:
+            return False
+        share = self.args.count / len(self.nodes)
+        return all(self.per_node[name] <= share + max(1.0, tolerance * share) for name in self.nodes)
+
     def counts(self) -> dict[str, int]:
         return {name: n for name, n in self.per_node.items() if n}
 
@@ -166,12 +190,20 @@ async def main(args: argparse.Namespace) -> int:
                 lambda: storm.ready == args.count and storm.per_node.get(storm.killed, 0) == 0, deadline)
             if done:
                 emit("recovered", at=time.monotonic(), lost=storm.lost, attempts=storm.attempts,
-                     per_node=storm.counts())
+                     per_node=storm.counts(), peak_rate=storm.peak_rate())
             else:
                 emit("error", message=f"not recovered after {args.deadline}s: {storm.ready} of "
                                       f"{args.count} connected, per node {storm.counts()}")
                 status = 1
-            await read_command(stdin)
+            command = await read_command(stdin)
+            while command.get("command") == "wait_balanced":
+                deadline = time.monotonic() + float(command["deadline"])
+                tolerance = float(command["tolerance"])
+                if await storm.wait_for(lambda: storm.balanced(tolerance), deadline):
+                    emit("balanced", at=time.monotonic(), per_node=storm.counts())
+                else:
+                    emit("unbalanced", per_node=storm.counts())
+                command = await read_command(stdin)
     storm.close_all()
     for task in tasks:
         task.cancel()

@@ -29,7 +29,7 @@ from bench.suites.bulk import parse_iperf3
 from proxy.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-SMOKE_TIMEOUT = 360  # about a minute alone (more with a Warren row per relay path, and on a busy machine); a hung tool must not hang the suite
+SMOKE_TIMEOUT = 600  # about three minutes alone (more with a Warren row per relay path, and on a busy machine); a hung tool must not hang the suite
 
 BENCH_PARAMS = [pytest.param(b, id=b.name, marks=[pytest.mark.rabbit] if b.needs_rabbit else [])
                 for b in ALL]

@@ -1,0 +1,80 @@
+"""AMQP connection rate: WORKERS clients opening and closing connections for SECONDS.
+
+Usage: python -m bench.tools.amqp_connrate HOST PORT [--workers N] [--seconds S]
+
+Each worker loops: TCP connect, the full AMQP 0-9-1 handshake up to
+Connection.Open-Ok (bench.amqpwire, with client properties and a PLAIN login,
+as a library sends them), then Connection.Close, Close-Ok, close. Prints one
+JSON line: {"event": "done", "handshakes": N, "seconds": S, "errors": E}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from bench.amqpwire import (
+    CONNECTION_CLOSE_OK, CONNECTION_OPEN_OK, CONNECTION_START, CONNECTION_TUNE, LIBRARY_PROPERTIES,
+    PROTOCOL_HEADER, FrameReader, ProtocolError, connection_close, method_of, start_ok, tune_ok_and_open,
+)
+
+
+async def one_connection(host: str, port: int) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    frames = FrameReader()
+    try:
+        writer.write(PROTOCOL_HEADER)
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            frames.feed(data)
+            for kind, _channel, payload in frames.frames():
+                if kind != 1:
+                    continue
+                method, args = method_of(payload)
+                if method == CONNECTION_START:
+                    writer.write(start_ok(properties=LIBRARY_PROPERTIES))
+                elif method == CONNECTION_TUNE:
+                    writer.write(tune_ok_and_open(args))
+                elif method == CONNECTION_OPEN_OK:
+                    writer.write(connection_close())
+                elif method == CONNECTION_CLOSE_OK:
+                    return
+                else:
+                    raise ProtocolError(f"unexpected method {method}")
+    finally:
+        writer.close()
+
+
+async def worker(host: str, port: int, until: float, counts: dict) -> None:
+    while time.monotonic() < until:
+        try:
+            await asyncio.wait_for(one_connection(host, port), 10)
+            counts["handshakes"] += 1
+        except (OSError, ProtocolError, asyncio.TimeoutError, ConnectionError):
+            counts["errors"] += 1
+            await asyncio.sleep(0.01)
+
+
+async def main(args: argparse.Namespace) -> None:
+    counts = {"handshakes": 0, "errors": 0}
+    began = time.monotonic()
+    await asyncio.gather(*(worker(args.host, args.port, began + args.seconds, counts) for _ in range(args.workers)))
+    print(json.dumps({"event": "done", **counts, "seconds": round(time.monotonic() - began, 3)}), flush=True)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="amqp_connrate")
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--workers", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse(sys.argv[1:])))
