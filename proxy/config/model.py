@@ -135,10 +135,6 @@ class Frontend:
     rate_limit: RateLimit | None = None  # new connections on this frontend
     source_rate_limit: RateLimit | None = None  # new connections per client address
 
-    @property
-    def amqp(self) -> bool:
-        return self.mode is FrontendMode.AMQP
-
 
 @dataclass(frozen=True, slots=True)
 class AmqpCheck:

@@ -47,7 +47,7 @@ import trio
 from ..backends.connect import connect_error, error_name, start_connect
 from ..backends.dispatch import Connect, Dispatch, Fail, Queue, Timing
 from ..backends.proxy_protocol import encode as encode_proxy_header
-from ..config.model import SendProxy
+from ..config.model import FrontendMode, SendProxy
 from ..io.pipes import PipePool
 from ..io.kernel_relay import KernelLink, Refused, start_kernel_relay
 from ..io.poller import Poller, Writable, current_poller
@@ -265,13 +265,15 @@ class _Session(Link):
         PROXY header), ahead of anything relayed."""
         sessions, client, sock = self.sessions, self.client, self.server_sock
         self.server_sock = None
+        frontend = self.frontend
+        amqp = frontend.config.mode is FrontendMode.AMQP
         # An AMQP frontend's connections stay on the splice/copy path, whose
         # reads the AMQP tap sees (a hand-over to the kernel path after the
         # handshake is not built yet).
-        if sessions.sockmap is not None and not self.frontend.config.bulk and not self.frontend.config.amqp:
+        if sessions.sockmap is not None and not frontend.config.bulk and not amqp:
             try:
                 self.kernel = start_kernel_relay(
-                    client, sock, sessions.sockmap, sessions.timeouts(self.frontend, self.backend),
+                    client, sock, sessions.sockmap, sessions.timeouts(frontend, self.backend),
                     written=(0, written), notify=self._kernel_ended,
                 )  # fmt: skip
             except Refused as refused:
@@ -280,10 +282,10 @@ class _Session(Link):
                 self.conn.traffic = self.kernel.traffic
                 self.conn.interrupt = self.kernel.interrupt
                 return
+        timeouts = self._amqp_timeouts() if amqp else sessions.timeouts(frontend, self.backend)
         try:
             Link.__init__(
-                self, client, sock, self.conn.traffic, self._relay_timeouts(),
-                sessions.pipes, sessions.poller, True, self.fail,
+                self, client, sock, self.conn.traffic, timeouts, sessions.pipes, sessions.poller, True, self.fail,
             )  # fmt: skip
         except BaseException:
             self.ways = None
@@ -293,12 +295,9 @@ class _Session(Link):
             self.conn.amqp.attach(self)
         self.conn.interrupt = self.interrupt
 
-    def _relay_timeouts(self) -> Timeouts:
-        """The relay's first timeouts; an AMQP frontend's connection gets its AMQP state here."""
-        sessions = self.sessions
-        if not self.frontend.config.amqp:
-            return sessions.timeouts(self.frontend, self.backend)
-        policy = sessions.amqp_policy(self.frontend, self.backend)
+    def _amqp_timeouts(self) -> Timeouts:
+        """An AMQP frontend's connection gets its AMQP state, and the relay's first timeouts."""
+        policy = self.sessions.amqp_policy(self.frontend, self.backend)
         self.conn.amqp = AmqpConnection(policy, self.backend)
         return policy.before_header
 
@@ -312,19 +311,14 @@ class _Session(Link):
         if conn.kill_note is not None and self.ways is not None:
             _drain(self.socks)  # a polite kill: FIN both ways, no reset
         self.stop()
-        if ending is Ending.HELD:  # the sockets are ours again: refuse in a task
-            self.notify = None
-            self.sessions.nursery.start_soon(self._refuse)
-            return
-        self._end(*self._termination(ending))
-
-    def _termination(self, ending: Ending | None) -> tuple[str, str | None]:
         if ending is None:
-            return self._killed(), self.conn.kill_note
-        termination = _ENDINGS[ending]
-        if self.conn.amqp is None:
-            return termination, None
-        return self.conn.amqp.ending(ending, termination)
+            self._end(self._killed(), conn.kill_note)
+        elif conn.amqp is None:
+            self._end(_ENDINGS[ending], None)
+        elif ending is Ending.HELD:  # the sockets are ours again: refuse in a task
+            self.sessions.nursery.start_soon(self._refuse)
+        else:
+            self._end(*conn.amqp.ending(ending, _ENDINGS[ending]))
 
     def fail(self, error: Exception) -> None:
         """The poller's call when serving this session (its connect wait or
