@@ -34,7 +34,7 @@ _CLOSE_TO_BROKER = "Warren: connection refused by a connection limit"
 
 async def refuse(client: socket.socket, server: socket.socket, to_server: bytes, text: str) -> None:
     """Ends both sides as described above; closes both sockets whatever happens."""
-    client_sock, server_sock = trio.socket.from_stdlib_socket(client), trio.socket.from_stdlib_socket(server)
+    client_sock, server_sock = _trio_socket(client), _trio_socket(server)
     try:
         with trio.move_on_after(REFUSE_TIMEOUT):
             async with trio.open_nursery() as nursery:
@@ -43,6 +43,14 @@ async def refuse(client: socket.socket, server: socket.socket, to_server: bytes,
     finally:
         client_sock.close()
         server_sock.close()
+
+
+def _trio_socket(sock: socket.socket) -> trio.socket.SocketType:
+    """trio's wrapper for `sock`, which may be a bare _socket.socket (the
+    listener accepts those: no socket.socket per client); it takes the fd over."""
+    if not isinstance(sock, socket.socket):
+        sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    return trio.socket.from_stdlib_socket(sock)
 
 
 async def _refuse_client(sock: trio.socket.SocketType, text: str) -> None:

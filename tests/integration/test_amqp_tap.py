@@ -362,3 +362,29 @@ async def test_a_frozen_real_client_is_closed_after_twice_its_heartbeat():
                 process.kill()
                 process.wait()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_limit_answers_530_and_closes_the_broker_side_cleanly():
+    from proxy.config.model import ConnectionLimits
+
+    broker = FakeBroker()
+    with structlog.testing.capture_logs() as logs, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(fake_broker, broker)
+            config = amqp_config(port)
+            backend = dataclasses.replace(config.backends[0], limits=ConnectionLimits(per_vhost=1))
+            app = await start_warren(nursery, dataclasses.replace(config, backends=(backend,)))
+            first = AmqpClient(await trio.open_tcp_stream(*front(app)))
+            assert isinstance(await first.handshake(), ConnectionOpenOk)
+            second = AmqpClient(await trio.open_tcp_stream(*front(app)))
+            refusal = await second.handshake()
+            assert isinstance(refusal, ConnectionClose)
+            assert (refusal.reply_code, refusal.failing_class_id, refusal.failing_method_id) == (530, 10, 40)
+            assert refusal.reply_text == "warren: connection limit for vhost / reached (1)"
+            await second.stream.send_all(ConnectionCloseOk().frame())
+            assert await second.stream.receive_some(100) == b""  # then Warren closes
+            (line,) = await wait_for_closed(logs)
+            assert (line["termination"], line["reason"]) == ("PR", refusal.reply_text)
+            await first.close()
+            await wait_for_closed(logs, 2)
+            nursery.cancel_scope.cancel()
