@@ -1,9 +1,14 @@
-"""What the AMQP benchmarks share: probing which node a proxy routes to."""
+"""What the AMQP benchmarks share: probing which node a proxy routes to,
+restarting a node, the contenders in front of one node."""
 
 from __future__ import annotations
 
 import socket
 import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from .. import contenders as C
 
 from ..amqpwire import ClientHandshake, ProtocolError, connection_close, node_in
 from .base import MeasureError
@@ -53,3 +58,26 @@ def wait_routes_to(address: tuple[str, int], wanted: list[str], all_nodes: list[
             seen.add(node)
         if not set(wanted) <= seen:
             time.sleep(0.1)  # do not flood the brokers while a proxy still counts one as down
+
+
+def restart(node) -> None:
+    """Stops `node` if it runs, starts it and waits until it serves."""
+    if node.is_running():
+        node.stop()
+    node.start()
+    node.wait_ready(90)
+
+
+@contextmanager
+def contenders_on_one_node(bench, note: str) -> Iterator[dict[str, C.Contender]]:
+    """Every contender of `bench` in front of the lab's first RabbitMQ node,
+    each proven to route to it; `note` (with {node}) goes to the report."""
+    node = bench.lab.rabbit_nodes()[0]
+    spec = C.ProxySpec(servers=(C.Server(node.spec.name, node.spec.amqp_port),), health=C.Health(protocol="amqp"))
+    bench.notes.append(note.format(node=node.nodename))
+    bench.notes.append("Warren's frontend is in mode amqp: its connections take the splice path, where the AMQP "
+                       "tap reads each handshake (the kernel path serves TCP frontends).")
+    with C.all_running(bench.contenders, spec, bench.lab.dir(bench.name)) as running:
+        for contender in running.values():
+            wait_routes_to(contender.address, [node.nodename], [node.nodename], timeout=30)
+        yield running

@@ -16,7 +16,7 @@ from typing import Iterator
 from .. import contenders as C
 from ..model import Metric, Target
 from ..procs import read_event, spawn
-from ._amqp import wait_routes_to
+from ._amqp import contenders_on_one_node
 from .base import Benchmark
 
 
@@ -41,14 +41,9 @@ class AmqpConnRate(Benchmark):
 
     @contextmanager
     def environment(self) -> Iterator[dict[str, C.Contender]]:
-        node = self.lab.rabbit_nodes()[0]
-        spec = C.ProxySpec(servers=(C.Server(node.spec.name, node.spec.amqp_port),),
-                           health=C.Health(protocol="amqp"))
-        self.notes.append(f"{self.workers()} clients for {self.seconds():g} s per measurement; RabbitMQ node "
-                          f"{node.nodename}; Warren's frontend in mode amqp (every handshake inspected).")
-        with C.all_running(self.contenders, spec, self.lab.dir(self.name)) as running:
-            for contender in running.values():
-                wait_routes_to(contender.address, [node.nodename], [node.nodename], timeout=30)
+        note = (f"{self.workers()} clients for {self.seconds():g} s per measurement; RabbitMQ node {{node}}; "
+                "Warren's frontend in mode amqp (every handshake inspected).")
+        with contenders_on_one_node(self, note) as running:
             yield running
 
     def measure(self, env: dict[str, C.Contender], contender: str, round_index: int) -> dict[str, float]:

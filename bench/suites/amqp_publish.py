@@ -19,7 +19,7 @@ from typing import Iterator
 from .. import contenders as C
 from ..model import Metric, Target
 from ..procs import read_event, spawn
-from ._amqp import wait_routes_to
+from ._amqp import contenders_on_one_node
 from .base import Benchmark
 
 _queues = itertools.count(1)
@@ -45,14 +45,7 @@ class AmqpPublish(Benchmark):
 
     @contextmanager
     def environment(self) -> Iterator[dict[str, C.Contender]]:
-        node = self.lab.rabbit_nodes()[0]
-        spec = C.ProxySpec(servers=(C.Server(node.spec.name, node.spec.amqp_port),),
-                           health=C.Health(protocol="amqp"))
-        self.notes.append(f"{self.count()} messages per measurement; RabbitMQ node {node.nodename}.")
-        self.notes.append(C.warren_path_note())
-        with C.all_running(self.contenders, spec, self.lab.dir(self.name)) as running:
-            for contender in running.values():
-                wait_routes_to(contender.address, [node.nodename], [node.nodename], timeout=30)
+        with contenders_on_one_node(self, f"{self.count()} messages per measurement; RabbitMQ node {{node}}.") as running:
             yield running
 
     def measure(self, env: dict[str, C.Contender], contender: str, round_index: int) -> dict[str, float]:

@@ -19,7 +19,7 @@ from typing import Iterator
 from .. import contenders as C
 from ..model import Metric, Target
 from ..procs import read_event, send_line, spawn
-from ._amqp import wait_routes_to
+from ._amqp import restart, wait_routes_to
 from .base import Benchmark, MeasureError
 
 TOLERANCE = 0.1
@@ -71,7 +71,7 @@ class Rebalance(Benchmark):
         names = [victim.nodename, survivor.nodename]
         proxy = env["proxies"][contender]
         if not victim.is_serving():
-            self._restart(victim)
+            restart(victim)
         wait_routes_to(proxy.address, names, names, timeout=60)
         host, port = proxy.address
         argv = [sys.executable, "-m", "bench.tools.storm_client", host, str(port), str(self.count()),
@@ -114,8 +114,3 @@ class Rebalance(Benchmark):
         node.wait_ready(90)
         return served
 
-    def _restart(self, node) -> None:
-        if node.is_running():
-            node.stop()
-        node.start()
-        node.wait_ready(90)

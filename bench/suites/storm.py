@@ -21,7 +21,7 @@ from typing import Iterator
 from .. import contenders as C
 from ..model import Metric, Target
 from ..procs import read_event, send_line, spawn
-from ._amqp import wait_routes_to
+from ._amqp import restart, wait_routes_to
 from .base import Benchmark, MeasureError
 
 
@@ -78,13 +78,13 @@ class Storm(Benchmark):
         proxy = env["proxies"][contender]
         env["measured"] += 1
         if not victim.is_serving():
-            self._restart(victim)
+            restart(victim)
         wait_routes_to(proxy.address, names, names, timeout=60)
         try:
             return self._storm(proxy, victim, names)
         finally:
             if env["measured"] < self._total_measurements():
-                self._restart(victim)  # ready for the next measurement
+                restart(victim)  # ready for the next measurement
 
     def _storm(self, proxy: C.Contender, victim, names: list[str]) -> dict[str, float]:
         host, port = proxy.address
@@ -108,11 +108,6 @@ class Storm(Benchmark):
         return {"recovery": recovered["at"] - killed_at, "lost": float(recovered["lost"]),
                 "peak": float(recovered["peak_rate"])}
 
-    def _restart(self, node) -> None:
-        if node.is_running():
-            node.stop()
-        node.start()
-        node.wait_ready(90)
 
 
 class StormLimited(Storm):

@@ -20,7 +20,6 @@ def runtime_with(counts, rebalance=Rebalance(rate=4, min_age=0, tolerance=0.1), 
         for n in range(count):
             conn = Connection(runtime.new_connection_id(), ("10.0.0.1", 1), "fe", Traffic())
             conn.started = now - 100 - n
-            killed = []
             conn.interrupt = lambda c=conn, t=target: t.detach(c)  # the session ends it at once
             conn.server = target
             target.attach(conn)
