@@ -335,7 +335,7 @@ class _Session(Link):
         except Exception as error:
             self._crashed(error)
             return
-        self._end(termination, None)
+        self._end(termination, self.conn.kill_note if ending is None else None)
 
     def _interrupt_connect(self) -> None:
         if self.waiter is not None:
