@@ -125,7 +125,9 @@ class Frontend:
     name: str
     binds: tuple[BindAddress, ...]
     backend: str
-    mode: FrontendMode = FrontendMode.AMQP
+    # A configuration file's frontends are AMQP unless they say otherwise
+    # (build_frontend); built in code, a frontend is plain TCP unless told.
+    mode: FrontendMode = FrontendMode.TCP
     maxconn: int = 2000
     backlog: int = 1024
     timeout: FrontendTimeouts = FrontendTimeouts(client=None, handshake=None)

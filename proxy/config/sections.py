@@ -268,10 +268,12 @@ def client_timeout(value: Any) -> float | str | None:
         raise Invalid(f'expected "heartbeat" or a duration: {error}') from None
 
 
-def build_frontend(*, timeout: FrontendTimeouts | None = None, **values: Any) -> Frontend:
-    """A frontend whose timeout defaults are settled by its mode: AMQP frontends
-    get ``client = "heartbeat"`` and a 5 s handshake timeout, TCP ones neither."""
-    frontend = Frontend(**values)
+def build_frontend(*, timeout: FrontendTimeouts | None = None, mode: FrontendMode = FrontendMode.AMQP,
+                   **values: Any) -> Frontend:
+    """A frontend of the file: ``mode = "amqp"`` unless it says otherwise, with
+    timeout defaults settled by its mode (AMQP frontends get ``client =
+    "heartbeat"`` and a 5 s handshake timeout, TCP ones neither)."""
+    frontend = Frontend(mode=mode, **values)
     timeout = timeout or FrontendTimeouts()
     if frontend.mode is FrontendMode.AMQP:
         client = HEARTBEAT if timeout.client == AUTO else timeout.client

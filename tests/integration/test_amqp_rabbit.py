@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from proxy.app import App
-from proxy.config.model import BindAddress, ConnectionLimits, LimitAction, Stats
+from proxy.config.model import BindAddress, ConnectionLimits, FrontendMode, LimitAction, Stats
 from proxy.stats_ui.control import ControlService
 from proxy.stats_ui.service import StatsService
 from tests.integration.test_stats_ctl import ctl
@@ -50,6 +50,8 @@ def accounts(healthy_cluster):
 
 def cluster_config(nodes, limits: ConnectionLimits | None = None):
     config = make_config([server(f"n{i}", n.spec.amqp_port) for i, n in enumerate(nodes)])
+    amqp = dataclasses.replace(config.frontends[0], mode=FrontendMode.AMQP)
+    config = dataclasses.replace(config, frontends=(amqp,))
     if limits is not None:
         backend = dataclasses.replace(config.backends[0], limits=limits)
         config = dataclasses.replace(config, backends=(backend,))

@@ -12,7 +12,7 @@ import pytest
 import structlog
 import trio
 
-from proxy.config.model import FrontendTimeouts, RateAction, RateLimit
+from proxy.config.model import FrontendMode, FrontendTimeouts, RateAction, RateLimit
 from proxy.health.amqp_methods import (
     ConnectionClose,
     ConnectionCloseOk,
@@ -29,7 +29,7 @@ from tests.proxyutil import front, make_config, serve_named, server, start_warre
 
 def amqp_config(port: int, **frontend_changes):
     config = make_config([server("fake", port)])
-    frontend = dataclasses.replace(config.frontends[0], **frontend_changes)
+    frontend = dataclasses.replace(config.frontends[0], mode=FrontendMode.AMQP, **frontend_changes)
     return dataclasses.replace(config, frontends=(frontend,))
 
 
