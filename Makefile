@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 DEBS_RUN  := rabbitmq-server
 DEBS_DEB  := python3 systemd
-DEBS_TEST := rabbitmq-server iproute2 haproxy keepalived iperf3 wrk chromium $(DEBS_DEB) util-linux
+DEBS_TEST := rabbitmq-server iproute2 nftables haproxy keepalived iperf3 wrk chromium $(DEBS_DEB) util-linux
 PYTEST_ARGS ?=
 
 .PHONY: run test check venv debs-run debs-test clean wheel deb

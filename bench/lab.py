@@ -1,9 +1,11 @@
 """What the benchmarks of one run share: the mode, a work directory, the
-progress display, and (started on first use) two local RabbitMQ nodes."""
+progress display, and (started on first use) two local RabbitMQ nodes.
+
+(Network namespaces and broker names unique to a run come from the
+repository's `lab` package, shared with the tests.)"""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -11,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from proxy.devcluster import NodeSpec, RabbitCluster, RabbitNode, unavailable_reason
+from lab import start_nodes
+from proxy.devcluster import RabbitCluster, RabbitNode, unavailable_reason
 
 from .progress import Progress
 
@@ -86,10 +89,8 @@ class Lab:
         return self._cluster.nodes
 
     def _start_rabbit(self) -> None:
-        tag = f"bench{os.getpid()}"
-        specs = [NodeSpec.on_free_ports(f"{tag}-{letter}", extra_conf=BROKER_CONF) for letter in "ab"]
         try:
-            self._cluster = RabbitCluster(specs, cluster=False, start_timeout=90.0).start()
+            self._cluster = start_nodes(2, cluster=False, tag="bench", extra_conf=BROKER_CONF, start_timeout=90.0)
         except BaseException as error:  # reported by rabbit_nodes()
             self._cluster_error = error
 

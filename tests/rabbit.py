@@ -16,18 +16,15 @@ reason when rabbitmq-server is not installed or we are not root.
 
 from __future__ import annotations
 
-import itertools
-import os
 import signal
 from typing import Iterator, Mapping
 
 import pytest
 
-from proxy.devcluster import DevClusterError, NodeSpec, RabbitCluster, RabbitNode, unavailable_reason
+from lab import start_nodes
+from proxy.devcluster import RabbitCluster, RabbitNode, unavailable_reason
 
 RABBIT_FIXTURES = frozenset({"rabbit_cluster", "healthy_cluster", "rabbit_node_factory"})
-START_ATTEMPTS = 2  # a second try with fresh ports, in case another run took one
-_serial = itertools.count(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,24 +43,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RABBIT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.rabbit)
-
-
-def unique_node_name(tag: str) -> str:
-    """A node name no other test run on this machine uses at the same time."""
-    return f"wt{os.getpid()}-{tag}{next(_serial)}"
-
-
-def start_nodes(count: int, *, cluster: bool, tag: str, mgmt: bool = False, **options) -> RabbitCluster:
-    """A started RabbitCluster of `count` nodes on free ports (in a temporary
-    directory removed at close); retried once with fresh ports."""
-    for attempt in range(1, START_ATTEMPTS + 1):
-        specs = [NodeSpec.on_free_ports(unique_node_name(tag), mgmt=mgmt, **options) for _ in range(count)]
-        try:
-            return RabbitCluster(specs, cluster=cluster).start()
-        except DevClusterError:
-            if attempt == START_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")
 
 
 def skip_without_rabbitmq() -> None:

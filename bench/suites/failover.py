@@ -1,6 +1,6 @@
 """Floating-IP failover time: Warren's VRRP against keepalived 2.2.7 + HAProxy.
 
-Every case builds its own LAN of network namespaces (bench/netns.py): a
+Every case builds its own LAN of network namespaces (lab/netns.py): a
 bridge with the client, and two hosts h1 (priority 150, the master) and h2
 (priority 100). Each host runs a tiny TCP responder on 127.0.0.1:9000 that
 answers with the host's name, and the contender: `warren run` (a frontend on
@@ -28,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from lab import Host, Lan, NetLab, in_ns, netns_missing, sysctl
+
 from ..contenders import REPO
 from ..model import Metric, Target
-from ..netns import Host, Lan, netns_missing, sysctl
-from ..procs import Managed, ProcessFailed, read_event
+from ..procs import Managed, ProcessFailed, read_event, spawn
 from .base import Benchmark, MeasureError
 
 BACKEND_PORT = 9000
 FRONT_PORT = 5672
+SUBNET = "10.216.1"  # inside the namespaces only
 VIP_LAST = 100
 PROBE_PERIOD = 0.005
 PROBE_TIMEOUT = 0.2
@@ -328,21 +330,21 @@ class Failover(Benchmark):
     # -- one case ----------------------------------------------------------------------
 
     def _measure_case(self, contender: str, case: Case, workdir: Path) -> dict[str, float]:
-        lan = Lan()
-        try:
+        with NetLab() as net:
+            lan = net.lan(SUBNET)
             vip = lan.address(VIP_LAST)
             h1, h2 = lan.add_host("h1"), lan.add_host("h2")
             master = self._start_side(lan, contender, h1, 150, case, vip, workdir)
-            _wait(lambda: vip in lan.addresses(h1.ns), 20, f"{contender} on h1 never held the VIP", master)
+            _wait(lambda: vip in net.addresses(h1.ns), 20, f"{contender} on h1 never held the VIP", master)
             backup = self._start_side(lan, contender, h2, 100, case, vip, workdir)
             _wait(lambda: backup.logged(_BACKUP_LINE[contender]), 20,
                   f"{contender} on h2 never became backup", backup)
             # A backup's master-down timer runs from its start until the first advert
             # arrives (RFC 5798 6.4.1); settle so that the timer runs from an advert.
             time.sleep(2 * case.advert + 0.1)
-            prober = lan.spawn(lan.ns, "prober", [sys.executable, "-c", PROBER, vip, str(FRONT_PORT),
-                                                  str(PROBE_PERIOD), str(PROBE_TIMEOUT)],
-                               workdir / "prober.log", pipe_stdio=True)
+            prober = _spawn(lan, lan.ns, "prober", [sys.executable, "-c", PROBER, vip, str(FRONT_PORT),
+                                                    str(PROBE_PERIOD), str(PROBE_TIMEOUT)],
+                            workdir / "prober.log", pipe_stdio=True)
             read_event(prober, "ready", 10)
             _wait(lambda: _last_served(prober) == "h1", 10, "the client never reached h1 via the VIP", master)
             event = self._trigger(lan, case, master)
@@ -353,36 +355,34 @@ class Failover(Benchmark):
             values = {case.key: longest_gap([t for t, _ in done["ok"]], event)}
             if case.check_linger:
                 time.sleep(max(0.0, event + self.linger_wait() - time.monotonic()))
-                values[LINGER.key] = 1.0 if vip in lan.addresses(h1.ns) else 0.0
+                values[LINGER.key] = 1.0 if vip in net.addresses(h1.ns) else 0.0
             return values
-        finally:
-            lan.destroy()
 
     def _start_side(self, lan: Lan, contender: str, host: Host, priority: int, case: Case, vip: str,
                     workdir: Path) -> Side:
-        responder = lan.spawn(host.ns, f"responder-{host.name}",
-                              [sys.executable, "-c", RESPONDER, str(BACKEND_PORT), host.name],
-                              workdir / f"responder-{host.name}.log", pipe_stdio=True)
+        responder = _spawn(lan, host.ns, f"responder-{host.name}",
+                           [sys.executable, "-c", RESPONDER, str(BACKEND_PORT), host.name],
+                           workdir / f"responder-{host.name}.log", pipe_stdio=True)
         read_event(responder, "ready", 10)
         log = workdir / f"{contender}-{host.name}.log"
         if contender == "warren":
             path = workdir / f"warren-{host.name}.toml"
             path.write_text(warren_config(vip, priority, case))
-            main = lan.spawn(host.ns, f"warren-{host.name}", [sys.executable, "-m", "proxy", "run", str(path)],
-                             log, cwd=REPO)
+            main = _spawn(lan, host.ns, f"warren-{host.name}", [sys.executable, "-m", "proxy", "run", str(path)],
+                          log, cwd=REPO)
             self.remember("warren", ["warren", "run", path.name])
         else:
             sysctl(host.ns, "net.ipv4.ip_nonlocal_bind=1")  # HAProxy binds the VIP before it has it
             cfg = workdir / f"haproxy-{host.name}.cfg"
             cfg.write_text(haproxy_config(vip))
-            lan.spawn(host.ns, f"haproxy-{host.name}", ["haproxy", "-f", str(cfg), "-db"],
-                      workdir / f"haproxy-{host.name}.log")
+            _spawn(lan, host.ns, f"haproxy-{host.name}", ["haproxy", "-f", str(cfg), "-db"],
+                   workdir / f"haproxy-{host.name}.log")
             conf = workdir / f"keepalived-{host.name}.conf"
             conf.write_text(keepalived_config(vip, priority, case))
             argv = ["keepalived", "-n", "-l", "-G", "-P", "-f", str(conf),
                     "-p", str(workdir / f"keepalived-{host.name}.pid"),
                     "-r", str(workdir / f"keepalived-vrrp-{host.name}.pid")]
-            main = lan.spawn(host.ns, f"keepalived-{host.name}", argv, log)
+            main = _spawn(lan, host.ns, f"keepalived-{host.name}", argv, log)
             self.remember("keepalived", ["keepalived", *argv[1:6], conf.name, "-p", "PIDFILE", "-r", "VRRP_PIDFILE"])
             self.remember("haproxy", ["haproxy", "-f", cfg.name, "-db"])
         return Side(host, responder, main, log)
@@ -392,10 +392,10 @@ class Failover(Benchmark):
         """Brings the event about; returns when it happened (time.monotonic())."""
         if case.event == "crash":
             host = master.host
-            pids = [str(pid) for pid in lan.pids(host.ns)]
-            crasher = lan.spawn(lan.ns, "crasher", [sys.executable, "-c", CRASHER, host.port, host.ip,
-                                                    str(CRASH_PHASE * case.advert), *pids],
-                                None, pipe_stdio=True)
+            pids = [str(pid) for pid in lan.lab.pids(host.ns)]
+            crasher = _spawn(lan, lan.ns, "crasher", [sys.executable, "-c", CRASHER, host.port, host.ip,
+                                                      str(CRASH_PHASE * case.advert), *pids],
+                             None, pipe_stdio=True)
             return read_event(crasher, "crashed", 15)["at"]
         event = time.monotonic()
         if case.event == "stop":
@@ -405,7 +405,7 @@ class Failover(Benchmark):
         return event
 
     def _configs_note(self) -> str:
-        vip = "10.216.1.100"
+        vip = f"{SUBNET}.{VIP_LAST}"
         parts = ["Configurations (h1 shown, priority 150; h2 has priority 100; the `track` / "
                  "`vrrp_script` lines only in the backend-lost case):", ""]
         tracked = CASES[3]
@@ -425,6 +425,11 @@ class Failover(Benchmark):
 
 
 _BACKUP_LINE = {"warren": '"vip.backup"', "keepalived": "Entering BACKUP STATE"}
+
+
+def _spawn(lan: Lan, ns: str, name: str, argv: list[str], log_path: Path | None, **options) -> Managed:
+    """``argv`` started inside ``ns`` (see procs.spawn), stopped with the lab."""
+    return lan.lab.adopt(spawn(name, in_ns(ns, argv), log_path=log_path, **options))
 
 
 def _send(process: Managed, line: str) -> None:

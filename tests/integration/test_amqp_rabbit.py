@@ -15,6 +15,7 @@ import pytest
 import structlog
 import trio
 
+from lab import wait_until
 from proxy.app import App
 from proxy.config.model import BindAddress, ConnectionLimits, FrontendMode, LimitAction, Stats
 from proxy.stats_ui.control import ControlService
@@ -359,15 +360,11 @@ async def test_rebalancing_after_a_broker_returns_spreads_at_a_bounded_rate_and_
             def spread():
                 return [len(s.connections) for s in runtime_backend.servers.values()]
 
-            async def until(predicate, timeout):
-                with trio.fail_after(timeout):
-                    while not predicate():
-                        await trio.sleep(0.1)
-
             try:
-                await until(lambda: sum(spread()) >= CLIENTS + PUBLISHERS, 90)
+                await wait_until(lambda: sum(spread()) >= CLIENTS + PUBLISHERS, timeout=90, interval=0.1)
                 await in_thread(nodes[2].stop)  # its clients reconnect to the others
-                await until(lambda: spread()[2] == 0 and sum(spread()) >= CLIENTS + PUBLISHERS, 60)
+                await wait_until(lambda: spread()[2] == 0 and sum(spread()) >= CLIENTS + PUBLISHERS, timeout=60,
+                                 interval=0.1)
 
                 async def sample_closes():
                     while True:
@@ -387,11 +384,11 @@ async def test_rebalancing_after_a_broker_returns_spreads_at_a_bounded_rate_and_
                     counted = {s.name: len(s.connections) for s in current}
                     return sum(counted.values()) >= CLIENTS + PUBLISHERS and is_balanced(counted, targets, tolerance)
 
-                await until(lambda: balanced() and spread()[2] > 0, 90)
+                await wait_until(lambda: balanced() and spread()[2] > 0, timeout=90, interval=0.1)
                 took = trio.current_time() - returned
                 final = spread()
                 stop_clients()
-                await until(lambda: sum(spread()) == 0, 60)
+                await wait_until(lambda: sum(spread()) == 0, timeout=60, interval=0.1)
             finally:
                 stop_clients()  # whatever happened: the client thread must end
             nursery.cancel_scope.cancel()

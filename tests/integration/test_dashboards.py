@@ -17,6 +17,7 @@ import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab import wait_until
 from proxy.config.model import CheckKind, Health
 from proxy.vip.machine import Counters
 from tests.integration.test_stats_http import http, start_with_stats
@@ -59,9 +60,8 @@ async def test_every_metric_queried_is_exported_by_metrics():
                 name="amqp", state="MASTER", priority=150, vrid=51, interface="eth0", addresses=["10.0.0.100/24"],
                 master="10.0.0.11", last_transition=3.0, counters=Counters(became_master=1))]
             servers = list(running.app.runtime.servers())
-            with trio.fail_after(10):
-                while not all(server.last_check is not None for server in servers):
-                    await trio.sleep(0.05)
+            await wait_until(lambda: all(server.last_check is not None for server in servers), timeout=10,
+                             interval=0.05, what="every server checked")
             reply = await http(running.address, "/metrics")
             nursery.cancel_scope.cancel()
     exported = {family.name for family in text_string_to_metric_families(reply.body.decode())}

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 import uuid
 from base64 import b64encode
@@ -20,6 +19,7 @@ from pathlib import Path
 import pika
 import pytest
 
+from lab import wait_until
 from proxy.devcluster import (
     DevClusterError, NodeSpec, RabbitCluster, free_ports, port_accepts, unavailable_reason,
 )
@@ -72,16 +72,6 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def poll(predicate, timeout: float, interval: float = 0.2):
-    """predicate()'s first truthy value within `timeout`, else AssertionError."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {predicate}")
-        time.sleep(interval)
-    return value
-
-
 def reachable_temp_dir() -> Path:
     """A new empty directory the rabbitmq user can enter (mkdtemp makes 0700)."""
     path = Path(tempfile.mkdtemp(prefix="warren-test-"))
@@ -124,11 +114,12 @@ def test_a_message_published_via_one_node_is_consumed_via_another(healthy_cluste
         consumer.close()
 
 
-def test_connections_lists_clients_as_the_broker_sees_them(healthy_cluster):
+async def test_connections_lists_clients_as_the_broker_sees_them(healthy_cluster):
     node = healthy_cluster[0]
     connection = blocking_connection(node.spec.amqp_port)
     try:
-        seen = poll(lambda: [c for c in node.connections() if c["user"] == "guest"], timeout=10)
+        seen = await wait_until(lambda: [c for c in node.connections() if c["user"] == "guest"],
+                                timeout=10, interval=0.2, what="the client listed")
         assert seen[0]["peer_host"] == "127.0.0.1"
         assert seen[0]["port"] == node.spec.amqp_port
         assert isinstance(seen[0]["peer_port"], int)
@@ -140,13 +131,14 @@ def test_heal_does_nothing_when_every_node_serves(healthy_cluster):
     assert healthy_cluster.heal() == []
 
 
-def test_a_killed_node_refuses_connections_until_healed(healthy_cluster):
+async def test_a_killed_node_refuses_connections_until_healed(healthy_cluster):
     node = healthy_cluster[2]
     crashed_vm = node.beam_pid
     node.kill()
     assert not pid_alive(crashed_vm)
     assert not port_accepts(node.spec.amqp_port)
-    poll(lambda: node.nodename not in healthy_cluster[0].cluster_status()["running_nodes"], timeout=10)
+    await wait_until(lambda: node.nodename not in healthy_cluster[0].cluster_status()["running_nodes"],
+                     timeout=10, interval=0.2, what="the killed node out of running_nodes")
 
     assert healthy_cluster.heal() == [node]
     assert node.beam_pid not in (None, crashed_vm)
@@ -167,7 +159,7 @@ def test_a_paused_node_accepts_tcp_but_stays_silent_until_healed(healthy_cluster
 
 # -- extra nodes --------------------------------------------------------------
 
-def test_a_proxy_protocol_node_closes_on_plain_amqp_and_reports_proxied_addresses(rabbit_node_factory):
+async def test_a_proxy_protocol_node_closes_on_plain_amqp_and_reports_proxied_addresses(rabbit_node_factory):
     node = rabbit_node_factory(proxy_protocol=True)
     assert first_reply(node.spec.amqp_port) == b""  # no Connection.Start, just closed
 
@@ -176,7 +168,8 @@ def test_a_proxy_protocol_node_closes_on_plain_amqp_and_reports_proxied_addresse
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(header + AMQP_0_9_1_HEADER)
         assert is_connection_start(read_up_to(sock, 11))
-        seen = poll(lambda: [c for c in node.connections() if c["peer_host"] == "192.0.2.7"], timeout=10)
+        seen = await wait_until(lambda: [c for c in node.connections() if c["peer_host"] == "192.0.2.7"],
+                                timeout=10, interval=0.2, what="the proxied address listed")
         assert seen[0]["peer_port"] == 40001
 
 

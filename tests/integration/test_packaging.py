@@ -27,7 +27,7 @@ import pytest
 import trio
 from packaging.requirements import Requirement
 
-from tests.netlab import REPO
+from tests.viplab import REPO
 from tests.warrenproc import WarrenProcess
 
 PYTHON = sys.executable

@@ -11,17 +11,13 @@ import pytest
 import structlog
 import trio
 
+from lab import wait_until
 from proxy.config.model import BackendTimeouts, BindAddress, Resolvers, Server
 from tests.dnsserver import serve_dns
 from tests.proxyutil import (
     connect_and_greet, front, make_config, read_line, serve_named, server, start_warren,
 )
 from tests.warrenproc import WarrenProcess, json_global, write
-
-
-async def until(predicate, step=0.01):
-    while not predicate():
-        await trio.sleep(step)
 
 
 async def test_dns_named_server_follows_its_records(tmp_path):
@@ -43,14 +39,14 @@ async def test_dns_named_server_follows_its_records(tmp_path):
 
             records["rabbit.test"] = ["127.0.0.2"]
             named = app.runtime.server("be", "named")
-            await until(lambda: named.addresses == ("127.0.0.2",))
+            await wait_until(lambda: named.addresses == ("127.0.0.2",), timeout=15)
             stream, name = await connect_and_greet(app)
             assert name == "second"
             await stream.aclose()
 
             with structlog.testing.capture_logs() as logs:
                 servfail.add("rabbit.test")
-                await until(lambda: any(e["event"] == "dns.failed" for e in logs))
+                await wait_until(lambda: any(e["event"] == "dns.failed" for e in logs), timeout=15)
             assert named.addresses == ("127.0.0.2",)  # the last good answer stays
             stream, name = await connect_and_greet(app)
             assert name == "second"
@@ -126,7 +122,7 @@ async def test_tunnel_timeout_closes_idle_connections_with_cd():
                     await stream.send_all(b"ping\n")
                     assert await read_line(stream) == "ping"
                 assert await stream.receive_some(10) == b""  # then idle: closed
-                await until(lambda: any(e["event"] == "connection.closed" for e in logs))
+                await wait_until(lambda: any(e["event"] == "connection.closed" for e in logs), timeout=15)
             closed = [e for e in logs if e["event"] == "connection.closed"][0]
             assert closed["termination"] == "cD" and closed["tt_ms"] >= 700  # as HAProxy logs it
             nursery.cancel_scope.cancel()

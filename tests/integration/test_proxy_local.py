@@ -12,6 +12,7 @@ import pytest
 import structlog
 import trio
 
+from lab import wait_until
 from proxy.backends.proxy_protocol import parse as parse_proxy_header
 from proxy.config.model import SendProxy
 from proxy.runtime import AdminState, KillReason
@@ -75,7 +76,7 @@ async def test_dead_server_is_redispatched_without_client_error(relay_path):
                     stream, name = await connect_and_greet(app)
                     assert name == "b"
                     await stream.aclose()
-                await _wait_for(lambda: len(_closed(logs)) == 4)
+                await wait_until(lambda: len(_closed(logs)) == 4, timeout=15)
             redispatched = [e for e in _closed(logs) if e["redispatched"]]
             assert redispatched and all(e["retries"] == 2 and e["server"] == "b" for e in redispatched)
             dead = app.runtime.server("be", "dead")
@@ -91,7 +92,7 @@ async def test_all_servers_dead_closes_client_with_sc(relay_path):
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
                 assert await stream.receive_some(10) == b""
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             assert _closed(logs)[0]["termination"] == "SC"
             nursery.cancel_scope.cancel()
 
@@ -105,7 +106,7 @@ async def test_a_connect_that_never_completes_ends_with_sc_after_the_timeout(rel
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
                 assert await stream.receive_some(10) == b""
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             closed = _closed(logs)[0]
             assert (closed["termination"], closed["retries"]) == ("sC", retries)
             assert closed["tc_ms"] >= 200 * (retries + 1) - 20  # every attempt waited its timeout
@@ -120,10 +121,10 @@ async def test_a_session_killed_while_connecting_ends_at_once_with_kd(relay_path
             target = app.runtime.server("be", "x")
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
-                await _wait_for(lambda: target.connections)  # attached: connecting
+                await wait_until(lambda: target.connections, timeout=15)  # attached: connecting
                 assert target.kill_sessions(KillReason.KILLED) == 1
                 assert await stream.receive_some(10) == b""
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             assert _closed(logs)[0]["termination"] == "KD"
             assert not target.connections and not app.sessions.live
             nursery.cancel_scope.cancel()
@@ -138,7 +139,7 @@ async def test_no_available_server_accepts_then_closes_and_logs_why(relay_path):
             with structlog.testing.capture_logs() as logs:
                 stream = await trio.open_tcp_stream(*front(app))
                 assert await stream.receive_some(10) == b""
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             assert any(e["event"] == "backend.no_server" and e["backend"] == "be" for e in logs)
             assert _closed(logs)[0]["termination"] == "SC"
             nursery.cancel_scope.cancel()
@@ -183,7 +184,7 @@ async def test_server_maxconn_queues_until_a_slot_frees(relay_path):
             app = await start_warren(nursery, make_config([server("a", ports["a"], maxconn=1)]), relay=relay_path)
             first, _ = await connect_and_greet(app)
             second = await trio.open_tcp_stream(*front(app))
-            await _wait_for(lambda: app.runtime.statistics().backends[0].queue_current == 1)
+            await wait_until(lambda: app.runtime.statistics().backends[0].queue_current == 1, timeout=15)
             await first.aclose()
             assert await read_line(second) == "a"
             assert app.runtime.statistics().backends[0].queue_max == 1
@@ -206,7 +207,7 @@ async def test_queue_timeout_closes_client_with_sq(relay_path):
             with structlog.testing.capture_logs() as logs:
                 second = await trio.open_tcp_stream(*front(app))
                 assert await second.receive_some(10) == b""
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             assert _closed(logs)[0]["termination"] == "sQ"
             nursery.cancel_scope.cancel()
 
@@ -248,7 +249,7 @@ async def test_killed_sessions_are_closed_and_logged_kd(relay_path):
             with structlog.testing.capture_logs() as logs:
                 assert app.runtime.server("be", "a").kill_sessions(KillReason.KILLED) == 1
                 assert await stream.receive_some(10) == b""
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             assert _closed(logs)[0]["termination"] == "KD"
             nursery.cancel_scope.cancel()
 
@@ -286,7 +287,7 @@ async def test_stop_closes_listeners_and_lets_connections_finish(relay_path):
             stream, _ = await connect_and_greet(app)
             address = front(app)
             app.stop()
-            await _wait_for_refused(address)
+            await wait_until(lambda: _refused(address), timeout=15, what="the front port closed")
             await stream.send_all(b"ping\n")
             assert await read_line(stream) == "ping"
             nursery.cancel_scope.cancel()
@@ -307,19 +308,13 @@ def _closed(logs):
     return [e for e in logs if e["event"] == "connection.closed"]
 
 
-async def _wait_for(predicate, step=0.01):
-    while not predicate():
-        await trio.sleep(step)
-
-
-async def _wait_for_refused(address):
-    while True:
-        try:
-            stream = await trio.open_tcp_stream(*address)
-        except OSError:
-            return
-        await stream.aclose()
-        await trio.sleep(0.01)
+async def _refused(address) -> bool:
+    try:
+        stream = await trio.open_tcp_stream(*address)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
 
 
 async def test_a_failing_session_is_closed_alone(relay_path, monkeypatch):
@@ -338,7 +333,7 @@ async def test_a_failing_session_is_closed_alone(relay_path, monkeypatch):
             with structlog.testing.capture_logs() as logs:
                 victim = await trio.open_tcp_stream(*front(app))
                 assert await victim.receive_some(10) in (b"", b"a\n")
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             assert any(e["event"] == "session.failed" for e in logs)
             assert _closed(logs)[0]["termination"] == "PD"
             monkeypatch.setattr(session_module._Session, "_relay", real_relay)
@@ -354,11 +349,11 @@ async def test_a_queued_session_killed_ends_at_once_with_kd_and_frees_its_slot(r
             with structlog.testing.capture_logs() as logs:
                 queued = await trio.open_tcp_stream(*front(app))
                 backend = app.runtime.backends["be"]
-                await _wait_for(lambda: backend.queue.statistics().tasks_waiting == 1)
+                await wait_until(lambda: backend.queue.statistics().tasks_waiting == 1, timeout=15)
                 (victim,) = [c for c in app.sessions.live if c.server is None]
                 victim.kill(KillReason.KILLED)
                 assert await queued.receive_some(10) == b""
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             assert [(e["termination"], e["server"]) for e in _closed(logs)] == [("KD", None)]
             assert app.runtime.frontends["fe"].current == 1
             assert backend.queue.statistics().tasks_waiting == 0
@@ -376,7 +371,7 @@ async def test_a_connect_retried_after_a_timeout_goes_on_to_the_next_server(rela
                 stream, name = await connect_and_greet(app)
                 assert name == "b"
                 await stream.aclose()
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
             closed = _closed(logs)[0]
             assert (closed["server"], closed["retries"], closed["redispatched"]) == ("b", 1, True)
             assert closed["tc_ms"] >= 180
@@ -406,7 +401,7 @@ async def test_a_session_failing_as_its_relay_ends_is_closed_alone_and_frees_its
                 victim, _ = await connect_and_greet(app)
                 monkeypatch.setattr(session_module, "_ENDINGS", {})
                 await victim.send_eof()  # the echo server closes too: the relay ends
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
                 monkeypatch.undo()
                 stream, name = await connect_and_greet(app)  # the only slot is free again
                 assert name == "a"
@@ -432,7 +427,7 @@ async def test_a_failing_idle_timeout_ends_that_session_alone_and_frees_its_slot
                 monkeypatch.setattr(KernelLink, "_idle_blame", broken_blame)
                 victim, _ = await connect_and_greet(app)
                 assert await victim.receive_some(10) == b""  # closed when its timer fired
-                await _wait_for(lambda: _closed(logs))
+                await wait_until(lambda: _closed(logs), timeout=15)
                 monkeypatch.undo()
                 stream, name = await connect_and_greet(app)
                 assert name == "a"

@@ -12,7 +12,6 @@ and keeps confirming, and every confirmed message is in the queue at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import shutil
@@ -22,15 +21,14 @@ import sys
 import pytest
 import trio
 
-from proxy.devcluster import NodeSpec, RabbitCluster, unavailable_reason
-from tests.netlab import REPO, Agent, Lab, unprivileged_user
-from tests.rabbit import unique_node_name
+from lab import NetLab, start_nodes, wait_until
+from proxy.devcluster import RabbitCluster, unavailable_reason
+from tests.viplab import REPO, Agent, VipLab, unprivileged_user
 
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.rabbit,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("setpriv") is None or shutil.which("ip") is None, reason="needs util-linux, iproute2"),
+    pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux"),
 ]
 
 PUBLISHERS = 3
@@ -178,43 +176,39 @@ for line in sys.stdin:
 
 async def progress_past(client: Agent, marks: dict[str, int], what: str, timeout: float = 60) -> dict:
     """Waits until every publisher confirmed more than at ``marks``; returns the status then."""
-    status: dict = {}
-    with trio.move_on_after(timeout):
-        while True:
-            status = await client.call(op="status")
-            if all(status["confirmed"][i] > marks.get(i, 0) + 5 for i in status["confirmed"]):
-                return status
-            await trio.sleep(0.2)
-    raise AssertionError(f"publishers stalled {what}: {status}")
+
+    async def progressed() -> dict | None:
+        status = await client.call(op="status")
+        return status if all(status["confirmed"][i] > marks.get(i, 0) + 5 for i in status["confirmed"]) else None
+
+    return await wait_until(progressed, timeout=timeout, interval=0.2, what=f"publishers progressing {what}")
 
 
 def brokers(ip: str) -> RabbitCluster:
     """Three clustered nodes listening on loopback and on ``ip`` (the LAN's view of the root namespace)."""
-    specs = []
-    for _ in range(3):
-        spec = NodeSpec.on_free_ports(unique_node_name("rh"))
-        specs.append(dataclasses.replace(spec, extra_conf={"listeners.tcp.2": f"{ip}:{spec.amqp_port}"}))
-    return RabbitCluster(specs, cluster=True).start()
+    return start_nodes(3, cluster=True, tag="rh", also_listen=ip)
 
 
-async def test_a_migrated_pair_survives_a_killed_master_and_a_stopped_broker_without_losing_a_message():
+async def test_a_migrated_pair_survives_a_killed_master_and_a_stopped_broker_without_losing_a_message(
+    netlab: NetLab,
+):
     if reason := unavailable_reason():
         pytest.skip(reason)
     tag = f"{os.getpid() % 10000}r{next(_serial)}"
     with unprivileged_user(f"rh{tag}") as user:
-        lab = Lab(tag, user.home, f"10.217.{os.getpid() % 250}")
+        lab = VipLab(netlab, user.home, None)  # a subnet free in the root namespace: the brokers listen there
         cluster = None
         try:
-            broker_ip = lab.link_root_namespace()
+            broker_ip = lab.lan.link_root()
             cluster = await trio.to_thread.run_sync(brokers, broker_ip)
             await rehearse(lab, user, cluster, broker_ip)
         finally:
-            lab.destroy()
+            netlab.destroy()  # the user's processes end before the user goes
             if cluster is not None:
                 await trio.to_thread.run_sync(cluster.close)
 
 
-async def rehearse(lab: Lab, user, cluster: RabbitCluster, broker_ip: str) -> None:
+async def rehearse(lab: VipLab, user, cluster: RabbitCluster, broker_ip: str) -> None:
     vip = lab.vip()
     servers = "\n".join(f"    server rmq{i} {broker_ip}:{node.spec.amqp_port} check"
                         for i, node in enumerate(cluster.nodes, 1))
@@ -241,9 +235,9 @@ async def rehearse(lab: Lab, user, cluster: RabbitCluster, broker_ip: str) -> No
             for warren in (w1, w2):
                 for index in range(1, 4):
                     await warren.wait_for("server.up", server=f"rmq{index}", timeout=30)
-            client = Agent(await lab._open(lab.lan, [sys.executable, "-c", CLIENT, vip, f"rehearsal-{lab.tag}",
-                                                     str(PUBLISHERS)],
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+            client = Agent(await lab.open_process(lab.lan.ns, [sys.executable, "-c", CLIENT, vip,
+                                                               f"rehearsal-{lab.net.tag}", str(PUBLISHERS)],
+                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             await client.ready()
             await client.call(op="start")
             before = await progress_past(client, {}, "after the start")

@@ -18,6 +18,7 @@ import pytest
 import structlog
 import trio
 
+from lab import wait_until
 from proxy.config.model import FrontendTimeouts
 from proxy.stats_ui.commands import execute
 from proxy.stats_ui.render_json import render_json
@@ -42,11 +43,6 @@ UNPRIVILEGED = [
 ]  # fmt: skip
 
 
-async def until(predicate, step=0.005):
-    while not predicate():
-        await trio.sleep(step)
-
-
 def closed_lines(logs):
     return [e for e in logs if e["event"] == "connection.closed"]
 
@@ -68,7 +64,7 @@ async def test_by_default_connections_go_through_the_kernel_and_are_counted_by_i
                     echoed += await stream.receive_some(1 << 16)
                 await stream.send_eof()
                 assert await stream.receive_some(10) == b""
-                await until(lambda: closed_lines(logs))
+                await wait_until(lambda: closed_lines(logs), timeout=10, interval=0.005)
             (line,) = closed_lines(logs)
             assert (line["bytes_in"], line["bytes_out"], line["termination"]) == (100_001, 100_003, "--")
             assert app.relay.sockmap.pairs == 0
@@ -135,7 +131,7 @@ async def test_an_idle_client_times_out_on_the_kernel_path_by_the_kernels_clock(
                     await stream.send_all(b"ping\n")
                     assert await read_line(stream) == "ping"
                 assert await stream.receive_some(10) == b""
-                await until(lambda: closed_lines(logs))
+                await wait_until(lambda: closed_lines(logs), timeout=10, interval=0.005)
             (line,) = closed_lines(logs)
             assert line["termination"] == "cD" and line["tt_ms"] >= 800
             nursery.cancel_scope.cancel()

@@ -19,6 +19,7 @@ import pytest
 import structlog
 import trio
 
+from lab import wait_until
 from proxy.app import App
 from proxy.config.model import BindAddress, Stats
 from proxy.runtime import AdminState
@@ -139,12 +140,6 @@ async def start_with_stats(nursery, names=("a", "b", "c"), *, limits=Limits(), u
     return Running(app, service, ports)
 
 
-async def wait_for(predicate, timeout=5.0):
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 # --- auth -----------------------------------------------------------------------------
 
 ENDPOINTS = ["/", "/;csv", "/;json", "/metrics"]
@@ -226,7 +221,7 @@ async def test_page_draws_history_charts():
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             running = await start_with_stats(nursery)
-            await wait_for(lambda: len(running.service.history.samples("be")) >= 2)
+            await wait_until(lambda: len(running.service.history.samples("be")) >= 2, timeout=5)
             page = (await http(running.address)).text
             assert page.count('<svg class="chart"') == 2
             nursery.cancel_scope.cancel()
@@ -327,7 +322,7 @@ async def test_hostile_requests_get_4xx_and_are_logged_and_the_server_keeps_serv
                 assert any(e["event"] == "stats.request_refused" and e["status"] == expected for e in logs), logs
                 assert not [e for e in logs if e["log_level"] == "error"], logs  # no traceback, no 500
             assert (await http(running.address)).status == 200
-            await wait_for(lambda: running.service._open_connections == 0)
+            await wait_until(lambda: running.service._open_connections == 0, timeout=5)
             nursery.cancel_scope.cancel()
 
 
@@ -347,11 +342,11 @@ async def test_connections_beyond_the_limit_are_closed_at_once():
         async with trio.open_nursery() as nursery:
             running = await start_with_stats(nursery, limits=Limits(max_connections=2))
             idle = [await trio.open_tcp_stream(*running.address) for _ in range(2)]
-            await wait_for(lambda: running.service._open_connections == 2)
+            await wait_until(lambda: running.service._open_connections == 2, timeout=5)
             assert await raw(running.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
             for stream in idle:
                 await stream.aclose()
-            await wait_for(lambda: running.service._open_connections == 0)
+            await wait_until(lambda: running.service._open_connections == 0, timeout=5)
             assert (await http(running.address)).status == 200
             nursery.cancel_scope.cancel()
 
@@ -400,7 +395,7 @@ async def test_fuzzing_the_stats_port_never_disturbs_proxying():
                         await trio.sleep(0.01)
             assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
             assert (await http(running.address)).status == 200
-            await wait_for(lambda: running.service._open_connections == 0)
+            await wait_until(lambda: running.service._open_connections == 0, timeout=5)
             await stream.aclose()
             nursery.cancel_scope.cancel()
 
@@ -414,7 +409,7 @@ async def test_stop_closes_open_http_connections():
             async with trio.open_nursery() as nursery:
                 running = await start_with_stats(nursery, brokers_nursery=brokers)
                 idle = await trio.open_tcp_stream(*running.address)
-                await wait_for(lambda: running.service._open_connections == 1)
+                await wait_until(lambda: running.service._open_connections == 1, timeout=5)
                 running.app.stop()
                 assert await idle.receive_some(100) == b""
             # Warren's nursery exited: every HTTP connection task has ended.
@@ -431,7 +426,7 @@ async def test_reload_applies_users_and_binds():
             new_port = dead_port()
             new_stats = replace(config.stats, users=(("ops", "new"),), binds=(BindAddress("127.0.0.1", new_port),))
             running.service.reconfigure(replace(config, stats=new_stats))
-            await wait_for(lambda: running.address == ("127.0.0.1", new_port))
+            await wait_until(lambda: running.address == ("127.0.0.1", new_port), timeout=5)
             assert (await http(running.address, auth=("ops", "new"))).status == 200
             assert (await http(running.address)).status == 401
             with pytest.raises(OSError):

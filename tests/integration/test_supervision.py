@@ -17,6 +17,7 @@ from dataclasses import replace
 import trio
 from structlog.testing import capture_logs
 
+from lab import wait_until
 from proxy.app import App
 from proxy.backends import names as names_module
 from proxy.config.model import BindAddress, CheckKind, Global, Health, InitState, Resolvers, Stats
@@ -27,7 +28,7 @@ from proxy.stats_ui.history import History
 from proxy.stats_ui.service import StatsService
 from tests.dnsserver import serve_dns
 from tests.faults import Fault, InjectedFault
-from tests.integration.test_stats_http import CREDENTIALS, http, wait_for
+from tests.integration.test_stats_http import CREDENTIALS, http
 from tests.proxyutil import (
     connect_and_greet, make_config, read_line, serve_named, server, start_warren, use_service,
 )  # fmt: skip
@@ -60,9 +61,9 @@ async def test_a_crashing_health_service_restarts_while_clients_relay(monkeypatc
             app = await start_warren(nursery, config)
             client, name = await connect_and_greet(app)
             assert name == "a"
-            await wait_for(running_again(app, "health"), timeout=20)
+            await wait_until(running_again(app, "health"), timeout=20)
             assert await echo(client) == "still here"  # relayed across the crash
-            await wait_for(lambda: fault.calls >= 6, timeout=10)  # checking again
+            await wait_until(lambda: fault.calls >= 6, timeout=10)  # checking again
             broker = app.runtime.server("be", "a")
             assert broker.up and broker.down_transitions == 0  # the crash changed no verdict
             stats_address = stats_service(app).addresses[0]
@@ -97,12 +98,12 @@ async def test_a_crashing_dns_service_keeps_the_last_addresses_and_resolves_agai
             config = replace(config, resolvers=Resolvers(nameservers=(BindAddress(*dns),), interval=0.1, timeout=2))
             app = await start_warren(nursery, config)
             broker = app.runtime.server("be", "a")
-            await wait_for(lambda: broker.addresses == ("127.0.0.1",), timeout=10)
+            await wait_until(lambda: broker.addresses == ("127.0.0.1",), timeout=10)
             records["broker.test"] = ["127.0.0.2"]  # the change reaches the faulty callback: a crash
-            await wait_for(lambda: fault.raised == 1, timeout=10)
+            await wait_until(lambda: fault.raised == 1, timeout=10)
             assert broker.addresses == ("127.0.0.1",)  # the last good answer stays meanwhile
-            await wait_for(running_again(app, "dns"), timeout=10)
-            await wait_for(lambda: broker.addresses == ("127.0.0.2",), timeout=10)
+            await wait_until(running_again(app, "dns"), timeout=10)
+            await wait_until(lambda: broker.addresses == ("127.0.0.2",), timeout=10)
             nursery.cancel_scope.cancel()
     assert len(crashes(logs, "dns")) == 1
 
@@ -118,7 +119,7 @@ async def test_a_crashing_stats_page_comes_back_and_says_so(monkeypatch):
             use_service(app, service)
             await nursery.start(app.serve)
             client, _ = await connect_and_greet(app)
-            await wait_for(running_again(app, "stats"), timeout=10)
+            await wait_until(running_again(app, "stats"), timeout=10)
             page = await http(service.addresses[0], "/")  # listening again (a new port: it was 0)
             assert page.status == 200 and await echo(client) == "still here"
             await client.aclose()
@@ -144,7 +145,7 @@ async def test_a_crashing_control_socket_comes_back(monkeypatch, tmp_path):
             app = await start_warren(nursery, config)
             status, answer = await trio.to_thread.run_sync(ctl, "show", "servers", "state")
             assert status == 1  # the exchange that met the fault: no answer (or a broken pipe)
-            await wait_for(running_again(app, "control"), timeout=10)
+            await wait_until(running_again(app, "control"), timeout=10)
             status, answer = await trio.to_thread.run_sync(ctl, "show", "stat")
             assert status == 0 and answer.startswith("# pxname,svname")
             nursery.cancel_scope.cancel()

@@ -9,42 +9,29 @@ real RabbitMQ node behind the hosts instead (a veth from the root namespace to
 the bridge) and speaks AMQP through the VIP.
 
 Everything a test starts is killed by PID and every namespace deleted, whatever
-happens (the `lab` fixture). Failover times are printed (run with -s), never
+happens (the `lab` fixture: tests/viplab.py on the shared `netlab`). Failover times are printed (run with -s), never
 asserted beyond generous bounds: the benchmark measures them.
 """
 
 from __future__ import annotations
 
 import datetime
-import itertools
 import json
-import os
-import shutil
 import signal
 import time
 
 import pytest
 import trio
 
-from tests.netlab import BACKEND_PORT, FRONT_PORT, Lab, NsWarren, _ip
+from lab import ip, wait_until
+from tests.viplab import BACKEND_PORT, FRONT_PORT, NsWarren, VipLab
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2"),
-]
-
-_serial = itertools.count()
+pytestmark = [pytest.mark.netns]
 
 
 @pytest.fixture
-def lab(tmp_path):
-    tag = f"{os.getpid() % 10000}{next(_serial)}"
-    made = Lab(tag, tmp_path, "10.213.1")
-    try:
-        yield made
-    finally:
-        made.destroy()
+def lab(netlab, tmp_path):
+    return VipLab(netlab, tmp_path, "10.213.1")
 
 
 def warren_config(
@@ -81,7 +68,7 @@ def logged_at(event: dict) -> float:
     return datetime.datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
-async def two_hosts(lab: Lab, nursery, first: str, second: str, **started_first_only) -> tuple[NsWarren, NsWarren]:
+async def two_hosts(lab: VipLab, nursery, first: str, second: str, **started_first_only) -> tuple[NsWarren, NsWarren]:
     """h1 and h2 with their backends; h1's config ``first`` starts first and becomes master."""
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
     for host in (h1, h2):
@@ -236,13 +223,13 @@ async def test_a_partitioned_master_and_the_healed_network_end_with_one_master(l
         async with trio.open_nursery() as nursery:
             w1, w2 = await two_hosts(lab, nursery, warren_config(priority=150), warren_config(priority=100))
             # Cut h1 off the LAN without touching its link: its interface stays up.
-            _ip("-n", lab.lan, "link", "set", lab.hosts["h1"].port, "nomaster")
+            lab.lan.cut(lab.hosts["h1"])
             await w2.wait_for("vip.master", instance="front", timeout=10)
             await lab.wait_holders(lab.vip(), {"h1", "h2"})  # each side has a master
             assert w1.states()[-1] == "master"
             agent = await lab.start_agent([lab.vip()])
             assert await agent.served_by(lab.vip(), "h2")  # the side the client can reach
-            _ip("-n", lab.lan, "link", "set", lab.hosts["h1"].port, "master", "br0")
+            lab.lan.heal(lab.hosts["h1"])
             await lab.steadily_held_by(lab.vip(), {"h1"}, seconds=1.5)
             assert w2.states()[-1] == "backup"
             await agent.served_by(lab.vip(), "h1", timeout=5)  # h1 re-announced itself
@@ -270,11 +257,11 @@ async def test_an_interface_going_down_is_a_fault_that_releases_the_vip(lab):
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             w1, w2 = await two_hosts(lab, nursery, warren_config(priority=150), warren_config(priority=100))
-            _ip("-n", lab.hosts["h1"].ns, "link", "set", "lan0", "down")
+            ip("-n", lab.hosts["h1"].ns, "link", "set", "lan0", "down")
             await w1.wait_for("vip.fault", instance="front", timeout=10)
             await w2.wait_for("vip.master", instance="front", timeout=10)
             await lab.wait_holders(lab.vip(), {"h2"})
-            _ip("-n", lab.hosts["h1"].ns, "link", "set", "lan0", "up")
+            ip("-n", lab.hosts["h1"].ns, "link", "set", "lan0", "up")
             await lab.steadily_held_by(lab.vip(), {"h1"}, seconds=1)  # back, and preempts
             assert w1.states()[-3:] == ["fault", "backup", "master"]
             nursery.cancel_scope.cancel()
@@ -331,19 +318,22 @@ async def test_a_new_master_announces_the_vip_with_gratuitous_arp(lab):
             h1 = lab.add_host("h1")
             await lab.start_backend(h1)
             # The client still knows the VIP at another (the previous master's) MAC.
-            _ip("-n", lab.lan, "neigh", "add", lab.vip(), "lladdr", "02:00:00:00:00:01", "dev", "br0", "nud", "stale")
+            ip("-n", lab.lan.ns, "neigh", "add", lab.vip(), "lladdr", "02:00:00:00:00:01", "dev", "br0", "nud", "stale")
             agent = await lab.start_agent([lab.vip()])
             w1 = await lab.start_warren(nursery, h1, warren_config(priority=150, extra_vip=garp))
             became = logged_at(await w1.wait_for("vip.master", instance="front", timeout=15))
-            with trio.fail_after(10):
-                while len(frames := await agent.gratuitous_arp()) < 6:
-                    await trio.sleep(0.1)
-            mac = await lab.mac_of(h1)
+
+            async def six_frames() -> list[dict] | None:
+                frames = await agent.gratuitous_arp()
+                return frames if len(frames) >= 6 else None
+
+            frames = await wait_until(six_frames, timeout=10, interval=0.1, what="6 gratuitous ARP frames")
+            mac = lab.net.mac(h1.ns)
             assert {frame["mac"] for frame in frames} == {mac}
             offsets = [frame["t"] - became for frame in frames]
             assert all(-0.05 < offset < 0.5 for offset in offsets[:3]), offsets  # the burst, at once
             assert all(0.9 < offset < 1.6 for offset in offsets[3:6]), offsets  # the repeat, 1 s later
-            done = await trio.run_process(["ip", "-n", lab.lan, "-j", "neigh", "show", lab.vip()], capture_stdout=True)
+            done = await trio.run_process(["ip", "-n", lab.lan.ns, "-j", "neigh", "show", lab.vip()], capture_stdout=True)
             assert json.loads(done.stdout)[0]["lladdr"].replace(":", "") == mac  # the client moved
             nursery.cancel_scope.cancel()
 
@@ -357,10 +347,10 @@ async def test_an_ipv6_vip_fails_over_with_neighbour_advertisements(lab):
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            _ip("-n", lab.lan, "addr", "add", "fd00:213::200/64", "dev", "br0", "nodad")
+            ip("-n", lab.lan.ns, "addr", "add", "fd00:213::200/64", "dev", "br0", "nodad")
             w1, w2 = await two_hosts(lab, nursery, config(150), config(100))
             for index, host in enumerate(lab.hosts.values(), 1):  # the prefix route back to the client
-                _ip("-n", host.ns, "addr", "add", f"fd00:213::{index}/64", "dev", "lan0", "nodad")
+                ip("-n", host.ns, "addr", "add", f"fd00:213::{index}/64", "dev", "lan0", "nodad")
             started = w1.events[w1.index_of("vip.started")]
             assert started["source"].startswith("fe80:") and started["destinations"] == ["ff02::12"]
             agent = await lab.start_agent([])
@@ -375,43 +365,43 @@ async def test_an_ipv6_vip_fails_over_with_neighbour_advertisements(lab):
 # -- with a real broker -----------------------------------------------------------------------
 
 
-async def test_amqp_clients_reconnect_through_the_vip_after_the_master_is_killed(tmp_path, rabbit_node_factory):
+async def test_amqp_clients_reconnect_through_the_vip_after_the_master_is_killed(
+    netlab, tmp_path, rabbit_node_factory
+):
     from proxy.devcluster import free_ports
 
-    tag = f"{os.getpid() % 10000}{next(_serial)}"
-    subnet = f"10.214.{os.getpid() % 250}"
-    lab = Lab(tag, tmp_path, subnet)
-    try:
-        broker_ip = lab.link_root_namespace()
-        [port] = free_ports(1)
-        node = rabbit_node_factory(extra_conf={"listeners.tcp.2": f"{broker_ip}:{port}"})
-        assert node is not None
-        vip = lab.vip()
+    lab = VipLab(netlab, tmp_path, None)  # a subnet free in the root namespace: the broker's side is there
+    broker_ip = lab.lan.link_root()
+    [port] = free_ports(1)
+    node = rabbit_node_factory(extra_conf={"listeners.tcp.2": f"{broker_ip}:{port}"})
+    assert node is not None
+    vip = lab.vip()
 
-        def config(priority: int) -> str:
-            return warren_config(priority=priority, vip=vip, backend=f"{broker_ip}:{port}")
+    def config(priority: int) -> str:
+        return warren_config(priority=priority, vip=vip, backend=f"{broker_ip}:{port}")
 
-        queue = f"warren-vip-{tag}"
-        with trio.fail_after(90):
-            async with trio.open_nursery() as nursery:
-                h1, h2 = lab.add_host("h1"), lab.add_host("h2")
-                w1 = await lab.start_warren(nursery, h1, config(150))
-                await w1.wait_for("vip.master", instance="front", timeout=15)
-                w2 = await lab.start_warren(nursery, h2, config(100))
-                await w2.wait_for("vip.backup", instance="front")
-                agent = await lab.start_agent([vip])
-                amqp = {"op": "amqp", "host": vip, "port": FRONT_PORT, "queue": queue}
-                published = await agent.call(**amqp, publish="before failover")
-                assert published["ok"], published
-                killed = time.time()
-                w1.process.kill()
-                with trio.fail_after(15):
-                    while not (reply := await agent.call(**amqp, get=True))["ok"]:
-                        await trio.sleep(0.05)
-                reconnected = time.time()
-                assert reply["got"] == "before failover"
-                assert await lab.holders(vip) in ({"h2"}, {"h1", "h2"})  # h1's lease may not have run out yet
-                report("advert 100ms, master SIGKILL -> AMQP handshake through the VIP succeeds", reconnected - killed)
-                nursery.cancel_scope.cancel()
-    finally:
-        lab.destroy()
+    queue = f"warren-vip-{netlab.tag}"
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            h1, h2 = lab.add_host("h1"), lab.add_host("h2")
+            w1 = await lab.start_warren(nursery, h1, config(150))
+            await w1.wait_for("vip.master", instance="front", timeout=15)
+            w2 = await lab.start_warren(nursery, h2, config(100))
+            await w2.wait_for("vip.backup", instance="front")
+            agent = await lab.start_agent([vip])
+            amqp = {"op": "amqp", "host": vip, "port": FRONT_PORT, "queue": queue}
+            published = await agent.call(**amqp, publish="before failover")
+            assert published["ok"], published
+            killed = time.time()
+            w1.process.kill()
+
+            async def got() -> dict | None:
+                reply = await agent.call(**amqp, get=True)
+                return reply if reply["ok"] else None
+
+            reply = await wait_until(got, timeout=15, interval=0.05, what="an AMQP client through the VIP")
+            reconnected = time.time()
+            assert reply["got"] == "before failover"
+            assert await lab.holders(vip) in ({"h2"}, {"h1", "h2"})  # h1's lease may not have run out yet
+            report("advert 100ms, master SIGKILL -> AMQP handshake through the VIP succeeds", reconnected - killed)
+            nursery.cancel_scope.cancel()

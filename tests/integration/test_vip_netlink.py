@@ -1,8 +1,9 @@
 """The VIP's Linux plumbing in real network namespaces: leases, cleanup, link state,
 announcements and VRRP adverts on the wire (including keepalived interop).
 
-Each test builds its own pair of namespaces joined by a veth pair (names carry
-the test PID) and always deletes them, killing whatever it started inside.
+Each test builds its own pair of namespaces joined by a veth pair (`netlab`,
+lab/netns.py: names carry the test PID) and always deletes them, killing
+whatever it started inside.
 The code under test runs inside a namespace the way Warren will: a Python
 process started with ``ip netns exec``.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import json
 import os
 import shutil
@@ -21,22 +21,17 @@ import sys
 import textwrap
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
+from lab import Pair, Side, ip, wait_until
 from proxy.vip.garp import gratuitous_arp
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2"),
-]
+pytestmark = [pytest.mark.netns]
 
 REPO = Path(__file__).resolve().parents[2]
-_counter = itertools.count()
 
 SNIPPET_PRELUDE = """
 import json, socket, sys, time, ipaddress
@@ -47,56 +42,9 @@ from proxy.vip.garp import *
 """
 
 
-@dataclass
-class Side:
-    ns: str
-    ifname: str
-    ip: ipaddress.IPv4Address
-
-
-@dataclass
-class Pair:
-    a: Side
-    b: Side
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def _kill_everything_in(ns: str) -> None:
-    """Processes left inside a namespace this test created are ours (keepalived, snippets)."""
-    listing = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10)
-    for pid in listing.stdout.split():
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture
-def pair():
-    tag = f"{os.getpid() % 100000}{next(_counter)}"
-    a = Side(f"wvip{tag}a", f"wva{tag}", ipaddress.IPv4Address("10.213.0.1"))
-    b = Side(f"wvip{tag}b", f"wvb{tag}", ipaddress.IPv4Address("10.213.0.2"))
-    created: list[str] = []
-    try:
-        for side in (a, b):
-            try:
-                _ip("netns", "add", side.ns)
-            except subprocess.CalledProcessError as exc:
-                pytest.skip(f"cannot create network namespaces: {exc.stderr!r}")
-            created.append(side.ns)
-        _ip("link", "add", a.ifname, "netns", a.ns, "type", "veth", "peer", "name", b.ifname, "netns", b.ns)
-        for side in (a, b):
-            _ip("-n", side.ns, "addr", "add", f"{side.ip}/24", "dev", side.ifname)
-            _ip("-n", side.ns, "link", "set", side.ifname, "up")
-            _ip("-n", side.ns, "link", "set", "lo", "up")
-        yield Pair(a, b)
-    finally:
-        for ns in created:
-            _kill_everything_in(ns)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+def pair(netlab) -> Pair:
+    return netlab.pair("10.213.0")
 
 
 def _command(ns: str, code: str) -> list[str]:
@@ -153,11 +101,6 @@ async def addresses(side: Side) -> dict[str, dict]:
     return {f"{info['local']}/{info['prefixlen']}": info for info in link.get("addr_info", [])}
 
 
-async def wait_until(predicate, *, interval=0.05):
-    while not await predicate():
-        await trio.sleep(interval)
-
-
 # -- leases -------------------------------------------------------------------------
 
 
@@ -190,8 +133,7 @@ async def test_an_unrenewed_lease_disappears_by_itself(pair):
         async def gone():
             return "10.213.0.100/32" not in await addresses(pair.a)
 
-        with trio.fail_after(8):
-            await wait_until(gone)
+        await wait_until(gone, timeout=8, interval=0.05, what="the lease gone")
         elapsed = time.monotonic() - added
     print(f"lease valid_lft=2 removed by the kernel after {elapsed:.2f} s")
     assert 1.0 <= elapsed <= 5.0
@@ -233,9 +175,9 @@ async def test_remove_is_idempotent(pair):
 
 async def test_remove_stale_cleans_up_only_the_listed_vips(pair):
     # A permanent address, as a killed keepalived leaves it.
-    _ip("-n", pair.a.ns, "addr", "add", "10.213.0.100/32", "dev", pair.a.ifname)
-    _ip("-n", pair.a.ns, "addr", "add", "10.213.0.101/24", "dev", pair.a.ifname)
-    _ip("-n", pair.a.ns, "addr", "add", "10.213.0.150/24", "dev", pair.a.ifname)  # not ours
+    ip("-n", pair.a.ns, "addr", "add", "10.213.0.100/32", "dev", pair.a.ifname)
+    ip("-n", pair.a.ns, "addr", "add", "10.213.0.101/24", "dev", pair.a.ifname)
+    ip("-n", pair.a.ns, "addr", "add", "10.213.0.150/24", "dev", pair.a.ifname)  # not ours
     with trio.fail_after(30):
         removed = await in_ns(
             pair.a.ns,
@@ -273,10 +215,10 @@ async def test_link_state_and_mac(pair):
         done = await trio.run_process(show, capture_stdout=True)
         assert state == "up"
         assert mac == json.loads(done.stdout)[0]["address"].replace(":", "")
-        _ip("-n", pair.b.ns, "link", "set", pair.b.ifname, "down")  # the peer goes away: no carrier
+        ip("-n", pair.b.ns, "link", "set", pair.b.ifname, "down")  # the peer goes away: no carrier
         assert (await in_ns(pair.a.ns, code))[0] == "down"
-        _ip("-n", pair.b.ns, "link", "set", pair.b.ifname, "up")
-        _ip("-n", pair.a.ns, "link", "set", pair.a.ifname, "down")
+        ip("-n", pair.b.ns, "link", "set", pair.b.ifname, "up")
+        ip("-n", pair.a.ns, "link", "set", pair.a.ifname, "down")
         assert (await in_ns(pair.a.ns, code))[0] == "down"
 
 
@@ -381,7 +323,7 @@ while True:
 async def test_gratuitous_arp_reaches_the_peer_and_moves_its_neighbour_entry(pair):
     vip = "10.213.0.100"
     # The peer already knows the VIP at an old MAC (the previous master's).
-    _ip("-n", pair.b.ns, "neigh", "add", vip, "lladdr", "02:00:00:00:00:01", "dev", pair.b.ifname, "nud", "stale")
+    ip("-n", pair.b.ns, "neigh", "add", vip, "lladdr", "02:00:00:00:00:01", "dev", pair.b.ifname, "nud", "stale")
     with trio.fail_after(30):
         async with background_in_ns(pair.b.ns, CAPTURE_ARP.format(ifname=pair.b.ifname, vip=vip)) as captured:
             sent = await in_ns(
@@ -433,8 +375,8 @@ async def test_frame_sender_keeps_its_socket_and_follows_a_recreated_interface(p
 
 async def test_unsolicited_na_moves_the_peers_ipv6_neighbour_entry(pair):
     vip = "fd00:213::100"
-    _ip("-n", pair.b.ns, "addr", "add", "fd00:213::2/64", "dev", pair.b.ifname, "nodad")
-    _ip("-n", pair.b.ns, "neigh", "add", vip, "lladdr", "02:00:00:00:00:01", "dev", pair.b.ifname, "nud", "stale")
+    ip("-n", pair.b.ns, "addr", "add", "fd00:213::2/64", "dev", pair.b.ifname, "nodad")
+    ip("-n", pair.b.ns, "neigh", "add", vip, "lladdr", "02:00:00:00:00:01", "dev", pair.b.ifname, "nud", "stale")
     with trio.fail_after(30):
         mac_hex = await in_ns(
             pair.a.ns,
@@ -451,8 +393,7 @@ async def test_unsolicited_na_moves_the_peers_ipv6_neighbour_entry(pair):
             entries = json.loads(done.stdout)
             return bool(entries) and entries[0].get("lladdr", "").replace(":", "") == mac_hex
 
-        with trio.fail_after(5):
-            await wait_until(moved)
+        await wait_until(moved, timeout=5, interval=0.05, what="the neighbour entry moved")
 
 
 # -- VRRP adverts on the wire -----------------------------------------------------
@@ -505,7 +446,7 @@ print(json.dumps([src.split("%")[0], hop_limit, advert.priority, [str(a) for a i
 
 async def test_an_ipv6_advert_crosses_the_segment_with_hop_limit_255(pair):
     for side, address in ((pair.a, "fe80::a"), (pair.b, "fe80::b")):
-        _ip("-n", side.ns, "addr", "add", f"{address}/64", "dev", side.ifname, "nodad")
+        ip("-n", side.ns, "addr", "add", f"{address}/64", "dev", side.ifname, "nodad")
     with trio.fail_after(30):
         async with background_in_ns(pair.b.ns, RECEIVE_ADVERT_V6.format(ifname=pair.b.ifname)) as received:
             await in_ns(
@@ -563,14 +504,14 @@ async def test_keepalived_and_warren_adverts_are_mutually_understood(pair, tmp_p
                 # Now Warren advertises priority 200 every 50 ms, then leaves with priority 0.
                 warren_code = _WARREN_MASTER.format(ifname=pair.b.ifname, src=pair.b.ip)
                 async with background_in_ns(pair.b.ns, warren_code) as warren:
-                    with trio.fail_after(5):
-                        await wait_until(lambda: _not(keepalived_holds_vip))  # it stepped down
+                    await wait_until(lambda: _not(keepalived_holds_vip), timeout=5, interval=0.05,
+                                     what="keepalived stepped down")
                     for _ in range(10):  # and stays down while we advertise
                         assert not await keepalived_holds_vip()
                         await trio.sleep(0.1)
                     await warren()
-                with trio.fail_after(5):
-                    await wait_until(keepalived_holds_vip)  # took over after our priority 0
+                await wait_until(keepalived_holds_vip, timeout=5, interval=0.05,
+                                 what="keepalived took over after our priority 0")
             finally:
                 process.send_signal(signal.SIGTERM)
                 with trio.move_on_after(5):

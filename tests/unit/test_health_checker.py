@@ -11,6 +11,7 @@ import structlog
 import trio
 import trio.testing
 
+from lab import wait_until
 from proxy.config.model import (
     Backend, CheckKind, Config, Health, InitState, OnError, OnMarkedDown, Server,
 )
@@ -19,6 +20,8 @@ from proxy.health.checker import HealthService
 from proxy.health.results import CheckCode, CheckResult
 from proxy.runtime import Connection, Runtime
 from proxy.io.relay import Traffic
+
+VIRTUAL = 3600  # seconds of the autojump clock: bounds every wait, never reached when passing
 
 
 class Script:
@@ -51,17 +54,12 @@ async def run_service(nursery, cfg, script, monkeypatch):
     return runtime.server("be", "a"), service
 
 
-async def until(predicate):
-    while not predicate():
-        await trio.sleep(0.01)
-
-
 async def test_first_check_runs_at_once_and_decides(autojump_clock, monkeypatch):
     async with trio.open_nursery() as nursery:
         script = Script(True)
         server, _ = await run_service(nursery, config(), script, monkeypatch)
         assert not server.up and server.status == "DOWN"
-        await until(lambda: server.up)
+        await wait_until(lambda: server.up, timeout=VIRTUAL)
         assert script.times[0] == 0.0  # not one interval later
         assert server.status == "UP"
         nursery.cancel_scope.cancel()
@@ -79,8 +77,8 @@ async def test_fall_failures_mark_down_at_fastinter_and_log(autojump_clock, monk
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             server, _ = await run_service(nursery, config(fastinter=0.5), script, monkeypatch)
-            await until(lambda: server.up)
-            await until(lambda: not server.up)
+            await wait_until(lambda: server.up, timeout=VIRTUAL)
+            await wait_until(lambda: not server.up, timeout=VIRTUAL)
             nursery.cancel_scope.cancel()
     # up at 0; failures: first after inter (fully up), then fastinter while going down
     assert script.times[:4] == pytest.approx([0.0, 2.0, 2.5, 3.0])
@@ -94,7 +92,7 @@ async def test_down_server_checked_at_downinter_and_rises(autojump_clock, monkey
     script = Script(False, False, True, True)
     async with trio.open_nursery() as nursery:
         server, _ = await run_service(nursery, config(downinter=5.0, fastinter=1.0), script, monkeypatch)
-        await until(lambda: server.up)
+        await wait_until(lambda: server.up, timeout=VIRTUAL)
         nursery.cancel_scope.cancel()
     # 0 fail (fully down) -> 5 fail -> 10 pass (DOWN 1/2, changing) -> 11 pass (UP)
     assert script.times == pytest.approx([0.0, 5.0, 10.0, 11.0])
@@ -105,12 +103,12 @@ async def test_marked_down_with_shutdown_sessions_kills_its_clients(autojump_clo
     cfg = config(fall=1, on_marked_down=OnMarkedDown.SHUTDOWN_SESSIONS)
     async with trio.open_nursery() as nursery:
         server, _ = await run_service(nursery, cfg, script, monkeypatch)
-        await until(lambda: server.up)
+        await wait_until(lambda: server.up, timeout=VIRTUAL)
         conn = Connection(1, ("10.0.0.1", 1000), "fe", Traffic())
         interrupted = []
         conn.interrupt = lambda: interrupted.append(conn.kill_reason)
         server.attach(conn)
-        await until(lambda: not server.up)
+        await wait_until(lambda: not server.up, timeout=VIRTUAL)
         assert interrupted == [conn.kill_reason] and conn.kill_reason.value == "D"
         nursery.cancel_scope.cancel()
 
@@ -119,7 +117,7 @@ async def test_passive_errors_mark_down_at_error_limit(autojump_clock, monkeypat
     cfg = config(error_limit=3, on_error=OnError.MARK_DOWN)
     async with trio.open_nursery() as nursery:
         server, _ = await run_service(nursery, cfg, Script(True), monkeypatch)
-        await until(lambda: server.up)
+        await wait_until(lambda: server.up, timeout=VIRTUAL)
         server.connect_failed()
         server.connect_failed()
         server.connect_ok()  # not consecutive
@@ -136,11 +134,11 @@ async def test_passive_errors_switch_to_fastinter(autojump_clock, monkeypatch):
     cfg = config(error_limit=2, on_error=OnError.FASTINTER, fastinter=0.25)
     async with trio.open_nursery() as nursery:
         server, _ = await run_service(nursery, cfg, script, monkeypatch)
-        await until(lambda: server.up)
+        await wait_until(lambda: server.up, timeout=VIRTUAL)
         await trio.sleep(0.1)
         server.connect_failed()
         server.connect_failed()  # wakes the checker at once
-        await until(lambda: len(script.times) >= 3)
+        await wait_until(lambda: len(script.times) >= 3, timeout=VIRTUAL)
         nursery.cancel_scope.cancel()
     woke = script.times[1]
     assert woke == pytest.approx(0.1, abs=0.02)  # at the second error, not after inter
@@ -163,11 +161,11 @@ async def test_watch_loss_marks_down_at_once(autojump_clock, monkeypatch):
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             server, _ = await run_service(nursery, cfg, script, monkeypatch)
-            await until(lambda: server.up)
+            await wait_until(lambda: server.up, timeout=VIRTUAL)
             await trio.sleep(0.5)
             lose.set()
             lost_at = trio.current_time()
-            await until(lambda: not server.up)
+            await wait_until(lambda: not server.up, timeout=VIRTUAL)
             assert trio.current_time() - lost_at < 0.05  # not fall x inter
             nursery.cancel_scope.cancel()
     down = [e for e in logs if e["event"] == "server.down"][0]
@@ -178,7 +176,7 @@ async def test_health_survives_a_reload(autojump_clock, monkeypatch):
     async with trio.open_nursery() as nursery:
         cfg = config(fall=1)
         server, service = await run_service(nursery, cfg, Script(True, False), monkeypatch)
-        await until(lambda: server.down_transitions == 1)
+        await wait_until(lambda: server.down_transitions == 1, timeout=VIRTUAL)
         runtime_cfg = replace(cfg, backends=(replace(cfg.backends[0], health=replace(cfg.backends[0].health, inter=5.0)),))
         # the runtime and the service both see the new config, as on SIGHUP
         service._runtime.apply(runtime_cfg)

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from lab import wait_until
 from proxy.config.model import AmqpCheck, CheckKind, HttpCheck
 from proxy.health.amqp import check_amqp
 from proxy.health.amqp_methods import (
@@ -157,8 +158,7 @@ async def test_tcp_check_passes_on_connect():
     with trio.fail_after(5):
         async with serving(handler) as port:
             result = await check_tcp(LOCAL, port, None, 1.0, proxy_header=PROXY_V1)
-            while not got:
-                await trio.sleep(0)
+            await wait_until(lambda: got, timeout=5, interval=0)
     assert (result.code, result.kind, result.passed) == (CheckCode.L4OK, CheckKind.TCP, True)
     assert got == [PROXY_V1]
 

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 from trio._core._run import SystemClock  # the real clock: the poller's nested way
 
+from lab import wait_until
 from proxy.io import pipes as pipes_module
 from proxy.io.pipes import Pipe, PipePool, splice_supported
 from proxy.io.poller import current_poller
@@ -167,14 +168,6 @@ async def fds_after_a_first_relay() -> int:
     return open_fds()
 
 
-async def wait_until(predicate, step: float = 0) -> None:
-    """Poll ``predicate`` at every scheduling point, or every `step` seconds
-    (with a mock clock, time moves only while every task sleeps); callers
-    bound the wait."""
-    while not predicate():
-        await trio.sleep(step)
-
-
 # --- data -------------------------------------------------------------------
 
 
@@ -305,7 +298,7 @@ async def test_reset_of_the_receiving_side_during_a_stream_is_that_sides_abort(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_forever, sender)
                 counter = "bytes_out" if side == "client" else "bytes_in"
-                await wait_until(lambda: getattr(link.traffic, counter) > 1 << 20)
+                await wait_until(lambda: getattr(link.traffic, counter) > 1 << 20, timeout=IO_BOUND, interval=0)
                 reset(receiver)
                 assert await link.wait_ending() is expected
                 nursery.cancel_scope.cancel()
@@ -487,9 +480,9 @@ async def test_cancellation_leaves_no_pipe_behind(pipes):
         async with relayed(pipes) as link:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_forever, link.client)
-                await wait_until(lambda: link.traffic.bytes_in > 1 << 20)
+                await wait_until(lambda: link.traffic.bytes_in > 1 << 20, timeout=IO_BOUND, interval=0)
                 if pipes is not None:
-                    await wait_until(lambda: pipes.statistics().in_use == 1)
+                    await wait_until(lambda: pipes.statistics().in_use == 1, timeout=IO_BOUND, interval=0)
                 link.cancel()
                 assert await link.wait_ending() is None
                 nursery.cancel_scope.cancel()
@@ -510,7 +503,7 @@ async def test_idle_connections_hold_no_pipe(splice_pool):
                     await recv_exactly(link.server, 8 << 20)
                     await recv_exactly(link.client, 8 << 20)
             assert splice_pool.statistics().created >= 1
-            await wait_until(lambda: splice_pool.statistics().in_use == 0)
+            await wait_until(lambda: splice_pool.statistics().in_use == 0, timeout=IO_BOUND, interval=0)
             assert not first.done.is_set() and not second.done.is_set()
 
 
@@ -687,7 +680,7 @@ async def test_what_a_server_sends_before_the_relay_starts_still_reaches_the_cli
         ):
             # The greeting's edge reaches the poller before any relay owns the socket.
             waiter = current_poller()._links[proxy_server.fileno()]
-            await wait_until(lambda: waiter.events[0] & select.EPOLLIN)
+            await wait_until(lambda: waiter.events[0] & select.EPOLLIN, timeout=IO_BOUND, interval=0)
             async with trio.open_nursery() as nursery:
                 await nursery.start(relay_until_closed, proxy_client, proxy_server)
                 assert await recv_exactly(client, 18) == b"AMQP-like greeting"
@@ -835,7 +828,7 @@ async def test_a_failing_expiry_ends_that_relay_alone_and_the_poller_serves_on(c
         async with relayed(None) as healthy, faulty_link(_ExpiryFails, _scaled(Timeouts(tunnel=1), time_)) as (
             faulty, heard,
         ):
-            await wait_until(lambda: heard, time_(0.1))
+            await wait_until(lambda: heard, timeout=IO_BOUND, interval=time_(0.1))
             (result,) = heard
             with pytest.raises(RuntimeError, match="boom in expire"):
                 result.unwrap()  # the relay's owner gets the error
@@ -849,7 +842,8 @@ async def test_a_link_whose_failure_handling_fails_too_is_dropped_and_logged(clo
             _ExpiryAndFailFail, _scaled(Timeouts(tunnel=1), time_)
         ) as (faulty, heard):
             poller = current_poller()
-            await wait_until(lambda: any(e["event"] == "poller.link_failed" for e in logs), time_(0.1))
+            await wait_until(lambda: any(e["event"] == "poller.link_failed" for e in logs), timeout=IO_BOUND,
+                             interval=time_(0.1))
             assert faulty.fds[0] not in poller._links and faulty.fds[1] not in poller._links
             assert heard == []
             await _still_relays(healthy)

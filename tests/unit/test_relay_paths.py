@@ -25,6 +25,7 @@ import hypothesis.strategies as st
 import pytest
 import trio
 
+from lab import wait_until
 from proxy.io.pipes import PipePool, splice_supported
 from proxy.io.relay import Ending, Timeouts, Traffic, start_relay
 from proxy.io.kernel_relay import start_kernel_relay
@@ -135,7 +136,7 @@ async def proxied(path: Path, *, before=(b"", b""), header=b"", timeouts=Timeout
     for sock, data in ((client, before[0]), (server, before[1])):
         await send_all(sock, data)
     for sock, size in ((near, len(before[0])), (far, len(before[1]))):
-        await wait_until(lambda sock=sock, size=size: queued(sock) >= size)
+        await wait_until(lambda sock=sock, size=size: queued(sock) >= size, timeout=IO_BOUND, interval=0.001)
     if header:
         far.send(header)
 
@@ -164,13 +165,6 @@ def queued(sock: socket.socket) -> int:
         return len(sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
         return 0
-
-
-async def wait_until(predicate) -> None:
-    """Poll at every scheduling point, and on the real clock (kernel state
-    changes without trio knowing); callers bound the wait."""
-    while not predicate():
-        await trio.sleep(0.001)
 
 
 def closed(link: Proxied) -> bool:
@@ -579,7 +573,7 @@ async def test_eight_thousand_idle_pairs_are_held_and_end_cleanly(path):
             if path.pipes is not None:
                 assert path.pipes.statistics().in_use == 0
             await peer.stdin.send_all(b"\n")
-            await wait_until(lambda: len(endings) == count)
+            await wait_until(lambda: len(endings) == count, timeout=IO_BOUND, interval=0.001)
             for link in links:
                 link.stop()
         finally:

@@ -10,6 +10,7 @@ import pytest
 import structlog
 import trio
 
+from lab import wait_until
 from proxy.backends.resolve import ResolveError, Resolver, changed_entries, keep_resolved, literal_ip
 from tests.dnsserver import serve_dns
 
@@ -42,12 +43,6 @@ async def zone(nursery):
     serve = partial(serve_dns, zone.records, servfail=zone.servfail, drop=zone.drop, seen=zone.seen)
     zone.address = await nursery.start(serve)
     return zone
-
-
-async def wait_until(predicate) -> None:
-    """Poll ``predicate`` (callers bound this with trio.fail_after)."""
-    while not predicate():
-        await trio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------
@@ -148,7 +143,7 @@ async def test_cancelled_lookup_releases_its_sockets(zone):
     with trio.fail_after(IO_BUDGET):
         with trio.move_on_after(0.1):
             await resolver.resolve("rabbit1.warren.test")
-        await wait_until(lambda: len(os.listdir("/proc/self/fd")) <= open_fds)
+        await wait_until(lambda: len(os.listdir("/proc/self/fd")) <= open_fds, timeout=IO_BUDGET)
 
 
 # --------------------------------------------------------------------------
@@ -184,9 +179,9 @@ async def test_changed_record_triggers_on_change_exactly_once(nursery, zone):
     with structlog.testing.capture_logs() as logs, trio.fail_after(IO_BUDGET):
         await start_keeper(nursery, zone, [name, "rabbit2.warren.test"], calls)
         zone.records[name] = ["10.0.0.11", "10.0.0.1"]
-        await wait_until(lambda: calls)
+        await wait_until(lambda: calls, timeout=IO_BUDGET)
         rounds_seen = zone.a_queries(name)
-        await wait_until(lambda: zone.a_queries(name) >= rounds_seen + 3)
+        await wait_until(lambda: zone.a_queries(name) >= rounds_seen + 3, timeout=IO_BUDGET)
     assert calls == [(name, ("10.0.0.1", "10.0.0.11"))]
     changed = [entry for entry in logs if entry["event"] == "dns.changed"]
     assert changed == [
@@ -199,7 +194,7 @@ async def test_no_on_change_while_nothing_changes(nursery, zone):
     calls: list = []
     with trio.fail_after(IO_BUDGET):
         await start_keeper(nursery, zone, [name], calls)
-        await wait_until(lambda: zone.a_queries(name) >= 5)
+        await wait_until(lambda: zone.a_queries(name) >= 5, timeout=IO_BUDGET)
     assert calls == []
 
 
@@ -209,11 +204,11 @@ async def test_servfail_keeps_last_good_addresses_and_logs(nursery, zone):
     with structlog.testing.capture_logs() as logs, trio.fail_after(IO_BUDGET):
         initial = await start_keeper(nursery, zone, [name], calls)
         zone.servfail.add(name)
-        await wait_until(lambda: sum(entry["event"] == "dns.failed" for entry in logs) >= 2)
+        await wait_until(lambda: sum(entry["event"] == "dns.failed" for entry in logs) >= 2, timeout=IO_BUDGET)
         zone.servfail.discard(name)
         # Recovery with the same addresses is not a change: the last good set was kept.
         recovered_from = zone.a_queries(name)
-        await wait_until(lambda: zone.a_queries(name) >= recovered_from + 3)
+        await wait_until(lambda: zone.a_queries(name) >= recovered_from + 3, timeout=IO_BUDGET)
     assert initial == {name: ("10.0.0.1",)}
     assert {"event": "dns.failed", "name": name, "reason": "servfail", "log_level": "warning"} in logs
     assert calls == []
@@ -225,6 +220,6 @@ async def test_name_that_starts_resolving_later_is_reported(nursery, zone):
     with trio.fail_after(IO_BUDGET):
         initial = await start_keeper(nursery, zone, [name], calls)
         zone.records[name] = ["10.0.0.9"]
-        await wait_until(lambda: calls)
+        await wait_until(lambda: calls, timeout=IO_BUDGET)
     assert initial == {}
     assert calls == [(name, ("10.0.0.9",))]

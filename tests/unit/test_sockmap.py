@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from lab import wait_until_blocking
 from proxy.io import bpf, sockmap
 from proxy.io.sockmap import Full, Sockmap, missing_capabilities, probe, queued_into
 
@@ -106,8 +107,8 @@ def relayed_by_the_kernel(*, before=(b"", b""), credit=1 << 20, attach="verdict"
             client.sendall(before[0])
         if before[1]:
             server.sendall(before[1])
-        wait_until(lambda: len(near.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(near) else b"") >= len(before[0]))
-        wait_until(lambda: len(far.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(far) else b"") >= len(before[1]))
+        for sock, sent in ((near, before[0]), (far, before[1])):
+            wait_until_blocking(lambda sock=sock, sent=sent: len(peek(sock)) >= len(sent), timeout=BOUND, interval=0.001)
         pair = smap.add(near, far)
         pair.flush()
         yield client, server, pair, near, far
@@ -121,11 +122,9 @@ def readable(sock) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
-def wait_until(predicate, bound: float = BOUND) -> None:
-    deadline = time.monotonic() + bound
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        select.select([], [], [], 0.001)
+def peek(sock) -> bytes:
+    """What is queued on ``sock`` (up to 64 bytes), without taking it."""
+    return sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(sock) else b""
 
 
 def recv_exactly(sock, size: int) -> bytes:
@@ -243,10 +242,10 @@ def test_passed_bytes_forwarded_by_warren_keep_their_place_in_the_stream():
     with relayed_by_the_kernel() as (client, server, pair, near, far):
         pair.stop(0)
         client.sendall(b"one ")
-        wait_until(lambda: pair.passed(0) == 4)
+        wait_until_blocking(lambda: pair.passed(0) == 4, timeout=BOUND, interval=0.001)
         pair.grant(0, 1 << 20)  # credit again, but the passed bytes are not forwarded yet
         client.sendall(b"two ")
-        wait_until(lambda: pair.passed(0) == 8)
+        wait_until_blocking(lambda: pair.passed(0) == 8, timeout=BOUND, interval=0.001)
         assert pair.redirected(0) == 0  # kept passing: "two" must not overtake "one"
         assert recv_exactly(near, 8) == b"one two "
         far.sendall(b"one two ")
@@ -291,7 +290,7 @@ def test_send_queue_accounting_counts_what_was_put_in_either_way():
         far.sendall(b"PROXY TCP4 ...\r\n")  # written by Warren itself
         client.sendall(b"redirected")
         recv_exactly(server, 29)
-        wait_until(lambda: queued_into(far, connected=True) == 29)
+        wait_until_blocking(lambda: queued_into(far, connected=True) == 29, timeout=BOUND, interval=0.001)
         assert queued_into(near, connected=False) == 0
 
 

@@ -8,20 +8,13 @@ import ipaddress
 import pytest
 import trio
 
+from lab import wait_until
 from proxy.vip import links as links_module
 from proxy.vip.links import MAX_LINKS_PER_PEER, LinkServer, MasterLink, Outcome
 from proxy.vip.peerlink import link_key
 
 LOCAL = ipaddress.IPv4Address("127.0.0.1")
 KEY = link_key("0123456789abcdef-secret")
-
-
-async def wait_until(predicate, *, timeout=10.0, interval=0.01, what=None):
-    with trio.move_on_after(timeout):
-        while not (value := predicate()):
-            await trio.sleep(interval)
-        return value
-    raise AssertionError(f"not {what or predicate} within {timeout} s")
 
 
 async def closed_by_peer(stream) -> bool:

@@ -1,17 +1,20 @@
-"""A small LAN of network namespaces for tests: hosts on a bridge, a client agent, Warren inside.
+"""The VIP tests' LAN: hosts on a bridge (lab.Lan), each with a tiny backend
+and `warren run`, a client agent on the bridge, and an unprivileged user.
 
-A "lan" namespace holds a bridge (br0) and the client; each host is a
-namespace joined to the bridge by a veth pair (`lan0` inside the host).
-Everything a :class:`Lab` starts is killed by PID and every namespace
-deleted by :meth:`Lab.destroy`, whatever happened.
+The namespaces, links and processes are the shared harness's (lab/netns.py,
+the `netlab` fixture): names carry the PID, everything is removed by PID
+whatever happened. This module adds what the floating-IP tests run on that
+LAN: every host runs a TCP server on 127.0.0.1:9000 that answers with the
+host's name (so a connection through the VIP says who served it), Warren
+(optionally through a wrapper such as setpriv), and the agent, a Python
+process in the bridge's namespace answering JSON requests (connect, AMQP,
+gratuitous ARP seen on br0).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,9 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import trio
 
+from lab import Host, NetLab, in_ns, wait_until, wait_until_blocking
 from tests.warrenproc import WarrenProcess, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,20 +34,7 @@ PYTHON = sys.executable
 BACKEND_PORT = 9000
 FRONT_PORT = 5672
 
-# -- the lab ------------------------------------------------------------------------------
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-@dataclass
-class Host:
-    name: str
-    ns: str
-    ip: str
-    port: str  # its bridge port, in the lan namespace
-
+__all__ = ["BACKEND_PORT", "FRONT_PORT", "REPO", "Agent", "NsWarren", "User", "VipLab", "unprivileged_user", "write"]
 
 BACKEND = """
 import socket, sys
@@ -152,9 +142,11 @@ class Agent:
 
     async def served_by(self, host: str, expected: str, timeout: float = 10) -> float:
         """Poll until a connection through ``host`` reaches ``expected``; returns when (wall clock)."""
-        with trio.fail_after(timeout):
-            while await self.connect(host) != expected:
-                await trio.sleep(0.02)
+
+        async def reached() -> bool:
+            return await self.connect(host) == expected
+
+        await wait_until(reached, timeout=timeout, interval=0.02, what=f"{host} served by {expected}")
         return time.time()
 
     async def gratuitous_arp(self) -> list[dict]:
@@ -167,7 +159,7 @@ class NsWarren(WarrenProcess):
     def __init__(self, host: Host, config_path: Path, wrapper: list[str] | None = None) -> None:
         super().__init__(config_path)
         self.host = host
-        self.prefix = ["ip", "netns", "exec", host.ns, *(wrapper or [])]
+        self.prefix = in_ns(host.ns, wrapper or [])
 
     def states(self, instance: str = "front") -> list[str]:
         """The instance's state events so far: ["backup", "master", ...]."""
@@ -181,69 +173,32 @@ class NsWarren(WarrenProcess):
         raise AssertionError(f"{self.host.name} never logged {event} {fields}")
 
 
-class Lab:
-    """Namespaces, links and processes of one test; :meth:`destroy` removes all of it."""
+class VipLab:
+    """The LAN of one test (a lab.Lan on the test's NetLab) and what runs on it."""
 
-    def __init__(self, tag: str, tmp_path: Path, subnet: str) -> None:
-        self.tag, self.tmp_path, self.subnet = tag, tmp_path, subnet
-        self.lan = f"wv{tag}l"
-        self.namespaces: list[str] = []
-        self.hosts: dict[str, Host] = {}
-        self.processes: list[trio.Process] = []  # everything started, killed at the end if alive
-        self.root_link: str | None = None
+    def __init__(self, net: NetLab, tmp_path: Path, subnet: str | None) -> None:
+        self.net, self.tmp_path = net, tmp_path
+        self.lan = net.lan(subnet)  # subnet None: one free in the root namespace (for link_root)
+        self.hosts = self.lan.hosts
         self.agent: Agent | None = None
-        self._add_namespace(self.lan)
-        _ip("-n", self.lan, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-        _ip("-n", self.lan, "addr", "add", f"{subnet}.200/24", "dev", "br0")
-        _ip("-n", self.lan, "link", "set", "br0", "up")
-
-    def _add_namespace(self, ns: str) -> None:
-        try:
-            _ip("netns", "add", ns)
-        except subprocess.CalledProcessError as error:
-            pytest.skip(f"cannot create network namespaces: {error.stderr!r}")
-        self.namespaces.append(ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-        # IPv6 addresses usable at once (no duplicate address detection) on links made later.
-        subprocess.run(
-            ["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"],
-            check=True, capture_output=True, timeout=10,
-        )  # fmt: skip
 
     def vip(self, last: int = 100) -> str:
-        return f"{self.subnet}.{last}"
+        return self.lan.address(last)
 
     def add_host(self, name: str) -> Host:
-        index = len(self.hosts) + 1
-        host = Host(name, f"wv{self.tag}{name}", f"{self.subnet}.{index}", f"p{name}")
-        self._add_namespace(host.ns)
-        _ip("link", "add", "lan0", "netns", host.ns, "type", "veth", "peer", "name", host.port, "netns", self.lan)
-        _ip("-n", self.lan, "link", "set", host.port, "master", "br0", "up")
-        _ip("-n", host.ns, "addr", "add", f"{host.ip}/24", "dev", "lan0")
-        _ip("-n", host.ns, "link", "set", "lan0", "up")
-        self.hosts[name] = host
-        return host
+        return self.lan.add_host(name)
 
-    def link_root_namespace(self) -> str:
-        """A veth from the root namespace to the bridge; returns the root side's address."""
-        self.root_link = f"wv{self.tag}r"
-        _ip("link", "add", self.root_link, "type", "veth", "peer", "name", "root", "netns", self.lan)
-        _ip("-n", self.lan, "link", "set", "root", "master", "br0", "up")
-        address = f"{self.subnet}.250"
-        _ip("addr", "add", f"{address}/24", "dev", self.root_link)
-        _ip("link", "set", self.root_link, "up")
-        return address
-
-    async def _open(self, ns: str, argv: list[str], **options) -> trio.Process:
-        process = await trio.lowlevel.open_process(["ip", "netns", "exec", ns, *argv], cwd=REPO, **options)
-        self.processes.append(process)  # held, pipes open (see start_backend)
-        return process
+    async def open_process(self, ns: str, argv: list[str], **options) -> trio.Process:
+        """``argv`` in namespace ``ns`` from the repository, killed with the lab."""
+        return await self.net.open_process(ns, argv, cwd=REPO, **options)
 
     async def start_backend(self, host: Host) -> trio.Process:
         code = BACKEND.format(port=BACKEND_PORT, name=host.name)
-        process = await self._open(host.ns, [PYTHON, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        process = await self.open_process(host.ns, [PYTHON, "-c", code], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL)
         # Read the whole line: print() may write "ready" and its newline separately, and
-        # a pipe closed in between would end the backend with BrokenPipeError.
+        # a pipe closed in between would end the backend with BrokenPipeError. The
+        # process is held (pipes open) until the lab is destroyed.
         output = b""
         with trio.fail_after(10):
             while b"ready\n" not in output:
@@ -251,9 +206,8 @@ class Lab:
         return process
 
     async def start_agent(self, vips: list[str]) -> Agent:
-        process = await self._open(
-            self.lan, [PYTHON, "-c", AGENT, *vips], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        process = await self.open_process(self.lan.ns, [PYTHON, "-c", AGENT, *vips], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE)
         self.agent = Agent(process)
         with trio.fail_after(10):
             await self.agent.ready()
@@ -268,24 +222,22 @@ class Lab:
             await warren.start(nursery)
         finally:
             if warren.process is not None:
-                self.processes.append(warren.process)
+                self.net.adopt(warren.process)
         return warren
 
     async def holders(self, vip: str) -> set[str]:
         """Hosts whose lan0 carries ``vip`` now, as the kernel (iproute2) reports it."""
         found = set()
         for host in self.hosts.values():
-            show = ["ip", "-n", host.ns, "-j", "addr", "show", "dev", "lan0"]
-            done = await trio.run_process(show, capture_stdout=True)
-            [link] = json.loads(done.stdout)
-            if any(info.get("local") == vip for info in link.get("addr_info", [])):
+            if vip in await trio.to_thread.run_sync(self.net.addresses, host.ns):
                 found.add(host.name)
         return found
 
     async def wait_holders(self, vip: str, expected: set[str], timeout: float = 15) -> float:
-        with trio.fail_after(timeout):
-            while await self.holders(vip) != expected:
-                await trio.sleep(0.02)
+        async def held() -> bool:
+            return await self.holders(vip) == expected
+
+        await wait_until(held, timeout=timeout, interval=0.02, what=f"{vip} held by {sorted(expected)}")
         return time.time()
 
     async def steadily_held_by(self, vip: str, expected: set[str], seconds: float) -> None:
@@ -295,44 +247,6 @@ class Lab:
         while trio.current_time() < end:
             assert await self.holders(vip) == expected
             await trio.sleep(0.05)
-
-    async def mac_of(self, host: Host) -> str:
-        done = await trio.run_process(["ip", "-n", host.ns, "-j", "link", "show", "lan0"], capture_stdout=True)
-        return json.loads(done.stdout)[0]["address"].replace(":", "")
-
-    def destroy(self) -> None:
-        for process in self.processes:
-            _kill_child(process.pid)
-        for ns in self.namespaces:
-            listing = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10)
-            for pid in listing.stdout.split():  # hooks and anything else started inside: ours
-                _kill(int(pid))
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
-        if self.root_link is not None:
-            subprocess.run(["ip", "link", "del", self.root_link], capture_output=True, timeout=10)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _kill_child(pid: int) -> None:
-    """SIGKILL our child ``pid`` if it still runs, and reap it; outside trio (fixture teardown).
-
-    waitpid() only answers for our own unreaped children, so a PID that was
-    reaped already (and may belong to someone else by now) is never signalled.
-    """
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return  # reaped already
-    if done == 0:
-        _kill(pid)
-        os.waitpid(pid, 0)
 
 
 # -- an unprivileged user with only the capabilities Warren needs -----------------------------
@@ -371,8 +285,8 @@ def unprivileged_user(tag: str) -> Iterator[User]:
 
 def _remove_user(name: str, patience: float = 15.0) -> None:
     """userdel refuses (status 8) while a process of the user is still on its way out; ask again."""
-    deadline = time.monotonic() + patience
-    while subprocess.run(["userdel", name], capture_output=True, timeout=30).returncode == 8:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"user {name} still has processes; it was not removed")
-        time.sleep(0.1)
+
+    def removed() -> bool:
+        return subprocess.run(["userdel", name], capture_output=True, timeout=30).returncode != 8
+
+    wait_until_blocking(removed, timeout=patience, interval=0.1, what=f"user {name} removed (no process left)")
