@@ -37,6 +37,7 @@ from .sdnotify import Notifier, status_line
 from .stats_ui import ControlService, StatsService
 from .supervisor import Service, Supervisor
 from .vip.service import VipService
+from .tls import TlsConfigError, TlsMaterial, build_material
 
 log = structlog.get_logger("warren.app")
 
@@ -45,8 +46,10 @@ _STOPPING_BUDGET = 5.0  # seconds services may take to hand over before listener
 
 class App:
     def __init__(self, config: Config, *, handle_signals: bool = True, splice: bool | None = None):
+        """Raises StartupError if the TLS files of `config` cannot all be used."""
         self.config = config
         self.runtime = Runtime(config)
+        self.runtime.tls = _load_tls(config)
         self.relay = choose_relay(config, splice=splice)
         self.pipes = self.relay.pipes
         self.runtime.relay = self.relay.describe()
@@ -186,6 +189,13 @@ class App:
             log.error("config.reload_failed", path=path, errors=refused)
             return False
         try:
+            # Certificates, keys, CA bundles and CRLs are read again even when
+            # the file did not change: a SIGHUP is how they are rotated.
+            tls = _load_tls(config)
+        except StartupError as error:
+            log.error("config.reload_failed", path=path, errors=error.problems, kept="the running TLS set")
+            return False
+        try:
             opened = await self._open_listeners(config)
         except StartupError as error:
             log.error("config.reload_failed", path=path, errors=error.problems)
@@ -195,6 +205,7 @@ class App:
             self._listeners.pop(key).cancel()
             self._bound.pop(key, None)
         changes = self.runtime.apply(config)
+        self.runtime.tls = tls  # new connections only: live ones keep their contexts
         await self._serve_listeners(opened, self._services_nursery)
         self.config = config
         logs.configure(config.global_.log_format, config.global_.log_level)
@@ -230,6 +241,22 @@ class _Started:
 
     def started(self, value: Any = None) -> None:
         self._task_status.started(self._scope)
+
+
+def _load_tls(config: Config) -> TlsMaterial:
+    """The TLS material of `config`, its warnings logged; StartupError listing every problem."""
+    try:
+        material = build_material(config)
+    except TlsConfigError as error:
+        from .config.load import locate_problems
+
+        raise StartupError([str(problem) for problem in locate_problems(config.path, error.issues)]) from None
+    for server in material.unverified:
+        log.warning("tls.verify_disabled", server=server, reason='verify = "none": broker certificates are not checked')
+    for use in material.expiring():
+        log.warning("tls.certificate_expiring", where=use.where, file=use.info.path, subject=use.info.subject,
+                    not_after=use.info.not_after.isoformat(), days_left=round(use.info.seconds_left() / 86400, 1))
+    return material
 
 
 def _logs_connections(config: Config) -> bool:

@@ -70,7 +70,7 @@ def _load(path: str) -> Config | None:
 
 def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    if config is None:
+    if config is None or not _check_tls(config):
         print(f"{args.config}: configuration is NOT valid", file=sys.stderr)
         return 1
     if not _privileged_enough(config):
@@ -86,6 +86,28 @@ def _check(args: argparse.Namespace) -> int:
         f"({len(config.frontends)} frontend(s), {len(config.backends)} backend(s), {servers} server(s))"
     )
     return 0
+
+
+def _check_tls(config: Config) -> bool:
+    """Loads every certificate, key, CA bundle and CRL as `run` would; prints problems and warnings."""
+    from .config.load import locate_problems
+    from .tls import EXPIRY_WARNING_DAYS, TlsConfigError, build_material
+
+    try:
+        material = build_material(config)
+    except TlsConfigError as error:
+        for problem in locate_problems(config.path, error.issues):
+            print(problem, file=sys.stderr)
+        return False
+    for use in material.expiring():
+        days = use.info.seconds_left() / 86400
+        print(f"{config.path}: warning: {use.where}: {use.info.path}: certificate \"{use.info.subject}\" "
+              f"expires in {days:.0f} days (on {use.info.not_after:%Y-%m-%d}; warned under "
+              f"{EXPIRY_WARNING_DAYS} days)", file=sys.stderr)
+    for server in material.unverified:
+        print(f"{config.path}: warning: server {server}: broker certificates are not verified (verify = \"none\")",
+              file=sys.stderr)
+    return True
 
 
 def _ctl(args: argparse.Namespace) -> int:
@@ -128,8 +150,8 @@ def _run(args: argparse.Namespace) -> int:
     if limit < needed:
         structlog.get_logger("warren.app").warning("warren.descriptor_limit_low", needed=needed, limit=limit,
                                                    hint=f"systemd: LimitNOFILE={needed} or more")
-    app = App(config, splice=False if args.no_splice else None)
     try:
+        app = App(config, splice=False if args.no_splice else None)
         trio.run(app.serve)
     except (StartupError, BaseExceptionGroup) as error:
         problems = _startup_problems(error)

@@ -540,6 +540,7 @@ class Runtime:
         # taken until those connections end; the name coming back revives it.
         self.retired_frontends: dict[str, FrontendRuntime] = {}
         self._next_id = 0
+        self.tls: Any = None  # proxy.tls.TlsMaterial of the config in force (set by the App)
         self.extra_statistics: dict[str, Any] = {}  # name -> callable returning a snapshot
         self.supervisors = Supervisors()  # the services' health: running, crashes, restarts
         self._activity: dict[int, tuple[int, float]] = {}  # conn id -> (bytes seen, since when)

@@ -1,5 +1,6 @@
-"""Test-suite wiring: the real-RabbitMQ fixtures live in tests/rabbit.py; the
-network-namespace lab and the polling helper in the top-level `lab` package."""
+"""Test-suite wiring: the real-RabbitMQ fixtures live in tests/rabbit.py, the
+test PKI in tests/tlsca.py; the network-namespace lab and the polling helper
+in the top-level `lab` package."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from lab import NetLab, netns_missing
 
-pytest_plugins = ["tests.rabbit"]
+pytest_plugins = ["tests.rabbit", "tests.tlsca"]
 
 
 @pytest.fixture

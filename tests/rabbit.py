@@ -6,8 +6,8 @@
 - `healthy_cluster` (function): the same cluster after `heal()`, so all three
   nodes serve and are clustered when the test starts. Free when nothing broke.
 - `rabbit_node_factory` (function): starts independent extra nodes with
-  options (proxy_protocol, mgmt, extra_conf), all stopped and removed after
-  the test.
+  options (proxy_protocol, mgmt, extra_conf, tls: TLS-only listeners with the
+  test PKI's certificates), all stopped and removed after the test.
 
 All are synchronous, so trio tests can use them too. Every test using one of
 them is marked `rabbit` (deselect with `-m "not rabbit"`); they skip with the
@@ -22,7 +22,7 @@ from typing import Iterator, Mapping
 import pytest
 
 from lab import start_nodes
-from proxy.devcluster import RabbitCluster, RabbitNode, unavailable_reason
+from proxy.devcluster import NodeTls, RabbitCluster, RabbitNode, unavailable_reason
 
 RABBIT_FIXTURES = frozenset({"rabbit_cluster", "healthy_cluster", "rabbit_node_factory"})
 
@@ -75,14 +75,16 @@ class NodeFactory:
         self._clusters: list[RabbitCluster] = []
 
     def __call__(self, *, proxy_protocol: bool = False, mgmt: bool = False,
-                 extra_conf: Mapping[str, str] | None = None) -> RabbitNode:
-        """One started node (mgmt=True also enables the management plugin)."""
-        return self.start_many(1, proxy_protocol=proxy_protocol, mgmt=mgmt, extra_conf=extra_conf)[0]
+                 extra_conf: Mapping[str, str] | None = None, tls: NodeTls | None = None) -> RabbitNode:
+        """One started node (mgmt=True also enables the management plugin; with
+        `tls` it listens for AMQPS, and HTTPS for management, only)."""
+        return self.start_many(1, proxy_protocol=proxy_protocol, mgmt=mgmt, extra_conf=extra_conf, tls=tls)[0]
 
     def start_many(self, count: int, *, cluster: bool = False, proxy_protocol: bool = False,
-                   mgmt: bool = False, extra_conf: Mapping[str, str] | None = None) -> list[RabbitNode]:
+                   mgmt: bool = False, extra_conf: Mapping[str, str] | None = None,
+                   tls: NodeTls | None = None) -> list[RabbitNode]:
         """`count` nodes started in parallel, clustered together if `cluster`."""
-        started = start_nodes(count, cluster=cluster, tag="n", mgmt=mgmt,
+        started = start_nodes(count, cluster=cluster, tag="n", mgmt=mgmt, tls=tls,
                               proxy_protocol=proxy_protocol, extra_conf=dict(extra_conf or {}))
         self._clusters.append(started)
         return started.nodes

@@ -81,6 +81,17 @@ def parse_config(text: str, path: str, *, runnable: bool = False) -> Config:
     return config
 
 
+def locate_problems(path: str, issues: list[tuple[tuple[str | int, ...], str]]) -> list[Problem]:
+    """Problems found after loading (TLS files, ...) at their keys and lines in the file at `path`."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    report = Report(list(issues))
+    return _problems(report, text, path)
+
+
 def syntax_error_line(message: str, text: str) -> int | None:
     """The line tomllib names in ``message``: "(at line 3, column 5)" or "(at end of document)"."""
     found = re.search(r"\(at line (\d+), column \d+\)", message)

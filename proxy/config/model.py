@@ -70,6 +70,57 @@ class LimitAction(enum.StrEnum):
 
 HEARTBEAT = "heartbeat"  # timeout.client: idle limit from the negotiated AMQP heartbeat
 AUTO = "auto"  # a default the frontend's mode settles (see build_frontend)
+class TlsVerify(enum.StrEnum):
+    NONE = "none"
+    OPTIONAL = "optional"  # bind side only: a certificate is asked for, not required
+    REQUIRED = "required"
+
+
+TLS_VERSIONS = ("TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")  # HAProxy's ssl-min-ver names
+
+
+@dataclass(frozen=True, slots=True)
+class BindTls:
+    """TLS on a listening side (a frontend, the stats page): HAProxy's `bind ... ssl`.
+
+    ``crt`` entries are PEM files holding a certificate chain and its key, or
+    directories of such files; the first certificate is the default, the
+    others are chosen by SNI. ``ciphers``/``ciphersuites`` None: Warren's
+    defaults (see proxy.tls.contexts).
+    """
+
+    crt: tuple[str, ...]
+    key_password: str | None = field(default=None, repr=False)  # never in a log line
+    ca_file: str | None = None  # client certificates are verified against it
+    crl_file: str | None = None
+    verify: TlsVerify = TlsVerify.NONE
+    ssl_min_ver: str = "TLSv1.2"
+    ssl_max_ver: str = "TLSv1.3"
+    ciphers: str | None = None
+    ciphersuites: str | None = None
+    tickets: bool = True  # session resumption with tickets
+    handshake_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """TLS towards a broker: HAProxy's `server ... ssl verify required ca-file F sni N crt C`.
+
+    ``ca_file`` None: the system's trust store. ``sni`` None: the server's
+    address when it is a host name (IP addresses are checked against the
+    certificate's IP SANs and sent without SNI).
+    """
+
+    verify: TlsVerify = TlsVerify.REQUIRED  # "none" is explicit and logged as a warning
+    ca_file: str | None = None
+    crl_file: str | None = None
+    sni: str | None = None
+    crt: str | None = None  # client certificate (chain + key) for brokers that require one
+    key_password: str | None = field(default=None, repr=False)
+    ssl_min_ver: str = "TLSv1.2"
+    ssl_max_ver: str = "TLSv1.3"
+    ciphers: str | None = None
+    ciphersuites: str | None = None
 
 
 class LogFormat(enum.StrEnum):
@@ -136,6 +187,7 @@ class Frontend:
     bulk: bool = False
     rate_limit: RateLimit | None = None  # new connections on this frontend
     source_rate_limit: RateLimit | None = None  # new connections per client address
+    tls: BindTls | None = None  # None: plaintext
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +205,7 @@ class HttpCheck:
     user: str = "guest"
     password: str = "guest"
     expect: tuple[int, ...] = (200,)
+    tls: bool | None = None  # HTTPS; None: when the server is reached over TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +242,7 @@ class Server:
     check: bool = True  # False: never checked, always counts as UP
     check_port: int | None = None  # None: the server's port (amqp/tcp/watch)
     http_port: int | None = None  # None: the backend's health.http.port
+    tls: ServerTls | None = None  # None: plaintext (the backend's [tls] merged with the server's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +324,7 @@ class Stats:
     hide_version: bool = False
     metrics_auth: bool = True  # False: /metrics without credentials
     label_limit: int = 20  # vhosts / users named in /metrics; the rest are "other"
+    tls: BindTls | None = None  # HTTPS
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,15 @@ Path = tuple[str | int, ...]
 
 
 class Invalid(ValueError):
-    """A value is wrong; the message says why, in words an operator understands."""
+    """A value is wrong; the message says why, in words an operator understands.
+
+    ``at``: where below the value being built the problem is (a builder
+    checking a nested key), relative to the value's own path.
+    """
+
+    def __init__(self, message: str, at: Path = ()):
+        super().__init__(message)
+        self.at = at
 
 
 class _InvalidMarker:
@@ -392,7 +400,7 @@ def call_builder(build: Callable[..., Any], values: dict[str, Any], at: Path, re
     try:
         return build(**values)
     except Invalid as error:
-        report.add(at, str(error))
+        report.add(at + error.at, str(error))
         return INVALID
 
 

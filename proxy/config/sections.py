@@ -29,7 +29,9 @@ from .model import (
     Backend,
     BackendTimeouts,
     Balance,
+    TLS_VERSIONS,
     BindAddress,
+    BindTls,
     CheckKind,
     Config,
     ConnectionLimits,
@@ -52,7 +54,9 @@ from .model import (
     Resolvers,
     SendProxy,
     Server,
+    ServerTls,
     Stats,
+    TlsVerify,
     Vip,
     VipAuth,
     VipGarp,
@@ -290,6 +294,79 @@ def build_frontend(*, timeout: FrontendTimeouts | None = None, mode: FrontendMod
     return dataclasses.replace(frontend, timeout=dataclasses.replace(timeout, client=client, handshake=handshake))
 
 
+# --- TLS: HAProxy's bind/server ssl options ----------------------------------------------
+
+# TLS 1.3 suites OpenSSL knows (RFC 8446 appendix B.4); `ciphersuites` picks among them.
+TLS13_SUITES = (
+    "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
+    "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256",
+)
+
+
+def cipher_list(text: str) -> str:
+    """An OpenSSL cipher string for TLS 1.2 and below (``ciphers``), checked by OpenSSL itself."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(text)
+    except ssl.SSLError:
+        raise Invalid(f'no cipher can be selected with "{text}"') from None
+    return text
+
+
+def tls13_suites(text: str) -> str:
+    """A colon-separated list of TLS 1.3 suite names (``ciphersuites``)."""
+    for name in text.split(":"):
+        if name not in TLS13_SUITES:
+            raise Invalid(f'unknown TLS 1.3 suite "{name}"; expected names among {", ".join(TLS13_SUITES)}'
+                          + suggestion(name, TLS13_SUITES))
+    return text
+
+
+def build_bind_tls(**values: Any) -> BindTls:
+    tls = BindTls(**values)
+    _check_versions(tls.ssl_min_ver, tls.ssl_max_ver)
+    if tls.verify is not TlsVerify.NONE and tls.ca_file is None:
+        raise Invalid(f'verify = "{tls.verify}" needs ca_file (the CAs client certificates are checked against)')
+    if tls.crl_file is not None and tls.ca_file is None:
+        raise Invalid("crl_file needs ca_file (a CRL only matters when client certificates are verified)")
+    return tls
+
+
+def _check_versions(low: str, high: str) -> None:
+    if TLS_VERSIONS.index(low) > TLS_VERSIONS.index(high):
+        raise Invalid(f'ssl_min_ver "{low}" is above ssl_max_ver "{high}"')
+
+
+def merged_server_tls(backend_part: dict[str, Any] | None, server_part: Any) -> ServerTls | None:
+    """The TLS a server is reached with: the backend's ``[tls]`` with the server's keys over it.
+
+    A server's ``tls = false`` turns TLS off for it; ``enabled = false`` does the same in a table.
+    """
+    if server_part is False:
+        return None
+    parts = {**(backend_part or {}), **(server_part if isinstance(server_part, dict) else {})}
+    if backend_part is None and not isinstance(server_part, dict):
+        return None
+    if not parts.pop("enabled", True):
+        return None
+    tls = ServerTls(**parts)
+    _check_versions(tls.ssl_min_ver, tls.ssl_max_ver)
+    if tls.crl_file is not None and tls.verify is TlsVerify.NONE:
+        raise Invalid('crl_file is useless with verify = "none"')
+    return tls
+
+
+def build_backend(*, name: str, servers: tuple[Server, ...], tls: dict[str, Any] | None = None, **values: Any) -> Backend:
+    """The backend with each server's TLS settled (its own ``tls`` over the backend's)."""
+    built = []
+    for index, server in enumerate(servers):
+        try:
+            built.append(dataclasses.replace(server, tls=merged_server_tls(tls, server.tls)))
+        except Invalid as error:
+            where = ("servers", index, "tls") if isinstance(server.tls, dict) else ("tls",)
+            raise Invalid(f"{error} (server {server.name})", where) from None
+    return Backend(name=name, servers=tuple(built), **values)
 
 
 # --- the sections ---------------------------------------------------------------------
@@ -321,6 +398,59 @@ RATE_LIMIT = {
     "action": Field(choice(RateAction)),
 }
 
+TLS_VERSION = choice(TLS_VERSIONS)
+
+BIND_TLS = {
+    "crt": Field(one_or_many(string()), required=True),
+    "key_password": Field(string(empty=True)),
+    "ca_file": Field(string()),
+    "crl_file": Field(string()),
+    "verify": Field(choice(TlsVerify)),
+    "ssl_min_ver": Field(TLS_VERSION),
+    "ssl_max_ver": Field(TLS_VERSION),
+    "ciphers": Field(string(cipher_list)),
+    "ciphersuites": Field(string(tls13_suites)),
+    "tickets": Field(boolean()),
+    "handshake_timeout": Field(duration()),
+}
+
+SERVER_TLS = {
+    "enabled": Field(boolean()),
+    "verify": Field(choice((TlsVerify.NONE.value, TlsVerify.REQUIRED.value))),
+    "ca_file": Field(string()),
+    "crl_file": Field(string()),
+    "sni": Field(string(check_server_address)),
+    "crt": Field(string()),
+    "key_password": Field(string(empty=True)),
+    "ssl_min_ver": Field(TLS_VERSION),
+    "ssl_max_ver": Field(TLS_VERSION),
+    "ciphers": Field(string(cipher_list)),
+    "ciphersuites": Field(string(tls13_suites)),
+}
+
+
+def server_tls_field(value: Any, at: Path, report: Report) -> Any:
+    """A server's ``tls``: ``false`` (plaintext for this one) or a table over the backend's."""
+    if value is False:
+        return False
+    if isinstance(value, bool):
+        report.add(at, "expected false or a table (true is the default where the backend has [tls])")
+        return INVALID
+    values = read_table(value, SERVER_TLS, at, report)
+    return INVALID if values is INVALID else _verify_enum(values)
+
+
+def backend_tls_field(value: Any, at: Path, report: Report) -> Any:
+    values = read_table(value, SERVER_TLS, at, report)
+    return INVALID if values is INVALID else _verify_enum(values)
+
+
+def _verify_enum(values: dict[str, Any]) -> dict[str, Any]:
+    if "verify" in values:
+        values["verify"] = TlsVerify(values["verify"])
+    return values
+
+
 FRONTEND = {
     "bind": Field(BINDS, required=True, attr="binds"),
     "backend": Field(string(), required=True),
@@ -331,6 +461,7 @@ FRONTEND = {
     "bulk": Field(boolean()),
     "rate_limit": Field(table(RATE_LIMIT, RateLimit)),
     "source_rate_limit": Field(table(RATE_LIMIT, RateLimit)),
+    "tls": Field(table(BIND_TLS, build_bind_tls)),
 }
 
 SERVER = {
@@ -344,6 +475,7 @@ SERVER = {
     "check": Field(boolean()),
     "check_port": Field(port()),
     "http_port": Field(port()),
+    "tls": Field(server_tls_field),
 }
 
 AMQP_CHECK = {
@@ -359,6 +491,7 @@ HTTP_CHECK = {
     "user": Field(string()),
     "password": Field(string(empty=True)),
     "expect": Field(array(integer(100, 599), unique=True, nonempty=True)),
+    "tls": Field(boolean()),
 }
 
 HEALTH = {
@@ -413,6 +546,7 @@ BACKEND = {
     "redispatch": Field(boolean()),
     "timeout": Field(table(BACKEND_TIMEOUTS, BackendTimeouts)),
     "health": Field(table(HEALTH, Health)),
+    "tls": Field(backend_tls_field),
 }
 
 STATS = {
@@ -425,6 +559,7 @@ STATS = {
     "hide_version": Field(boolean()),
     "metrics_auth": Field(boolean()),
     "label_limit": Field(integer(1, 1000)),
+    "tls": Field(table(BIND_TLS, build_bind_tls)),
 }
 
 VIP_GARP = {
@@ -476,7 +611,7 @@ DOCUMENT = {
     "global": Field(table(GLOBAL, Global), attr="global_"),
     "resolvers": Field(table(RESOLVERS, Resolvers)),
     "frontends": Field(named_tables(FRONTEND, build_frontend, check_name=check_name)),
-    "backends": Field(named_tables(BACKEND, Backend, check_name=check_name)),
+    "backends": Field(named_tables(BACKEND, build_backend, check_name=check_name)),
     "stats": Field(table(STATS, Stats)),
     "vip": Field(named_tables(VIP, build_vip, check_name=check_name)),
 }

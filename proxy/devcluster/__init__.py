@@ -19,14 +19,14 @@ work inside runs in short-lived threads.
 """
 
 from ._cluster import RabbitCluster, in_parallel, join_cluster
-from ._node import NodeSpec, RabbitNode, render_conf
+from ._node import NodeSpec, NodeTls, RabbitNode, render_conf
 from ._system import (
     CtlError, DevClusterError, epmd_names, epmd_pids, free_ports, port_accepts, run_ctl,
     unavailable_reason,
 )
 
 __all__ = [
-    "CtlError", "DevClusterError", "NodeSpec", "RabbitCluster", "RabbitNode", "epmd_names",
+    "CtlError", "DevClusterError", "NodeSpec", "NodeTls", "RabbitCluster", "RabbitNode", "epmd_names",
     "epmd_pids", "free_ports", "in_parallel", "join_cluster", "port_accepts", "render_conf",
     "run_ctl", "unavailable_reason",
 ]

@@ -24,9 +24,25 @@ log = structlog.get_logger("warren.devcluster")
 
 
 @dataclass(frozen=True)
+class NodeTls:
+    """TLS-only listeners for a node (RabbitMQ's `listeners.ssl` and `ssl_options`).
+
+    The files (PEM) are copied into the node's directory, so the `rabbitmq`
+    user can read them wherever they came from. With `verify_peer`, clients
+    must present a certificate signed by `cacertfile`
+    (`verify_peer` + `fail_if_no_peer_cert`)."""
+
+    cacertfile: str
+    certfile: str
+    keyfile: str
+    verify_peer: bool = False
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     """What one node is: name (node `name@localhost`), ports, options.
 
+    With `tls`, `amqp_port` and `mgmt_port` speak TLS only (AMQPS, HTTPS).
     `extra_conf` lines are appended to the generated rabbitmq.conf."""
 
     name: str
@@ -35,6 +51,7 @@ class NodeSpec:
     mgmt_port: int | None = None
     proxy_protocol: bool = False
     extra_conf: Mapping[str, str] = field(default_factory=dict)
+    tls: NodeTls | None = None
 
     @property
     def nodename(self) -> str:
@@ -89,7 +106,15 @@ class RabbitNode:
             shutil.rmtree(self.dir)
         for sub in ("mnesia", "log"):
             (self.dir / sub).mkdir(parents=True)
-        (self.dir / "rabbitmq.conf").write_text(render_conf(self.spec))
+        tls_dir = None
+        if self.spec.tls is not None:
+            tls_dir = self.dir / "tls"
+            tls_dir.mkdir()
+            for name, source in (("ca.pem", self.spec.tls.cacertfile), ("cert.pem", self.spec.tls.certfile),
+                                 ("key.pem", self.spec.tls.keyfile)):
+                shutil.copyfile(source, tls_dir / name)
+                (tls_dir / name).chmod(0o600 if name == "key.pem" else 0o644)
+        (self.dir / "rabbitmq.conf").write_text(render_conf(self.spec, tls_dir))
         plugins = "[rabbitmq_management]." if self.spec.mgmt_port else "[]."
         (self.dir / "enabled_plugins").write_text(plugins + "\n")
         chown_tree(self.dir)
@@ -309,8 +334,26 @@ def ip_text(address: object) -> object:
     return address
 
 
-def render_conf(spec: NodeSpec) -> str:
-    """The rabbitmq.conf (new-style, sysctl format) for `spec`."""
+def _tls_conf(spec: NodeSpec, tls_dir: Path) -> dict[str, str]:
+    """AMQPS (and management over HTTPS) only: no plaintext listener at all."""
+    files = {"cacertfile": tls_dir / "ca.pem", "certfile": tls_dir / "cert.pem", "keyfile": tls_dir / "key.pem"}
+    conf = {"listeners.tcp": "none", "listeners.ssl.1": f"127.0.0.1:{spec.amqp_port}"}
+    conf.update({f"ssl_options.{key}": str(path) for key, path in files.items()})
+    conf["ssl_options.versions.1"] = "tlsv1.3"
+    conf["ssl_options.versions.2"] = "tlsv1.2"
+    if spec.tls.verify_peer:
+        conf["ssl_options.verify"] = "verify_peer"
+        conf["ssl_options.fail_if_no_peer_cert"] = "true"
+    if spec.mgmt_port:
+        conf["management.ssl.ip"] = "127.0.0.1"
+        conf["management.ssl.port"] = str(spec.mgmt_port)
+        conf.update({f"management.ssl.{key}": str(path) for key, path in files.items()})
+    return conf
+
+
+def render_conf(spec: NodeSpec, tls_dir: Path | None = None) -> str:
+    """The rabbitmq.conf (new-style, sysctl format) for `spec`; `tls_dir` holds
+    ca.pem, cert.pem and key.pem when `spec.tls` is set."""
     conf = {
         "listeners.tcp.1": f"127.0.0.1:{spec.amqp_port}",  # loopback only
         # Through a proxy the broker may see a non-loopback client address.
@@ -324,5 +367,9 @@ def render_conf(spec: NodeSpec) -> str:
     if spec.mgmt_port:
         conf["management.tcp.ip"] = "127.0.0.1"
         conf["management.tcp.port"] = str(spec.mgmt_port)
+    if spec.tls is not None:
+        for key in ("listeners.tcp.1", "management.tcp.ip", "management.tcp.port"):
+            conf.pop(key, None)
+        conf.update(_tls_conf(spec, tls_dir or Path("tls")))
     conf.update(spec.extra_conf)
     return "".join(f"{key} = {value}\n" for key, value in conf.items())

@@ -24,7 +24,7 @@ from proxy.health.amqp_client import (
 )
 from proxy.health.amqp_wire import HandshakeError
 from proxy.health.results import CheckCode, CheckResult
-from proxy.health.tcp import CheckRun, close_stream, open_check_stream, run_check
+from proxy.health.tcp import CheckRun, CheckTls, close_stream, open_check_stream, run_check
 
 READ_SIZE = 65536
 
@@ -76,12 +76,14 @@ async def flush_quietly(stream: trio.abc.SendStream, client: HandshakeClient) ->
 
 
 async def check_amqp(
-    host: str, port: int, settings: AmqpCheck, timeout: float, *, proxy_header: bytes | None = None
+    host: str, port: int, settings: AmqpCheck, timeout: float, *, proxy_header: bytes | None = None,
+    tls: CheckTls | None = None,
 ) -> CheckResult:
     """Log in, open `settings.vhost`, close politely: L7OK with the broker's
     product, version and cluster_name in `details`.
 
-    Failures: L4CON/L4TOUT/SOCKERR (TCP), L6TOUT (no Connection.Start),
+    Failures: L4CON/L4TOUT/SOCKERR (TCP), L6RSP/L6TOUT (TLS handshake, with
+    `tls`), L6TOUT (no Connection.Start),
     L6RSP (not AMQP 0-9-1: foreign bytes, the broker's own header, broken
     frames), L7RSP (wrong method), L7STS (Connection.Close instead of going
     on: 403 bad credentials, 530 vhost, 320 broker stopping), L7TOUT.
@@ -90,7 +92,7 @@ async def check_amqp(
 
     async def converse(run: CheckRun) -> CheckResult:
         client = HandshakeClient(settings.user, settings.password, settings.vhost)
-        stream = await open_check_stream(host, port, proxy_header)
+        stream = await open_check_stream(host, port, proxy_header, tls, run)
         run.phase = lambda: handshake_phase(client)
         try:
             opened = await next_amqp_event(stream, client)

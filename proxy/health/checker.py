@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
+import ssl
 import time
 from functools import partial
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from .counter import HealthCounter, Transition
 from .http import check_http
 from .results import CheckCode, CheckResult
 from .schedule import ErrorObserver, next_delay
-from .tcp import check_tcp
+from .tcp import CheckTls, check_tcp
 from .watch import WatchOpenFailed, watch_amqp
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class HealthService:
                 del self._checkers[key]
         for key, server in wanted.items():
             if key not in self._checkers:
-                checker = ServerChecker(server, self._rng)
+                checker = ServerChecker(server, self._rng, lambda: self._runtime.tls)
                 self._checkers[key] = checker
                 self._nursery.start_soon(checker.run)
 
@@ -97,8 +98,9 @@ class HealthService:
 class ServerChecker:
     """Checks one server until stopped; owns its health counter."""
 
-    def __init__(self, server: ServerRuntime, rng: random.Random):
+    def __init__(self, server: ServerRuntime, rng: random.Random, tls_material=lambda: None):
         self.server = server
+        self.tls_material = tls_material  # () -> the TlsMaterial in force
         self.health: Health = server.backend.config.health
         self.settings = (self.health, _check_target(server))
         self.counter = HealthCounter(self.health.rise, self.health.fall, self.health.init_state)
@@ -145,6 +147,7 @@ class ServerChecker:
     async def _run_checks(self, kinds) -> CheckResult:
         """Runs each kind in order; the first failure is the verdict."""
         host, port, http_port = _check_target(self.server)
+        tls = self._tls()
         result = None
         for kind in kinds:
             try:
@@ -152,15 +155,31 @@ class ServerChecker:
             except ValueError:  # a host name not resolved yet: a PROXY header needs an address
                 result = CheckResult(CheckCode.L4CON, 0.0, f"{host} is not resolved yet", kind)
                 break
+            timeout = self.health.timeout
             if kind is CheckKind.TCP:
-                result = await check_tcp(host, port, None, self.health.timeout, proxy_header=header)
+                result = await check_tcp(host, port, None, timeout, proxy_header=header, tls=tls)
             elif kind is CheckKind.AMQP:
-                result = await check_amqp(host, port, self.health.amqp, self.health.timeout, proxy_header=header)
+                result = await check_amqp(host, port, self.health.amqp, timeout, proxy_header=header, tls=tls)
             else:
-                result = await check_http(host, http_port, self.health.http, self.health.timeout)
+                result = await check_http(host, http_port, self.health.http, timeout, tls=self._http_tls(tls))
             if not result.passed:
                 break
         return result
+
+    def _tls(self) -> CheckTls | None:
+        """The TLS clients reach this server with (read per check: a SIGHUP may rotate it)."""
+        material = self.tls_material()
+        server = self.server
+        context = material.server(server.backend.name, server.name) if material is not None else None
+        return None if context is None else CheckTls(context, _hostname(server))
+
+    def _http_tls(self, server_tls: CheckTls | None) -> CheckTls | None:
+        wanted = self.health.http.tls
+        if wanted is None or (wanted and server_tls is not None):
+            return server_tls
+        if not wanted:
+            return None
+        return CheckTls(_default_https_context(), _hostname(self.server))  # HTTPS to a plaintext-AMQP broker
 
     def _proxy_header(self, host: str, port: int) -> bytes | None:
         version = self.server.config.send_proxy
@@ -230,7 +249,7 @@ class ServerChecker:
                     await nursery.start(
                         partial(
                             watch_amqp, proxy_header=self._proxy_header(host, port),
-                            open_timeout=self.health.timeout,
+                            tls=self._tls(), open_timeout=self.health.timeout,
                         ),
                         host, port, self.health.amqp, on_lost,
                     )
@@ -268,6 +287,23 @@ def _check_target(server: ServerRuntime) -> tuple[str, int, int]:
     port = server.config.check_port or server.config.port
     http_port = server.config.http_port or server.backend.config.health.http.port
     return host, port, http_port
+
+
+def _hostname(server: ServerRuntime) -> str:
+    """The name a broker's certificate must carry: ``sni``, else the configured address
+    (an IP address is checked against the certificate's IP SANs, and sent without SNI)."""
+    tls = server.config.tls
+    return (tls.sni if tls is not None and tls.sni else None) or server.config.address
+
+
+_https_default: list[ssl.SSLContext] = []
+
+
+def _default_https_context() -> ssl.SSLContext:
+    """For ``health.http.tls = true`` on a server reached in clear: the system's trust store."""
+    if not _https_default:
+        _https_default.append(ssl.create_default_context())
+    return _https_default[0]
 
 
 def _source_address(destination: str) -> str:

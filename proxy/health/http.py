@@ -15,7 +15,7 @@ import trio
 
 from proxy.config.model import CheckKind, HttpCheck
 from proxy.health.results import CheckCode, CheckFailed, CheckResult
-from proxy.health.tcp import CheckRun, close_stream, open_check_stream, run_check
+from proxy.health.tcp import CheckRun, CheckTls, close_stream, open_check_stream, run_check
 
 READ_SIZE = 16384
 MAX_HEADERS = 16384  # h11's bound on an incomplete head
@@ -79,20 +79,22 @@ async def _read_body_start(stream: trio.abc.ReceiveStream, conn: h11.Connection)
 
 
 async def check_http(
-    host: str, port: int, settings: HttpCheck, timeout: float, *, proxy_header: bytes | None = None
+    host: str, port: int, settings: HttpCheck, timeout: float, *, proxy_header: bytes | None = None,
+    tls: CheckTls | None = None,
 ) -> CheckResult:
     """GET `settings.path` on `host`:`port` with basic auth.
 
     L7OK when the status is in `settings.expect`, else L7STS; either way
     ``details["status"]`` holds the status (results read "L7STS/503") and
     ``details["body"]`` the start of the body.  L7RSP for a response that is
-    not HTTP/1.x, L7TOUT when it is late, L4* / SOCKERR for TCP trouble.
+    not HTTP/1.x, L7TOUT when it is late, L4* / SOCKERR for TCP trouble,
+    L6RSP/L6TOUT for the TLS handshake (HTTPS, with `tls`).
     `port` is the management port (the caller picks server or backend's).
     """
 
     async def get(run: CheckRun) -> CheckResult:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
-        stream = await open_check_stream(host, port, proxy_header)
+        stream = await open_check_stream(host, port, proxy_header, tls, run)
         run.phase = _waiting_for_response
         try:
             request = conn.send(build_request(host, port, settings)) + conn.send(h11.EndOfMessage())

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import structlog
 import trio
@@ -28,6 +30,27 @@ Phase = Callable[[], tuple[CheckCode, str]]
 
 def _connecting() -> tuple[CheckCode, str]:
     return CheckCode.L4TOUT, "TCP connect"
+
+
+def _handshaking() -> tuple[CheckCode, str]:
+    return CheckCode.L6TOUT, "the TLS handshake"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckTls:
+    """Reach the server over TLS, as clients do: its context and the name to verify (and send as SNI)."""
+
+    context: ssl.SSLContext
+    server_hostname: str | None
+
+
+def describe_tls_error(error: ssl.SSLError) -> str:
+    """ "certificate verify failed: hostname mismatch", "TLS handshake failed: wrong version number"."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        message = (error.verify_message or "").split(",")[0].rstrip(".").lower()
+        return f"certificate verify failed: {message or 'unknown reason'}"
+    reason = (error.reason or str(error)).replace("_", " ").lower()
+    return f"TLS handshake failed: {reason}"
 
 
 def describe_os_error(exc: BaseException) -> str:
@@ -93,11 +116,17 @@ async def run_check(
     return result
 
 
-async def open_check_stream(host: str, port: int, proxy_header: bytes | None = None) -> trio.SocketStream:
-    """Connect to `host`:`port` and send `proxy_header` if given.
+async def open_check_stream(
+    host: str, port: int, proxy_header: bytes | None = None, tls: CheckTls | None = None,
+    run: CheckRun | None = None,
+) -> trio.abc.Stream:
+    """Connect to `host`:`port`, send `proxy_header` if given (in clear, as
+    HAProxy does), then complete a TLS handshake with `tls`.
 
     Raises CheckFailed: L4CON when the server cannot be reached (refused,
-    unreachable, name unresolvable), SOCKERR when no socket can be made.
+    unreachable, name unresolvable), SOCKERR when no socket can be made,
+    L6RSP when the TLS handshake fails ("certificate verify failed: hostname
+    mismatch"); while it runs, a timeout reports L6TOUT (through `run`).
     The caller owns (and closes) the stream.
     """
     try:
@@ -121,7 +150,22 @@ async def open_check_stream(host: str, port: int, proxy_header: bytes | None = N
     stream = trio.SocketStream(sock)
     if proxy_header:
         await stream.send_all(proxy_header)
-    return stream
+    if tls is None:
+        return stream
+    if run is not None:
+        run.phase = _handshaking
+    secure = trio.SSLStream(stream, tls.context, server_hostname=tls.server_hostname)
+    try:
+        await secure.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await close_stream(stream)
+        if isinstance(exc.__cause__, ssl.SSLError):
+            raise CheckFailed(CheckCode.L6RSP, describe_tls_error(exc.__cause__)) from None
+        raise CheckFailed(CheckCode.L6RSP, f"TLS handshake failed: {describe_os_error(exc)}") from None
+    except BaseException:
+        await close_stream(stream)
+        raise
+    return secure
 
 
 async def close_stream(stream: trio.abc.AsyncResource) -> None:
@@ -131,7 +175,8 @@ async def close_stream(stream: trio.abc.AsyncResource) -> None:
 
 
 async def check_tcp(
-    host: str, port: int, settings: object = None, timeout: float = 2.0, *, proxy_header: bytes | None = None
+    host: str, port: int, settings: object = None, timeout: float = 2.0, *, proxy_header: bytes | None = None,
+    tls: CheckTls | None = None,
 ) -> CheckResult:
     """Connect, send the PROXY header if any, close: L4OK, L4CON, L4TOUT or SOCKERR.
 
@@ -140,8 +185,10 @@ async def check_tcp(
     """
 
     async def connect_and_close(run: CheckRun) -> CheckResult:
-        stream = await open_check_stream(host, port, proxy_header)
+        stream = await open_check_stream(host, port, proxy_header, tls, run)
         await close_stream(stream)
+        if tls is not None:  # HAProxy's check-ssl: the handshake is the check
+            return run.result(CheckCode.L6OK, "TLS handshake completed")
         return run.result(CheckCode.L4OK, "TCP connect succeeded")
 
     return await run_check(CheckKind.TCP, timeout, connect_and_close)

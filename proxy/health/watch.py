@@ -20,7 +20,9 @@ from proxy.health.amqp import READ_SIZE, flush, flush_quietly, handshake_phase, 
 from proxy.health.amqp_client import NEED_DATA, HandshakeClient, Opened, ServerClosed
 from proxy.health.amqp_wire import HandshakeError
 from proxy.health.results import CheckCode, CheckFailed, CheckResult
-from proxy.health.tcp import CHECK_ERRORS, CheckRun, close_stream, describe_os_error, open_check_stream
+from proxy.health.tcp import (
+    CHECK_ERRORS, CheckRun, CheckTls, close_stream, describe_os_error, open_check_stream,
+)
 
 log = structlog.get_logger("warren.health")
 
@@ -49,6 +51,7 @@ async def watch_amqp(
     on_lost: Callable[[CheckResult], None],
     *,
     proxy_header: bytes | None = None,
+    tls: CheckTls | None = None,
     open_timeout: float = 5.0,
     close_timeout: float = 1.0,
     task_status: trio.TaskStatus[Opened] = trio.TASK_STATUS_IGNORED,
@@ -73,7 +76,7 @@ async def watch_amqp(
     client = HandshakeClient(
         settings.user, settings.password, settings.vhost, heartbeat=heartbeat, watch=True
     )
-    stream, opened = await _open(host, port, client, proxy_header, open_timeout)
+    stream, opened = await _open(host, port, client, proxy_header, tls, open_timeout)
     result: CheckResult | None = None
     try:
         log.info("health.watch.opened", host=host, port=port, heartbeat=heartbeat)
@@ -90,12 +93,12 @@ async def watch_amqp(
 
 
 async def _open(
-    host: str, port: int, client: HandshakeClient, proxy_header: bytes | None, timeout: float
-) -> tuple[trio.SocketStream, Opened]:
+    host: str, port: int, client: HandshakeClient, proxy_header: bytes | None, tls: CheckTls | None, timeout: float
+) -> tuple[trio.abc.Stream, Opened]:
     run = CheckRun(CheckKind.WATCH, timeout)
     with trio.move_on_after(timeout):
         try:
-            stream = await open_check_stream(host, port, proxy_header)
+            stream = await open_check_stream(host, port, proxy_header, tls, run)
         except CHECK_ERRORS as exc:
             raise WatchOpenFailed(run.failed(exc)) from None
         run.phase = lambda: handshake_phase(client)
@@ -112,7 +115,7 @@ async def _open(
     raise WatchOpenFailed(run.timed_out())
 
 
-async def _wait_for_loss(stream: trio.SocketStream, client: HandshakeClient, heartbeat: int) -> CheckResult:
+async def _wait_for_loss(stream: trio.abc.Stream, client: HandshakeClient, heartbeat: int) -> CheckResult:
     """Read, and heartbeat every half interval, until the connection is lost; say how."""
     opened_at = last_heard = trio.current_time()
     next_beat = opened_at + heartbeat / 2
@@ -142,7 +145,7 @@ async def _wait_for_loss(stream: trio.SocketStream, client: HandshakeClient, hea
 
 
 async def _absorb(
-    stream: trio.SocketStream, client: HandshakeClient, data: bytes, heartbeat: int
+    stream: trio.abc.Stream, client: HandshakeClient, data: bytes, heartbeat: int
 ) -> ServerClosed | None:
     """Feed `data` (b"" at EOF) to the client; the broker's Close if it sent one.
 
@@ -180,7 +183,7 @@ def _lost(
     return CheckResult(code, now - last_heard, description.rstrip(), CheckKind.WATCH, details)
 
 
-async def _close_politely(stream: trio.SocketStream, client: HandshakeClient, timeout: float) -> None:
+async def _close_politely(stream: trio.abc.Stream, client: HandshakeClient, timeout: float) -> None:
     """Connection.Close and wait for Close-Ok, shielded but bounded (we are being cancelled)."""
     if not client.close("Warren watch closing"):
         return

@@ -104,7 +104,7 @@ class HttpError(Exception):
         self.status, self.reason = status, reason
 
 
-async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: Limits, client: str) -> None:
+async def serve_connection(stream: trio.abc.Stream, handler: Handler, limits: Limits, client: str) -> None:
     """Serves requests on `stream` until it closes; always closes it."""
     connection = _Connection(stream, limits, client)
     try:
@@ -119,7 +119,7 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler, limits: 
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, limits: Limits, client: str):
+    def __init__(self, stream: trio.abc.Stream, limits: Limits, client: str):
         self.stream, self.limits, self.client = stream, limits, client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.graceful = True  # False: close at once, without draining (the client stopped reading)
@@ -275,7 +275,9 @@ class _Connection:
 
     async def _drain(self) -> None:
         try:
-            await self.stream.send_eof()
+            send_eof = getattr(self.stream, "send_eof", None)
+            if send_eof is not None:  # a TLS stream has none: TLS cannot half-close
+                await send_eof()
             drained = 0
             while drained < 4 * RECEIVE_SIZE:
                 chunk = await self.stream.receive_some(RECEIVE_SIZE)

@@ -1,4 +1,4 @@
-"""The stats page as an App service: binds `[stats]`, serves HTTP, samples history.
+"""The stats page as an App service: binds `[stats]`, serves HTTP(S), samples history.
 
 It shares nothing with the proxy path but the runtime's snapshots: each HTTP
 connection is its own task with bounded reads and writes (see
@@ -9,7 +9,8 @@ proxying.
 On reload (:meth:`StatsService.reconfigure`) users, URI, realm, refresh and
 admin take effect for the next request; changed bind addresses are opened
 before the old ones close, and if they cannot be, the old ones stay (logged
-as `stats.rebind_failed`). Login failure counts, CSRF secret and history
+as `stats.rebind_failed`). With `[stats.tls]` every connection starts with a
+TLS handshake (the certificate set in force when it was accepted). Login failure counts, CSRF secret and history
 survive reloads.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -161,9 +163,34 @@ class StatsService:
             return
         self._open_connections += 1
         try:
+            tls = getattr(self._runtime.tls, "stats", None)  # read per connection: a reload swaps it
+            if tls is not None:
+                stream = await self._handshake(stream, tls.context, client)
+                if stream is None:
+                    return
             await serve_connection(stream, self._dispatch, self.limits, client)
         finally:
             self._open_connections -= 1
+
+    async def _handshake(self, stream: trio.SocketStream, context: ssl.SSLContext, client: str) -> trio.SSLStream | None:
+        """The TLS handshake of an HTTPS connection, bounded by the request timeout; None if it failed.
+
+        https_compatible: browsers end connections without close_notify.
+        """
+        secure = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        reason = None
+        with trio.move_on_after(self.limits.request_timeout) as scope:
+            try:
+                await secure.do_handshake()
+                return secure
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                cause = error.__cause__
+                reason = getattr(cause, "reason", None) or str(cause or error) or "connection closed"
+        if scope.cancelled_caught:
+            reason = "handshake timeout"
+        log.info("stats.tls_handshake_failed", client=client, reason=reason)
+        await stream.aclose()
+        return None
 
     async def _dispatch(self, request: Request) -> Response:
         site = self.site

@@ -1,6 +1,7 @@
 """The stats page in a real browser (Debian's chromium driven by Playwright), JavaScript off.
 
-The operator's scenario: log in, see the brokers UP, lose one and see it DOWN
+The operator's scenario, over HTTPS (the docs recommend it: basic-auth
+credentials never travel in clear): log in, see the brokers UP, lose one and see it DOWN
 after the page refreshes itself, drain another with its form and see DRAIN,
 put the unchecked backup in MAINT. The brokers are fake (tests/proxyutil.py)
 and checked by Warren's TCP health check; the final page is saved as
@@ -17,7 +18,7 @@ import pytest
 import trio
 
 from proxy.app import App
-from proxy.config.model import BindAddress, CheckKind, Health, InitState, Stats
+from proxy.config.model import BindAddress, BindTls, CheckKind, Health, InitState, Stats
 from proxy.runtime import AdminState
 from proxy.stats_ui.service import StatsService
 from tests.proxyutil import use_service, make_config, serve_named, server
@@ -43,12 +44,13 @@ async def run_broker(name: str, scopes: dict, *, task_status=trio.TASK_STATUS_IG
             task_status.started(await nursery.start(serve_named, name))
 
 
-async def start_warren(nursery, scopes) -> tuple[App, str]:
+async def start_warren(nursery, scopes, pki) -> tuple[App, str]:
     ports = {name: await nursery.start(run_broker, name, scopes) for name in BROKERS}
     servers = [server(n, p) for n, p in ports.items()] + [server("rmq-spare", ports["rmq-a"], backup=True, check=False)]
     health = Health(kinds=(CheckKind.TCP,), inter=0.2, rise=1, fall=1, timeout=0.5, init_state=InitState.UP)
     config = make_config(servers, health=health)
-    stats = Stats(binds=(BindAddress("127.0.0.1", 0),), users=(("admin", "s3cret"),), admin=True, refresh=1.0)
+    stats = Stats(binds=(BindAddress("127.0.0.1", 0),), users=(("admin", "s3cret"),), admin=True, refresh=1.0,
+                  tls=BindTls(crt=(pki.server.pem,)))
     config = replace(config, stats=stats)
     app = App(config, handle_signals=False)
     use_service(app, HealthService(config))
@@ -56,7 +58,7 @@ async def start_warren(nursery, scopes) -> tuple[App, str]:
     use_service(app, service)
     await nursery.start(app.serve)
     host, port = service.addresses[0]
-    return app, f"http://{host}:{port}/"
+    return app, f"https://localhost:{port}/"
 
 
 def operator_scenario(url: str, stop_broker) -> list[str]:
@@ -68,12 +70,15 @@ def operator_scenario(url: str, stop_broker) -> list[str]:
         try:
             context = browser.new_context(
                 http_credentials={"username": "admin", "password": "s3cret"},
+                ignore_https_errors=True,  # the test CA is not in chromium's trust store
                 java_script_enabled=False,  # the page must work without it
                 viewport={"width": 1280, "height": 800},
             )
             context.set_default_timeout(15_000)
             page = context.new_page()
-            page.goto(url)
+            response = page.goto(url)
+            assert response.url.startswith("https://") and response.status == 200
+            assert response.security_details()["protocol"] in ("TLS 1.3", "TLS 1.2")
 
             for name in BROKERS:
                 expect(page.locator(f"#server-be-{name} .pill")).to_contain_text(" UP")
@@ -103,11 +108,11 @@ def operator_scenario(url: str, stop_broker) -> list[str]:
     return seen
 
 
-async def test_operator_sees_states_change_and_acts_from_the_page():
+async def test_operator_sees_states_change_and_acts_from_the_page(pki):
     scopes: dict[str, trio.CancelScope] = {}
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            app, url = await start_warren(nursery, scopes)
+            app, url = await start_warren(nursery, scopes, pki)
 
             def stop_broker(name: str) -> None:
                 trio.from_thread.run_sync(scopes[name].cancel)

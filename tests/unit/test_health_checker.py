@@ -31,7 +31,7 @@ class Script:
         self.verdicts = list(verdicts)
         self.times: list[float] = []
 
-    async def __call__(self, host, port, settings, timeout, *, proxy_header=None):
+    async def __call__(self, host, port, settings, timeout, *, proxy_header=None, tls=None):
         self.times.append(trio.current_time())
         passed = self.verdicts.pop(0) if len(self.verdicts) > 1 else self.verdicts[0]
         code = CheckCode.L7OK if passed else CheckCode.L4CON
@@ -148,7 +148,7 @@ async def test_passive_errors_switch_to_fastinter(autojump_clock, monkeypatch):
 async def test_watch_loss_marks_down_at_once(autojump_clock, monkeypatch):
     lose = trio.Event()
 
-    async def fake_watch(host, port, settings, on_lost, *, proxy_header=None, open_timeout=5.0,
+    async def fake_watch(host, port, settings, on_lost, *, proxy_header=None, tls=None, open_timeout=5.0,
                          task_status=trio.TASK_STATUS_IGNORED):
         task_status.started()
         await lose.wait()
