@@ -364,12 +364,15 @@ class FrontendRuntime:
     (``wait_for_slot``); the session gives it back (``release_slot``)."""
 
     def __init__(self, config: Frontend):
+        from .tls.counters import TlsCounters
+
         self.config = config
         self.current = 0
         self.max_sessions = 0
         self.total_sessions = 0
         self._slot_freed: trio.Event | None = None  # while a listener waits for a slot
         self.gate = _rate_gate(config)
+        self.tls = TlsCounters()  # kept across reloads, shown while the frontend has TLS
 
     @property
     def name(self) -> str:
@@ -512,6 +515,18 @@ class FrontendStats:
     total_sessions: int
     mode: str = "tcp"
     admission: AdmissionStats | None = None
+    tls: Any = None  # proxy.tls.counters.TlsStatistics when the frontend terminates TLS
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateStats:
+    """A certificate Warren presents: where, which file, whose, until when (Unix time)."""
+
+    where: str
+    path: str
+    subject: str
+    not_after: float
+    seconds_left: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +539,7 @@ class Statistics:
     extra: dict[str, Any] = field(default_factory=dict)  # vip, ... by later capabilities
     services: tuple[ServiceStats, ...] = ()  # every supervised service, in start order
     relay: str = ""  # the relay path in use (and why, if not the one asked for)
+    certificates: tuple[CertificateStats, ...] = ()
 
 
 class Runtime:
@@ -683,6 +699,7 @@ class Runtime:
             extra={name: snap() for name, snap in self.extra_statistics.items()},
             services=self.supervisors.statistics(),
             relay=self.relay,
+            certificates=_certificate_stats(self.tls),
         )
 
 
@@ -757,6 +774,17 @@ def _frontend_stats(frontend: FrontendRuntime) -> FrontendStats:
         total_sessions=frontend.total_sessions,
         mode=config.mode.value,
         admission=admission,
+        tls=frontend.tls.statistics() if frontend.config.tls is not None else None,
+    )
+
+
+def _certificate_stats(material: Any) -> tuple[CertificateStats, ...]:
+    if material is None:
+        return ()
+    return tuple(
+        CertificateStats(use.where, use.info.path, use.info.subject, use.info.not_after.timestamp(),
+                         use.info.seconds_left())
+        for use in material.certificates
     )
 
 

@@ -63,6 +63,11 @@ def render_metrics(stats: Any, *, hide_version: bool = False, label_limit: int =
         _vip(out, instance)
     for service in view.services(stats):
         _service(out, service)
+    for certificate in getattr(stats, "certificates", ()):
+        out.add("warren_certificate_expiry_seconds", GAUGE,
+                "When a certificate Warren presents expires (Unix time, as notAfter); alert on it minus time()",
+                {"where": certificate.where, "path": certificate.path, "subject": certificate.subject},
+                round(certificate.not_after))
     return out.text()
 
 
@@ -84,6 +89,27 @@ def _frontend(out: Exposition, frontend: Any) -> None:
     out.add("warren_frontend_limit_sessions", GAUGE, "The frontend's maxconn", px, frontend.limit)
     out.add("warren_frontend_sessions_total", COUNTER, "Total number of sessions since Warren started",
             px, frontend.total_sessions)
+    tls = getattr(frontend, "tls", None)
+    if tls is not None:
+        _frontend_tls(out, px, tls)
+
+
+def _frontend_tls(out: Exposition, px: dict[str, str], tls: Any) -> None:
+    out.add("warren_frontend_tls_handshakes_total", COUNTER, "TLS handshakes completed on the frontend",
+            px, tls.handshakes)
+    out.add("warren_frontend_tls_reused_sessions_total", COUNTER, "TLS handshakes that resumed a session",
+            px, tls.reused)
+    for reason, count in tls.failures or (("none", 0),):
+        out.add("warren_frontend_tls_handshake_failures_total", COUNTER,
+                "TLS handshakes that failed, by reason", {**px, "reason": reason}, count)
+    for version, count in tls.versions:
+        out.add("warren_frontend_tls_sessions_total", COUNTER, "TLS sessions established, by protocol version",
+                {**px, "version": version}, count)
+    for version, count in tls.in_use:
+        out.add("warren_frontend_tls_current_sessions", GAUGE, "Live TLS sessions, by protocol version",
+                {**px, "version": version}, count)
+    out.add("warren_frontend_tls_client_certificates_total", COUNTER,
+            "TLS handshakes with a verified client certificate", px, tls.client_certificates)
 
 
 def _admission(out: Exposition, frontend: Any) -> None:

@@ -2,8 +2,10 @@
 
 Scripts and monitoring written against HAProxy read columns by these names,
 so the header is HAProxy 2.6's `show stat` header up to `agg_check_status`
-(its 103 base columns; the per-module HTTP/2, HTTP/1 and SSL columns mean
-nothing for TCP and are left out). Columns Warren has no value for are empty,
+(its 103 base columns; the per-module HTTP/2 and HTTP/1 columns mean
+nothing for TCP and are left out), then the SSL module's three columns
+(`ssl_sess`, `ssl_reused_sess`, `ssl_failed_handshake`), filled on the
+FRONTEND rows of frontends that terminate TLS. Columns Warren has no value for are empty,
 as HAProxy leaves them. Each line ends with a comma, as HAProxy's do.
 
 Rows, as HAProxy writes them: each frontend as a FRONTEND row (type 0); each
@@ -37,16 +39,20 @@ COLUMNS = (
     "agg_server_check_status", "agg_check_status",
 )
 
+# HAProxy's "ssl" stats module, as its `show stat` appends it after the base columns.
+SSL_COLUMNS = ("ssl_sess", "ssl_reused_sess", "ssl_failed_handshake")
+HEADER = COLUMNS + SSL_COLUMNS
+
 TYPE_FRONTEND, TYPE_BACKEND, TYPE_SERVER = 0, 1, 2
 
 
 def render_csv(stats: Any) -> str:
     """The whole export: header line, then FRONTEND, server and BACKEND rows."""
     out = io.StringIO()
-    out.write("# " + ",".join(COLUMNS) + ",\n")
+    out.write("# " + ",".join(HEADER) + ",\n")
     writer = csv.writer(out, lineterminator="\n")
     for row in stat_rows(stats):
-        writer.writerow([_cell(row.get(name)) for name in COLUMNS] + [""])
+        writer.writerow([_cell(row.get(name)) for name in HEADER] + [""])
     return out.getvalue()
 
 
@@ -73,7 +79,14 @@ def _frontend_row(frontend: Any, pid: int, iid: int) -> dict[str, Any]:
         "bin": getattr(frontend, "bytes_in", None), "bout": getattr(frontend, "bytes_out", None),
         "status": "OPEN", "pid": pid, "iid": iid, "sid": 0, "type": TYPE_FRONTEND,
         "mode": "tcp", "conn_tot": frontend.total_sessions,
+        **_ssl_cells(getattr(frontend, "tls", None)),
     }
+
+
+def _ssl_cells(tls: Any) -> dict[str, Any]:
+    if tls is None:
+        return {}
+    return {"ssl_sess": tls.handshakes, "ssl_reused_sess": tls.reused, "ssl_failed_handshake": tls.failed}
 
 
 def _server_row(server: Any, pid: int, iid: int, sid: int) -> dict[str, Any]:

@@ -183,7 +183,20 @@ def _frontend_table(frontend: Any, context: PageContext) -> str:
         f"{_num(frontend.current_sessions)}{_num(frontend.max_sessions)}{_num(frontend.limit)}"
         f"{_num(frontend.total_sessions)}{_admission_cells(frontend.admission)}"
         '<td class="state"><span class="pill">OPEN</span></td></tr>'
-        "</tbody></table></div>"
+        "</tbody></table>" + _frontend_tls(getattr(frontend, "tls", None)) + "</div>"
+    )
+
+
+def _frontend_tls(tls: Any) -> str:
+    """One line under a TLS frontend's table: handshakes, failures by reason, versions, client subjects."""
+    if tls is None:
+        return ""
+    failures = ", ".join(f"{esc(reason)} {count}" for reason, count in tls.failures) or "none"
+    versions = ", ".join(f"{esc(version)} {count}" for version, count in tls.in_use) or "none"
+    subjects = ", ".join(esc(subject) for subject in tls.recent_subjects) or "none"
+    return (
+        f'<p class="tls">TLS: {tls.handshakes} handshakes ({tls.reused} resumed), failures: {failures}; '
+        f"in use: {versions}; client certificates: {tls.client_certificates}, latest: {subjects}</p>"
     )
 
 

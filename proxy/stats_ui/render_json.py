@@ -25,6 +25,7 @@ def render_json(stats: Any, *, hide_version: bool = False) -> str:
         backends=[_backend(b) for b in stats.backends],
         vip=[_vip(v) for v in view.vip_instances(stats)],
         services=[_service(s) for s in view.services(stats)],
+        certificates=[_certificate(c) for c in getattr(stats, "certificates", ())],
     )
     return json.dumps(document, indent=1, ensure_ascii=False, default=str) + "\n"
 
@@ -39,6 +40,26 @@ def _frontend(frontend: Any) -> dict[str, Any]:
             "current": frontend.current_sessions, "max": frontend.max_sessions,
             "limit": frontend.limit, "total": frontend.total_sessions,
         },
+        **({"tls": _tls(frontend.tls)} if getattr(frontend, "tls", None) is not None else {}),
+    }
+
+
+def _tls(tls: Any) -> dict[str, Any]:
+    return {
+        "handshakes": tls.handshakes,
+        "reused": tls.reused,
+        "failures": dict(tls.failures),
+        "versions": dict(tls.versions),
+        "in_use": dict(tls.in_use),
+        "client_certificates": tls.client_certificates,
+        "recent_client_subjects": list(tls.recent_subjects),
+    }
+
+
+def _certificate(certificate: Any) -> dict[str, Any]:
+    return {
+        "where": certificate.where, "path": certificate.path, "subject": certificate.subject,
+        "not_after": round(certificate.not_after), "seconds_left": round(certificate.seconds_left),
     }
 
 

@@ -133,7 +133,8 @@ def test_v2_local_and_tlvs_are_accepted_when_parsing():
     tlv = b"\x04\x00\x01\x00"  # PP2_TYPE_NOOP, length 1
     body = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + b"\x00\x01\x00\x02" + tlv
     header = SIGNATURE + b"\x21\x11" + len(body).to_bytes(2, "big") + body
-    assert parse(header) == (ProxyHeader(2, "PROXY", ("10.0.0.1", 1), ("10.0.0.2", 2)), len(header))
+    expected = ProxyHeader(2, "PROXY", ("10.0.0.1", 1), ("10.0.0.2", 2), tlvs=((0x04, b"\x00"),))
+    assert parse(header) == (expected, len(header))
 
 
 @pytest.mark.parametrize(

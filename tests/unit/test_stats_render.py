@@ -228,7 +228,9 @@ def test_csv_header_uses_haproxy_26_names_in_order():
     text = render_csv(make_runtime().statistics())
     header = text.splitlines()[0]
     assert header.startswith(HAPROXY_HEADER_START)
-    assert header.endswith("agg_server_status,agg_server_check_status,agg_check_status,")
+    # HAProxy's 103 base columns, then its SSL module's three.
+    assert header.endswith("agg_server_status,agg_server_check_status,agg_check_status,"
+                           "ssl_sess,ssl_reused_sess,ssl_failed_handshake,")
     assert len(COLUMNS) == 103 and len(set(COLUMNS)) == 103
 
 
