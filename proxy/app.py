@@ -28,6 +28,7 @@ from .backends.names import NamesService
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
 from .errors import StartupError
+from .memory import trim_after_waves
 from .frontends.listener import BindError, open_listener, serve_listener
 from .frontends.relay_path import choose_relay
 from .frontends.session import Sessions
@@ -89,6 +90,7 @@ class App:
             async with trio.open_nursery() as services:
                 self._services_nursery = services
                 await self._serve_listeners(opened, services)
+                services.start_soon(trim_after_waves, self.sessions.closed_total)
                 for service in self.services:
                     await services.start(self._supervise(service).run)
                 log.info(

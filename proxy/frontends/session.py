@@ -9,6 +9,9 @@ or what ended the connection, the second in which phase.
     SC  no server, or connect refused by the server
     sC  connect timeout                             sQ  queue timeout
     RC  Warren itself is out of descriptors or memory (no socket for the server)
+    CR  the client's TLS handshake failed (garbage, plaintext, a refused
+        certificate; logged as tls.handshake_failed)
+    cR  the client did not complete its TLS handshake in time
     KD  killed by an operator or at the end of the stop grace period
     DD  its server was marked down (shutdown-sessions)
     PD  an unexpected error in Warren ended this one connection (logged as session.failed)
@@ -32,6 +35,12 @@ it). Only a session that must wait in the backend's queue for a server slot
 does so in a task of the session nursery, and goes on in callbacks after;
 so does one that a rate limit holds back, or that an AMQP connection limit
 refuses (the refusal is a short conversation with both peers).
+
+TLS (:mod:`proxy.tls.pump`) adds two steps, in poller callbacks too: a TLS
+frontend's session starts with the client's handshake; a server reached over
+TLS gets its handshake after the connect (and the PROXY header, sent in
+clear), and a failed one counts as that connect's failure (retries and
+redispatch as for a refused connect). The relay then runs TLS directions.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import trio
 
 from ..backends.connect import connect_error, error_name, start_connect
 from ..backends.dispatch import Connect, Dispatch, Fail, Queue, Timing
+from ..backends.proxy_protocol import SslInfo
 from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import FrontendMode, SendProxy
 from ..io.pipes import PipePool
@@ -57,6 +67,8 @@ from ..amqp.inspect import describe_identity
 from ..amqp.refuse import refuse
 from ..amqp.tap import AmqpConnection, AmqpPolicy
 from ..runtime import BackendRuntime, Connection, FrontendRuntime, KillReason, Runtime, ServerRuntime
+from ..tls import errors as tls_errors
+from ..tls.pump import Handshake, HandshakeFailed, TlsEnd, TlsPeer, tls_ways
 
 log = structlog.get_logger("warren.session")
 
@@ -80,6 +92,7 @@ class Sessions:
         self.sockmap = sockmap  # the kernel path, where in use
         self.log_connections = log_connections
         self.live: set[Connection] = set()
+        self._closed = 0
         self.drained = trio.Event()  # set (and replaced) whenever live becomes empty
         self.nursery: trio.Nursery | None = None  # for sessions that continue in a task
         self.poller: Poller | None = None  # the run's relay poller, from the first client on
@@ -128,7 +141,12 @@ class Sessions:
             cached = self._amqp_policies[frontend.name] = (fconfig, bconfig, AmqpPolicy(fconfig, bconfig))
         return cached[2]
 
+    def closed_total(self) -> int:
+        """Sessions ended since start (proxy.memory trims after waves of them)."""
+        return self._closed
+
     def ended(self, conn: Connection) -> None:
+        self._closed += 1
         self.live.discard(conn)
         if not self.live:
             self.drained.set()
@@ -150,7 +168,7 @@ class _Session(Link):
 
     __slots__ = (
         "sessions", "client", "frontend", "conn", "started", "backend", "dispatch",
-        "server_sock", "waiter", "done", "kernel",
+        "server_sock", "waiter", "done", "kernel", "client_tls", "server_tls", "peer",
     )  # fmt: skip
 
     def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
@@ -164,13 +182,24 @@ class _Session(Link):
         self.backend: BackendRuntime | None = None
         self.dispatch: Dispatch | None = None
         self.server_sock: socket.socket | None = None
-        self.waiter: Writable | None = None
+        self.waiter: Writable | Handshake | None = None
         self.done = False
         self.kernel: KernelLink | None = None  # the kernel's relay, on that path
+        self.client_tls: TlsEnd | None = None
+        self.server_tls: TlsEnd | None = None
+        self.peer: TlsPeer | None = None  # the client's TLS session, once established
 
     def begin(self) -> None:
+        self.sessions.live.add(self.conn)
+        material = self.sessions.runtime.tls
+        bind = material.frontends.get(self.frontend.name) if material is not None else None
+        if bind is not None:
+            self._begin_handshake(bind)
+        else:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
         conn = self.conn
-        self.sessions.live.add(conn)
         try:
             backend = self.backend = self.sessions.runtime.backends[self.frontend.config.backend]
             conn.backend = backend
@@ -248,12 +277,79 @@ class _Session(Link):
 
     def _connected(self) -> None:
         dispatch, sock = self.dispatch, self.server_sock
-        dispatch.connected(self.sessions.poller.now())
-        refused, written = _send_proxy_header(self.client, sock, dispatch.server, self.conn)
+        context = self._server_context()
+        if context is None:
+            dispatch.connected(self.sessions.poller.now())
+        refused, written = _send_proxy_header(self.client, sock, dispatch.server, self.conn, self.peer)
         if refused is not None:
             self._end(*refused)
             return
-        self._relay(written)
+        if context is not None:
+            self._begin_server_handshake(context)
+        else:
+            self._relay(written)
+
+    # -- TLS -------------------------------------------------------------------------------
+
+    def _begin_handshake(self, bind) -> None:
+        """The client's TLS handshake, with the certificate set in force now (SIGHUP swaps it)."""
+        try:
+            end = self.client_tls = TlsEnd(self.client.fileno(), bind.context, server_side=True)
+            deadline = self.sessions.poller.now() + bind.settings.handshake_timeout
+            self.waiter = Handshake(end, self.sessions.poller, deadline, self._client_handshake_done, self.fail)
+            self.conn.interrupt = self._interrupt_connect
+            self.waiter.start()
+        except Exception as error:
+            self._crashed(error)
+
+    def _client_handshake_done(self, failed: HandshakeFailed | None) -> None:
+        self.waiter = None
+        self.conn.interrupt = None
+        try:
+            if failed is not None:
+                self.frontend.tls.failed(failed.key)
+                log.info("tls.handshake_failed", conn=self.conn.id, client=_addr(self.conn.client),
+                         frontend=self.frontend.name, reason=failed.description)
+                self._end("cR" if failed.key == tls_errors.TIMEOUT else "CR", failed.description)
+                return
+            peer = self.peer = self.client_tls.peer()
+            self.frontend.tls.established(peer.version, peer.reused, peer.subject if peer.certificate else None)
+        except Exception as error:
+            self._crashed(error)
+            return
+        self._dispatch()
+
+    def _server_context(self):
+        material = self.sessions.runtime.tls
+        server = self.dispatch.server
+        return material.server(self.backend.name, server.name) if material is not None else None
+
+    def _begin_server_handshake(self, context) -> None:
+        """TLS with the broker, verifying it; the connect's time includes it."""
+        config = self.dispatch.server.config
+        name = (config.tls.sni if config.tls is not None else None) or config.address
+        end = self.server_tls = TlsEnd(self.server_sock.fileno(), context, server_side=False, server_hostname=name)
+        deadline = self.sessions.poller.now() + self.backend.config.timeout.connect
+        self.waiter = Handshake(end, self.sessions.poller, deadline, self._server_handshake_done, self.fail)
+        self.conn.interrupt = self._interrupt_connect
+        self.waiter.start()
+
+    def _server_handshake_done(self, failed: HandshakeFailed | None) -> None:
+        self.waiter = None
+        self.conn.interrupt = None
+        try:
+            now = self.sessions.poller.now()
+            if failed is None:
+                self.dispatch.connected(now)
+                self._relay()
+                return
+            log.warning("tls.server_handshake_failed", conn=self.conn.id, backend=self.backend.name,
+                        server=self.dispatch.server.name, reason=failed.description)
+            self.server_tls = None
+            self._drop_server_socket()
+            self._carry_out(self.dispatch.connect_refused(now, failed.description))
+        except Exception as error:
+            self._crashed(error)
 
     def _relay(self, written: int = 0) -> None:
         """Both sockets go to the relay, which owns and closes them: the
@@ -267,10 +363,12 @@ class _Session(Link):
         self.server_sock = None
         frontend = self.frontend
         amqp = frontend.config.mode is FrontendMode.AMQP
+        tls = self.client_tls is not None or self.server_tls is not None
         # An AMQP frontend's connections stay on the splice/copy path, whose
         # reads the AMQP tap sees (a hand-over to the kernel path after the
-        # handshake is not built yet).
-        if sessions.sockmap is not None and not frontend.config.bulk and not amqp:
+        # handshake is not built yet); TLS is decrypted in user space: never
+        # the kernel's relay.
+        if sessions.sockmap is not None and not frontend.config.bulk and not amqp and not tls:
             try:
                 self.kernel = start_kernel_relay(
                     client, sock, sessions.sockmap, sessions.timeouts(frontend, self.backend),
@@ -283,9 +381,10 @@ class _Session(Link):
                 self.conn.interrupt = self.kernel.interrupt
                 return
         timeouts = self._amqp_timeouts() if amqp else sessions.timeouts(frontend, self.backend)
+        ways = tls_ways((self.client_tls, self.server_tls)) if tls else None
         try:
             Link.__init__(
-                self, client, sock, self.conn.traffic, timeouts, sessions.pipes, sessions.poller, True, self.fail,
+                self, client, sock, self.conn.traffic, timeouts, sessions.pipes, sessions.poller, True, self.fail, ways,
             )  # fmt: skip
         except BaseException:
             self.ways = None
@@ -315,6 +414,10 @@ class _Session(Link):
             self._end(self._killed(), conn.kill_note)
         elif conn.amqp is None:
             self._end(_ENDINGS[ending], None)
+        elif ending is Ending.HELD and (self.client_tls is not None or self.server_tls is not None):
+            # The refusal speaks AMQP on the raw sockets: over TLS the limit
+            # is enforced by closing both sides instead of a 530 reply.
+            self._end("PR", f"{conn.amqp.inspector.refusal} (closed: no 530 reply over TLS)")
         elif ending is Ending.HELD:  # the sockets are ours again: refuse in a task
             self.sessions.nursery.start_soon(self._refuse)
         else:
@@ -455,6 +558,8 @@ class _Session(Link):
             _close(self.sessions.poller, self.client)  # already closed if the relay had it
             if conn.server is not None:
                 conn.server.detach(conn)
+            if self.peer is not None:
+                self.frontend.tls.closed(self.peer.version)
         finally:
             self.sessions.ended(conn)
             self.frontend.release_slot()
@@ -483,16 +588,27 @@ class _Session(Link):
             fields["reason"] = reason
         if conn.amqp is not None:
             fields.update(describe_identity(conn.amqp.identity))
+        peer = self.peer
+        if peer is not None:
+            fields["tls_version"] = peer.version
+            fields["tls_cipher"] = peer.cipher
+            if peer.certificate:
+                fields["client_cn"] = peer.common_name
+                if peer.dns_names:
+                    fields["client_dns"] = list(peer.dns_names)
         log.info("connection.closed", **fields)
 
 
 def _send_proxy_header(
-    client: socket.socket, server_sock: socket.socket, server: ServerRuntime, conn: Connection
+    client: socket.socket, server_sock: socket.socket, server: ServerRuntime, conn: Connection,
+    peer: TlsPeer | None = None,
 ) -> tuple[tuple[str, str] | None, int]:
     """Sends the PROXY header if `server` wants one, before any relayed byte
     (and before the pair enters a socket map); returns ((termination,
     reason) if that failed, else None; bytes written). A freshly connected
-    socket's buffer always takes the header (a few hundred bytes) at once."""
+    socket's buffer always takes the header (a few hundred bytes) at once.
+    A client that came over TLS (`peer`) is described in v2's SSL TLV, as
+    HAProxy's send-proxy-v2-ssl-cn does."""
     version = server.config.send_proxy
     if version is SendProxy.NONE:
         return None, 0
@@ -500,7 +616,13 @@ def _send_proxy_header(
         local = client.getsockname()[:2]
     except OSError:  # the client is already gone
         return ("CC", "client closed while connecting"), 0
-    header = encode_proxy_header(version.value, conn.client, local)
+    ssl_info = None
+    if peer is not None:
+        ssl_info = SslInfo(
+            peer.version, peer.cipher, peer.common_name if peer.certificate else None,
+            cert_in_connection=peer.certificate and not peer.reused, cert_in_session=peer.certificate,
+        )
+    header = encode_proxy_header(version.value, conn.client, local, ssl_info)
     try:
         sent = server_sock.send(header)
     except OSError as error:

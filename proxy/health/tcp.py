@@ -19,6 +19,7 @@ import trio
 
 from proxy.config.model import CheckKind
 from proxy.health.results import CheckCode, CheckFailed, CheckResult
+from proxy.tls.errors import describe as describe_tls_error
 
 log = structlog.get_logger("warren.health")
 
@@ -44,13 +45,6 @@ class CheckTls:
     server_hostname: str | None
 
 
-def describe_tls_error(error: ssl.SSLError) -> str:
-    """ "certificate verify failed: hostname mismatch", "TLS handshake failed: wrong version number"."""
-    if isinstance(error, ssl.SSLCertVerificationError):
-        message = (error.verify_message or "").split(",")[0].rstrip(".").lower()
-        return f"certificate verify failed: {message or 'unknown reason'}"
-    reason = (error.reason or str(error)).replace("_", " ").lower()
-    return f"TLS handshake failed: {reason}"
 
 
 def describe_os_error(exc: BaseException) -> str:

@@ -221,16 +221,23 @@ class Link:
         "notify", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned", "aborted",
     )  # fmt: skip
 
-    def __init__(self, client, server, traffic, timeouts, pipes, poller, owned, notify) -> None:
+    def __init__(self, client, server, traffic, timeouts, pipes, poller, owned, notify, ways=None) -> None:
         self.socks = (client, server)
         self.fds = (client.fileno(), server.fileno())
         self.traffic = traffic
         self.poller = poller
-        if pipes is None:
-            self.ways = [CopyDirection(self, 0), CopyDirection(self, 1)]
+        if ways is not None:
+            # The caller's own directions (TLS: proxy.tls.pump). They may hold
+            # bytes read before the relay began (a handshake's leftovers), so
+            # they move once at start; registering the sockets reports them.
+            self.ways = ways(self)
+            self.want = [YIELD, YIELD]
         else:
-            self.ways = [SpliceDirection(self, 0, pipes), SpliceDirection(self, 1, pipes)]
-        self.want = [READ, READ]
+            if pipes is None:
+                self.ways = [CopyDirection(self, 0), CopyDirection(self, 1)]
+            else:
+                self.ways = [SpliceDirection(self, 0, pipes), SpliceDirection(self, 1, pipes)]
+            self.want = [READ, READ]
         self.events = [0, 0]  # epoll events per side, delivered by the poller
         self.notify = notify  # gets the outcome; None once finished or cancelled
         self.queued = False  # in the poller's list of links to serve

@@ -1,22 +1,28 @@
-"""TLS against real RabbitMQ nodes that listen on TLS only (AMQPS and management over HTTPS).
+"""TLS with real RabbitMQ nodes and real clients (pika, aio-pika).
 
-The nodes are started by the harness with the test PKI's certificates
-(tests/tlsca.py); Warren checks them the way clients reach them, and a
-certificate problem shows as its own check result, never as a timeout.
+AMQPS clients through Warren to the plaintext session cluster, and to a node
+the harness starts with TLS-only listeners (AMQPS and management over HTTPS,
+the test PKI's certificates from tests/tlsca.py). Warren checks TLS brokers
+the way clients reach them; a certificate problem shows as its own check
+result, never as a timeout, and keeps clients away from that broker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import uuid
+from dataclasses import replace
 
+import pika
 import pytest
 import trio
 
-from proxy.config.model import CheckKind, Health, HttpCheck, InitState, ServerTls
+from proxy.config.model import BindTls, CheckKind, Health, HttpCheck, InitState, ServerTls
 from proxy.devcluster import NodeTls
 from proxy.health.results import CheckCode
 from tests.polling import wait_until
-from tests.proxyutil import make_config, server, start_warren
+from tests.proxyutil import front, make_config, server, start_warren
 
 pytestmark = pytest.mark.rabbit
 
@@ -80,4 +86,95 @@ async def test_a_plaintext_check_against_a_tls_port_is_not_a_timeout(tls_node):
             broker = app.runtime.server("be", "tls-a")
             await wait_until(lambda: broker.last_check is not None, 30, "a first check")
             assert broker.last_check.code is not CheckCode.L6TOUT, broker.last_check
+            nursery.cancel_scope.cancel()
+
+
+def amqps_parameters(address, pki) -> pika.ConnectionParameters:
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    return pika.ConnectionParameters(
+        host=address[0], port=address[1], heartbeat=30, connection_attempts=1, socket_timeout=10,
+        blocked_connection_timeout=30, ssl_options=pika.SSLOptions(context, server_hostname="localhost"),
+    )
+
+
+def pika_round_trip(address, pki, body: bytes) -> bytes:
+    """Publishes `body` with confirms over AMQPS and consumes it back."""
+    connection = pika.BlockingConnection(amqps_parameters(address, pki))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        queue = f"warren-tls-{uuid.uuid4().hex}"
+        channel.queue_declare(queue, auto_delete=True)
+        channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+        for method, _, received in channel.consume(queue, auto_ack=True, inactivity_timeout=20):
+            assert method is not None, "message not delivered in 20 s"
+            return received
+    finally:
+        connection.close()
+
+
+async def aio_pika_round_trip(address, pki, body: bytes) -> bytes:
+    import aio_pika
+
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    context.check_hostname = False  # aio-pika sends the IP as the name; the CA is still checked
+    connection = await aio_pika.connect(host=address[0], port=address[1], ssl=True, ssl_context=context,
+                                        timeout=20)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(f"warren-tls-{uuid.uuid4().hex}", auto_delete=True)
+        await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue.name)
+        message = await queue.get(timeout=20, fail=True)
+        await message.ack()
+        return message.body
+
+
+def amqps_frontend(config, pki):
+    return replace(config, frontends=(replace(config.frontends[0], tls=BindTls(crt=(pki.server.pem,))),))
+
+
+async def test_pika_and_aio_pika_over_tls_through_warren_to_plaintext_brokers(healthy_cluster, pki):
+    nodes = healthy_cluster.nodes
+    config = amqps_frontend(make_config([server(f"n{i}", n.spec.amqp_port) for i, n in enumerate(nodes)]), pki)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            app = await start_warren(nursery, config)
+            body = b"over AMQPS " * 1000
+            assert await trio.to_thread.run_sync(pika_round_trip, front(app), pki, body) == body
+            got = await trio.to_thread.run_sync(lambda: asyncio.run(aio_pika_round_trip(front(app), pki, body)))
+            assert got == body
+            assert app.runtime.statistics().frontends[0].tls.handshakes == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_amqps_clients_through_warren_to_a_tls_only_broker(tls_node, pki):
+    config = amqps_frontend(checked(tls_node, ServerTls(ca_file=pki.ca.cert_path, sni="localhost")), pki)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            app = await start_warren(nursery, config)
+            broker = app.runtime.server("be", "tls-a")
+            await wait_until(lambda: broker.up, 30, "the TLS broker UP")
+            body = b"encrypted twice " * 500
+            assert await trio.to_thread.run_sync(pika_round_trip, front(app), pki, body) == body
+            got = await trio.to_thread.run_sync(lambda: asyncio.run(aio_pika_round_trip(front(app), pki, body)))
+            assert got == body
+            nursery.cancel_scope.cancel()
+
+
+async def test_no_client_traffic_reaches_a_broker_that_fails_verification(tls_node, pki):
+    config = checked(tls_node, ServerTls(ca_file=pki.ca.cert_path, sni="wrong.example"), kinds=(CheckKind.AMQP,))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            app = await start_warren(nursery, config)
+            broker = app.runtime.server("be", "tls-a")
+            await wait_until(lambda: broker.last_check is not None, 30, "a first check")
+            assert not broker.up and broker.last_check.description.endswith("hostname mismatch")
+            with pytest.raises(pika.exceptions.AMQPConnectionError):
+                await trio.to_thread.run_sync(
+                    lambda: pika.BlockingConnection(pika.ConnectionParameters(*front(app), connection_attempts=1,
+                                                                              socket_timeout=5)))
+            assert broker.total_sessions == 0
+            assert app.runtime.backends["be"].no_server >= 1
+            connections = await trio.to_thread.run_sync(tls_node.connections)
+            assert connections == []
             nursery.cancel_scope.cancel()
