@@ -86,6 +86,7 @@ class ProxySpec:
     # [frontends.*.rate_limit] token bucket of one second's burst, action "queue").
     rate_limit: float | None = None
     rebalance: Rebalancing | None = None  # Warren only: HAProxy has no equivalent
+    tls_crt: str | None = None  # terminate TLS with this PEM (chain + key): `bind ... ssl crt` / [tls] crt
 
     @property
     def mode(self) -> str:
@@ -126,7 +127,7 @@ def config_haproxy(spec: ProxySpec, port: int, socket_path: str | None = None) -
         "    retries 3",
         "    option redispatch",
         "frontend bench",
-        f"    bind {HOST}:{port}",
+        f"    bind {HOST}:{port}" + (f" ssl crt {spec.tls_crt}" if spec.tls_crt else ""),
         f"    maxconn {spec.maxconn}",
         *([f"    rate-limit sessions {round(spec.rate_limit)}"] if spec.rate_limit else []),
         "    default_backend servers",
@@ -164,6 +165,7 @@ def config_warren(spec: ProxySpec, port: int, socket_path: str | None = None, re
         # A tenth of a second's burst: any one second then admits at most 1.1 x rate.
         *([f'rate_limit = {{ rate = {spec.rate_limit:g}, burst = {max(1.0, spec.rate_limit / 10):g}, '
            'action = "queue" }'] if spec.rate_limit else []),
+        *([f'tls = {{ crt = "{spec.tls_crt}" }}'] if spec.tls_crt else []),
         "",
         "[backends.servers]",
         f'balance = "{spec.balance}"',

@@ -149,6 +149,18 @@ class TestPKI:
         self.encrypted = self.ca.issue("encrypted", password=KEY_PASSWORD, **local)
         self.crl = self.ca.crl([self.revoked_client])
 
+    def client_hello(self) -> bytes:
+        """The first flight of a real TLS client (a ClientHello), made in memory."""
+        import ssl
+
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self.server_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return outgoing.read()
+
     def server_context(self, **kw):
         """An ssl context trusting the test CA (a client's view)."""
         import ssl

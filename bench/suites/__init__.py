@@ -15,10 +15,11 @@ from .idle import Idle
 from .keepalive import KeepAlive
 from .storm import Storm, StormLimited
 from .stats import Stats
+from .tls import TlsAmqp, TlsBulk, TlsConnRate, TlsIdle, TlsKeepAlive
 
 ALL: tuple[type[Benchmark], ...] = (
-    Bulk, KeepAlive, ConnRate, Idle, AmqpPublish, AmqpConnRate, Storm, StormLimited, Rebalance, Stats, Detection,
-    Failover,
+    Bulk, KeepAlive, ConnRate, Idle, TlsBulk, TlsKeepAlive, TlsConnRate, TlsIdle,
+    AmqpPublish, TlsAmqp, AmqpConnRate, Storm, StormLimited, Rebalance, Stats, Detection, Failover,
 )
 NAMES = tuple(b.name for b in ALL)
 

@@ -69,15 +69,19 @@ def restart(node) -> None:
 
 
 @contextmanager
-def contenders_on_one_node(bench, note: str) -> Iterator[dict[str, C.Contender]]:
+def contenders_on_one_node(bench, note: str, *, tls_crt: str | None = None,
+                           check_routes: bool = True) -> Iterator[dict[str, C.Contender]]:
     """Every contender of `bench` in front of the lab's first RabbitMQ node,
-    each proven to route to it; `note` (with {node}) goes to the report."""
+    each proven to route to it (unless not `check_routes`); `note` (with
+    {node}) goes to the report; with `tls_crt` the contenders terminate TLS."""
     node = bench.lab.rabbit_nodes()[0]
-    spec = C.ProxySpec(servers=(C.Server(node.spec.name, node.spec.amqp_port),), health=C.Health(protocol="amqp"))
+    spec = C.ProxySpec(servers=(C.Server(node.spec.name, node.spec.amqp_port),), health=C.Health(protocol="amqp"),
+                       tls_crt=tls_crt)
     bench.notes.append(note.format(node=node.nodename))
     bench.notes.append("Warren's frontend is in mode amqp: its connections take the splice path, where the AMQP "
                        "tap reads each handshake (the kernel path serves TCP frontends).")
     with C.all_running(bench.contenders, spec, bench.lab.dir(bench.name)) as running:
         for contender in running.values():
-            wait_routes_to(contender.address, [node.nodename], [node.nodename], timeout=30)
+            if check_routes:
+                wait_routes_to(contender.address, [node.nodename], [node.nodename], timeout=30)
         yield running

@@ -51,17 +51,26 @@ class HttpBenchmark(Benchmark):
 
 
 @contextmanager
-def responder_and_contenders(bench: Benchmark) -> Iterator[dict[str, C.Contender]]:
-    """The responder, then every contender in front of it; all stopped after."""
+def responder(bench: Benchmark) -> Iterator[int]:
+    """The responder's port while it runs."""
     (port,) = free_ports(1)
     work = bench.lab.dir(bench.name)
     (work / "responder.cfg").write_text(config_responder(port))
-    responder = spawn("responder", ["haproxy", "-f", str(work / "responder.cfg"), "-db"],
-                      log_path=work / "responder.log")
-    with responder:
-        wait_listening(port, responder)
-        spec = C.ProxySpec(servers=(C.Server("responder", port),))
-        with C.all_running(bench.contenders, spec, work) as running:
+    process = spawn("responder", ["haproxy", "-f", str(work / "responder.cfg"), "-db"],
+                    log_path=work / "responder.log")
+    with process:
+        wait_listening(port, process)
+        yield port
+
+
+@contextmanager
+def responder_and_contenders(bench: Benchmark, tls_crt: str | None = None,
+                             label: str = "") -> Iterator[dict[str, C.Contender]]:
+    """The responder, then every contender in front of it; all stopped after.
+    With `tls_crt`, the proxies terminate TLS with it."""
+    with responder(bench) as port:
+        spec = C.ProxySpec(servers=(C.Server("responder", port),), tls_crt=tls_crt)
+        with C.all_running(bench.contenders, spec, bench.lab.dir(bench.name, label)) as running:
             yield running
 
 
@@ -83,14 +92,14 @@ def parse_wrk(stdout: str) -> dict:
 
 
 def run_wrk(bench: Benchmark, label: str, contender: C.Contender, seconds: float,
-            extra: tuple[str, ...] = ()) -> dict:
-    """wrk -t2 -c50 against the contender for `seconds`; the parsed report
-    plus "rate" (completed requests per second) and, for a proxy, "cpu"
-    (its CPU time, user + system, per completed request in µs: unlike a
-    rate, barely moved by the other loads of a shared machine)."""
+            extra: tuple[str, ...] = (), scheme: str = "http") -> dict:
+    """wrk -t2 -c50 against the contender (<scheme>://) for `seconds`; the
+    parsed report plus "rate" (completed requests per second) and, for a
+    proxy, "cpu" (its CPU time, user + system, per completed request in µs:
+    unlike a rate, barely moved by the other loads of a shared machine)."""
     host, port = contender.address
     argv = ["wrk", "-t", str(WRK_THREADS), "-c", str(WRK_CONNECTIONS), "-d", f"{seconds}s",
-            "--timeout", "5s", *extra, "-s", str(WRK_SCRIPT), f"http://{host}:{port}/"]
+            "--timeout", "5s", *extra, "-s", str(WRK_SCRIPT), f"{scheme}://{host}:{port}/"]
     bench.remember(label, argv)
     before = cpu_seconds(contender.pid) if contender.pid else None
     machine_before = machine_cpu_seconds()

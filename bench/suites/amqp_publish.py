@@ -40,19 +40,26 @@ class AmqpPublish(Benchmark):
     contenders = C.with_warren_paths(C.CONTENDERS)
     targets = (Target("publish", ">=", 0.95, baseline="direct"), Target("publish", ">=", 1.0))
 
+    client_flags: tuple[str, ...] = ()  # the AMQPS variant adds --tls
+
     def count(self) -> int:
         return self.mode.pick(4000, 1500, 50)
 
+    def tls_crt(self) -> str | None:
+        return None
+
     @contextmanager
     def environment(self) -> Iterator[dict[str, C.Contender]]:
-        with contenders_on_one_node(self, f"{self.count()} messages per measurement; RabbitMQ node {{node}}.") as running:
+        note = f"{self.count()} messages per measurement; RabbitMQ node {{node}}."
+        # wait_routes_to speaks plain AMQP: an AMQPS client is proven by the measurement itself.
+        with contenders_on_one_node(self, note, tls_crt=self.tls_crt(), check_routes=not self.client_flags) as running:
             yield running
 
     def measure(self, env: dict[str, C.Contender], contender: str, round_index: int) -> dict[str, float]:
         host, port = env[contender].address
         queue = f"bench-{os.getpid()}-{next(_queues)}"
         work = self.lab.dir(self.name, "clients")
-        common = [host, str(port), queue, str(self.count())]
+        common = [host, str(port), queue, str(self.count()), *self.client_flags]
         consume = [sys.executable, "-m", "bench.tools.amqp_pubsub", "consume", *common]
         publish = [sys.executable, "-m", "bench.tools.amqp_pubsub", "publish", *common, "--size", "1024"]
         self.remember("consumer", consume)

@@ -40,8 +40,13 @@ class Idle(Benchmark):
         super().__init__(lab)
         self.notes.append(C.warren_path_note())
 
+    client_flags: tuple[str, ...] = ()  # the TLS variant adds --tls
+
     def count(self) -> int:
         return self.mode.pick(8000, 8000, 100)
+
+    def tls_crt(self) -> str | None:
+        return None
 
     @contextmanager
     def environment(self) -> Iterator[int]:
@@ -56,7 +61,7 @@ class Idle(Benchmark):
             yield port
 
     def measure(self, env: int, contender: str, round_index: int) -> dict[str, float]:
-        spec = C.ProxySpec(servers=(C.Server("echo", env),))
+        spec = C.ProxySpec(servers=(C.Server("echo", env),), tls_crt=self.tls_crt())
         work = self.lab.dir(self.name, f"{contender}-{round_index}")
         with C.running(contender, spec, work) as proxy:
             self._hold(proxy, WARMUP_CONNECTIONS, work, "warmup")
@@ -69,7 +74,7 @@ class Idle(Benchmark):
         """Opens `count` connections through `proxy`; returns the proxy's RSS
         (kB) while they are all open, then closes them."""
         host, port = proxy.address
-        argv = [sys.executable, "-m", "bench.tools.idle_client", host, str(port), str(count)]
+        argv = [sys.executable, "-m", "bench.tools.idle_client", host, str(port), str(count), *self.client_flags]
         if name == "client":
             self.remember("client", argv)
         client = spawn(name, argv, log_path=work / f"{name}.log", cwd=C.REPO, pipe_stdio=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import time
 
@@ -29,17 +30,22 @@ def emit(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-def connect(host: str, port: int) -> pika.BlockingConnection:
+def connect(host: str, port: int, tls: bool = False) -> pika.BlockingConnection:
+    ssl_options = None
+    if tls:  # AMQPS; the proxy's certificate is not verified (the bench measures, it does not trust)
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        ssl_options = pika.SSLOptions(context)
     params = pika.ConnectionParameters(
         host=host, port=port, credentials=pika.PlainCredentials("guest", "guest"),
         heartbeat=0, blocked_connection_timeout=60, socket_timeout=10, connection_attempts=3,
-        retry_delay=0.5,
+        retry_delay=0.5, ssl_options=ssl_options,
     )
     return pika.BlockingConnection(params)
 
 
 def consume(args: argparse.Namespace) -> int:
-    connection = connect(args.host, args.port)
+    connection = connect(args.host, args.port, args.tls)
     channel = connection.channel()
     channel.queue_declare(args.queue, durable=True)
     channel.basic_qos(prefetch_count=200)
@@ -69,7 +75,7 @@ def consume(args: argparse.Namespace) -> int:
 
 
 def publish(args: argparse.Namespace) -> int:
-    connection = connect(args.host, args.port)
+    connection = connect(args.host, args.port, args.tls)
     channel = connection.channel()
     channel.queue_declare(args.queue, durable=True)
     channel.confirm_delivery()
@@ -92,6 +98,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("queue")
     parser.add_argument("count", type=int)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--tls", action="store_true", help="AMQPS")
     return parser.parse_args(argv)
 
 

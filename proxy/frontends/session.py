@@ -302,9 +302,13 @@ class _Session(Link):
         except Exception as error:
             self._crashed(error)
 
-    def _client_handshake_done(self, failed: HandshakeFailed | None) -> None:
+    def _handshake_over(self) -> None:
+        """A Handshake link reported: nothing to wait for or interrupt any more."""
         self.waiter = None
         self.conn.interrupt = None
+
+    def _client_handshake_done(self, failed: HandshakeFailed | None) -> None:
+        self._handshake_over()
         try:
             if failed is not None:
                 self.frontend.tls.failed(failed.key)
@@ -335,8 +339,7 @@ class _Session(Link):
         self.waiter.start()
 
     def _server_handshake_done(self, failed: HandshakeFailed | None) -> None:
-        self.waiter = None
-        self.conn.interrupt = None
+        self._handshake_over()
         try:
             now = self.sessions.poller.now()
             if failed is None:

@@ -34,7 +34,7 @@ import os
 import ssl
 from typing import Any, Callable
 
-from ..io.directions import DONE, READ, TAIL, WRITE, YIELD, Direction, SideLost, lost_or_raise
+from ..io.directions import READ, TAIL, WRITE, YIELD, Direction, SideLost, lost_or_raise
 from ..io.poller import EDGE_MASK
 from . import errors
 
@@ -50,7 +50,7 @@ _ROUND_BUDGET = 1024 * 1024  # as the relay's: a busy sender cannot starve other
 class TlsEnd:
     """One socket speaking TLS: its SSLObject, BIOs, and ciphertext still owed to it."""
 
-    __slots__ = ("fd", "ssl", "incoming", "outgoing", "tx", "short_read")
+    __slots__ = ("fd", "ssl", "obj", "incoming", "outgoing", "tx", "short_read")
 
     def __init__(self, fd: int, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None):
         self.fd = fd
@@ -58,6 +58,9 @@ class TlsEnd:
         self.outgoing = ssl.MemoryBIO()
         self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                     server_hostname=server_hostname)
+        # The C object under ssl.SSLObject: its read/write skip a Python
+        # wrapper call per record (measured in bench/OPTIMISATIONS.md).
+        self.obj = getattr(self.ssl, "_sslobj", self.ssl)
         self.tx = b""  # ciphertext the socket has not taken yet
         self.short_read = False  # the last read found the socket's queue empty
 
@@ -303,7 +306,7 @@ class TlsDirection(Direction):
             return received
         while True:
             try:
-                return end.ssl.read(_PLAIN_SIZE, _plain)
+                return end.obj.read(_PLAIN_SIZE, _plain)
             except ssl.SSLWantReadError:
                 if end.short_read and not self.ending:
                     return None  # the socket's queue was empty at the last read
@@ -326,7 +329,7 @@ class TlsDirection(Direction):
         end = self.dst_end
         if end is not None:
             try:
-                end.ssl.write(data)
+                end.obj.write(data)
             except ssl.SSLError as exc:
                 raise SideLost(1 - self.index) from exc
             return self._send(end, 1 - self.index)

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from proxy.config.model import SendProxy
+from tests.amqputil import pika_connect, round_trip
 from tests.proxyutil import front, make_config, server, start_warren
 from tests.warrenproc import WarrenProcess, json_global, write
 
@@ -26,31 +27,6 @@ pytestmark = pytest.mark.rabbit
 
 def in_thread(fn, *args):
     return trio.to_thread.run_sync(fn, *args)
-
-
-def pika_connect(address: tuple[str, int]) -> pika.BlockingConnection:
-    host, port = address
-    params = pika.ConnectionParameters(
-        host=host, port=port, heartbeat=30, blocked_connection_timeout=30,
-        connection_attempts=1, socket_timeout=10,
-    )
-    return pika.BlockingConnection(params)
-
-
-def round_trip(address, body: bytes, queue: str | None = None) -> bytes:
-    """Publishes `body` with confirms and consumes it back, via `address`."""
-    connection = pika_connect(address)
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        queue = queue or f"warren-test-{uuid.uuid4().hex}"
-        channel.queue_declare(queue, auto_delete=True)
-        channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
-        for method, _, received in channel.consume(queue, auto_ack=True, inactivity_timeout=20):
-            assert method is not None, "message not delivered in 20 s"
-            return received
-    finally:
-        connection.close()
 
 
 def per_node(nodes) -> list[int]:

@@ -61,6 +61,18 @@ async def start_warren(nursery, scopes, pki) -> tuple[App, str]:
     return app, f"https://localhost:{port}/"
 
 
+def goto_still(page, url: str, attempts: int = 3) -> None:
+    """Navigates to `url`; the page's own meta refresh, firing at the same
+    moment, aborts one of the two navigations (net::ERR_ABORTED): try again."""
+    for attempt in range(attempts):
+        try:
+            page.goto(url)
+            return
+        except sync_api.Error as error:
+            if "ERR_ABORTED" not in str(error) or attempt == attempts - 1:
+                raise
+
+
 def operator_scenario(url: str, stop_broker) -> list[str]:
     """Runs in a worker thread (Playwright's sync API owns its own loop); returns what it saw."""
     expect = sync_api.expect
@@ -101,7 +113,7 @@ def operator_scenario(url: str, stop_broker) -> list[str]:
             seen.append("spare in maint")
 
             ARTIFACTS.mkdir(exist_ok=True)
-            page.goto(url + "?norefresh")  # a still page for the picture
+            goto_still(page, url + "?norefresh")  # a still page for the picture
             page.screenshot(path=str(ARTIFACTS / "stats_page.png"), full_page=True)
         finally:
             browser.close()

@@ -231,15 +231,6 @@ async def hostile(app, payload: bytes | None, *, hold: bool = False) -> bytes:
     return received
 
 
-def client_hello(pki) -> bytes:
-    """The first flight of a real TLS client, captured in memory."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = client_context(pki).wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
-
-
 async def test_garbage_on_the_tls_port_is_closed_cleanly_while_real_traffic_flows(pki):
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -250,7 +241,7 @@ async def test_garbage_on_the_tls_port_is_closed_cleanly_while_real_traffic_flow
                 "plaintext AMQP": b"AMQP\x00\x00\x09\x01",
                 "HTTP": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
                 "random bytes": os.urandom(4096),
-                "ClientHello then silence": client_hello(pki),
+                "ClientHello then silence": pki.client_hello(),
                 "nothing at all": None,
             }
             for what, payload in inputs.items():
@@ -271,7 +262,7 @@ async def test_a_thousand_incomplete_handshakes_cost_nothing_once_timed_out(pki)
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
             app = await start(nursery, pki, BindTls(crt=(pki.server.pem,), handshake_timeout=1.0))
-            hello = client_hello(pki)
+            hello = pki.client_hello()
             socks = []
             for _ in range(count):
                 sock = socket.create_connection(front(app))

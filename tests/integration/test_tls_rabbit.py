@@ -21,6 +21,7 @@ import trio
 from proxy.config.model import BindTls, CheckKind, Health, HttpCheck, InitState, ServerTls
 from proxy.devcluster import NodeTls
 from proxy.health.results import CheckCode
+from tests.amqputil import round_trip
 from tests.polling import wait_until
 from tests.proxyutil import front, make_config, server, start_warren
 
@@ -73,7 +74,7 @@ async def test_a_broker_whose_certificate_fails_verification_is_down_with_the_re
             assert not broker.up
             assert broker.last_check.code is CheckCode.L6RSP
             assert broker.last_check.description == description
-            assert f"L6RSP in" in broker.last_check.short()
+            assert "L6RSP in" in broker.last_check.short()
             nursery.cancel_scope.cancel()
 
 
@@ -89,28 +90,8 @@ async def test_a_plaintext_check_against_a_tls_port_is_not_a_timeout(tls_node):
             nursery.cancel_scope.cancel()
 
 
-def amqps_parameters(address, pki) -> pika.ConnectionParameters:
-    context = ssl.create_default_context(cafile=pki.ca.cert_path)
-    return pika.ConnectionParameters(
-        host=address[0], port=address[1], heartbeat=30, connection_attempts=1, socket_timeout=10,
-        blocked_connection_timeout=30, ssl_options=pika.SSLOptions(context, server_hostname="localhost"),
-    )
-
-
-def pika_round_trip(address, pki, body: bytes) -> bytes:
-    """Publishes `body` with confirms over AMQPS and consumes it back."""
-    connection = pika.BlockingConnection(amqps_parameters(address, pki))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        queue = f"warren-tls-{uuid.uuid4().hex}"
-        channel.queue_declare(queue, auto_delete=True)
-        channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
-        for method, _, received in channel.consume(queue, auto_ack=True, inactivity_timeout=20):
-            assert method is not None, "message not delivered in 20 s"
-            return received
-    finally:
-        connection.close()
+def trusting(pki) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=pki.ca.cert_path)
 
 
 async def aio_pika_round_trip(address, pki, body: bytes) -> bytes:
@@ -140,7 +121,7 @@ async def test_pika_and_aio_pika_over_tls_through_warren_to_plaintext_brokers(he
         async with trio.open_nursery() as nursery:
             app = await start_warren(nursery, config)
             body = b"over AMQPS " * 1000
-            assert await trio.to_thread.run_sync(pika_round_trip, front(app), pki, body) == body
+            assert await trio.to_thread.run_sync(round_trip, front(app), body, None, trusting(pki)) == body
             got = await trio.to_thread.run_sync(lambda: asyncio.run(aio_pika_round_trip(front(app), pki, body)))
             assert got == body
             assert app.runtime.statistics().frontends[0].tls.handshakes == 2
@@ -155,7 +136,7 @@ async def test_amqps_clients_through_warren_to_a_tls_only_broker(tls_node, pki):
             broker = app.runtime.server("be", "tls-a")
             await wait_until(lambda: broker.up, 30, "the TLS broker UP")
             body = b"encrypted twice " * 500
-            assert await trio.to_thread.run_sync(pika_round_trip, front(app), pki, body) == body
+            assert await trio.to_thread.run_sync(round_trip, front(app), body, None, trusting(pki)) == body
             got = await trio.to_thread.run_sync(lambda: asyncio.run(aio_pika_round_trip(front(app), pki, body)))
             assert got == body
             nursery.cancel_scope.cancel()

@@ -13,6 +13,13 @@ from tests.warrenproc import WarrenProcess, json_global, write
 
 def stats_config(crt: str) -> str:
     return json_global() + f"""
+[frontends.amqp]
+bind = "127.0.0.1:0"
+backend = "rabbit"
+
+[backends.rabbit]
+servers = [{{ name = "a", address = "127.0.0.1", port = 1 }}]
+
 [stats]
 bind = "127.0.0.1:0"
 users = {{ admin = "pw" }}

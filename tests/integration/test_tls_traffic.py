@@ -91,18 +91,24 @@ async def confirmed_more(publisher: Publisher, than: int) -> None:
     assert publisher.error is None, publisher.error
 
 
+async def start_with_traffic(nursery, warren: WarrenProcess, pki) -> tuple[tuple[str, int], Publisher]:
+    """Warren started, one AMQPS publisher through it with confirms flowing."""
+    await warren.start(nursery)
+    address = warren.front("amqps")
+    publisher = Publisher(address, pki)
+    publisher.start()
+    await trio.to_thread.run_sync(publisher.connected.wait)
+    await confirmed_more(publisher, 0)
+    return address, publisher
+
+
 async def test_certificate_rotation_under_amqps_traffic(healthy_cluster, pki, tmp_path):
     live = tmp_path / "amqps.pem"
     shutil.copy(pki.server.pem, live)
     config = write(tmp_path / "warren.toml", warren_config(healthy_cluster[0], str(live)))
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery, WarrenProcess(config) as warren:
-            await warren.start(nursery)
-            address = warren.front("amqps")
-            publisher = Publisher(address, pki)
-            publisher.start()
-            await trio.to_thread.run_sync(publisher.connected.wait)
-            await confirmed_more(publisher, 0)
+            address, publisher = await start_with_traffic(nursery, warren, pki)
             assert await trio.to_thread.run_sync(presented_cn, address, pki) == "server"
 
             live.write_bytes(open(pki.server_rsa.cert, "rb").read() + open(pki.server.key, "rb").read())
@@ -147,28 +153,12 @@ def hostile_round(address, hello: bytes, incomplete: int) -> None:
             sock.close()
 
 
-def client_hello(pki) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    context = ssl.create_default_context(cafile=pki.ca.cert_path)
-    obj = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
-
-
 async def test_hostile_input_on_the_amqps_port_while_real_traffic_flows(healthy_cluster, pki, tmp_path):
     config = write(tmp_path / "warren.toml", warren_config(healthy_cluster[0], pki.server.pem))
-    hello = client_hello(pki)
+    hello = pki.client_hello()
     with trio.fail_after(180):
         async with trio.open_nursery() as nursery, WarrenProcess(config) as warren:
-            await warren.start(nursery)
-            address = warren.front("amqps")
-            publisher = Publisher(address, pki)
-            publisher.start()
-            await trio.to_thread.run_sync(publisher.connected.wait)
-            await confirmed_more(publisher, 0)
+            address, publisher = await start_with_traffic(nursery, warren, pki)
             pid = warren.process.pid
             level = rss_kib(pid)
             for _ in range(2):
