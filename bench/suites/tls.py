@@ -51,6 +51,8 @@ class TlsConnRate(Benchmark):
     metrics = (
         Metric("ecdsa", "ECDSA P-256 handshakes", "conn/s", True, 0),
         Metric("rsa", "RSA 2048 handshakes", "conn/s", True, 0),
+        Metric("ecdsa_cpu", "proxy CPU per ECDSA connection", "µs", False, 1),
+        Metric("rsa_cpu", "proxy CPU per RSA connection", "µs", False, 1),
     )
     targets = (Target("ecdsa", ">=", 0.8), Target("rsa", ">=", 0.8))
 
@@ -71,6 +73,8 @@ class TlsConnRate(Benchmark):
                              self.seconds(), ("-H", "Connection: close"), scheme="https")
             running[contender].check_alive()
             values[kind] = report["rate"]
+            if "cpu" in report:
+                values[f"{kind}_cpu"] = report["cpu"]
         return values
 
 
@@ -81,7 +85,10 @@ class TlsKeepAlive(Benchmark):
                    "contender decrypting and re-encrypting every 2-byte answer; requests per second.")
     contenders = ("haproxy", "warren")
     tools = ("wrk", "haproxy")
-    metrics = (Metric("rate", "rate", "req/s", True, 0),)
+    metrics = (
+        Metric("rate", "rate", "req/s", True, 0),
+        Metric("cpu", "proxy CPU per request", "µs", False, 1),
+    )
     targets = (Target("rate", ">=", 0.7),)
 
     def seconds(self) -> int:
@@ -95,7 +102,7 @@ class TlsKeepAlive(Benchmark):
     def measure(self, env, contender: str, round_index: int) -> dict[str, float]:
         report = run_wrk(self, "wrk HTTPS keep-alive", env[contender], self.seconds(), scheme="https")
         env[contender].check_alive()
-        return {"rate": report["rate"]}
+        return {key: report[key] for key in ("rate", "cpu") if key in report}
 
 
 class TlsBulk(Benchmark):

@@ -16,7 +16,6 @@ in it, in name order.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -244,11 +243,3 @@ def load_crl(path: str, now: datetime.datetime | None = None) -> datetime.dateti
         if next_update is not None and (earliest is None or next_update < earliest):
             earliest = next_update
     return earliest
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
