@@ -87,6 +87,7 @@ class ProxySpec:
     rate_limit: float | None = None
     rebalance: Rebalancing | None = None  # Warren only: HAProxy has no equivalent
     tls_crt: str | None = None  # terminate TLS with this PEM (chain + key): `bind ... ssl crt` / [tls] crt
+    tls_resumption: bool = True  # False: no tickets, no session cache: every handshake is a full one
 
     @property
     def mode(self) -> str:
@@ -117,6 +118,7 @@ def config_haproxy(spec: ProxySpec, port: int, socket_path: str | None = None) -
     lines = [
         "global",
         f"    maxconn {spec.maxconn}",
+        *(["    tune.ssl.cachesize 0"] if spec.tls_crt and not spec.tls_resumption else []),
         *([f"    stats socket {socket_path} mode 600 level operator"] if socket_path else []),
         "defaults",
         "    mode tcp",
@@ -127,7 +129,8 @@ def config_haproxy(spec: ProxySpec, port: int, socket_path: str | None = None) -
         "    retries 3",
         "    option redispatch",
         "frontend bench",
-        f"    bind {HOST}:{port}" + (f" ssl crt {spec.tls_crt}" if spec.tls_crt else ""),
+        f"    bind {HOST}:{port}" + (f" ssl crt {spec.tls_crt}" if spec.tls_crt else "")
+        + (" no-tls-tickets" if spec.tls_crt and not spec.tls_resumption else ""),
         f"    maxconn {spec.maxconn}",
         *([f"    rate-limit sessions {round(spec.rate_limit)}"] if spec.rate_limit else []),
         "    default_backend servers",
@@ -165,7 +168,8 @@ def config_warren(spec: ProxySpec, port: int, socket_path: str | None = None, re
         # A tenth of a second's burst: any one second then admits at most 1.1 x rate.
         *([f'rate_limit = {{ rate = {spec.rate_limit:g}, burst = {max(1.0, spec.rate_limit / 10):g}, '
            'action = "queue" }'] if spec.rate_limit else []),
-        *([f'tls = {{ crt = "{spec.tls_crt}" }}'] if spec.tls_crt else []),
+        *([f'tls = {{ crt = "{spec.tls_crt}"{"" if spec.tls_resumption else ", tickets = false"} }}']
+          if spec.tls_crt else []),
         "",
         "[backends.servers]",
         f'balance = "{spec.balance}"',

@@ -64,12 +64,12 @@ def responder(bench: Benchmark) -> Iterator[int]:
 
 
 @contextmanager
-def responder_and_contenders(bench: Benchmark, tls_crt: str | None = None,
-                             label: str = "") -> Iterator[dict[str, C.Contender]]:
+def responder_and_contenders(bench: Benchmark, tls_crt: str | None = None, label: str = "",
+                             tls_resumption: bool = True) -> Iterator[dict[str, C.Contender]]:
     """The responder, then every contender in front of it; all stopped after.
     With `tls_crt`, the proxies terminate TLS with it."""
     with responder(bench) as port:
-        spec = C.ProxySpec(servers=(C.Server("responder", port),), tls_crt=tls_crt)
+        spec = C.ProxySpec(servers=(C.Server("responder", port),), tls_crt=tls_crt, tls_resumption=tls_resumption)
         with C.all_running(bench.contenders, spec, bench.lab.dir(bench.name, label)) as running:
             yield running
 

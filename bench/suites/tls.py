@@ -43,9 +43,11 @@ def certificates(bench: Benchmark) -> dict[str, str]:
 class TlsConnRate(Benchmark):
     name = "tls_connrate"
     title = "New TLS connections (wrk over HTTPS, Connection: close)"
-    description = ("wrk -t2 -c50 over HTTPS with `Connection: close`: a full TLS handshake per request "
-                   "(wrk does not resume sessions), terminated by the contender, plaintext to the "
-                   "responder; once with an ECDSA P-256 certificate, once with RSA 2048.")
+    description = ("wrk -t2 -c50 over HTTPS with `Connection: close`: a full TLS handshake per request, "
+                   "terminated by the contender, plaintext to the responder; once with an ECDSA P-256 "
+                   "certificate, once with RSA 2048. wrk resumes sessions when it can, so both proxies run "
+                   "without resumption here (HAProxy `no-tls-tickets` and `tune.ssl.cachesize 0`, Warren "
+                   "`tickets = false`).")
     contenders = ("haproxy", "warren")
     tools = ("wrk", "haproxy")
     metrics = (
@@ -63,7 +65,7 @@ class TlsConnRate(Benchmark):
     def environment(self) -> Iterator[dict[str, dict[str, C.Contender]]]:
         certs = certificates(self)
         with ExitStack() as stack:
-            yield {kind: stack.enter_context(responder_and_contenders(self, certs[kind], kind))
+            yield {kind: stack.enter_context(responder_and_contenders(self, certs[kind], kind, tls_resumption=False))
                    for kind in ("ecdsa", "rsa")}
 
     def measure(self, env, contender: str, round_index: int) -> dict[str, float]:

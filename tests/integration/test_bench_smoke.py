@@ -3,7 +3,7 @@ for every benchmark (their values are not judged here), writes its reports,
 and the contenders it starts get valid, equivalent configurations.
 
 One smoke run (seconds per benchmark: one round, tiny sizes) serves all the
-per-benchmark tests; it runs only the benchmarks whose tests are selected, so
+per-benchmark tests, a second one the TLS benchmarks; it runs only the benchmarks whose tests are selected, so
 `-m "not rabbit"` also leaves out the RabbitMQ ones. A benchmark whose tool is
 not installed is skipped with the harness's reason.
 """
@@ -44,11 +44,13 @@ def _selected_benchmarks(request: pytest.FixtureRequest) -> list[str]:
     return sorted(set(names))
 
 
-@pytest.fixture(scope="module")
-def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Runs the smoke mode once; its exit status, stderr and outputs."""
+def _is_tls(name: str) -> bool:
+    return name.startswith("tls_")
+
+
+def _run_smoke(names: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs the smoke mode of `names` once; its exit status, stderr and outputs."""
     out = tmp_path_factory.mktemp("bench-smoke")
-    names = _selected_benchmarks(request)
     argv = [sys.executable, "-m", "bench.run", "--smoke", "--out-dir", str(out)]
     for name in names:
         argv += ["--only", name]
@@ -59,9 +61,22 @@ def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             "json": json.loads(results_json.read_text()), "names": names}
 
 
+@pytest.fixture(scope="module")
+def smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One smoke run of the selected plaintext benchmarks."""
+    return _run_smoke([n for n in _selected_benchmarks(request) if not _is_tls(n)], tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tls_smoke(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The TLS benchmarks' own smoke run: each run stays within SMOKE_TIMEOUT on a busy machine."""
+    return _run_smoke([n for n in _selected_benchmarks(request) if _is_tls(n)], tmp_path_factory)
+
+
 @pytest.mark.timeout(SMOKE_TIMEOUT + 60)
 @pytest.mark.parametrize("bench", BENCH_PARAMS)
-def test_benchmark_produces_a_number_per_contender_and_metric(smoke: dict, bench) -> None:
+def test_benchmark_produces_a_number_per_contender_and_metric(request: pytest.FixtureRequest, bench) -> None:
+    smoke = request.getfixturevalue("tls_smoke" if _is_tls(bench.name) else "smoke")
     document = smoke["json"]
     skipped = {s["name"]: s["reason"] for s in document["skipped"]}
     if bench.name in skipped:
