@@ -13,7 +13,7 @@ import trio
 
 from proxy.backends.proxy_protocol import parse as parse_proxy_header
 from proxy.config.model import BindTls, SendProxy, ServerTls, TlsVerify
-from tests.polling import wait_until
+from lab import wait_until
 from tests.proxyutil import front, make_config, read_line, serve_named, server, start_warren
 
 
@@ -64,7 +64,7 @@ async def test_a_tls_client_reaches_a_plaintext_backend_and_back(pki):
             stats = app.runtime.statistics().frontends[0].tls
             assert stats.handshakes == 1 and stats.in_use == (("TLSv1.3", 1),)
             await stream.aclose()
-            await wait_until(lambda: not app.sessions.live, 5, "the session ended")
+            await wait_until(lambda: not app.sessions.live, timeout=5, what="the session ended")
             assert app.runtime.statistics().frontends[0].tls.in_use == ()
             assert app.runtime.server("be", "rmq-a").bytes_totals()[0] == len(payload)
             nursery.cancel_scope.cancel()
@@ -113,7 +113,7 @@ async def test_mutual_tls_accepts_good_clients_and_refuses_missing_expired_untru
             for certificate in (None, pki.expired_client, pki.untrusted_client, pki.revoked_client):
                 assert await refused(app, client_context(pki, certificate)), certificate
             tls = app.runtime.statistics().frontends[0].tls
-            await wait_until(lambda: app.runtime.statistics().frontends[0].tls.failed == 4, 5, "4 failures")
+            await wait_until(lambda: app.runtime.statistics().frontends[0].tls.failed == 4, timeout=5, what="4 failures")
             tls = app.runtime.statistics().frontends[0].tls
             assert tls.client_certificates == 1 and tls.recent_subjects == ("app-publisher",)
             reasons = dict(tls.failures)
@@ -271,7 +271,7 @@ async def test_a_thousand_incomplete_handshakes_cost_nothing_once_timed_out(pki)
             busy = await open_tls(app, client_context(pki))
             assert await read_line(busy) == "rmq-a"
             assert await echo_once(busy, b"ping") == b"ping"
-            await wait_until(lambda: len(app.sessions.live) == 1, 30, "the incomplete handshakes closed")
+            await wait_until(lambda: len(app.sessions.live) == 1, timeout=30, what="the incomplete handshakes closed")
             tls = app.runtime.statistics().frontends[0].tls
             assert dict(tls.failures)["handshake_timeout"] == count
             for sock in socks:
@@ -291,7 +291,7 @@ async def test_a_queued_client_reaches_a_tls_backend_from_the_slow_path(pki):
             first = await open_tls(app, client_context(pki))
             assert await read_line(first) == "tls-backend"
             second = await open_tls(app, client_context(pki))  # waits in the queue (a task)
-            await wait_until(lambda: app.runtime.backends["be"].queue.statistics().tasks_waiting == 1, 5, "queued")
+            await wait_until(lambda: app.runtime.backends["be"].queue.statistics().tasks_waiting == 1, timeout=5, what="queued")
             await first.aclose()
             assert await read_line(second) == "tls-backend"
             assert await echo_once(second, b"x" * 70_000) == b"x" * 70_000

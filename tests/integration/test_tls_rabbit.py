@@ -22,7 +22,7 @@ from proxy.config.model import BindTls, CheckKind, Health, HttpCheck, InitState,
 from proxy.devcluster import NodeTls
 from proxy.health.results import CheckCode
 from tests.amqputil import round_trip
-from tests.polling import wait_until
+from lab import wait_until
 from tests.proxyutil import front, make_config, server, start_warren
 
 pytestmark = pytest.mark.rabbit
@@ -52,7 +52,7 @@ async def test_a_tls_only_broker_is_checked_over_amqps_and_https(tls_node, pki):
         async with trio.open_nursery() as nursery:
             app = await start_warren(nursery, checked(tls_node, ServerTls(ca_file=pki.ca.cert_path)))
             broker = app.runtime.server("be", "tls-a")
-            await wait_until(lambda: broker.up and broker.watching, 30, "the TLS broker UP and watched")
+            await wait_until(lambda: broker.up and broker.watching, timeout=30, what="the TLS broker UP and watched")
             assert broker.last_check.code is CheckCode.L7OK
             nursery.cancel_scope.cancel()
 
@@ -70,7 +70,7 @@ async def test_a_broker_whose_certificate_fails_verification_is_down_with_the_re
         async with trio.open_nursery() as nursery:
             app = await start_warren(nursery, checked(tls_node, settings, kinds=(CheckKind.AMQP,)))
             broker = app.runtime.server("be", "tls-a")
-            await wait_until(lambda: broker.last_check is not None, 30, "a first check")
+            await wait_until(lambda: broker.last_check is not None, timeout=30, what="a first check")
             assert not broker.up
             assert broker.last_check.code is CheckCode.L6RSP
             assert broker.last_check.description == description
@@ -85,7 +85,7 @@ async def test_a_plaintext_check_against_a_tls_port_is_not_a_timeout(tls_node):
                                  health=Health(kinds=(CheckKind.AMQP,), inter=0.3, rise=1, fall=1, timeout=3.0))
             app = await start_warren(nursery, config)
             broker = app.runtime.server("be", "tls-a")
-            await wait_until(lambda: broker.last_check is not None, 30, "a first check")
+            await wait_until(lambda: broker.last_check is not None, timeout=30, what="a first check")
             assert broker.last_check.code is not CheckCode.L6TOUT, broker.last_check
             nursery.cancel_scope.cancel()
 
@@ -134,7 +134,7 @@ async def test_amqps_clients_through_warren_to_a_tls_only_broker(tls_node, pki):
         async with trio.open_nursery() as nursery:
             app = await start_warren(nursery, config)
             broker = app.runtime.server("be", "tls-a")
-            await wait_until(lambda: broker.up, 30, "the TLS broker UP")
+            await wait_until(lambda: broker.up, timeout=30, what="the TLS broker UP")
             body = b"encrypted twice " * 500
             assert await trio.to_thread.run_sync(round_trip, front(app), body, None, trusting(pki)) == body
             got = await trio.to_thread.run_sync(lambda: asyncio.run(aio_pika_round_trip(front(app), pki, body)))
@@ -148,7 +148,7 @@ async def test_no_client_traffic_reaches_a_broker_that_fails_verification(tls_no
         async with trio.open_nursery() as nursery:
             app = await start_warren(nursery, config)
             broker = app.runtime.server("be", "tls-a")
-            await wait_until(lambda: broker.last_check is not None, 30, "a first check")
+            await wait_until(lambda: broker.last_check is not None, timeout=30, what="a first check")
             assert not broker.up and broker.last_check.description.endswith("hostname mismatch")
             with pytest.raises(pika.exceptions.AMQPConnectionError):
                 await trio.to_thread.run_sync(

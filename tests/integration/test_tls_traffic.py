@@ -15,7 +15,7 @@ import pika
 import pytest
 import trio
 
-from tests.polling import wait_until
+from lab import wait_until
 from tests.warrenproc import WarrenProcess, json_global, write
 
 pytestmark = pytest.mark.rabbit
@@ -87,7 +87,7 @@ def rss_kib(pid: int) -> int:
 
 
 async def confirmed_more(publisher: Publisher, than: int) -> None:
-    await wait_until(lambda: publisher.confirmed > than + 20 or publisher.error, 20, "publishes confirmed")
+    await wait_until(lambda: publisher.confirmed > than + 20 or publisher.error, timeout=20, what="publishes confirmed")
     assert publisher.error is None, publisher.error
 
 
@@ -166,7 +166,7 @@ async def test_hostile_input_on_the_amqps_port_while_real_traffic_flows(healthy_
                 await trio.to_thread.run_sync(hostile_round, address, hello, 1000)
                 await confirmed_more(publisher, before)
             # Memory comes back to its level (Warren trims after waves of closed connections).
-            await wait_until(lambda: rss_kib(pid) < level + 8192, 30, f"RSS back near {level} KiB")
+            await wait_until(lambda: rss_kib(pid) < level + 8192, timeout=30, what=f"RSS back near {level} KiB")
             assert warren.process.returncode is None
             failures = [e for e in warren.events if e.get("event") == "tls.handshake_failed"]
             assert len(failures) >= 2 * 1004
