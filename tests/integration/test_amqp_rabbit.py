@@ -1,5 +1,5 @@
 """AMQP awareness with real RabbitMQ nodes and real clients (pika, aio-pika):
-identities, refusals, connection limits answered with 530."""
+identities (over plain AMQP and AMQPS), refusals, connection limits answered with 530."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import time
 import dataclasses
 import json
+import ssl
 import uuid
 
 import aio_pika
@@ -17,7 +18,7 @@ import trio
 
 from lab import wait_until
 from proxy.app import App
-from proxy.config.model import BindAddress, ConnectionLimits, FrontendMode, LimitAction, Stats
+from proxy.config.model import BindAddress, BindTls, ConnectionLimits, FrontendMode, LimitAction, Stats, TlsVerify
 from proxy.stats_ui.control import ControlService
 from proxy.stats_ui.service import StatsService
 from tests.integration.test_stats_ctl import ctl
@@ -59,11 +60,12 @@ def cluster_config(nodes, limits: ConnectionLimits | None = None):
     return config
 
 
-def pika_params(address, user, vhost, name, password=PASSWORD, heartbeat=20):
+def pika_params(address, user, vhost, name, password=PASSWORD, heartbeat=20, tls=None):
     return pika.ConnectionParameters(
         host=address[0], port=address[1], virtual_host=vhost, heartbeat=heartbeat,
         credentials=pika.PlainCredentials(user, password), client_properties={"connection_name": name},
         connection_attempts=1, socket_timeout=10,
+        ssl_options=None if tls is None else pika.SSLOptions(tls, server_hostname="localhost"),
     )
 
 
@@ -78,10 +80,11 @@ async def wait_closed(logs, count, timeout=30):
     return closed_lines(logs)
 
 
-def run_aio_pika(address, user, vhost, name):
+def run_aio_pika(address, user, vhost, name, tls=None):
     async def main():
-        url = f"amqp://{user}:{PASSWORD}@{address[0]}:{address[1]}/{vhost.replace('/', '%2F')}?heartbeat=15"
-        connection = await aio_pika.connect(url, client_properties={"connection_name": name})
+        scheme = "amqp" if tls is None else "amqps"
+        url = f"{scheme}://{user}:{PASSWORD}@{address[0]}:{address[1]}/{vhost.replace('/', '%2F')}?heartbeat=15"
+        connection = await aio_pika.connect(url, client_properties={"connection_name": name}, ssl_context=tls)
         async with connection:
             channel = await connection.channel()
             await channel.declare_queue(exclusive=True)
@@ -111,6 +114,42 @@ async def test_pika_and_aio_pika_connections_are_known_by_name_user_vhost_and_he
     assert (by_name["billing-publisher"]["amqp_user"], by_name["billing-publisher"]["amqp_vhost"]) == (bob, billing)
     assert by_name["billing-publisher"]["amqp_heartbeat"] == 15
     # A clean AMQP close is "--" even though RabbitMQ resets its sockets.
+    assert [line["termination"] for line in lines] == ["--", "--"]
+    assert PASSWORD not in json.dumps(logs, default=str)
+
+
+async def test_amqps_connections_are_known_by_name_user_vhost_heartbeat_and_client_certificate(
+        healthy_cluster, accounts, pki):
+    """Over AMQPS the tap reads the decrypted handshake: the same identity as in
+    plain AMQP, with the TLS version and the client certificate's CN beside it."""
+    (alice, bob), (orders, billing) = accounts
+    config = cluster_config(healthy_cluster.nodes)
+    tls = BindTls(crt=(pki.server.pem,), ca_file=pki.ca.cert_path, verify=TlsVerify.OPTIONAL)
+    config = dataclasses.replace(config, frontends=(dataclasses.replace(config.frontends[0], tls=tls),))
+    anonymous = ssl.create_default_context(cafile=pki.ca.cert_path)
+    with_certificate = ssl.create_default_context(cafile=pki.ca.cert_path)
+    with_certificate.load_cert_chain(pki.client.pem)
+    with structlog.testing.capture_logs() as logs, trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            app = await start_warren(nursery, config)
+            address = front(app)
+
+            def pika_session():
+                params = pika_params(address, alice, orders, "orders-consumer", tls=with_certificate)
+                connection = pika.BlockingConnection(params)
+                connection.channel().queue_declare("", exclusive=True)
+                connection.close()
+
+            await trio.to_thread.run_sync(pika_session)
+            await trio.to_thread.run_sync(run_aio_pika, address, bob, billing, "billing-publisher", anonymous)
+            lines = await wait_closed(logs, 2)
+            nursery.cancel_scope.cancel()
+    by_name = {line["amqp_name"]: line for line in lines}
+    consumer, publisher = by_name["orders-consumer"], by_name["billing-publisher"]
+    assert (consumer["amqp_user"], consumer["amqp_vhost"], consumer["amqp_heartbeat"]) == (alice, orders, 20)
+    assert (publisher["amqp_user"], publisher["amqp_vhost"], publisher["amqp_heartbeat"]) == (bob, billing, 15)
+    assert consumer["client_cn"] == "app-publisher" and "client_cn" not in publisher
+    assert {line["tls_version"] for line in lines} <= {"TLSv1.2", "TLSv1.3"}
     assert [line["termination"] for line in lines] == ["--", "--"]
     assert PASSWORD not in json.dumps(logs, default=str)
 
