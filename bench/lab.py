@@ -54,6 +54,7 @@ class Lab:
         self._cluster_error: BaseException | None = None
         self._starter: threading.Thread | None = None
         self.kept = False
+        self.cases: tuple[str, ...] = ()  # --case: only these cases of benchmarks that have cases
 
     def dir(self, *parts: str) -> Path:
         """A fresh sub-directory of the work directory."""

@@ -42,6 +42,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                        help="seconds per benchmark, tiny sizes: checks that each produces numbers")
     parser.add_argument("--only", action="append", choices=NAMES, metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(NAMES)}")
+    parser.add_argument("--case", action="append", default=[], metavar="KEY",
+                        help="only this case of a benchmark made of cases (repeatable), e.g. failover's "
+                             "crash_1s, crash_100ms, stop_100ms, backend_1s")
     parser.add_argument("--rounds", type=int, help="rounds per benchmark (overrides the mode's)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where to write the results")
     parser.add_argument("--workdir", type=Path, help="keep configs and logs here (default: a temp dir)")
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     load_at_start = report.load_average()
     lab = Lab(mode, args.workdir, progress)
+    lab.cases = tuple(args.case)
     results: list[BenchResult] = []
     try:
         benches = [cls(lab) for cls in ALL if not args.only or cls.name in args.only]
