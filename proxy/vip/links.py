@@ -149,14 +149,12 @@ class LinkServer:
         peer = _peer_ip(stream)
         entry.links += 1
         entry.per_peer[peer] += 1
-        registration: Registration | None = None
         scope = trio.CancelScope()
         try:
             async with stream:
                 with scope:
-                    registration = await self._handshake(entry, stream, peer)
+                    registration = await self._handshake(entry, stream, peer, scope)
                     if registration is not None:
-                        registration.scopes.add(scope)
                         registration.counters["links_accepted"] += 1
                         # Held until the backup closes it; anything it sends breaks the protocol.
                         await stream.receive_some(1)
@@ -169,13 +167,16 @@ class LinkServer:
             entry.per_peer[peer] -= 1
             if not entry.per_peer[peer]:
                 del entry.per_peer[peer]
-            if registration is not None:
-                registration.scopes.discard(scope)
+            for registered in entry.registrations.values():
+                registered.scopes.discard(scope)
 
-    async def _handshake(self, entry: _Listener, stream: trio.SocketStream, peer: IPAddress | None) -> Registration | None:
+    async def _handshake(self, entry: _Listener, stream: trio.SocketStream, peer: IPAddress | None,
+                         scope: trio.CancelScope) -> Registration | None:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             hello = decode_hello(await _receive_exactly(stream, HELLO_SIZE))
             registration = entry.registrations.get(hello.vrid)
+            if registration is not None:  # from now on, the instance's end ends this link too
+                registration.scopes.add(scope)
             status = self._status(entry, registration, peer)
             handshake = MasterHandshake(registration.key if registration is not None else None)
             await stream.send_all(handshake.greet(hello, status))

@@ -11,7 +11,7 @@ import trio
 from lab import wait_until
 from proxy.vip import links as links_module
 from proxy.vip.links import MAX_LINKS_PER_PEER, LinkServer, MasterLink, Outcome
-from proxy.vip.peerlink import link_key
+from proxy.vip.peerlink import GREETING_SIZE, BackupHandshake, Status, link_key
 
 LOCAL = ipaddress.IPv4Address("127.0.0.1")
 KEY = link_key("0123456789abcdef-secret")
@@ -185,3 +185,26 @@ async def test_two_instances_share_one_listening_socket_by_vrid():
             await b.gone_event.wait()
             assert a.gone == [] and a.link.up
             nursery.cancel_scope.cancel()
+
+
+async def test_an_instance_that_ends_during_a_handshake_ends_that_link_too(monkeypatch):
+    monkeypatch.setattr(links_module, "HANDSHAKE_TIMEOUT", 60)  # the close must come from the unregistering
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server, registration, _ = await serving(nursery)
+            client = await trio.open_tcp_stream("127.0.0.1", registration.port)
+            handshake = BackupHandshake(51, None)
+            await client.send_all(handshake.hello())
+            greeted = handshake.greeted(await receive_exactly(client, GREETING_SIZE))
+            assert greeted.status is Status.OK
+            server.unregister(registration)  # before our proof: the master never holds this link
+            assert await closed_by_peer(client)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def receive_exactly(stream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        data += await stream.receive_some(size - len(data))
+    return data
