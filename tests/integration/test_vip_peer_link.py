@@ -145,8 +145,13 @@ async def test_behind_a_keepalived_master_a_warren_backup_keeps_the_rfc_timers(l
             assert unavailable["outcome"] == "gone"  # nothing listens there: refused, and fine
             await lab.steadily_held_by(lab.vip(), {"h1"}, seconds=1)  # one master: keepalived
             assert w2.states() == ["backup"]
-            for pid in lab.net.pids(h1.ns):  # keepalived's two processes, SIGKILLed
-                signal_pid(pid, signal.SIGKILL)
+            # keepalived's two processes, stopped first: its VRRP child would otherwise have
+            # a moment, between its parent's SIGKILL and its own, to send a priority-0 goodbye
+            # (it is told of its parent's death), and the takeover would be `master_left`.
+            pids = lab.net.pids(h1.ns)
+            for signum in (signal.SIGSTOP, signal.SIGKILL):
+                for pid in pids:
+                    signal_pid(pid, signum)
             took_over = await w2.wait_for("vip.master", instance="front", timeout=10)
             assert took_over["reason"] == "master_down"
             nursery.cancel_scope.cancel()
