@@ -20,6 +20,8 @@ dead master's interface 10 s after the crash (1 = yes) is recorded too.
 
 from __future__ import annotations
 
+import datetime
+import json
 import signal
 import sys
 import time
@@ -125,7 +127,8 @@ while True:
 # interval (100 ms at 0.1 s), far more than the contenders differ by; so the
 # crash is placed at the same point of the cycle for both: half an interval
 # after an advert of the master, seen on its bridge port. Prints the
-# monotonic time of the SIGSTOP (the same clock as the prober's).
+# monotonic time of the SIGSTOP (the same clock as the prober's), and its
+# wall-clock time (that of Warren's log timestamps).
 CRASHER = r"""
 import json, os, signal, socket, sys, time
 port, master, offset = sys.argv[1], socket.inet_aton(sys.argv[2]), float(sys.argv[3])
@@ -145,12 +148,12 @@ while True:
     if frame[12:14] == b"\x08\x00" and frame[14 + 9] == 112 and frame[14 + 12 : 14 + 16] == master:
         break
 time.sleep(offset)
-at = time.monotonic()
+at, wall = time.monotonic(), time.time()
 for pid in pids:
     os.kill(pid, signal.SIGSTOP)
 for pid in pids:
     os.kill(pid, signal.SIGKILL)
-print(json.dumps({"event": "crashed", "at": at}), flush=True)
+print(json.dumps({"event": "crashed", "at": at, "wall": wall}), flush=True)
 """
 CRASH_PHASE = 0.5  # of the advert interval, after the master's advert
 
@@ -361,12 +364,16 @@ class Failover(Benchmark):
                             workdir / "prober.log", pipe_stdio=True)
             read_event(prober, "ready", 10)
             _wait(lambda: _last_served(prober) == "h1", 10, "the client never reached h1 via the VIP", master)
-            event = self._trigger(lan, case, master)
+            event, wall = self._trigger(lan, case, master)
             _wait(lambda: _last_served(prober) == "h2", 30, "the client never reached h2 via the VIP")
             time.sleep(0.2)  # a few more probes: the gap is closed by then
             _send(prober, "stop")
             done = read_event(prober, "done", 10)
             values = {case.key: longest_gap([t for t, _ in done["ok"]], event)}
+            if contender == "warren" and case.event == "crash":
+                if PROFILE_HEADING not in self.notes:
+                    self.notes += ["", PROFILE_HEADING, ""]
+                self.notes.append(_takeover_profile(case, values[case.key], backup.log, wall))
             if case.check_linger:
                 time.sleep(max(0.0, event + self.linger_wait() - time.monotonic()))
                 values[LINGER.key] = 1.0 if vip in net.addresses(h1.ns) else 0.0
@@ -402,21 +409,22 @@ class Failover(Benchmark):
         return Side(host, responder, main, log)
 
     @staticmethod
-    def _trigger(lan: Lan, case: Case, master: Side) -> float:
-        """Brings the event about; returns when it happened (time.monotonic())."""
+    def _trigger(lan: Lan, case: Case, master: Side) -> tuple[float, float]:
+        """Brings the event about; returns when it happened (time.monotonic(), time.time())."""
         if case.event == "crash":
             host = master.host
             pids = [str(pid) for pid in lan.lab.pids(host.ns)]
             crasher = _spawn(lan, lan.ns, "crasher", [sys.executable, "-c", CRASHER, host.port, host.ip,
                                                       str(CRASH_PHASE * case.advert), *pids],
                              None, pipe_stdio=True)
-            return read_event(crasher, "crashed", 15)["at"]
-        event = time.monotonic()
+            crashed = read_event(crasher, "crashed", 15)
+            return crashed["at"], crashed["wall"]
+        event, wall = time.monotonic(), time.time()
         if case.event == "stop":
             master.main.popen.send_signal(signal.SIGTERM)
         else:
             master.responder.popen.kill()
-        return event
+        return event, wall
 
     def _configs_note(self) -> str:
         vip = f"{SUBNET}.{VIP_LAST}"
@@ -442,6 +450,33 @@ class Failover(Benchmark):
 
 
 _BACKUP_LINE = {"warren": '"vip.backup"', "keepalived": "Entering BACKUP STATE"}
+
+PROFILE_HEADING = ("Where each Warren crash round's gap went (the peer link: the killed master's kernel "
+                   "ends the link, the backup confirms with one refused connection, waits its skew, takes "
+                   "the address and announces it; the client's next probe, every 5 ms, then reaches it):")
+# What the Warren backup logs on its way to master after a crash, in order.
+_TAKEOVER_EVENTS = (("vip.master_gone", "link end seen"), ("vip.master", "master"),
+                    ("vip.announcing", "gratuitous ARP"))
+
+
+def _takeover_profile(case: Case, gap: float, log: Path, crashed: float) -> str:
+    """Where a Warren crash round's gap went: ms from the crash to each step of
+    the backup's takeover, read from its log (one line per round, for the notes)."""
+    seen: dict[str, float] = {}
+    reason = "?"
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+            at = datetime.datetime.fromisoformat(entry["timestamp"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if entry.get("event") in dict(_TAKEOVER_EVENTS) and at >= crashed and entry["event"] not in seen:
+            seen[entry["event"]] = at
+            reason = entry.get("reason", reason) if entry["event"] == "vip.master" else reason
+    steps = ", ".join(f"{label} +{(seen[name] - crashed) * 1000:.0f}" if name in seen else f"{label} not logged"
+                      for name, label in _TAKEOVER_EVENTS)
+    return (f"- Warren, {case.label} {gap * 1000:.0f} ms; the backup's log, ms after the crash: {steps} "
+            f"(reason `{reason}`).")
 
 
 def _spawn(lan: Lan, ns: str, name: str, argv: list[str], log_path: Path | None, **options) -> Managed:
