@@ -11,10 +11,10 @@ from proxy.config.durations import format_duration
 
 from .draft import Draft
 from .haproxy import HaproxyFile, Line, Section, parse_time
+from .haproxy_tls import TlsGlobals
 from .report import Notes
 
 AMQP_PORTS = frozenset({5670, 5671, 5672})
-TLS_MISSING = "not translated: Warren has no TLS yet (issue 13); terminate TLS elsewhere or keep HAProxy for it"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -37,6 +37,7 @@ class HaproxyContext:
     global_maxconn: tuple[int, Line] | None = None
     spread: tuple[float, Line] | None = None
     frontends: list[FrontendFacts] = field(default_factory=list)
+    tls: TlsGlobals = field(default_factory=TlsGlobals)
 
     def source(self, section: Section) -> str:
         title = f"{section.kind} {section.name}".strip()

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import secrets
 
-from .context import TLS_MISSING, HaproxyContext, duration_text, integer_value, time_value
+from .context import HaproxyContext, duration_text, integer_value, time_value
 from .haproxy import Line, Section
 from .haproxy_proxies import is_stats_section, translate_binds, translate_proxies
+from .haproxy_tls import read_global
 
 CONTROL_SOCKET = "warren.sock"
+
+_NO_TLS_BIND = "no TLS listener (bind ... ssl) uses it"
+_NO_TLS_SERVER = "no TLS server (server ... ssl) uses it"
+_OPENSSL_TUNING = "HAProxy's OpenSSL tuning: Warren uses OpenSSL's defaults there"
 
 # keyword (or "option <name>", "timeout <name>") -> why Warren has no use for it
 IGNORED = {
@@ -38,14 +43,16 @@ IGNORED = {
     "lua-load": "no Lua in Warren",
     "setenv": "set Environment= in the systemd unit",
     "presetenv": "set Environment= in the systemd unit",
-    "ssl-default-bind-ciphers": TLS_MISSING,
-    "ssl-default-bind-ciphersuites": TLS_MISSING,
-    "ssl-default-bind-options": TLS_MISSING,
-    "ssl-default-server-ciphers": TLS_MISSING,
-    "ssl-default-server-options": TLS_MISSING,
-    "ssl-dh-param-file": TLS_MISSING,
-    "ca-base": TLS_MISSING,
-    "crt-base": TLS_MISSING,
+    "ssl-default-bind-ciphers": _NO_TLS_BIND,
+    "ssl-default-bind-ciphersuites": _NO_TLS_BIND,
+    "ssl-default-bind-options": _NO_TLS_BIND,
+    "ssl-default-server-ciphers": _NO_TLS_SERVER,
+    "ssl-default-server-ciphersuites": _NO_TLS_SERVER,
+    "ssl-default-server-options": _NO_TLS_SERVER,
+    "ssl-server-verify": _NO_TLS_SERVER,
+    "ssl-dh-param-file": "Warren's ciphers use ECDHE: no DH parameters",
+    "ssl-passphrase-cmd": "Warren decrypts keys with key_password in the tls table",
+    "ssl-load-extra-files": "Warren reads <crt>.key when the key is not in the PEM file; no .ocsp, .issuer or .sctl",
     "log-send-hostname": "Warren logs to stderr (the journal under systemd)",
     "log-tag": "Warren logs to stderr (the journal under systemd)",
     "log": "Warren logs structured events to stderr (the journal under systemd); see docs/operations.md",
@@ -65,6 +72,7 @@ IGNORED = {
     "timeout http-request": "HTTP only; Warren relays TCP",
     "timeout http-keep-alive": "HTTP only; Warren relays TCP",
     "timeout check": "no checks in this section",
+    "timeout client-hs": "no TLS listener in this section",
     "errorfile": "HTTP only; Warren relays TCP",
     "hash-type": "Warren's source balancing uses its own hash",
     "fullconn": "no dynamic maxconn in Warren",
@@ -93,7 +101,7 @@ SECTION_IGNORED = {
     "cache": "HTTP only",
     "log-forward": "Warren logs to stderr (the journal under systemd)",
     "traces": "HAProxy's own tracing",
-    "crt-store": TLS_MISSING,
+    "crt-store": "crt-store sections are not read: name the certificate files in the tls tables",
 }
 
 
@@ -133,6 +141,8 @@ def _global(ctx: HaproxyContext, section: Section) -> None:
             ctx.notes.approximated(line.number, line.words, f'global.control_socket = "{path}" (the unit\'s '
                                    "RuntimeDirectory); `warren ctl` speaks HAProxy's show stat / set server "
                                    "commands; mode, level and user options are not kept")
+        elif read_global(ctx.tls, ctx.notes, line):
+            continue
         elif keyword == "log":
             global_.values["log_format"] = "json"
             ctx.notes.approximated(line.number, line.words, 'global.log_format = "json": structured events on '
@@ -162,8 +172,19 @@ def _resolvers(ctx: HaproxyContext, section: Section) -> None:
 def _stats(ctx: HaproxyContext, section: Section) -> None:
     table = ctx.draft.table(("stats",), ctx.source(section))
     ctx.notes.translated(section.line, (section.kind, section.name), "[stats]: Warren's stats page")
-    binds, _ = translate_binds(ctx, section)
-    table.values["bind"] = binds
+    groups = translate_binds(ctx, section, "stats", stats=True)
+    if not groups:
+        ctx.notes.ignored(section.line, (section.kind, section.name), "no bind line Warren can listen on: no stats "
+                          "page")
+        ctx.draft.tables.remove(table)
+        return
+    table.values["bind"] = [bind for group in groups for bind in group.binds]
+    secure = next((group for group in groups if group.tls is not None), None)
+    if secure is not None:
+        table.values["tls"] = secure.tls
+        for line in (line for group in groups if group is not secure for line in group.lines):
+            ctx.notes.approximated(line.number, line.words, "the page is served over HTTPS with the first TLS "
+                                   "bind's settings on every bind: Warren's stats page has one TLS setting (stats.tls)")
     users: dict[str, str] = {}
     for line in section.lines:
         if line.keyword == "mode":
@@ -247,6 +268,8 @@ def _reason(line: Line, section: Section) -> str:
     for key in (" ".join(words[:2]), words[0], words[0].split(".")[0]):
         if key in IGNORED:
             return IGNORED[key]
+    if words[0].startswith("ssl-"):
+        return _OPENSSL_TUNING
     if section.kind == "defaults":
         return "a default that no translated section uses"
     return "not known to the importer; Warren has no equivalent"

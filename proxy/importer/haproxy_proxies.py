@@ -8,11 +8,14 @@ force, as in HAProxy; each is reported at the line where it is written.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-from .context import AMQP_PORTS, TLS_MISSING, FrontendFacts, HaproxyContext, bind_text, duration_text, integer_value, \
+from .context import AMQP_PORTS, FrontendFacts, HaproxyContext, bind_text, duration_text, integer_value, \
     name_note, time_value, warren_name
 from .haproxy import Line, Section
 from .haproxy_servers import translate_servers
+from .haproxy_tls import BIND_WORDS, bind_tls
+from .haproxy_tls import VALUED as TLS_VALUED
 from .traps import check_idle_timeouts, check_frontend_maxconn
 
 BALANCES = {"roundrobin": "roundrobin", "leastconn": "leastconn", "first": "first", "source": "source"}
@@ -28,14 +31,19 @@ _BIND_FLAGS_IGNORED = {
 _BIND_VALUED = frozenset({
     "backlog", "maxconn", "name", "id", "process", "interface", "mss", "nice", "namespace", "tcp-ut",
     "mode", "uid", "gid", "user", "group", "level", "severity-output", "thread", "shards",
-    "crt", "ca-file", "crl-file", "verify", "ciphers", "ciphersuites", "ssl-min-ver", "ssl-max-ver",
-    "alpn", "npn", "curves", "ecdhe", "crt-list", "ca-sign-file", "sigalgs",
+    *TLS_VALUED,
 })  # fmt: skip
-_TLS_WORDS = frozenset({
-    "ssl", "crt", "ca-file", "crl-file", "verify", "ciphers", "ciphersuites", "ssl-min-ver", "ssl-max-ver",
-    "alpn", "npn", "curves", "ecdhe", "crt-list", "strict-sni", "sigalgs", "no-sslv3", "no-tlsv10",
-    "no-tlsv11", "force-tlsv12", "prefer-client-ciphers",
-})  # fmt: skip
+
+
+@dataclass
+class BindGroup:
+    """Bind lines that become one Warren listener: the same TLS table (None: plaintext)."""
+
+    name: str  # the Warren frontend's
+    tls: dict | None
+    binds: list[str] = field(default_factory=list)
+    ports: set[int] = field(default_factory=set)
+    lines: list[Line] = field(default_factory=list)
 
 
 def is_stats_section(section: Section) -> bool:
@@ -60,20 +68,31 @@ def translate_proxies(ctx: HaproxyContext) -> None:
 
 
 def _frontend(ctx: HaproxyContext, section: Section, backends: dict[str, Section]) -> None:
-    name = warren_name(section.name)
-    table = ctx.draft.table(("frontends", name), ctx.source(section))
-    ctx.notes.translated(section.line, (section.kind, section.name), f"[frontends.{name}]"
-                         + (f"; {name_note(section.name, name)}" if name_note(section.name, name) else ""))
-    binds, ports = translate_binds(ctx, section)
-    table.values["bind"] = binds
+    base = warren_name(section.name)
     target = _target_backend(ctx, section)
-    table.values["backend"] = warren_name(target)
-    _frontend_settings(ctx, section, table.values, name)
-    _mode(ctx, section, ports, backends.get(target))
-    hosts = tuple(b.rsplit(":", 1)[0].strip("[]").replace("*", "0.0.0.0") for b in binds)
-    ctx.frontends.append(FrontendFacts(name, hosts, warren_name(target)))
-    if target in backends:
-        check_frontend_maxconn(ctx, section, table.values.get("maxconn", 2000), backends[target])
+    groups = translate_binds(ctx, section, base)
+    if not groups:
+        ctx.notes.ignored(section.line, (section.kind, section.name), "no bind line Warren can listen on: the "
+                          "frontend is left out")
+        return
+    for group in groups:
+        name = group.name
+        table = ctx.draft.table(("frontends", name), ctx.source(section))
+        note = f"[frontends.{name}]" + (f"; {name_note(section.name, base)}" if name_note(section.name, base) else "")
+        if len(groups) > 1:
+            note += (f": its {'TLS' if group.tls is not None else 'plaintext'} listeners (Warren's TLS settings are "
+                     "per frontend)")
+        ctx.notes.translated(section.line, (section.kind, section.name), note)
+        table.values["bind"] = group.binds
+        table.values["backend"] = warren_name(target)
+        _frontend_settings(ctx, section, table.values, name, split=len(groups) > 1)
+        if group.tls is not None:
+            table.values["tls"] = group.tls
+        _mode(ctx, section, group.ports, backends.get(target))
+        hosts = tuple(b.rsplit(":", 1)[0].strip("[]").replace("*", "0.0.0.0") for b in group.binds)
+        ctx.frontends.append(FrontendFacts(name, hosts, warren_name(target)))
+        if target in backends:
+            check_frontend_maxconn(ctx, section, table.values.get("maxconn", 2000), backends[target])
 
 
 def _target_backend(ctx: HaproxyContext, section: Section) -> str:
@@ -93,11 +112,15 @@ def _target_backend(ctx: HaproxyContext, section: Section) -> str:
     return section.name
 
 
-def _frontend_settings(ctx: HaproxyContext, section: Section, values: dict, name: str) -> None:
+def _frontend_settings(ctx: HaproxyContext, section: Section, values: dict, name: str, split: bool = False) -> None:
     maxconn = section.last("maxconn")
     if maxconn is not None and (value := integer_value(ctx, maxconn, maxconn.arg(), 1)) is not None:
         values["maxconn"] = value
-        ctx.notes.translated(maxconn.number, maxconn.words, f"frontends.{name}.maxconn")
+        if split:
+            ctx.notes.approximated(maxconn.number, maxconn.words, f"frontends.{name}.maxconn: the limit HAProxy "
+                                   "applied to all the section's listeners applies to each Warren frontend")
+        else:
+            ctx.notes.translated(maxconn.number, maxconn.words, f"frontends.{name}.maxconn")
     elif ctx.global_maxconn is not None:
         value, line = ctx.global_maxconn
         values["maxconn"] = value
@@ -115,20 +138,65 @@ def _frontend_settings(ctx: HaproxyContext, section: Section, values: dict, name
     check_idle_timeouts(ctx, section)
 
 
-def translate_binds(ctx: HaproxyContext, section: Section) -> tuple[list[str], set[int]]:
-    binds: list[str] = []
-    ports: set[int] = set()
-    for line in section.find("bind"):
-        if "ssl" in line.args[1:]:
-            ctx.notes.ignored(line.number, line.words, f"a TLS listener, left out: {TLS_MISSING}")
-            continue
+def translate_binds(ctx: HaproxyContext, section: Section, name: str, stats: bool = False) -> list[BindGroup]:
+    """The section's bind lines grouped into listeners, plaintext first (empty when none is usable).
+
+    Bind lines with the same TLS options share a listener; the first listener
+    has the section's name, the next ``<name>-tls``, ``<name>-tls2``...
+    """
+    lines = section.find("bind")
+    plaintext = any("ssl" not in line.args[1:] for line in lines)
+    tls_options: list[tuple[str, ...]] = []  # distinct option lists of the TLS binds, in order
+    groups: dict[str, BindGroup] = {}
+    handshake = _handshake_timeout(ctx, section) if not stats else None
+    for line in lines:
+        options = list(line.args[1:])
+        if "ssl" in options:
+            if tuple(options) not in tls_options:
+                tls_options.append(tuple(options))
+            listener = listener_name(name, tls_options.index(tuple(options)) + plaintext)
+            key = "stats.tls" if stats else f"frontends.{listener}.tls"
+            tls = bind_tls(ctx.tls, ctx.notes, line, _tls_options(line, options), key, handshake)
+            if tls is None:
+                continue
+        else:
+            listener, tls = name, None
         translated = list(_bind_addresses(ctx, line))
-        binds += [text for text, _ in translated if text not in binds]
-        ports |= {port for _, port in translated}
-        _bind_options(ctx, line, section.name)
-    if not binds:
-        ctx.notes.ignored(section.line, (section.kind, section.name), "no usable bind line")
-    return binds, ports
+        if not translated:
+            continue
+        group = groups.setdefault(listener, BindGroup(listener, tls))
+        group.binds += [text for text, _ in translated if text not in group.binds]
+        group.ports |= {port for _, port in translated}
+        group.lines.append(line)
+        _bind_options(ctx, line, name, tls is not None)
+    return sorted(groups.values(), key=lambda group: group.tls is not None)
+
+
+def listener_name(base: str, ordinal: int) -> str:
+    """The name of a section's ``ordinal``-th listener: its own, then ``<name>-tls``, ``<name>-tls2``..."""
+    if ordinal == 0:
+        return base
+    suffix = "-tls" if ordinal == 1 else f"-tls{ordinal}"
+    return warren_name(base[:64 - len(suffix)] + suffix)
+
+
+def _handshake_timeout(ctx: HaproxyContext, section: Section) -> tuple[float, Line] | None:
+    line = section.last("timeout", "client-hs")
+    if line is None or (value := time_value(ctx, line, line.arg(2))) is None:
+        return None
+    return value, line
+
+
+def _tls_options(line: Line, options: list[str]) -> list:
+    """The TLS options of a bind line, with their values."""
+    result = []
+    rest = list(options)
+    while rest:
+        word = rest.pop(0)
+        value = rest.pop(0) if word in _BIND_VALUED and rest else None
+        if word in BIND_WORDS:
+            result.append((line, word, value))
+    return result
 
 
 def _bind_addresses(ctx: HaproxyContext, line: Line) -> Iterator[tuple[str, int]]:
@@ -159,14 +227,15 @@ def _bind_addresses(ctx: HaproxyContext, line: Line) -> Iterator[tuple[str, int]
         yield text, port
 
 
-def _bind_options(ctx: HaproxyContext, line: Line, frontend: str) -> None:
+def _bind_options(ctx: HaproxyContext, line: Line, frontend: str, tls: bool) -> None:
     words = list(line.args[1:])
     while words:
         word = words.pop(0)
         value = words.pop(0) if word in _BIND_VALUED and words else None
         shown = f"{word} {value}" if value is not None else word
-        if word in _TLS_WORDS:
-            ctx.notes.ignored(line.number, line.words, f"{shown}: {TLS_MISSING}")
+        if word in BIND_WORDS:
+            if not tls:
+                ctx.notes.ignored(line.number, line.words, f"{shown}: unused, this bind has no ssl")
         elif word == "backlog":
             ctx.notes.approximated(line.number, line.words, f"backlog {value}: per frontend in Warren "
                                    f"(set frontends.{frontend}.backlog)")

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .context import TLS_MISSING, HaproxyContext, duration_text, is_ip, name_note, seconds, warren_name
+from .context import HaproxyContext, duration_text, is_ip, name_note, seconds, warren_name
 from .draft import Item, Table
 from .haproxy import Line, Section
+from .haproxy_tls import SERVER_WORDS, server_tls
+from .haproxy_tls import VALUED as TLS_VALUED
 from .traps import check_interval_unit
 
 AMQP_HEADER_HEX = "414d515000000901"
@@ -35,14 +37,9 @@ _WORD_VALUES = {
 _VALUED = frozenset({
     *HEALTH_OPTIONS, "weight", "maxconn", "port", "addr", "maxqueue", "minconn", "id", "cookie", "resolvers",
     "resolve-prefer", "resolve-net", "init-addr", "agent-port", "agent-inter", "agent-addr", "agent-send",
-    "observe", "crt", "ca-file", "crl-file", "verify", "sni", "ciphers", "ciphersuites", "ssl-min-ver",
-    "ssl-max-ver", "alpn", "check-sni", "check-alpn", "track", "source", "namespace", "proto", "pool-max-conn",
-    "pool-low-conn", "pool-purge-delay", "max-reuse", "tcp-ut", "ws", "verifyhost", "usesrc", "log-proto",
-    "set-proxy-v2-tlv-fmt", "shard", "guid",
+    "observe", "track", "source", "namespace", "proto", "pool-max-conn", "pool-low-conn", "pool-purge-delay",
+    "max-reuse", "tcp-ut", "ws", "usesrc", "log-proto", "set-proxy-v2-tlv-fmt", "shard", "guid", *TLS_VALUED,
 })  # fmt: skip
-_TLS = frozenset({"ssl", "check-ssl", "crt", "ca-file", "crl-file", "verify", "sni", "ciphers", "ciphersuites",
-                  "ssl-min-ver", "ssl-max-ver", "alpn", "check-sni", "check-alpn", "verifyhost", "no-ssl-reuse",
-                  "send-proxy-v2-ssl", "send-proxy-v2-ssl-cn", "no-sslv3", "force-tlsv12", "no-tlsv13"})
 _IGNORED = {
     "maxqueue": "Warren's queue is bounded by timeout.queue",
     "minconn": "no dynamic maxconn in Warren",
@@ -71,6 +68,9 @@ class _Server:
     values: dict
     checked: bool = False
     health: dict = field(default_factory=dict)  # Warren health key -> (value, line)
+    tls_options: list = field(default_factory=list)  # (line, word, value), settled by haproxy_tls
+    tls: dict | None = None  # the server's TLS table; None: plaintext
+    check_ssl: bool = False  # check-ssl on a plaintext server
 
 
 def translate_servers(ctx: HaproxyContext, section: Section, table: Table) -> None:
@@ -78,6 +78,7 @@ def translate_servers(ctx: HaproxyContext, section: Section, table: Table) -> No
     defaults = _default_server_words(section)
     servers = [_server(ctx, line, defaults, section) for line in section.find("server")]
     servers = [server for server in servers if server is not None]
+    _place_tls(table, servers)
     if not servers:
         ctx.notes.ignored(section.line, (section.kind, section.name), "no server line: the backend has no servers")
     table.values["servers"] = [Item(f"{ctx.cfg.path}:{s.line.number}: server {s.line.args[0]}", s.values)
@@ -126,6 +127,8 @@ def _server(ctx: HaproxyContext, line: Line, defaults: list, section: Section) -
     server = _Server(line, name, values)
     for option_line, word, value in defaults + _options(line, line.args[2:]):
         _server_option(ctx, server, option_line, word, value, section)
+    server.tls, checks = server_tls(ctx.tls, ctx.notes, name, host, server.tls_options, warren_name(section.name))
+    _check_tls(ctx, server, checks, section.last("option", "httpchk") is not None)
     if not server.checked:
         values["check"] = False
     return server
@@ -161,6 +164,11 @@ def _server_option(ctx: HaproxyContext, server: _Server, line: Line, word: str, 
     elif word in ("send-proxy", "send-proxy-v2"):
         values["send_proxy"] = "v1" if word == "send-proxy" else "v2"
         notes.translated(line.number, line.words, f'{server.name}: send_proxy = "{values["send_proxy"]}"')
+    elif word in ("send-proxy-v2-ssl", "send-proxy-v2-ssl-cn"):
+        values["send_proxy"] = "v2"
+        notes.translated(line.number, line.words, f'{server.name}: send_proxy = "v2": Warren adds the SSL TLV '
+                         "(TLS version, cipher, the client certificate's CN when verified) whenever the client came "
+                         "over TLS")
     elif word == "port" and value is not None and value.isdigit():
         key = "http_port" if section.last("option", "httpchk") is not None else "check_port"
         values[key] = int(value)
@@ -172,12 +180,61 @@ def _server_option(ctx: HaproxyContext, server: _Server, line: Line, word: str, 
                            "state maint` after start")
     elif word in HEALTH_OPTIONS and value is not None:
         _health_option(ctx, server, line, word, value)
-    elif word in _TLS:
-        notes.ignored(line.number, line.words, f"{server.name}: {shown}: {TLS_MISSING}")
+    elif word in SERVER_WORDS:
+        server.tls_options.append((line, word, value))
     elif word in _IGNORED:
         notes.ignored(line.number, line.words, f"{server.name}: {shown}: {_IGNORED[word]}")
     else:
         notes.ignored(line.number, line.words, f"{server.name}: {shown}: server option not supported by Warren")
+
+
+def _check_tls(ctx: HaproxyContext, server: _Server, checks: list, http: bool) -> None:
+    """``check-ssl``, ``no-check-ssl``, ``check-sni``: Warren checks a server the way its clients reach it."""
+    tls = server.tls
+    for line, word, value in checks:
+        shown = f"{word} {value}" if value is not None else word
+        if word == "check-ssl" and tls is not None:
+            ctx.notes.translated(line.number, line.words, f"{server.name}: checks use the server's TLS settings")
+        elif word == "check-ssl" and http:
+            server.check_ssl = True
+            ctx.notes.translated(line.number, line.words, f"{server.name}: the management API is checked over "
+                                 "HTTPS (health.http.tls = true, against the system's trust store)")
+        elif word == "check-ssl":
+            ctx.notes.approximated(line.number, line.words, f"{server.name}: {shown}: Warren checks a server "
+                                   "reached in clear in clear, the way its clients reach it")
+        elif word == "no-check-ssl" and tls is not None:
+            ctx.notes.approximated(line.number, line.words, f"{server.name}: {shown}: Warren checks a TLS server "
+                                   "over TLS, the way its clients reach it")
+        elif word == "no-check-ssl":
+            ctx.notes.translated(line.number, line.words, f"{server.name}: checked in clear")
+        elif word == "check-sni" and tls is not None and value == tls.get("sni"):
+            ctx.notes.translated(line.number, line.words, f"{server.name}: checks send tls.sni too")
+        else:
+            ctx.notes.approximated(line.number, line.words, f"{server.name}: {shown}: checks send the name "
+                                   "the traffic uses (the server's tls.sni, else its address)")
+
+
+def _place_tls(table: Table, servers: list[_Server]) -> None:
+    """What the TLS servers share goes to ``[backends.<name>.tls]``, the rest to each server's ``tls``.
+
+    Servers reached in clear then get ``tls = false``. When the TLS servers
+    share nothing, each gets its whole table and the backend none.
+    """
+    settings = [server.tls for server in servers if server.tls is not None]
+    if not settings:
+        return
+    common = {key: value for key, value in settings[0].items() if all(tls.get(key, object()) == value
+                                                                      for tls in settings[1:])}
+    if common:
+        table.values["tls"] = common
+    for server in servers:
+        if server.tls is None:
+            if common:
+                server.values["tls"] = False
+        elif own := {key: value for key, value in server.tls.items() if key not in common}:
+            server.values["tls"] = own
+        elif not common:
+            server.values["tls"] = {"enabled": True}
 
 
 def _health_option(ctx: HaproxyContext, server: _Server, line: Line, word: str, value: str) -> None:
@@ -210,6 +267,8 @@ def _health(ctx: HaproxyContext, section: Section, servers: list[_Server], backe
     if not checked:
         return health
     health["kinds"] = _check_kinds(ctx, section, health)
+    if health["kinds"] == ["http"] and any(server.check_ssl for server in checked):
+        health.setdefault("http", {})["tls"] = True
     for key in [key for key, _ in HEALTH_OPTIONS.values() if any(key in server.health for server in checked)]:
         chosen = Counter(repr(server.health[key][0]) for server in checked if key in server.health)
         common = chosen.most_common(1)[0][0]

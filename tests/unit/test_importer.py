@@ -70,7 +70,7 @@ def test_the_realistic_import_is_a_valid_configuration_with_its_sources_named():
     result = production()
     assert result.problems == ()
     config = parse_config(result.toml, "warren.toml")
-    assert [f.name for f in config.frontends] == ["amqp", "management"]
+    assert [f.name for f in config.frontends] == ["amqp", "amqp-tls", "management"]
     assert {b.name for b in config.backends} == {"rabbitmq", "management"}
     for source in ("production-haproxy.cfg:43: frontend amqp", "production-haproxy.cfg:52: backend rabbitmq",
                    "production-haproxy.cfg:60: server rmq1", "production-keepalived.conf:23: vrrp_instance VI_AMQP"):
@@ -96,7 +96,7 @@ def test_backend_settings_servers_and_health_are_translated():
     }
     servers = {s["name"]: s for s in backend["servers"]}
     assert servers["rmq1"] == {"name": "rmq1", "address": "10.0.1.11", "port": 5672, "weight": 100,
-                               "maxconn": 4000, "send_proxy": "v2"}
+                               "maxconn": 4000, "send_proxy": "v2", "tls": False}  # the backend has [tls]
     assert servers["rmq3"]["address"] == "rabbit3.internal"
     assert servers["rmq-dr"]["backup"] is True and servers["rmq-dr"]["send_proxy"] == "v1"
     assert servers["rmq-old"]["weight"] == 0  # disabled: no new connections
@@ -137,10 +137,7 @@ def test_what_warren_cannot_do_is_reported_with_the_reason():
     assert statuses_at(result, cfg, 10) == {Status.IGNORED}  # daemon
     assert "one process" in entries_at(result, cfg, 11)[0].note  # nbproc
     assert "systemd" in entries_at(result, cfg, 5)[0].note  # chroot
-    tls = entries_at(result, cfg, 45)  # the ssl bind: left out, not bound in clear text
-    assert any("TLS" in e.note and e.status is Status.IGNORED for e in tls)
-    assert "10.0.0.100:5671" not in result.toml
-    assert any("TLS" in e.note for e in entries_at(result, cfg, 65))  # server ... ssl verify ca-file
+    assert statuses_at(result, cfg, 20) == {Status.IGNORED}  # tune.ssl.default-dh-param
     assert statuses_at(result, cfg, 64) >= {Status.APPROXIMATED}  # disabled
     assert statuses_at(result, "production-keepalived.conf", 44) == {Status.IGNORED}  # chk_disk, not HAProxy
     assert statuses_at(result, "production-keepalived.conf", 48) == {Status.IGNORED}  # track_interface eth1
