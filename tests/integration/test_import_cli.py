@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import ssl
 import stat
 import subprocess
 from pathlib import Path
 
+import pika
 import pytest
 import trio
 
@@ -95,22 +98,103 @@ def namespace():
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
+def with_test_certificates(pki, tmp_path: Path) -> Path:
+    """The realistic haproxy.cfg with its certificate and CA paths pointing at the test PKI's files."""
+    text = (DATA / "production-haproxy.cfg").read_text()
+    assert "/etc/haproxy/certs/amqp.pem" in text and "/etc/haproxy/ca.pem" in text
+    text = text.replace("/etc/haproxy/certs/amqp.pem", pki.server.pem).replace("/etc/haproxy/ca.pem", pki.ca.cert_path)
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(text)
+    return path
+
+
 @needs_netns
 @pytest.mark.netns
-async def test_the_imported_realistic_configuration_checks_and_runs(tmp_path, namespace):
+async def test_the_imported_realistic_configuration_checks_and_runs(tmp_path, namespace, pki):
     out = tmp_path / "warren.toml"
-    done = run_cli("import", str(DATA / "production-haproxy.cfg"), "--keepalived",
+    done = run_cli("import", str(with_test_certificates(pki, tmp_path)), "--keepalived",
                    str(DATA / "production-keepalived.conf"), "-o", str(out), "--runtime-dir", str(tmp_path))
-    assert done.returncode == 2, done.stderr  # TLS, tcp-check rules... are approximated or reported
+    assert done.returncode == 2, done.stderr  # tcp-check rules, the server name check... are approximated or reported
     check = run_cli("check", str(out))
-    assert check.returncode == 0, check.stderr
+    assert check.returncode == 0, check.stderr  # the TLS files load, the key matches its certificate
     with trio.fail_after(60):
         async with WarrenProcess(out) as warren:
             warren.prefix = ["ip", "netns", "exec", namespace]
             async with trio.open_nursery() as nursery:
                 started = await warren.start(nursery)
-                assert set(started["listeners"]) == {"amqp", "management"}
+                assert set(started["listeners"]) == {"amqp", "amqp-tls", "management"}
                 await warren.wait_for("vip.started", instance="VI_AMQP")
                 assert (tmp_path / "warren.sock").exists()  # the control socket in the runtime directory
+                assert await warren.stop() == 0
+                nursery.cancel_scope.cancel()
+
+
+# -- AMQPS, end to end: terminated, client certificates verified, re-encrypted to a TLS-only broker ------------
+
+TLS_HAPROXY = """
+global
+    ca-base {ca_dir}
+    crt-base {crt_dir}
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    ssl-default-server-options ssl-min-ver TLSv1.2
+    log /dev/log local0
+
+defaults
+    mode tcp
+    option tcplog
+    timeout connect 5s
+    timeout client-hs 5s
+
+frontend amqps
+    bind 127.0.0.1:{front_port} ssl crt {server_pem} verify required ca-file {ca_name}
+    default_backend rabbitmq
+
+backend rabbitmq
+    option tcp-check
+    tcp-check connect
+    tcp-check send-binary 414d515000000901
+    tcp-check expect binary 4164
+    default-server check inter 500ms rise 1 fall 2 ssl verify required ca-file {ca_name} crt {client_name}
+    server rmq 127.0.0.1:{broker_port} sni str(localhost)
+"""
+
+
+def _free_port() -> int:
+    """A loopback port nobody listens on now (HAProxy's bind has no port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.rabbit
+async def test_an_imported_amqps_frontend_serves_a_real_client_through_to_a_tls_only_broker(
+        tmp_path, pki, rabbit_node_factory):
+    from proxy.devcluster import NodeTls
+    from tests.amqputil import round_trip
+
+    node = rabbit_node_factory(tls=NodeTls(pki.ca.cert_path, pki.server.cert, pki.server.key, verify_peer=True))
+    ca, client = Path(pki.ca.cert_path), Path(pki.client.pem)
+    haproxy = tmp_path / "haproxy.cfg"  # relative names under ca-base / crt-base, as on real hosts
+    haproxy.write_text(TLS_HAPROXY.format(ca_dir=ca.parent, crt_dir=client.parent, ca_name=ca.name,
+                                          client_name=client.name, server_pem=pki.server.pem,
+                                          broker_port=node.spec.amqp_port, front_port=_free_port()))
+    out = tmp_path / "warren.toml"
+    done = run_cli("import", str(haproxy), "-o", str(out), "--runtime-dir", str(tmp_path))
+    assert done.returncode == 2, done.stderr  # the AMQP check replacing tcp-check and the JSON log: approximated
+    assert "suspicious" not in done.stderr.split("warren import:")[0]
+    check = run_cli("check", str(out))
+    assert check.returncode == 0, check.stderr
+    context = ssl.create_default_context(cafile=pki.ca.cert_path)
+    context.load_cert_chain(pki.client.pem)
+    with trio.fail_after(90):
+        async with WarrenProcess(out) as warren:
+            async with trio.open_nursery() as nursery:
+                await warren.start(nursery)
+                await warren.wait_for("server.up", server="rmq", timeout=45)  # checked over AMQPS, mutual TLS
+                body = await trio.to_thread.run_sync(round_trip, warren.front("amqps"), b"over AMQPS", None, context)
+                assert body == b"over AMQPS"
+                without = ssl.create_default_context(cafile=pki.ca.cert_path)  # no client certificate
+                with pytest.raises(pika.exceptions.AMQPConnectionError):
+                    await trio.to_thread.run_sync(round_trip, warren.front("amqps"), b"refused", None, without)
                 assert await warren.stop() == 0
                 nursery.cancel_scope.cancel()
