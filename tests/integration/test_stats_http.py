@@ -127,10 +127,13 @@ class Running:
 
 
 async def start_with_stats(nursery, names=("a", "b", "c"), *, limits=Limits(), users=(CREDENTIALS,),
-                           backend_kw=None, login_failures=None, brokers_nursery=None, **stats_kw) -> Running:
+                           backend_kw=None, frontend_kw=None, login_failures=None, brokers_nursery=None,
+                           **stats_kw) -> Running:
     """Fake brokers (in `brokers_nursery`, default `nursery`), Warren and its stats page (in `nursery`)."""
     ports = {name: await (brokers_nursery or nursery).start(serve_named, name) for name in names}
     config = make_config([server(n, p) for n, p in ports.items()], **(backend_kw or {}))
+    if frontend_kw:
+        config = replace(config, frontends=(replace(config.frontends[0], **frontend_kw),))
     stats = Stats(binds=(BindAddress("127.0.0.1", 0),), users=tuple(users), **{"admin": True, **stats_kw})
     config = replace(config, stats=stats)
     app = App(config, handle_signals=False)
