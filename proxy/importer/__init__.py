@@ -8,7 +8,7 @@ is the thin shell behind the command line.
 
 Layers: :mod:`.haproxy` and :mod:`.keepalived` parse into models;
 :mod:`.from_haproxy` (with :mod:`.haproxy_proxies`, :mod:`.haproxy_servers`,
-:mod:`.traps`) and :mod:`.from_keepalived` translate them into a
+:mod:`.haproxy_tls`, :mod:`.traps`) and :mod:`.from_keepalived` translate them into a
 :class:`~.draft.Draft` and :class:`~.report.Entry` items; :mod:`.draft`
 renders the TOML with tomlkit.
 """

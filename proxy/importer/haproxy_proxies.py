@@ -10,13 +10,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .context import AMQP_PORTS, FrontendFacts, HaproxyContext, bind_text, duration_text, integer_value, \
-    name_note, time_value, warren_name
+from .context import (
+    AMQP_PORTS,
+    FrontendFacts,
+    HaproxyContext,
+    bind_text,
+    duration_text,
+    integer_value,
+    name_note,
+    time_value,
+    warren_name,
+)
 from .haproxy import Line, Section
 from .haproxy_servers import translate_servers
-from .haproxy_tls import BIND_WORDS, bind_tls
+from .haproxy_tls import BIND_WORDS, bind_tls, options
 from .haproxy_tls import VALUED as TLS_VALUED
-from .traps import check_idle_timeouts, check_frontend_maxconn
+from .traps import check_frontend_maxconn, check_idle_timeouts
 
 BALANCES = {"roundrobin": "roundrobin", "leastconn": "leastconn", "first": "first", "source": "source"}
 _UNSUPPORTED_BIND_PREFIXES = ("unix@", "abns@", "fd@", "sockpair@", "/", "quic4@", "quic6@", "udp@")
@@ -146,17 +155,17 @@ def translate_binds(ctx: HaproxyContext, section: Section, name: str, stats: boo
     """
     lines = section.find("bind")
     plaintext = any("ssl" not in line.args[1:] for line in lines)
-    tls_options: list[tuple[str, ...]] = []  # distinct option lists of the TLS binds, in order
+    tls_words: list[tuple[str, ...]] = []  # distinct option lists of the TLS binds, in order
     groups: dict[str, BindGroup] = {}
     handshake = _handshake_timeout(ctx, section) if not stats else None
     for line in lines:
-        options = list(line.args[1:])
-        if "ssl" in options:
-            if tuple(options) not in tls_options:
-                tls_options.append(tuple(options))
-            listener = listener_name(name, tls_options.index(tuple(options)) + plaintext)
+        words = list(line.args[1:])
+        if "ssl" in words:
+            if tuple(words) not in tls_words:
+                tls_words.append(tuple(words))
+            listener = listener_name(name, tls_words.index(tuple(words)) + plaintext)
             key = "stats.tls" if stats else f"frontends.{listener}.tls"
-            tls = bind_tls(ctx.tls, ctx.notes, line, _tls_options(line, options), key, handshake)
+            tls = bind_tls(ctx.tls, ctx.notes, line, _tls_options(line, words), key, handshake)
             if tls is None:
                 continue
         else:
@@ -187,16 +196,9 @@ def _handshake_timeout(ctx: HaproxyContext, section: Section) -> tuple[float, Li
     return value, line
 
 
-def _tls_options(line: Line, options: list[str]) -> list:
+def _tls_options(line: Line, words: list[str]) -> list:
     """The TLS options of a bind line, with their values."""
-    result = []
-    rest = list(options)
-    while rest:
-        word = rest.pop(0)
-        value = rest.pop(0) if word in _BIND_VALUED and rest else None
-        if word in BIND_WORDS:
-            result.append((line, word, value))
-    return result
+    return [option for option in options(line, words, _BIND_VALUED) if option[1] in BIND_WORDS]
 
 
 def _bind_addresses(ctx: HaproxyContext, line: Line) -> Iterator[tuple[str, int]]:
@@ -228,10 +230,7 @@ def _bind_addresses(ctx: HaproxyContext, line: Line) -> Iterator[tuple[str, int]
 
 
 def _bind_options(ctx: HaproxyContext, line: Line, frontend: str, tls: bool) -> None:
-    words = list(line.args[1:])
-    while words:
-        word = words.pop(0)
-        value = words.pop(0) if word in _BIND_VALUED and words else None
+    for _, word, value in options(line, line.args[1:], _BIND_VALUED):
         shown = f"{word} {value}" if value is not None else word
         if word in BIND_WORDS:
             if not tls:

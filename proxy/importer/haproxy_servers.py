@@ -12,10 +12,17 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .context import HaproxyContext, duration_text, is_ip, name_note, seconds, warren_name
+from .context import (
+    HaproxyContext,
+    duration_text,
+    is_ip,
+    name_note,
+    seconds,
+    warren_name,
+)
 from .draft import Item, Table
 from .haproxy import Line, Section
-from .haproxy_tls import SERVER_WORDS, server_tls
+from .haproxy_tls import SERVER_WORDS, options, server_tls
 from .haproxy_tls import VALUED as TLS_VALUED
 from .traps import check_interval_unit
 
@@ -95,13 +102,7 @@ def _default_server_words(section: Section) -> list[tuple[Line, str, str | None]
 
 
 def _options(line: Line, words: tuple[str, ...]) -> list[tuple[Line, str, str | None]]:
-    result: list[tuple[Line, str, str | None]] = []
-    rest = list(words)
-    while rest:
-        word = rest.pop(0)
-        value = rest.pop(0) if word in _VALUED and rest else None
-        result.append((line, word, value))
-    return result
+    return options(line, words, _VALUED)
 
 
 def _server(ctx: HaproxyContext, line: Line, defaults: list, section: Section) -> _Server | None:

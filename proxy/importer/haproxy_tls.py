@@ -104,13 +104,13 @@ def _under(base: str, path: str) -> str:
     return f"{base.rstrip('/')}/{path}" if base and not path.startswith("/") else path
 
 
-def options(line: Line, words: tuple[str, ...] | list[str]) -> list[Option]:
-    """``words`` as (line, option, value) triples, valued options taking the next word."""
+def options(line: Line, words: tuple[str, ...] | list[str], valued: frozenset[str] = VALUED) -> list[Option]:
+    """``words`` as (line, option, value) triples, the ``valued`` options taking the next word."""
     result: list[Option] = []
     rest = list(words)
     while rest:
         word = rest.pop(0)
-        value = rest.pop(0) if word in VALUED and rest else None
+        value = rest.pop(0) if word in valued and rest else None
         result.append((line, word, value))
     return result
 
