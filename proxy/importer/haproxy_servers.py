@@ -201,8 +201,8 @@ def _check_tls(ctx: HaproxyContext, server: _Server, checks: list, http: bool) -
             ctx.notes.translated(line.number, line.words, f"{server.name}: the management API is checked over "
                                  "HTTPS (health.http.tls = true, against the system's trust store)")
         elif word == "check-ssl":
-            ctx.notes.approximated(line.number, line.words, f"{server.name}: {shown}: Warren checks a server "
-                                   "reached in clear in clear, the way its clients reach it")
+            ctx.notes.approximated(line.number, line.words, f"{server.name}: {shown}: Warren checks a plaintext "
+                                   "server in clear, the way its clients reach it")
         elif word == "no-check-ssl" and tls is not None:
             ctx.notes.approximated(line.number, line.words, f"{server.name}: {shown}: Warren checks a TLS server "
                                    "over TLS, the way its clients reach it")
