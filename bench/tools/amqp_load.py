@@ -5,7 +5,9 @@ Usage: python -m bench.tools.amqp_load HOST PORT [--hold N] [--churn RATE]
 --hold N: N connections, each with channel 1 open (the minimal handshake of
 bench.amqpwire: heartbeats off, little CPU), held idle. A connection that
 ends (its broker was killed, the proxy closed it) is opened again at once,
-then every RETRY_DELAY (with jitter) until it succeeds.
+then, like a real client library, after a delay that doubles from
+RETRY_DELAY to MAX_RETRY_DELAY (full jitter) until it succeeds: thousands
+of clients retrying every 0.2 s would keep an overloaded broker down.
 
 --churn RATE: RATE new connections a second, started on a fixed schedule
 whatever the others do (at most MAX_IN_FLIGHT at once; a start that finds
@@ -35,6 +37,7 @@ from bench.amqpwire import (
 )
 
 RETRY_DELAY = 0.2
+MAX_RETRY_DELAY = 5.0
 TIMEOUT = 10.0
 MAX_IN_FLIGHT = 500
 FAILURES = (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError, EOFError)
@@ -86,17 +89,20 @@ class Load:
     # -- held connections ---------------------------------------------------------------
     async def hold_one(self, gate: asyncio.Semaphore) -> None:
         first = True
+        delay = RETRY_DELAY
         while not self.stopping:
             try:
                 async with gate if first else contextlib.nullcontext():
                     reader, writer = await asyncio.wait_for(open_amqp(self.args.host, self.args.port), TIMEOUT)
             except FAILURES as error:
                 self._failed(error)
-                await asyncio.sleep(RETRY_DELAY * (0.5 + random.random()))
+                await asyncio.sleep(delay * random.random())
+                delay = min(MAX_RETRY_DELAY, delay * 2)
                 continue
             if not first:
                 self.reconnects += 1
             first = False
+            delay = RETRY_DELAY
             self.held += 1
             self.writers.add(writer)
             self.changed.set()
