@@ -5,7 +5,8 @@ operator would have, turned into Warren's TOML by `warren import`, and run
 `warren run` as an unprivileged user with only ambient CAP_NET_ADMIN +
 CAP_NET_RAW. Three real RabbitMQ nodes, clustered, listen on the root
 namespace's end of a veth to the hosts' LAN. A client namespace runs
-publishers with confirms on a quorum queue through the VIP. Then: SIGKILL the
+publishers with confirms on a quorum queue through the VIP (the canary,
+lab/canary.py). Then: SIGKILL the
 master Warren, then stop a broker. Every publisher reconnects through the VIP
 and keeps confirming, and every confirmed message is in the queue at the end.
 """
@@ -21,9 +22,10 @@ import sys
 import pytest
 import trio
 
-from lab import NetLab, start_nodes, wait_until
+from lab import NetLab, start_nodes
 from proxy.devcluster import RabbitCluster, unavailable_reason
-from tests.viplab import REPO, Agent, VipLab, unprivileged_user
+from tests.canary import Canary
+from tests.viplab import REPO, VipLab, unprivileged_user
 
 pytestmark = [
     pytest.mark.netns,
@@ -89,101 +91,6 @@ vrrp_instance amqp {{
 }}
 """
 
-CLIENT = r"""
-import json, sys, threading, time
-import pika
-
-VIP, QUEUE, COUNT = sys.argv[1], sys.argv[2], int(sys.argv[3])
-stop = threading.Event()
-lock = threading.Lock()
-confirmed = {i: [] for i in range(COUNT)}
-connections = {i: 0 for i in range(COUNT)}
-errors = {i: "" for i in range(COUNT)}
-
-def parameters():
-    return pika.ConnectionParameters(host=VIP, port=5672, heartbeat=10, connection_attempts=1, socket_timeout=2,
-                                     stack_timeout=5, blocked_connection_timeout=10)
-
-def publisher(index):
-    sequence = 0
-    while not stop.is_set():
-        connection = None
-        try:
-            connection = pika.BlockingConnection(parameters())
-            channel = connection.channel()
-            channel.confirm_delivery()
-            channel.queue_declare(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-            with lock:
-                connections[index] += 1
-            while not stop.is_set():
-                body = f"{index}-{sequence}"
-                sequence += 1
-                try:
-                    channel.basic_publish("", QUEUE, body.encode(), pika.BasicProperties(delivery_mode=2))
-                except (pika.exceptions.NackError, pika.exceptions.UnroutableError) as error:
-                    errors[index] = repr(error)
-                    time.sleep(0.1)
-                    continue
-                with lock:
-                    confirmed[index].append(body)  # the broker confirmed it: it must not be lost
-                time.sleep(0.01)
-        except Exception as error:
-            errors[index] = repr(error)
-            time.sleep(0.1)
-        finally:
-            if connection is not None and connection.is_open:
-                try:
-                    connection.close()
-                except Exception:
-                    pass
-
-def drain():
-    connection = pika.BlockingConnection(parameters())
-    channel = connection.channel()
-    bodies = []
-    while True:
-        _, _, body = channel.basic_get(QUEUE, auto_ack=True)
-        if body is None:
-            break
-        bodies.append(body.decode())
-    channel.queue_delete(QUEUE)
-    connection.close()
-    return bodies
-
-threads = [threading.Thread(target=publisher, args=(i,), daemon=True) for i in range(COUNT)]
-print("ready", flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    if request["op"] == "start":
-        for thread in threads:
-            thread.start()
-        reply = {}
-    elif request["op"] == "status":
-        with lock:
-            reply = {"confirmed": {i: len(c) for i, c in confirmed.items()}, "connections": connections,
-                     "errors": errors}
-    elif request["op"] == "stop":
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-        with lock:
-            reply = {"confirmed": [b for c in confirmed.values() for b in c]}
-    else:
-        reply = {"bodies": drain()}
-    print(json.dumps(reply), flush=True)
-"""
-
-
-async def progress_past(client: Agent, marks: dict[str, int], what: str, timeout: float = 60) -> dict:
-    """Waits until every publisher confirmed more than at ``marks``; returns the status then."""
-
-    async def progressed() -> dict | None:
-        status = await client.call(op="status")
-        return status if all(status["confirmed"][i] > marks.get(i, 0) + 5 for i in status["confirmed"]) else None
-
-    return await wait_until(progressed, timeout=timeout, interval=0.2, what=f"publishers progressing {what}")
-
-
 def brokers(ip: str) -> RabbitCluster:
     """Three clustered nodes listening on loopback and on ``ip`` (the LAN's view of the root namespace)."""
     return start_nodes(3, cluster=True, tag="rh", also_listen=ip)
@@ -235,28 +142,23 @@ async def rehearse(lab: VipLab, user, cluster: RabbitCluster, broker_ip: str) ->
             for warren in (w1, w2):
                 for index in range(1, 4):
                     await warren.wait_for("server.up", server=f"rmq{index}", timeout=30)
-            client = Agent(await lab.open_process(lab.lan.ns, [sys.executable, "-c", CLIENT, vip,
-                                                               f"rehearsal-{lab.net.tag}", str(PUBLISHERS)],
-                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-            await client.ready()
-            await client.call(op="start")
-            before = await progress_past(client, {}, "after the start")
+            canary = await Canary.start(lab.net, lab.lan.ns, f"amqp://guest:guest@{vip}:5672/",
+                                        f"rehearsal-{lab.net.tag}", publishers=PUBLISHERS)
+            before = await canary.progress_past(None, "after the start")
 
             w1.process.kill()  # the master Warren dies without a word
             await w2.wait_for("vip.master", instance="amqp", timeout=15)
-            after_kill = await progress_past(client, before["confirmed"], "after the master was killed")
-            assert all(after_kill["connections"][i] >= 2 for i in after_kill["connections"]), after_kill
+            after_kill = await canary.progress_past(before, "after the master was killed")
+            assert all(p["connections"] >= 2 for p in after_kill["publishers"]), after_kill
 
             await trio.to_thread.run_sync(cluster.nodes[0].stop)  # a broker leaves (CONNECTION_FORCED)
             await w2.wait_for("server.down", server="rmq1", timeout=30)
-            after_stop = await progress_past(client, after_kill["confirmed"], "after a broker stopped")
+            after_stop = await canary.progress_past(after_kill, "after a broker stopped")
             # leastconn spread the three reconnections over the three brokers: rmq1's publisher reconnected.
-            assert sum(after_stop["connections"].values()) > sum(after_kill["connections"].values()), after_stop
+            assert after_stop["connections"] > after_kill["connections"], after_stop
 
-            confirmed = (await client.call(op="stop"))["confirmed"]
-            bodies = set((await client.call(op="drain"))["bodies"])
-            lost = [body for body in confirmed if body not in bodies]
-            assert confirmed and lost == [], f"{len(lost)} confirmed messages lost, e.g. {lost[:5]}"
-            print(f"\nrehearsal: {len(confirmed)} confirmed messages, none lost; "
-                  f"connections per publisher {after_stop['connections']}")
+            report = await canary.stop()
+            assert report["confirmed"] and report["lost"] == 0, report
+            print(f"\nrehearsal: {report['confirmed']} confirmed messages, none lost; "
+                  f"{report['connections']} connections by {PUBLISHERS} publishers")
             nursery.cancel_scope.cancel()
