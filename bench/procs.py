@@ -271,10 +271,12 @@ def read_event(process: Managed, want: str | tuple[str, ...], timeout: float) ->
             return event
 
 
-def send_line(process: Managed, message: dict) -> None:
-    """Writes one JSON line to a pipe_stdio process's stdin."""
+def send_line(process: Managed, message: dict | str) -> None:
+    """Writes one line to a pipe_stdio process's stdin: ``message`` as JSON,
+    or a plain command word as it is (tools that read "status", "stop")."""
+    line = message if isinstance(message, str) else json.dumps(message)
     try:
-        process.popen.stdin.write(json.dumps(message).encode() + b"\n")
+        process.popen.stdin.write(line.encode() + b"\n")
         process.popen.stdin.flush()
     except BrokenPipeError as error:
         raise ProcessFailed(f"{process.name} exited ({process.popen.poll()})\n{process.log_tail()}") from error

@@ -49,7 +49,7 @@ from lab import start_nodes
 from proxy.devcluster import RabbitNode
 
 from .lab import BROKER_CONF
-from .procs import Managed, ProcessFailed, free_ports, raise_nofile_limit, read_event, rss_kb, spawn, wait_listening
+from .procs import Managed, free_ports, raise_nofile_limit, read_event, rss_kb, send_line, spawn, wait_listening
 from .report import load_average, machine
 from .suites.detection import show_stat
 
@@ -215,7 +215,7 @@ class Soak:
         first = next((r for r in stat if r["pxname"] == "rabbit" and r["svname"] == self.nodes[0].spec.name), {})
         held = 0
         for holder in self.holders:
-            send_line_raw(holder, "status")
+            send_line(holder, "status")
             held += read_event(holder, "status", 30)["held"]
         sample = {"t": round(elapsed, 1), "rss_kb": rss_kb(pid), "fds": open_fds(pid),
                   "sessions": int(frontend.get("scur") or 0), "held": held,
@@ -251,16 +251,16 @@ class Soak:
 
     def finish(self, elapsed: float) -> dict:
         alive = self.warren.alive()
-        send_line_raw(self.churner, "status")
+        send_line(self.churner, "status")
         churn = read_event(self.churner, "status", 30)
         holders = []
         for holder in self.holders:
-            send_line_raw(holder, "status")
+            send_line(holder, "status")
             holders.append(read_event(holder, "status", 30))
-        send_line_raw(self.canary, "stop")
+        send_line(self.canary, "stop")
         canary = read_event(self.canary, "done", 300)
         for process in (self.churner, *self.holders):
-            send_line_raw(process, "stop")
+            send_line(process, "stop")
         for thread in self.restarts:
             thread.join(240)
         exit_status = self.warren.stop(timeout=60) if alive else self.warren.popen.returncode
@@ -304,15 +304,6 @@ class Soak:
             process.stop(timeout=10)
         for thread in self.restarts:
             thread.join(240)
-
-
-def send_line_raw(process: Managed, line: str) -> None:
-    """One command line to a JSON-lines tool (they read plain words, not JSON)."""
-    try:
-        process.popen.stdin.write(line.encode() + b"\n")
-        process.popen.stdin.flush()
-    except BrokenPipeError as error:
-        raise ProcessFailed(f"{process.name} exited ({process.popen.poll()})\n{process.log_tail()}") from error
 
 
 NOTABLE_EVENTS = ("server.down", "backend.no_server", "config.reload_failed")  # logged at warning or above
