@@ -145,6 +145,7 @@ class Soak:
         self.weight = 100
         self.restarts: list[threading.Thread] = []
         self.restart_errors: list[str] = []
+        self.stat_failures = 0
 
     # -- parts ---------------------------------------------------------------------------
     def start_warren(self) -> None:
@@ -210,16 +211,25 @@ class Soak:
     # -- measuring -------------------------------------------------------------------------
     def sample(self, elapsed: float) -> dict:
         pid = self.warren.pid
-        stat = stat_rows(show_stat(self.control, timeout=10))
-        frontend = next((r for r in stat if r["pxname"] == "amqp" and r["svname"] == "FRONTEND"), {})
-        first = next((r for r in stat if r["pxname"] == "rabbit" and r["svname"] == self.nodes[0].spec.name), {})
+        asked = time.monotonic()
+        try:
+            stat = stat_rows(show_stat(self.control, timeout=STAT_TIMEOUT))
+        except OSError as error:  # unanswered: a finding of the soak, not the end of it
+            self.stat_failures += 1
+            self.say(f"{elapsed:6.0f}s  show stat unanswered within {STAT_TIMEOUT:g} s ({error!r})")
+            stat = None
+        stat_seconds = round(time.monotonic() - asked, 3)
+        frontend = next((r for r in stat or () if r["pxname"] == "amqp" and r["svname"] == "FRONTEND"), {})
+        first = next((r for r in stat or () if r["pxname"] == "rabbit" and r["svname"] == self.nodes[0].spec.name),
+                     {})
         held = 0
         for holder in self.holders:
             send_line(holder, "status")
             held += read_event(holder, "status", 30)["held"]
         sample = {"t": round(elapsed, 1), "rss_kb": rss_kb(pid), "fds": open_fds(pid),
-                  "sessions": int(frontend.get("scur") or 0), "held": held,
-                  "weight_first": int(first.get("weight") or 0)}
+                  "sessions": int(frontend["scur"]) if stat else None, "held": held,
+                  "weight_first": int(first["weight"]) if first else None,
+                  "stat_seconds": stat_seconds if stat else None}
         self.samples.append(sample)
         return sample
 
@@ -272,8 +282,10 @@ class Soak:
         rss = slope_per_hour([(s["t"], s["rss_kb"]) for s in steady])
         fds = slope_per_hour([(s["t"], s["fds"]) for s in steady])
         # Descriptors beyond two per session: what a leak would grow, whatever the load does.
-        spare = slope_per_hour([(s["t"], s["fds"] - 2 * s["sessions"]) for s in steady])
-        reloads_seen = sum(1 for a, b in zip(self.samples, self.samples[1:]) if a["weight_first"] != b["weight_first"])
+        answered = [s for s in steady if s["sessions"] is not None]
+        spare = slope_per_hour([(s["t"], s["fds"] - 2 * s["sessions"]) for s in answered])
+        weights = [s["weight_first"] for s in self.samples if s["weight_first"] is not None]
+        reloads_seen = sum(1 for a, b in zip(weights, weights[1:]) if a != b)
         return {
             "settings": asdict(self.s),
             "seconds": round(elapsed, 1),
@@ -283,7 +295,9 @@ class Soak:
             "rss_kb": _spread([s["rss_kb"] for s in steady]),
             "fds": _spread([s["fds"] for s in steady]),
             "held": _spread([s["held"] for s in steady]),
-            "sessions": _spread([s["sessions"] for s in steady]),
+            "sessions": _spread([s["sessions"] for s in answered]),
+            "stat_seconds": _spread([s["stat_seconds"] for s in self.samples if s["stat_seconds"] is not None]),
+            "stat_failures": self.stat_failures,
             "kills": self.kills,
             "kills_skipped": self.kills_skipped,
             "restart_errors": self.restart_errors,
@@ -306,6 +320,7 @@ class Soak:
             thread.join(240)
 
 
+STAT_TIMEOUT = 10.0  # seconds for Warren to answer `show stat` on its control socket
 NOTABLE_EVENTS = ("server.down", "backend.no_server", "config.reload_failed")  # logged at warning or above
 
 
@@ -392,6 +407,8 @@ def markdown(report: dict, command: str, finished: str) -> str:
         f"| connections held by the clients | median {report['held']['median']:,}, min {report['held']['min']:,} "
         f"(reopened after losses: {report['reconnects']:,}) |",
         f"| Warren's sessions | median {report['sessions']['median']:,}, max {report['sessions']['max']:,} |",
+        f"| control socket (`show stat`) | median {report['stat_seconds']['median']:.2f} s, max "
+        f"{report['stat_seconds']['max']:.2f} s; unanswered within {STAT_TIMEOUT:g} s: {report['stat_failures']} |",
         f"| churned connections | {report['churn']['churned']:,} opened and closed, "
         f"{report['churn']['churn_failed']:,} failed, {report['churn']['churn_skipped']:,} skipped |",
         f"| brokers SIGKILLed and restarted | {len(report['kills'])} "
@@ -417,9 +434,13 @@ def markdown(report: dict, command: str, finished: str) -> str:
     lines += ["", "Samples (one a minute):", "", "| t (s) | RSS (MiB) | fds | sessions | held |", "|---|---|---|---|---|"]
     step = max(1, round(60 / s["sample_every"]))
     for sample in report["samples"][::step]:
-        lines.append(f"| {sample['t']:.0f} | {mib(sample['rss_kb'])} | {sample['fds']} | {sample['sessions']} | "
+        lines.append(f"| {sample['t']:.0f} | {mib(sample['rss_kb'])} | {sample['fds']} | {_fmt_count(sample['sessions'])} | "
                      f"{sample['held']} |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt_count(value: int | None) -> str:
+    return "unanswered" if value is None else str(value)
 
 
 def _fmt(value: float | None) -> str:
