@@ -85,6 +85,7 @@ class Canary:
             emit("connected", publisher=publisher.index, connections=publisher.connections)
             if all(p.connections for p in self.publishers):
                 self.all_connected.set()
+            waiting = False  # a message published and neither confirmed nor refused yet
             try:
                 channel = await connection.channel(publisher_confirms=True)
                 await self.declare(channel)
@@ -92,6 +93,7 @@ class Canary:
                     seq += 1
                     message = aio_pika.Message(f"{publisher.index}:{seq}".encode(),
                                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                    waiting = True
                     try:
                         result = await channel.default_exchange.publish(
                             message, routing_key=self.args.queue, timeout=self.args.confirm_timeout)
@@ -103,9 +105,10 @@ class Canary:
                             publisher.last_confirm = time.time()
                         else:  # returned: unroutable
                             publisher.refused += 1
+                    waiting = False
                     await self._pause(self.args.interval)
-            except Exception as error:  # timeout, connection or channel lost: the last message is in doubt
-                publisher.in_doubt += 1
+            except Exception as error:  # timeout, connection or channel lost
+                publisher.in_doubt += waiting  # the broker may or may not have that message
                 publisher.last_error = repr(error)
             finally:
                 publisher.connected = False
