@@ -311,6 +311,9 @@ HOSTILE = [
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\nAuthorization: "
      + basic("other", "pw").encode() + b"\r\n\r\n", 400),
+    # Found by the property tests: a 500 with a traceback before any login, and no answer at all.
+    (b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n", 401),
+    (b"CONNECT stats:8404 HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(*CREDENTIALS).encode() + b"\r\n\r\n", 501),
 ]
 
 

@@ -173,3 +173,21 @@ async def test_body_framed_twice_is_refused_and_the_connection_closed():
 async def test_two_authorization_headers_are_refused():
     raw = await exchange(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic a\r\nAuthorization: Basic b\r\n\r\n")
     assert statuses(raw) == [400]
+
+
+def test_an_absolute_target_with_a_broken_authority_still_has_a_path():
+    # Found by the property tests: urlsplit() raised on "http://[", which
+    # answered 500 with a traceback before any authentication.
+    for target, path, query in (("http://[", "/", ""), ("http://[::1/x?y", "/x", "y"), ("HTTPS://h?q", "/", "q"),
+                                ("http://h/a/b", "/a/b", ""), ("/p?q#frag", "/p", "q")):
+        request = Request("GET", target, (), b"", "t:1")
+        assert (request.path, request.query) == (path, query), target
+
+
+async def test_connect_is_refused_whatever_the_handler_says():
+    # Found by the property tests: after a 200 to CONNECT h11 switches
+    # protocols and refuses the body; the client got nothing, the log an error.
+    with structlog.testing.capture_logs() as logs:
+        raw = await exchange(b"CONNECT 0 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert statuses(raw) == [501]
+    assert not [e for e in logs if e["log_level"] == "error"], logs
