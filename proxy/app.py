@@ -211,6 +211,7 @@ class App:
         await self._serve_listeners(opened, self._services_nursery)
         self.config = config
         logs.configure(config.global_.log_format, config.global_.log_level)
+        logs.config_warnings(config)
         self.sessions.log_connections = _logs_connections(config)
         for service, supervisor in self._supervised:
             supervisor.call(service.reconfigure, config)

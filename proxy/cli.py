@@ -76,6 +76,8 @@ def _check(args: argparse.Namespace) -> int:
     if not _privileged_enough(config):
         print(f"{args.config}: configuration is valid but this process cannot run it", file=sys.stderr)
         return 1
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     needed, limit = privileges.descriptors_needed(config), privileges.raise_descriptor_limit(config)[1]
     if limit < needed:
         print(f"warning: maxconn needs about {needed} file descriptors, the limit is {limit} "
@@ -146,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     if not _privileged_enough(config):
         return 1
     logs.configure(config.global_.log_format, config.global_.log_level)
+    logs.config_warnings(config)
     needed, limit = privileges.raise_descriptor_limit(config)
     if limit < needed:
         structlog.get_logger("warren.app").warning("warren.descriptor_limit_low", needed=needed, limit=limit,

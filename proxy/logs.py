@@ -7,7 +7,7 @@ import sys
 
 import structlog
 
-from .config.model import LogFormat
+from .config.model import Config, LogFormat
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -31,3 +31,10 @@ def configure(log_format: LogFormat = LogFormat.CONSOLE, level: str = "info", st
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def config_warnings(config: Config) -> None:
+    """Logs what is valid in `config` but worth a warning (`config.warning`), at start and on reload."""
+    log = structlog.get_logger("warren.config")
+    for warning in config.warnings:
+        log.warning("config.warning", path=config.path, warning=warning)

@@ -12,6 +12,7 @@ in one pass and reported together, sorted by line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from .locate import key_lines, nearest_line
 from .model import Config
 from .schema import INVALID, Report, format_path
-from .sections import build_config
+from .sections import ADVICE, build_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +34,14 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = self.path if self.line is None else f"{self.path}:{self.line}"
-        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        return f"{self._where()}: {self.key}: {self.message}" if self.key else f"{self._where()}: {self.message}"
+
+    def as_warning(self) -> str:
+        """``<file>:<line>: warning: <key>: <message>``: a valid file's advice."""
+        return f"{self._where()}: warning: {self.key}: {self.message}"
+
+    def _where(self) -> str:
+        return self.path if self.line is None else f"{self.path}:{self.line}"
 
 
 class ConfigError(Exception):
@@ -64,7 +71,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def parse_config(text: str, path: str, *, runnable: bool = False) -> Config:
     """Validate TOML ``text``; ``path`` names the file in messages and in ``Config.path``.
 
-    Raises ConfigError listing every problem. ``runnable`` (what
+    Raises ConfigError listing every problem; what is valid but worth a
+    warning is in ``Config.warnings``. ``runnable`` (what
     :func:`load_config` asks for every file Warren runs, checks or reloads)
     also refuses a configuration without any frontend: an empty or
     half-written file must never close every front port.
@@ -78,6 +86,11 @@ def parse_config(text: str, path: str, *, runnable: bool = False) -> Config:
     config = build_config(document, path, report, runnable=runnable)
     if config is INVALID:
         raise ConfigError(_problems(report, text, path))
+    advice = Report()
+    for advise in ADVICE:
+        advise(document, advice)
+    if advice.issues:
+        config = dataclasses.replace(config, warnings=tuple(p.as_warning() for p in _problems(advice, text, path)))
     return config
 
 

@@ -320,7 +320,8 @@ class Stats:
     uri: str = "/"
     realm: str = "Warren statistics"
     refresh: float | None = 10.0  # None: no auto-refresh
-    admin: bool = False
+    admin: bool = False  # admin actions on the page at all (true by default when `admins` is set)
+    admins: tuple[str, ...] | None = None  # who may act; None: every user (when admin); others read only
     hide_version: bool = False
     metrics_auth: bool = True  # False: /metrics without credentials
     label_limit: int = 20  # vhosts / users named in /metrics; the rest are "other"
@@ -418,6 +419,9 @@ class Config:
     backends: tuple[Backend, ...] = field(default=())
     stats: Stats | None = None
     vip: tuple[Vip, ...] = ()
+    # Valid but worth saying at start-up and in `warren check` (a clear-text password...):
+    # "<file>:<line>: warning: <key>: <message>" lines.
+    warnings: tuple[str, ...] = ()
 
     def backend(self, name: str) -> Backend:
         for backend in self.backends:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .addresses import check_server_address, parse_bind, parse_nameserver
+from ..passwords import is_hashed, parse_hash
 from .durations import format_duration, parse_duration
 from .model import (
     AUTO,
@@ -143,6 +144,22 @@ def basic_auth_user(user: str) -> None:
     # RFC 7617 section 2: the user-id cannot contain a colon.
     if not user or ":" in user or not user.isprintable():
         raise Invalid(f'invalid user name "{user}": expected printable characters without ":"')
+
+
+def stats_password(text: str) -> str:
+    """Clear text, or a ``scrypt$...`` hash that must parse (a malformed one would never match)."""
+    if is_hashed(text):
+        try:
+            parse_hash(text)
+        except ValueError as error:
+            raise Invalid(f"malformed password hash: {error} (make one with `warren hash-password`)") from None
+    return text
+
+
+def build_stats(**values: Any) -> Stats:
+    """`admins` listed without `admin`: admin actions are on (for those users)."""
+    values.setdefault("admin", "admins" in values)
+    return Stats(**values)
 
 
 def realm(text: str) -> str:
@@ -551,11 +568,12 @@ BACKEND = {
 
 STATS = {
     "bind": Field(BINDS, required=True, attr="binds"),
-    "users": Field(mapping(string(), check_key=basic_auth_user), required=True),
+    "users": Field(mapping(string(stats_password), check_key=basic_auth_user), required=True),
     "uri": Field(string(uri_path)),
     "realm": Field(string(realm)),
     "refresh": Field(duration(optional=True)),
     "admin": Field(boolean()),
+    "admins": Field(array(string(), unique=True)),
     "hide_version": Field(boolean()),
     "metrics_auth": Field(boolean()),
     "label_limit": Field(integer(1, 1000)),
@@ -612,7 +630,7 @@ DOCUMENT = {
     "resolvers": Field(table(RESOLVERS, Resolvers)),
     "frontends": Field(named_tables(FRONTEND, build_frontend, check_name=check_name)),
     "backends": Field(named_tables(BACKEND, build_backend, check_name=check_name)),
-    "stats": Field(table(STATS, Stats)),
+    "stats": Field(table(STATS, build_stats)),
     "vip": Field(named_tables(VIP, build_vip, check_name=check_name)),
 }
 
@@ -772,6 +790,17 @@ def _check_vip_addresses_unique(body: dict[str, Any], at: Path, managed: dict[An
             managed[interface.ip] = format_path(at)
 
 
+def check_stats_admins(document: dict[str, Any], report: Report) -> None:
+    """Every name in ``stats.admins`` is one of ``stats.users``."""
+    stats = document.get("stats")
+    if not isinstance(stats, dict) or not isinstance(stats.get("admins"), list):
+        return
+    users = list(stats["users"]) if isinstance(stats.get("users"), dict) else []
+    for index, name in enumerate(stats["admins"]):
+        if isinstance(name, str) and name not in users:
+            report.add(("stats", "admins", index), f'no user "{name}" in stats.users' + suggestion(name, users))
+
+
 def check_frontends_present(document: dict[str, Any], report: Report) -> None:
     """At least one frontend: a file without one (empty, half-written by a
     tool that does not write atomically) would close every front port."""
@@ -784,7 +813,33 @@ CROSS_CHECKS: tuple[Callable[[dict[str, Any], Report], None], ...] = (
     check_backend_references,
     check_bind_conflicts,
     check_vip_sections,
+    check_stats_admins,
 )
+
+
+# --- advice: valid, but worth a warning -------------------------------------------------
+
+
+def advise_hashed_passwords(document: dict[str, Any], report: Report) -> None:
+    """A stats password in clear text logs in whoever reads the file (or a backup of it)."""
+    users = (document.get("stats") or {}).get("users")
+    for user, password in users.items() if isinstance(users, dict) else ():
+        if isinstance(password, str) and not is_hashed(password):
+            report.add(("stats", "users", user), "password stored in clear text: whoever can read this file "
+                       "can log in; store a hash made by `warren hash-password` instead")
+
+
+def advise_stats_admins(document: dict[str, Any], report: Report) -> None:
+    """With admin actions on and several users, say who may act."""
+    stats = document.get("stats") or {}
+    users = stats.get("users")
+    if stats.get("admin") is True and "admins" not in stats and isinstance(users, dict) and len(users) > 1:
+        report.add(("stats", "admin"), "every user of stats.users may drain, disable, kill and reweight servers; "
+                   'list those who may in stats.admins (e.g. admins = ["' + next(iter(users)) + '"]) '
+                   "to make the others read-only")
+
+
+ADVICE: tuple[Callable[[dict[str, Any], Report], None], ...] = (advise_hashed_passwords, advise_stats_admins)
 
 
 def build_config(document: dict[str, Any], path: str, report: Report, *, runnable: bool = False) -> Config | Any:

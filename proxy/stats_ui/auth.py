@@ -1,9 +1,9 @@
 """Basic authentication for the stats surfaces (RFC 7617), sans-I/O.
 
 Passwords in `[stats] users` are either clear text or salted scrypt hashes
-made by `warren hash-password`: ``scrypt$<n>$<r>$<p>$<salt>$<key>`` with salt
-and key in unpadded URL-safe base64. scrypt is slow on purpose (about 0.1 s
-and 16 MiB at the default n=2**14), so:
+made by `warren hash-password` (:mod:`proxy.passwords`, where the format
+lives). scrypt is slow on purpose (about 0.1 s and 16 MiB at the default
+n=2**14), so:
 
 - an :class:`Authenticator` answers in two steps: :meth:`~Authenticator.begin`
   decides everything cheap (cached success, rate limit, malformed header) and
@@ -16,106 +16,33 @@ and 16 MiB at the default n=2**14), so:
 - an unknown user is verified against a decoy credential of the same kind,
   so timing does not tell which user names exist; every comparison goes
   through :func:`hmac.compare_digest`;
-- failures are counted per client address; after `max_failures` within
-  `window` seconds the address gets 429 for `block` seconds.
+- failures are counted per client address (IPv6: per /64) and in a global
+  budget: after `max_failures` within `window` seconds an address gets 429
+  for `block` seconds, and once `global_max_failures` failures fall within
+  `window` every login not already verified gets 429 until the oldest of
+  them leaves the window (rotating source addresses must not multiply the
+  guesses an attacker gets).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import getpass
 import hashlib
-import hmac
 import os
 import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
+from ..passwords import SALT_BYTES, ScryptHash, b64, hash_password, is_hashed, parse_hash, verify_password
+
+from .admission import client_key
+
 log = structlog.get_logger("warren.stats")
-
-SCHEME = "scrypt"
-DEFAULT_N, DEFAULT_R, DEFAULT_P = 2**14, 8, 1
-SALT_BYTES, KEY_BYTES = 16, 32
-MAX_N = 2**20  # beyond this a config typo would cost seconds and a GiB per login
-
-
-# --- hashes ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ScryptHash:
-    n: int
-    r: int
-    p: int
-    salt: bytes
-    key: bytes
-
-    def encode(self) -> str:
-        return "$".join((SCHEME, str(self.n), str(self.r), str(self.p), _b64(self.salt), _b64(self.key)))
-
-
-def hash_password(password: str, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P,
-                  salt: bytes | None = None) -> str:
-    """A new ``scrypt$n$r$p$salt$key`` string for `password` with a random salt."""
-    salt = os.urandom(SALT_BYTES) if salt is None else salt
-    key = _scrypt(password.encode(), salt, n, r, p, KEY_BYTES)
-    return ScryptHash(n, r, p, salt, key).encode()
-
-
-def is_hashed(stored: str) -> bool:
-    return stored.startswith(SCHEME + "$")
-
-
-def parse_hash(stored: str) -> ScryptHash:
-    """Raises ValueError saying what is wrong with a ``scrypt$...`` string."""
-    parts = stored.split("$")
-    if len(parts) != 6 or parts[0] != SCHEME:
-        raise ValueError('expected "scrypt$n$r$p$salt$key"')
-    try:
-        n, r, p = (int(x) for x in parts[1:4])
-        salt, key = _unb64(parts[4]), _unb64(parts[5])
-    except (ValueError, binascii.Error):
-        raise ValueError("bad number or base64 in scrypt hash") from None
-    if n < 2 or n > MAX_N or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise ValueError(f"scrypt parameters out of range: n={n} r={r} p={p}")
-    if len(salt) < 8 or len(key) < 16:
-        raise ValueError("scrypt salt or key too short")
-    return ScryptHash(n, r, p, salt, key)
-
-
-def verify_password(password: str, stored: str) -> bool:
-    """True if `password` matches `stored` (clear text or scrypt hash), in constant time.
-
-    A malformed hash never matches. Clear-text passwords are compared as
-    SHA-256 digests so that the comparison does not leak their length.
-    """
-    if is_hashed(stored):
-        try:
-            parsed = parse_hash(stored)
-        except ValueError:
-            return False
-        key = _scrypt(password.encode(), parsed.salt, parsed.n, parsed.r, parsed.p, len(parsed.key))
-        return hmac.compare_digest(key, parsed.key)
-    given = hashlib.sha256(password.encode()).digest()
-    return hmac.compare_digest(given, hashlib.sha256(stored.encode()).digest())
-
-
-def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
-    # hashlib's default maxmem (32 MiB) refuses n=2**15 r=8 (needs 128*r*n = 32 MiB + overhead).
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=length, maxmem=256 * r * n + 2**20)
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
 
 # --- the Authorization header ---------------------------------------------------------
 
@@ -180,40 +107,63 @@ class Pending:
 
 
 class FailureLimiter:
-    """Counts failed logins per client address and blocks noisy ones for a while."""
+    """Counts failed logins per client and in all, and throttles when either is exceeded.
+
+    Per client (an IPv4 address, an IPv6 /64): `max_failures` within
+    `window` seconds block it for `block` seconds. In all: once
+    `global_max_failures` failures fall within `window`, every login not
+    already verified waits until the oldest of them leaves the window, so an
+    attacker rotating source addresses gets at most that many guesses per
+    window instead of `max_failures` per address. A throttled attempt is not
+    verified and so is never counted: blocked clients do not eat the budget.
+    """
 
     def __init__(self, max_failures: int = 5, window: float = 60.0, block: float = 60.0,
-                 max_clients: int = 4096):
+                 max_clients: int = 4096, global_max_failures: int = 60):
         self.max_failures, self.window, self.block = max_failures, window, block
-        self.max_clients = max_clients
+        self.max_clients, self.global_max_failures = max_clients, global_max_failures
         self._failures: dict[str, deque[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        self._all: deque[float] = deque(maxlen=global_max_failures)
 
     def retry_after(self, client: str, now: float) -> float | None:
         """Seconds until `client` may try again, or None if it may now."""
-        until = self._blocked_until.get(client)
-        if until is None:
-            return None
-        if now >= until:
-            del self._blocked_until[client]
-            return None
-        return until - now
+        waits = [wait for wait in (self._client_retry_after(client_key(client), now), self.global_retry_after(now))
+                 if wait is not None]
+        return max(waits) if waits else None
+
+    def global_retry_after(self, now: float) -> float | None:
+        """Seconds until the global budget allows another attempt, or None if it does now."""
+        if len(self._all) == self._all.maxlen and now - self._all[0] < self.window:
+            return self._all[0] + self.window - now
+        return None
 
     def record_failure(self, client: str, now: float) -> bool:
         """Counts one failure; True if `client` is now blocked."""
-        recent = self._failures.pop(client, None) or deque(maxlen=self.max_failures)
+        self._all.append(now)
+        key = client_key(client)
+        recent = self._failures.pop(key, None) or deque(maxlen=self.max_failures)
         recent.append(now)
-        self._failures[client] = recent  # re-inserted: dict order is least recently failed first
+        self._failures[key] = recent  # re-inserted: dict order is least recently failed first
         self._forget_oldest(self._failures)
         if len(recent) == self.max_failures and now - recent[0] <= self.window:
-            self._blocked_until[client] = now + self.block
+            self._blocked_until[key] = now + self.block
             self._forget_oldest(self._blocked_until)
             recent.clear()
             return True
         return False
 
     def record_success(self, client: str) -> None:
-        self._failures.pop(client, None)
+        self._failures.pop(client_key(client), None)
+
+    def _client_retry_after(self, key: str, now: float) -> float | None:
+        until = self._blocked_until.get(key)
+        if until is None:
+            return None
+        if now >= until:
+            del self._blocked_until[key]
+            return None
+        return until - now
 
     def _forget_oldest(self, table: dict) -> None:
         # Bounded memory under a spray of source addresses (IPv6 makes them cheap).
@@ -225,8 +175,9 @@ class Authenticator:
     """Decides who may see the stats; see the module docstring for the protocol."""
 
     def __init__(self, users: Sequence[tuple[str, str]], *, limiter: FailureLimiter | None = None,
-                 cache_size: int = 256):
+                 cache_size: int = 256, logger: Any = log):
         self._users = dict(users)
+        self.log = logger
         self.limiter = limiter or FailureLimiter()
         self._cache: OrderedDict[bytes, str] = OrderedDict()
         self._cache_size = cache_size
@@ -271,7 +222,11 @@ class Authenticator:
 
     def _failed(self, user: str, client: str, now: float, *, reason: str) -> Denied:
         blocked = self.limiter.record_failure(client, now)
-        log.warning("stats.login_failed", client=client, user=user, reason=reason, blocked=blocked)
+        self.log.warning("stats.login_failed", client=client, user=user, reason=reason, blocked=blocked)
+        retry_after = self.limiter.global_retry_after(now)
+        if retry_after is not None:
+            self.log.warning("stats.login_throttled", client=client, failures=self.limiter.global_max_failures,
+                             window=self.limiter.window, retry_after=round(retry_after, 1))
         return Denied(user)
 
 
@@ -289,7 +244,7 @@ def _decoy_for(stored: Iterable[str]) -> str:
             except ValueError:
                 continue
             return ScryptHash(parsed.n, parsed.r, parsed.p, os.urandom(SALT_BYTES), os.urandom(len(parsed.key))).encode()
-    return _b64(os.urandom(24))
+    return b64(os.urandom(24))
 
 
 # --- `warren hash-password` -----------------------------------------------------------

@@ -13,9 +13,16 @@ Modelled on HAProxy's runtime API so operators keep their muscle memory:
     rebalance backend B [dry-run]      close connections over their share (dry-run: only say which)
     help
 
-Several commands may share a line separated by ";". Every answer ends with
-an empty line, as HAProxy's do. A command that fails answers one line that
-starts with "error: " (which is how `warren ctl` chooses its exit status).
+Several commands may share a line separated by ";" (at most MAX_COMMANDS, on
+a line of at most MAX_LINE characters). Every answer ends with an empty
+line, as HAProxy's do. A command that fails answers one line that starts
+with "error: " (which is how `warren ctl` chooses its exit status).
+
+A line costs bounded work: :func:`split_line` refuses an overlong line or
+too many commands before anything runs, and the shell runs the commands
+one by one (:func:`run_command`), letting the rest of Warren run between
+them, so no line stalls the event loop for longer than its costliest
+command.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ Several commands may be separated by ';'.
 """
 
 MAX_LINE = 4096
+MAX_COMMANDS = 16  # per line: a script sets a handful of servers at once
 
 log = structlog.get_logger("warren.ctl")
 
@@ -60,22 +68,38 @@ def execute(line: str, runtime: Any, now: float, *, user: str = "ctl") -> tuple[
 
     `now` is on the runtime's clock (time.monotonic), for admin changes.
     """
+    try:
+        commands = split_line(line)
+    except CommandError as error:
+        return f"error: {error}\n\n", False
+    results = [run_command(command, runtime, now, user=user) for command in commands]
+    return join_answers(results)
+
+
+def split_line(line: str) -> list[str]:
+    """The non-empty commands of `line`; CommandError if the line is too long or holds too many."""
     if len(line) > MAX_LINE:
-        return "error: command line too long\n\n", False
-    answers, ok = [], True
-    for command in line.split(";"):
-        if not command.strip():
-            continue
-        try:
-            answers.append(_run(command, runtime, now, user))
-        except CommandError as error:
-            answers.append(f"error: {error}\n")
-            ok = False
-        except Exception:  # a bug: this command fails, the control socket and the proxy go on
-            log.exception("ctl.command_failed", command=command[:200])
-            answers.append("error: internal error (logged as ctl.command_failed)\n")
-            ok = False
-    return "".join(answer + "\n" for answer in answers) or "\n", ok
+        raise CommandError("command line too long")
+    commands = [command for command in line.split(";") if command.strip()]
+    if len(commands) > MAX_COMMANDS:
+        raise CommandError(f"at most {MAX_COMMANDS} commands per line")
+    return commands
+
+
+def run_command(command: str, runtime: Any, now: float, *, user: str = "ctl") -> tuple[str, bool]:
+    """One command's answer (ending with a newline) and whether it succeeded; never raises."""
+    try:
+        return _run(command, runtime, now, user), True
+    except CommandError as error:
+        return f"error: {error}\n", False
+    except Exception:  # a bug: this command fails, the control socket and the proxy go on
+        log.exception("ctl.command_failed", command=command[:200])
+        return "error: internal error (logged as ctl.command_failed)\n", False
+
+
+def join_answers(results: list[tuple[str, bool]]) -> tuple[str, bool]:
+    """The whole answer: each command's followed by an empty line (a lone one if there were none)."""
+    return "".join(answer + "\n" for answer, _ in results) or "\n", all(ok for _, ok in results)
 
 
 def _run(command: str, runtime: Any, now: float, user: str) -> str:

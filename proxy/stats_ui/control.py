@@ -11,6 +11,13 @@ path that is not a socket.
 One exchange per connection, as in HAProxy's non-interactive mode: the
 client sends one line (commands separated by ";"), reads the answer until
 the server closes. The language is in :mod:`.commands`.
+
+An idle client cannot lock operators out: the line must arrive within
+LINE_TIMEOUT of connecting, and when MAX_CONNECTIONS are open the one that
+has waited longest for its line is closed to make room (see
+:mod:`.admission`); `warren ctl` sends its line at once, so it is never the
+one. The commands of a line run one by one with the event loop free in
+between.
 """
 
 from __future__ import annotations
@@ -29,12 +36,20 @@ import trio
 
 from ..config.model import Config
 from ..errors import StartupError
-from .commands import MAX_LINE, execute
+from ..lograte import Rate, RateLimitedLog
+from .admission import Refused, Slots
+from .commands import MAX_LINE, CommandError, join_answers, run_command, split_line
 
 log = structlog.get_logger("warren.ctl")
 
-READ_TIMEOUT = 10.0
-MAX_CONNECTIONS = 16
+LINE_TIMEOUT = 2.0  # connect -> whole command line; `warren ctl` sends it at once
+SEND_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+LOG_RATES = {
+    "ctl.connection_limit": Rate(burst=1, interval=10.0),
+    "ctl.peer_refused": Rate(burst=5, interval=10.0),
+    "ctl.line_timeout": Rate(burst=5, interval=10.0),
+}
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -50,7 +65,8 @@ class ControlService:
 
     def __init__(self, config: Config):
         self.path = config.global_.control_socket
-        self._connections = 0
+        self._slots = Slots(MAX_CONNECTIONS)
+        self.log = RateLimitedLog(log, LOG_RATES)
         self._runtime: Any = None
 
     async def run(self, runtime: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -62,6 +78,7 @@ class ControlService:
         log.info("ctl.listening", path=self.path)
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sum_up_logs)
                 task_status.started()
                 while True:
                     stream = await listener.accept()
@@ -75,29 +92,65 @@ class ControlService:
             log.warning("ctl.socket_change_needs_restart", path=self.path,
                         configured=config.global_.control_socket)
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._slots)
+
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
-            if self._connections >= MAX_CONNECTIONS or not _peer_allowed(stream):
+            if not _peer_allowed(stream, self.log):
                 return
-            self._connections += 1
-            try:
-                await self._exchange(stream)
-                await self._finish(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            except Exception:  # a bug ends this exchange, never the control socket
-                log.exception("ctl.connection_failed")
-            finally:
-                self._connections -= 1
+            with trio.CancelScope() as scope:
+                slot, evicted = self._slots.admit("local", scope.cancel)
+                for _ in evicted:
+                    self.log.warning("ctl.connection_limit", reason="evicted", limit=MAX_CONNECTIONS)
+                if isinstance(slot, Refused):
+                    self.log.warning("ctl.connection_limit", reason=slot.reason, limit=MAX_CONNECTIONS)
+                    return
+                try:
+                    await self._exchange(stream, slot)
+                    await self._finish(stream)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                except Exception:  # a bug ends this exchange, never the control socket
+                    log.exception("ctl.connection_failed")
+                finally:
+                    slot.release()
 
-    async def _exchange(self, stream: trio.SocketStream) -> None:
-        line = await _read_line(stream)
+    async def _exchange(self, stream: trio.SocketStream, slot: Any) -> None:
+        line = None
+        with trio.move_on_after(LINE_TIMEOUT) as scope:
+            line = await _read_line(stream)
+        if scope.cancelled_caught:
+            self.log.info("ctl.line_timeout", timeout=LINE_TIMEOUT)
+            await self._send(stream, f"error: no command line within {LINE_TIMEOUT:g}s\n\n")
+            return
         if line is None:
             return
-        answer, ok = execute(line, self._runtime, time.monotonic())
+        slot.busy()
+        answer, ok = await self._execute(line)
         log.info("ctl.command", command=line[:200], ok=ok)
-        with trio.move_on_after(READ_TIMEOUT):
+        await self._send(stream, answer)
+
+    async def _execute(self, line: str) -> tuple[str, bool]:
+        try:
+            commands = split_line(line)
+        except CommandError as error:
+            return f"error: {error}\n\n", False
+        results = []
+        for command in commands:
+            results.append(run_command(command, self._runtime, time.monotonic()))
+            await trio.lowlevel.checkpoint()  # the proxy runs between two commands
+        return join_answers(results)
+
+    async def _send(self, stream: trio.SocketStream, answer: str) -> None:
+        with trio.move_on_after(SEND_TIMEOUT):
             await stream.send_all(answer.encode())
+
+    async def _sum_up_logs(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.log.flush()
 
     async def _finish(self, stream: trio.SocketStream) -> None:
         # Closing with unread input resets the connection, which can destroy
@@ -110,34 +163,32 @@ class ControlService:
 
 
 async def _read_line(stream: trio.SocketStream) -> str | None:
-    """One command line (without its newline), or None on timeout, overflow or bad UTF-8."""
+    """One command line (without its newline), or None on overflow or bad UTF-8 (answered)."""
     data = b""
-    with trio.move_on_after(READ_TIMEOUT):
-        while b"\n" not in data and len(data) <= MAX_LINE:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                break
-            data += chunk
-        line = data.split(b"\n", 1)[0]
-        if len(line) > MAX_LINE:
-            await stream.send_all(b"error: command line too long\n\n")
-            return None
-        try:
-            return line.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError:
-            await stream.send_all(b"error: command is not UTF-8\n\n")
-            return None
-    return None
+    while b"\n" not in data and len(data) <= MAX_LINE:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+    line = data.split(b"\n", 1)[0]
+    if len(line) > MAX_LINE:
+        await stream.send_all(b"error: command line too long\n\n")
+        return None
+    try:
+        return line.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        await stream.send_all(b"error: command is not UTF-8\n\n")
+        return None
 
 
-def _peer_allowed(stream: trio.SocketStream) -> bool:
+def _peer_allowed(stream: trio.SocketStream, logger: Any) -> bool:
     try:
         _, uid, _ = _PEERCRED.unpack(stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     except OSError:
         return False
     if uid in (0, os.getuid()):
         return True
-    log.warning("ctl.peer_refused", uid=uid)
+    logger.warning("ctl.peer_refused", uid=uid)
     return False
 
 

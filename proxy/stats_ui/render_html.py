@@ -4,7 +4,7 @@ Layout, as HAProxy users expect it: a header (version unless hidden,
 uptime, PID, totals), the floating-IP instances when an election runs, the
 supervised services (state, crashes, restarts), one table per frontend, then one table per backend with a row per server and a
 total row, coloured by state. Admin forms (one per server row, plain POSTs)
-appear only when admin is on.
+appear only for a user who may act.
 
 Every value that comes from the config, a broker or a peer goes through
 :func:`esc`; the page also ships with a Content-Security-Policy that allows
@@ -33,7 +33,7 @@ class PageContext:
     uri: str
     refresh: float | None  # None: auto-refresh off (by config or by ?norefresh)
     refresh_configured: float | None
-    admin: bool
+    admin: bool  # this user may act: the forms are shown
     hide_version: bool
     user: str
     csrf_token: str
@@ -42,6 +42,7 @@ class PageContext:
     metrics_path: str = "/metrics"
     history_capacity: int = 150
     sample_interval: float = 2.0
+    read_only: bool = False  # admin actions exist, but not for this user
 
 
 def render_page(stats: Any, context: PageContext, history: Any | None = None) -> str:
@@ -92,7 +93,7 @@ def _header(stats: Any, context: PageContext) -> str:
         ("total sessions", total),
         ("servers usable", f"{usable}/{len(servers)}"),
         ("relay", stats.relay),
-        ("user", context.user),
+        ("user", f"{context.user} (read only)" if context.read_only else context.user),
     ]
     facts_html = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in facts)
     return (

@@ -8,9 +8,11 @@ sends. What a hostile client can cost is bounded by :class:`Limits`:
   `max_incomplete_event_size` -> 431;
 - the body is capped by its declared Content-Length before reading it, and
   while reading a chunked one -> 413;
-- a whole request must arrive within `request_timeout` of its first byte
-  (or of the connection, for the first one) -> 408; a keep-alive connection
-  idle for `idle_timeout` is closed quietly;
+- the request head must arrive within `header_timeout` of the connection
+  (or of its first byte, on a keep-alive connection), and the body within
+  `body_timeout` of the head -> 408; a keep-alive connection idle for
+  `idle_timeout` is closed quietly. The head timeout is short: a real client
+  sends its head at once, a slowloris trickles it;
 - a response must be taken within `send_timeout`, else the connection is
   dropped;
 - malformed HTTP -> h11's status hint (400, 501, ...), then close; so is a
@@ -21,6 +23,11 @@ sends. What a hostile client can cost is bounded by :class:`Limits`:
 Nothing raised while serving one connection reaches the caller: protocol
 errors are answered and logged, bugs in the handler are logged with their
 traceback and answered 500, and the connection always ends closed.
+
+The caller may pass a :class:`~.admission.Slot`, told when the connection
+is busy (a whole request is in and being answered) and when it waits for
+a request again (then it may be evicted to make room), and a logger (the
+service's rate-limited one).
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
 import h11
 import structlog
 import trio
+
+from .admission import Slot
 
 log = structlog.get_logger("warren.stats")
 
@@ -42,11 +52,15 @@ RECEIVE_SIZE = 16384
 class Limits:
     max_header_bytes: int = 16384
     max_body_bytes: int = 65536
-    request_timeout: float = 10.0
-    idle_timeout: float = 30.0
+    header_timeout: float = 5.0  # connection (or first byte of a keep-alive request) -> whole head
+    body_timeout: float = 10.0  # whole head -> whole body
+    idle_timeout: float = 30.0  # keep-alive: answer sent -> first byte of the next request
     send_timeout: float = 10.0
     close_drain_timeout: float = 1.0
-    max_connections: int = 256  # per service; beyond it, new connections are closed at once
+    # Per service: beyond them the longest-waiting connection (of that client) is
+    # evicted, or the newcomer closed at once if every slot is busy (see .admission).
+    max_connections: int = 256
+    max_connections_per_client: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,23 +117,25 @@ class HttpError(Exception):
         self.status, self.reason = status, reason
 
 
-async def serve_connection(stream: trio.abc.Stream, handler: Handler, limits: Limits, client: str) -> None:
+async def serve_connection(stream: trio.abc.Stream, handler: Handler, limits: Limits, client: str, *,
+                           slot: Slot | None = None, logger: Any = log) -> None:
     """Serves requests on `stream` until it closes; always closes it."""
-    connection = _Connection(stream, limits, client)
+    connection = _Connection(stream, limits, client, slot, logger)
     try:
         await connection.serve(handler)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away: nothing to answer
     except Exception:  # a bug here must end this connection, not the service
-        log.exception("stats.connection_failed", client=client)
+        logger.exception("stats.connection_failed", client=client)
         connection.graceful = False
     finally:
         await connection.close()
 
 
 class _Connection:
-    def __init__(self, stream: trio.abc.Stream, limits: Limits, client: str):
+    def __init__(self, stream: trio.abc.Stream, limits: Limits, client: str, slot: Slot | None, logger: Any):
         self.stream, self.limits, self.client = stream, limits, client
+        self.slot, self.log = slot, logger
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.graceful = True  # False: close at once, without draining (the client stopped reading)
         self.method: bytes | None = None  # of the request being read: a refusal of a HEAD has no body
@@ -135,10 +151,14 @@ class _Connection:
             if request is None:
                 return
             first = False
+            if self.slot is not None:
+                self.slot.busy()
             response = await self.call(handler, request)
             await self.send(response, head_only=request.method == "HEAD")
             if response.close or self.h11.our_state is h11.MUST_CLOSE:
                 return
+            if self.slot is not None:
+                self.slot.waiting()
             try:
                 self.h11.start_next_cycle()
             except h11.LocalProtocolError:  # the client is not done with its side
@@ -147,13 +167,15 @@ class _Connection:
     async def read_request(self, first: bool) -> Request | None:
         """The next whole request, None when the client is done; raises HttpError.
 
-        On a fresh connection the request clock runs from the accept (a
-        client that connects and says nothing gets 408); between keep-alive
-        requests it starts with the next request's first byte.
+        On a fresh connection the head clock runs from the accept (a client
+        that connects and says nothing gets 408); between keep-alive requests
+        it starts with the next request's first byte. The body clock starts
+        once the head is in.
         """
         in_request = first
         self.method = None
-        deadline = trio.current_time() + (self.limits.request_timeout if first else self.limits.idle_timeout)
+        deadline = trio.current_time() + (self.limits.header_timeout if first else self.limits.idle_timeout)
+        late = "request head not received in time"
         head: h11.Request | None = None
         body = bytearray()
         while True:
@@ -165,11 +187,11 @@ class _Connection:
                 data = await self.receive_before(deadline)
                 if data is None:
                     if in_request:
-                        raise HttpError(408, "request not received in time")
+                        raise HttpError(408, late)
                     return None  # idle keep-alive connection: close without a word
                 if not in_request:
                     in_request = True
-                    deadline = trio.current_time() + self.limits.request_timeout
+                    deadline = trio.current_time() + self.limits.header_timeout
                 try:
                     self.h11.receive_data(data)
                 except h11.RemoteProtocolError as error:
@@ -178,6 +200,8 @@ class _Connection:
                 head = event
                 self.method = head.method
                 await self.accept_head(head)
+                deadline = trio.current_time() + self.limits.body_timeout
+                late = "request body not received in time"
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.limits.max_body_bytes:
@@ -230,12 +254,12 @@ class _Connection:
         try:
             return await handler(request)
         except Exception:
-            log.exception("stats.handler_failed", client=self.client, method=request.method,
-                          target=request.target[:200])
+            self.log.exception("stats.handler_failed", client=self.client, method=request.method,
+                               target=request.target[:200])
             return text_response(500, close=True)
 
     async def refuse(self, error: HttpError) -> None:
-        log.info("stats.request_refused", client=self.client, status=error.status, reason=error.reason)
+        self.log.info("stats.request_refused", client=self.client, status=error.status, reason=error.reason)
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             # h11 frames the answer to a HEAD without a body, and refuses one.
             await self.send(text_response(error.status, close=True), head_only=self.method == b"HEAD")
@@ -251,7 +275,7 @@ class _Connection:
         with trio.move_on_after(self.limits.send_timeout) as scope:
             await self._send_events(response, headers, head_only)
         if scope.cancelled_caught:
-            log.info("stats.send_timeout", client=self.client)
+            self.log.info("stats.send_timeout", client=self.client)
             self.graceful = False
             raise trio.BrokenResourceError("response not taken in time")
 

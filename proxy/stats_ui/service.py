@@ -2,15 +2,20 @@
 
 It shares nothing with the proxy path but the runtime's snapshots: each HTTP
 connection is its own task with bounded reads and writes (see
-:mod:`.server`), concurrent connections are capped, and password hashing
-runs in a worker thread, so a slow or hostile HTTP client cannot stall
-proxying.
+:mod:`.server`), and password hashing runs in a worker thread, so a slow or
+hostile HTTP client cannot stall proxying. Connections hold slots (see
+:mod:`.admission`): at most `max_connections`, `max_connections_per_client`
+from one client; beyond them the connection that has waited longest for
+its request is evicted, so silent connections cannot lock a real client
+out. Events a client triggers at will (refusals, failed logins) go through
+one rate-limited log (:mod:`proxy.lograte`), summed up every 10 s.
 
 On reload (:meth:`StatsService.reconfigure`) users, URI, realm, refresh and
 admin take effect for the next request; changed bind addresses are opened
 before the old ones close, and if they cannot be, the old ones stay (logged
 as `stats.rebind_failed`). With `[stats.tls]` every connection starts with a
-TLS handshake (the certificate set in force when it was accepted). Login failure counts, CSRF secret and history
+TLS handshake (the certificate set in force when it was accepted), inside
+the connection's slot. Login failure counts, CSRF secret and history
 survive reloads.
 """
 
@@ -18,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import ssl
 import time
 from typing import Any
 
@@ -27,7 +31,9 @@ import trio
 
 from ..config.model import BindAddress, Config
 from ..errors import StartupError
+from ..lograte import Rate, RateLimitedLog
 from .admin import CsrfTokens, Notices
+from .admission import Refused, Slots
 from .auth import Authenticator, FailureLimiter
 from .history import History
 from .server import Limits, Request, Response, serve_connection, text_response
@@ -37,6 +43,22 @@ log = structlog.get_logger("warren.stats")
 
 SAMPLE_INTERVAL = 2.0
 HISTORY_SAMPLES = 150  # five minutes at SAMPLE_INTERVAL
+# A reconnecting flood overflows a short accept queue, and a real client whose
+# SYN is dropped waits a second for the kernel's retransmit (the kernel caps
+# this at net.core.somaxconn, 4096 by default).
+STATS_BACKLOG = 1024
+LOG_SUMMARY_CHECK = 1.0  # how often finished log intervals are summed up
+# What a client can make us log at will: the first `burst` per interval in full, then a summary.
+LOG_RATES = {
+    "stats.connection_limit": Rate(burst=1, interval=10.0),
+    "stats.request_refused": Rate(burst=30, interval=10.0),
+    "stats.login_failed": Rate(burst=30, interval=10.0),
+    "stats.login_throttled": Rate(burst=1, interval=10.0),
+    "stats.csrf_refused": Rate(burst=10, interval=10.0),
+    "stats.admin_refused": Rate(burst=10, interval=10.0),
+    "stats.send_timeout": Rate(burst=10, interval=10.0),
+    "stats.tls_handshake_failed": Rate(burst=10, interval=10.0),
+}
 _FREEBIND = {socket.AF_INET: (socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15)),
              socket.AF_INET6: (socket.IPPROTO_IPV6, getattr(socket, "IPV6_FREEBIND", 78))}
 
@@ -65,7 +87,12 @@ class StatsService:
         self._listeners: list[trio.SocketListener] = []
         self._pending: list[trio.SocketListener] | None = None
         self._accepting: trio.CancelScope | None = None
-        self._open_connections = 0
+        self._slots = Slots(limits.max_connections, limits.max_connections_per_client)
+        self.log = RateLimitedLog(log, LOG_RATES)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._slots)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -85,6 +112,7 @@ class StatsService:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sample_history)
+                nursery.start_soon(self._sum_up_logs)
                 await nursery.start(self._accept_forever, nursery)
                 task_status.started()
         finally:
@@ -118,9 +146,9 @@ class StatsService:
             return None
         return StatsSite(
             settings, self._runtime,
-            authenticator=Authenticator(settings.users, limiter=self._limiter),
+            authenticator=Authenticator(settings.users, limiter=self._limiter, logger=self.log),
             csrf=self._csrf, notices=self._notices, history=self.history,
-            sample_interval=self.sample_interval, verify_limiter=self._verify_limiter,
+            sample_interval=self.sample_interval, verify_limiter=self._verify_limiter, logger=self.log,
         )
 
     async def _accept_forever(self, connections: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -156,30 +184,39 @@ class StatsService:
             connections.start_soon(self._serve_connection, stream)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        client = _peer(stream)
-        if self._open_connections >= self.limits.max_connections:
-            log.warning("stats.connection_limit", client=client, limit=self.limits.max_connections)
-            await stream.aclose()
-            return
-        self._open_connections += 1
-        try:
-            tls = getattr(self._runtime.tls, "stats", None)  # read per connection: a reload swaps it
-            if tls is not None:
-                stream = await self._handshake(stream, tls.context, client)
-                if stream is None:
-                    return
-            await serve_connection(stream, self._dispatch, self.limits, client)
-        finally:
-            self._open_connections -= 1
+        host, client = _peer(stream)
+        with trio.CancelScope() as scope:
+            slot, evicted = self._slots.admit(host, scope.cancel)
+            for victim in evicted:
+                self._log_limit("evicted", victim.client)
+            if isinstance(slot, Refused):
+                self._log_limit(slot.reason, client)
+                await stream.aclose()
+                return
+            try:
+                # The handshake happens in the slot, waiting: a client that never
+                # finishes it is evicted like one that never sends its request.
+                tls = getattr(self._runtime.tls, "stats", None)  # read per connection: a reload swaps it
+                secure = await self._handshake(stream, tls, client) if tls is not None else stream
+                if secure is not None:
+                    await serve_connection(secure, self._dispatch, self.limits, client, slot=slot, logger=self.log)
+            finally:
+                slot.release()
+                await trio.aclose_forcefully(stream)  # closed already, unless evicted or refused in the handshake
 
-    async def _handshake(self, stream: trio.SocketStream, context: ssl.SSLContext, client: str) -> trio.SSLStream | None:
-        """The TLS handshake of an HTTPS connection, bounded by the request timeout; None if it failed.
+    def _log_limit(self, reason: str, client: str) -> None:
+        self.log.warning("stats.connection_limit", reason=reason, client=client,
+                         limit=self.limits.max_connections, per_client=self.limits.max_connections_per_client)
 
-        https_compatible: browsers end connections without close_notify.
+    async def _handshake(self, stream: trio.SocketStream, tls: Any, client: str) -> trio.SSLStream | None:
+        """The TLS handshake of an HTTPS connection within `[stats.tls] handshake_timeout`; None if it failed.
+
+        The caller closes `stream` then. https_compatible: browsers end
+        connections without close_notify.
         """
-        secure = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        secure = trio.SSLStream(stream, tls.context, server_side=True, https_compatible=True)
         reason = None
-        with trio.move_on_after(self.limits.request_timeout) as scope:
+        with trio.move_on_after(tls.settings.handshake_timeout) as scope:
             try:
                 await secure.do_handshake()
                 return secure
@@ -188,8 +225,7 @@ class StatsService:
                 reason = getattr(cause, "reason", None) or str(cause or error) or "connection closed"
         if scope.cancelled_caught:
             reason = "handshake timeout"
-        log.info("stats.tls_handshake_failed", client=client, reason=reason)
-        await stream.aclose()
+        self.log.info("stats.tls_handshake_failed", client=client, reason=reason)
         return None
 
     async def _dispatch(self, request: Request) -> Response:
@@ -203,6 +239,11 @@ class StatsService:
             self.history.record(self._runtime.statistics(), time.monotonic())
             self._runtime.observe_activity()  # idle times of the connections view
             await trio.sleep(self.sample_interval)
+
+    async def _sum_up_logs(self) -> None:
+        while True:
+            await trio.sleep(LOG_SUMMARY_CHECK)
+            self.log.flush()
 
 
 def open_listeners(binds: tuple[BindAddress, ...], *, reuse_from: list[trio.SocketListener] = ()) -> list[trio.SocketListener]:
@@ -239,7 +280,7 @@ def _bound_socket(bind: BindAddress) -> socket.socket:
         # The page may live on a floating address this host does not own yet.
         sock.setsockopt(*_FREEBIND[family], 1)
         sock.bind((bind.host, bind.port))
-        sock.listen(128)
+        sock.listen(STATS_BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -252,12 +293,13 @@ def _bind_key(listener: trio.SocketListener) -> tuple[str, int]:
     return host, port
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str, str]:
+    """The client's (address, "address:port") as logs show it."""
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
-        return "?"
-    return _format((host, port))
+        return "?", "?"
+    return host, _format((host, port))
 
 
 def _format(address: tuple[str, int]) -> str:

@@ -3,7 +3,7 @@
 Routes (with `uri` from `[stats]`, "/" by default):
 
     GET  <uri>           the page (?norefresh stops the meta refresh)
-    POST <uri>           an admin action (admin = true), answered 303 back to the page
+    POST <uri>           an admin action (admin = true, by a user in `admins`), answered 303 back to the page
     GET  <uri>;csv       HAProxy-compatible CSV
     GET  <uri>;json      JSON
     GET  <uri>;connections[.json]  the connections view (?backend, server, frontend, sort, order, page)
@@ -12,6 +12,12 @@ Routes (with `uri` from `[stats]`, "/" by default):
 HEAD is accepted wherever GET is. Every route needs basic auth, unknown paths
 included (a 404 must not tell an anonymous prober what exists). The page
 routes win if `uri` itself is "/metrics".
+
+Roles: with `admin = true`, the users listed in `admins` (every user when
+`admins` is absent) get the admin forms and may POST; everyone else reads
+the page, the exports and the metrics, sees no form, and a POST of theirs
+is refused with 403 (`stats.admin_refused`). Reading is all any export
+offers, so every user may read every one.
 
 The only await is the password verification, run in a worker thread one at
 a time so a burst of logins can neither stall the event loop nor eat both
@@ -61,7 +67,7 @@ class StatsSite:
     def __init__(self, settings: Any, runtime: Any, *, authenticator: Authenticator, csrf: admin.CsrfTokens,
                  notices: admin.Notices, history: History | None = None, sample_interval: float = 2.0,
                  wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 verify_limiter: trio.CapacityLimiter | None = None):
+                 verify_limiter: trio.CapacityLimiter | None = None, logger: Any = log):
         self.settings = settings
         self.runtime = runtime
         self.auth = authenticator
@@ -71,6 +77,7 @@ class StatsSite:
         self.sample_interval = sample_interval
         self.wall, self.monotonic = wall, monotonic
         self._verify_limiter = verify_limiter or trio.CapacityLimiter(1)
+        self.log = logger
         uri = settings.uri
         self._routes = {
             uri: self._page,
@@ -89,7 +96,7 @@ class StatsSite:
         headers = (("server", self._server_header), ("cache-control", "no-store"),
                    ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"))
         if response.status >= 400:
-            log.info("stats.request_refused", client=request.client, method=request.method,
+            self.log.info("stats.request_refused", client=request.client, method=request.method,
                      path=request.path[:200], status=response.status)
         return Response(response.status, response.body, response.content_type,
                         response.headers + headers, response.close)
@@ -128,9 +135,14 @@ class StatsSite:
         if request.method == "POST" and handler == self._page:
             return self._post_admin(request, user)
         if request.method not in ("GET", "HEAD"):
-            allowed = "GET, HEAD, POST" if handler == self._page and self.settings.admin else "GET, HEAD"
+            allowed = "GET, HEAD, POST" if handler == self._page and self.may_act(user) else "GET, HEAD"
             return text_response(405, headers=(("allow", allowed),))
         return handler(request, user)
+
+    def may_act(self, user: str) -> bool:
+        """Whether `user` may change servers from the page (the one place of this rule)."""
+        admins = self.settings.admins
+        return self.settings.admin and (admins is None or user in admins)
 
     # --- GET ---------------------------------------------------------------------------
 
@@ -143,19 +155,21 @@ class StatsSite:
         notice_key = (query.get("notice") or [""])[0]
         notice = self.notices.take(user, notice_key, self.wall()) if notice_key else None
         configured = self.settings.refresh
+        may_act = self.may_act(user)
         context = PageContext(
             uri=self.settings.uri,
             refresh=None if norefresh else configured,
             refresh_configured=configured,
-            admin=self.settings.admin,
+            admin=may_act,
             hide_version=self.settings.hide_version,
             user=user,
-            csrf_token=self.csrf.issue(user, self.wall()) if self.settings.admin else "",
+            csrf_token=self.csrf.issue(user, self.wall()) if may_act else "",
             notice=notice,
             error=bool(notice and notice.startswith("error:")),
             metrics_path=METRICS_PATH,
             history_capacity=self.history.capacity if self.history else 150,
             sample_interval=self.sample_interval,
+            read_only=self.settings.admin and not may_act,
         )
         body = render_page(self.runtime.statistics(), context, self.history)
         return Response(200, body.encode(), "text/html; charset=utf-8",
@@ -190,6 +204,9 @@ class StatsSite:
     def _post_admin(self, request: Request, user: str) -> Response:
         if not self.settings.admin:
             return text_response(403, "admin actions are disabled ([stats] admin = false)")
+        if not self.may_act(user):
+            self.log.warning("stats.admin_refused", client=request.client, user=user)
+            return text_response(403, f'user "{user}" may only read (not in [stats] admins)')
         content_type = (request.header("content-type") or "").split(";", 1)[0].strip().lower()
         if content_type != FORM_TYPE:
             return text_response(415, f"expected {FORM_TYPE}")
@@ -198,7 +215,7 @@ class StatsSite:
         except admin.BadRequest as error:
             return text_response(400, str(error))
         if not self.csrf.valid(form.get("csrf", ""), user, self.wall()):
-            log.warning("stats.csrf_refused", client=request.client, user=user)
+            self.log.warning("stats.csrf_refused", client=request.client, user=user)
             return text_response(403, "invalid or expired form token: reload the page and try again")
         try:
             action = admin.request_from_form(form)

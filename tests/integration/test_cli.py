@@ -87,6 +87,33 @@ def test_run_refuses_a_stats_port_already_in_use(tmp_path):
     assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
 
 
+CLEAR_STATS = '\n[stats]\nbind = "127.0.0.1:0"\nusers = { admin = "pw" }\n'
+
+
+def test_check_warns_of_a_clear_text_password_with_its_line_and_still_succeeds(tmp_path):
+    text = config_text({"a": 5672}) + CLEAR_STATS
+    path = write(tmp_path / "w.toml", text)
+    line = text.splitlines().index('users = { admin = "pw" }') + 1
+    result = run_cli("check", str(path))
+    assert result.returncode == 0 and "configuration is valid" in result.stdout
+    assert result.stderr.startswith(f"{path}:{line}: warning: stats.users.admin: password stored in clear text")
+    assert '"pw"' not in result.stderr  # never the password itself
+
+
+async def test_run_warns_of_a_clear_text_password_at_start_up(tmp_path):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            path = write(tmp_path / "w.toml", config_text({"a": 5672}) + CLEAR_STATS)
+            async with WarrenProcess(path) as warren:
+                await warren.start(nursery)
+                event = next(e for e in warren.events if e["event"] == "config.warning")
+                assert event["level"] == "warning" and "stats.users.admin: password stored in clear text" in (
+                    event["warning"])
+                assert not any('"pw"' in line or "=pw" in line for line in warren.stderr_text)
+                assert await warren.stop() == 0
+            nursery.cancel_scope.cancel()
+
+
 def test_usage_error_without_a_command():
     assert run_cli().returncode == 2
 

@@ -16,7 +16,10 @@ import trio
 
 from proxy.app import App
 from proxy.runtime import AdminState
-from proxy.stats_ui.control import ControlService, ControlSocketError, bind_control_socket, ctl_main
+from proxy.stats_ui.commands import MAX_COMMANDS
+from proxy.stats_ui.control import (
+    LINE_TIMEOUT, MAX_CONNECTIONS, ControlService, ControlSocketError, bind_control_socket, ctl_main,
+)
 from tests.proxyutil import use_service, connect_and_greet, make_config, read_line, serve_named, server
 
 
@@ -159,6 +162,43 @@ async def test_garbage_and_silence_do_not_hurt_the_server(tmp_path):
                         answer += chunk
                 assert payload == b"" or answer.startswith(b"error: ")
             assert (await ctl(path, "help"))[0] == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_idle_connections_cannot_lock_an_operator_out(tmp_path):
+    # 16 idle connections locked `warren ctl` out for 10 s before.
+    path = tmp_path / "warren.sock"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start_with_ctl(nursery, path)
+            idle = [await trio.open_unix_socket(str(path)) for _ in range(3 * MAX_CONNECTIONS)]
+            started = trio.current_time()
+            status, out, _ = await ctl(path, "show", "info")
+            assert status == 0 and "Name: warren" in out
+            assert trio.current_time() - started < LINE_TIMEOUT  # not after an idle one timed out
+            # The idle ones are closed: evicted at once, or told off after the line timeout.
+            for stream in idle:
+                with trio.fail_after(LINE_TIMEOUT + 5):
+                    answer = b""
+                    try:
+                        while chunk := await stream.receive_some(4096):
+                            answer += chunk
+                    except trio.BrokenResourceError:
+                        pass
+                assert answer in (b"", f"error: no command line within {LINE_TIMEOUT:g}s\n\n".encode())
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_line_of_too_many_commands_is_refused_whole(tmp_path):
+    path = tmp_path / "warren.sock"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            app = await start_with_ctl(nursery, path)
+            line = ["set", "server", "be/a", "weight", "0;"] * (MAX_COMMANDS + 1)
+            status, out, _ = await ctl(path, *line)
+            assert status == 1 and out == f"error: at most {MAX_COMMANDS} commands per line\n"
+            assert app.runtime.server("be", "a").weight == 1  # none of them ran
             nursery.cancel_scope.cancel()
 
 

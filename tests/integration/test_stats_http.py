@@ -6,7 +6,6 @@ what a test says it is.
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -14,7 +13,6 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-import h11
 import pytest
 import structlog
 import trio
@@ -27,78 +25,7 @@ from proxy.stats_ui.auth import FailureLimiter
 from proxy.stats_ui.server import Limits
 from proxy.stats_ui.service import StatsService
 from tests.proxyutil import use_service, connect_and_greet, dead_port, make_config, read_line, serve_named, server
-
-CREDENTIALS = ("admin", "pw")
-
-
-# --- a small HTTP client --------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def text(self) -> str:
-        return self.body.decode()
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-async def http(address, target="/", method="GET", *, auth=CREDENTIALS, body=b"", headers=()) -> Reply:
-    """One request on a fresh connection; auth=None sends no Authorization."""
-    all_headers = [("host", "stats"), ("connection", "close"), *headers]
-    if auth is not None:
-        all_headers.append(("authorization", basic(*auth)))
-    if body:
-        all_headers.append(("content-length", str(len(body))))
-    client = h11.Connection(h11.CLIENT)
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            data = client.send(h11.Request(method=method, target=target, headers=all_headers))
-            if body:
-                data += client.send(h11.Data(data=body))
-            await stream.send_all(data + client.send(h11.EndOfMessage()))
-            response, payload = None, b""
-            while True:
-                event = client.next_event()
-                if event is h11.NEED_DATA:
-                    client.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    response = event
-                elif isinstance(event, h11.Data):
-                    payload += event.data
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
-    headers_dict = {k.decode().lower(): v.decode() for k, v in response.headers}
-    return Reply(response.status_code, headers_dict, payload)
-
-
-async def raw(address, payload: bytes, *, eof: bool = True, wait: float = 10) -> bytes:
-    """Sends raw bytes (then half-closes if `eof`); returns all received until the server closes."""
-    received = b""
-    with trio.fail_after(wait):
-        stream = await trio.open_tcp_stream(*address)
-        async with stream:
-            try:
-                await stream.send_all(payload)
-                if eof:
-                    await stream.send_eof()
-                while chunk := await stream.receive_some(65536):
-                    received += chunk
-            except trio.BrokenResourceError:  # reset after the server's answer
-                pass
-    return received
-
-
-def status_of(raw_reply: bytes) -> int | None:
-    match = re.match(rb"HTTP/1.1 (\d{3}) ", raw_reply)
-    return int(match.group(1)) if match else None
+from tests.statsclient import CREDENTIALS, Reply, basic, http, raw, status_of
 
 
 async def csrf_token(address, auth=CREDENTIALS) -> str:
@@ -180,6 +107,25 @@ async def test_repeated_failures_from_one_address_get_429():
                 assert (await http(running.address, auth=("admin", "guess"))).status == 401
             reply = await http(running.address)
             assert reply.status == 429 and int(reply.headers["retry-after"]) > 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_guesses_from_rotating_addresses_meet_the_global_budget():
+    # Each address stays under its own limit of 5; 1,340 guesses a second got through before.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, users=(CREDENTIALS, ("alice", "right")))
+            assert (await http(running.address)).status == 200  # an operator logged in before
+            limiter = running.service._limiter
+            with structlog.testing.capture_logs() as logs:
+                for i in range(limiter.global_max_failures):
+                    reply = await http(running.address, auth=("admin", f"guess{i}"), source=f"127.0.{i}.1")
+                    assert reply.status == 401
+                # A right password not verified before waits too: a guess cannot tell it is right.
+                reply = await http(running.address, auth=("alice", "right"), source="127.0.200.1")
+                assert reply.status == 429 and int(reply.headers["retry-after"]) > 0
+            assert any(e["event"] == "stats.login_throttled" for e in logs)
+            assert (await http(running.address)).status == 200  # the operator's browser still works
             nursery.cancel_scope.cancel()
 
 
@@ -328,14 +274,14 @@ async def test_hostile_requests_get_4xx_and_are_logged_and_the_server_keeps_serv
                 assert any(e["event"] == "stats.request_refused" and e["status"] == expected for e in logs), logs
                 assert not [e for e in logs if e["log_level"] == "error"], logs  # no traceback, no 500
             assert (await http(running.address)).status == 200
-            await wait_until(lambda: running.service._open_connections == 0, timeout=5)
+            await wait_until(lambda: running.service.open_connections == 0, timeout=5)
             nursery.cancel_scope.cancel()
 
 
 async def test_slow_client_gets_408():
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            running = await start_with_stats(nursery, limits=Limits(request_timeout=0.3))
+            running = await start_with_stats(nursery, limits=Limits(header_timeout=0.3))
             start = trio.current_time()
             answer = await raw(running.address, b"GET / HTTP/1.1\r\nHost: x\r\n", eof=False)
             assert status_of(answer) == 408
@@ -343,17 +289,24 @@ async def test_slow_client_gets_408():
             nursery.cancel_scope.cancel()
 
 
-async def test_connections_beyond_the_limit_are_closed_at_once():
+async def test_at_the_limit_the_longest_silent_connection_makes_room():
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             running = await start_with_stats(nursery, limits=Limits(max_connections=2))
-            idle = [await trio.open_tcp_stream(*running.address) for _ in range(2)]
-            await wait_until(lambda: running.service._open_connections == 2, timeout=5)
-            assert await raw(running.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
-            for stream in idle:
+            oldest = await trio.open_tcp_stream(*running.address)
+            await wait_until(lambda: running.service.open_connections == 1, timeout=5)
+            newer = await trio.open_tcp_stream(*running.address)
+            await wait_until(lambda: running.service.open_connections == 2, timeout=5)
+            with structlog.testing.capture_logs() as logs:
+                assert (await http(running.address)).status == 200
+            assert await oldest.receive_some(100) == b""  # evicted, without a word
+            assert [(e["event"], e["reason"]) for e in logs if e["log_level"] == "warning"] == [
+                ("stats.connection_limit", "evicted")]
+            await newer.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # still served
+            assert status_of(await newer.receive_some(100)) == 401
+            for stream in (oldest, newer):
                 await stream.aclose()
-            await wait_until(lambda: running.service._open_connections == 0, timeout=5)
-            assert (await http(running.address)).status == 200
+            await wait_until(lambda: running.service.open_connections == 0, timeout=5)
             nursery.cancel_scope.cancel()
 
 
@@ -381,7 +334,7 @@ async def test_fuzzing_the_stats_port_never_disturbs_proxying():
     with trio.fail_after(30):
         rng = random.Random(1234)
         async with trio.open_nursery() as nursery:
-            running = await start_with_stats(nursery, limits=Limits(request_timeout=1.0))
+            running = await start_with_stats(nursery, limits=Limits(header_timeout=1.0))
             stream, _ = await connect_and_greet(running.app)
             with structlog.testing.capture_logs() as logs:
                 async with trio.open_nursery() as fuzzers:
@@ -401,7 +354,7 @@ async def test_fuzzing_the_stats_port_never_disturbs_proxying():
                         await trio.sleep(0.01)
             assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
             assert (await http(running.address)).status == 200
-            await wait_until(lambda: running.service._open_connections == 0, timeout=5)
+            await wait_until(lambda: running.service.open_connections == 0, timeout=5)
             await stream.aclose()
             nursery.cancel_scope.cancel()
 
@@ -415,11 +368,11 @@ async def test_stop_closes_open_http_connections():
             async with trio.open_nursery() as nursery:
                 running = await start_with_stats(nursery, brokers_nursery=brokers)
                 idle = await trio.open_tcp_stream(*running.address)
-                await wait_until(lambda: running.service._open_connections == 1, timeout=5)
+                await wait_until(lambda: running.service.open_connections == 1, timeout=5)
                 running.app.stop()
                 assert await idle.receive_some(100) == b""
             # Warren's nursery exited: every HTTP connection task has ended.
-            assert running.service._open_connections == 0
+            assert running.service.open_connections == 0
             brokers.cancel_scope.cancel()
 
 

@@ -307,6 +307,11 @@ def test_the_file_name_and_an_unknown_line_are_left_out_of_the_message_as_docume
         ("[stats]\nbind = '*:80'\nusers = { a = 'pw' }\nuri = 'stats'", "stats.uri", 'starting with "/"'),
         ("[stats]\nbind = []\nusers = { a = 'pw' }", "stats.bind", "expected a string or a non-empty array"),
         ("[stats]\nbind = '*:80'", "stats.users", "missing required key"),
+        ("[stats]\nbind = '*:80'\nusers = { a = 'scrypt$xyz' }", "stats.users.a", "malformed password hash"),
+        ("[stats]\nbind = '*:80'\nusers = { a = 'scrypt$2$1$1$AAAA$BBBB' }", "stats.users.a", "salt or key too short"),
+        ("[stats]\nbind = '*:80'\nusers = { alice = 'pw' }\nadmins = ['alcie']", "stats.admins[0]",
+         'no user "alcie" in stats.users; did you mean "alice"?'),
+        ("[stats]\nbind = '*:80'\nusers = { a = 'pw' }\nadmins = 'a'", "stats.admins", "expected array"),
         ("[frontends.'bad name']\nbind='*:1'\nbackend='rabbit'", 'frontends."bad name"', 'invalid name "bad name"'),
         ("[backends.b]\nservers = []", "backends.b.servers", "expected at least one server"),
         ("[backends.b]\nretries = 1", "backends.b.servers", "missing required key"),
@@ -390,7 +395,7 @@ def test_a_full_file_builds_every_section():
 
             [stats]
             bind = "127.0.0.1:8404"
-            users = { admin = "secret", viewer = "scrypt$xyz" }
+            users = { admin = "secret", viewer = "scrypt$16$1$1$c2FsdHNhbHRzYWx0$a2V5a2V5a2V5a2V5a2V5a2V5" }
             refresh = 0
             admin = true
             """
@@ -413,8 +418,36 @@ def test_a_full_file_builds_every_section():
     assert backend.server("r1").send_proxy is SendProxy.V2 and backend.server("r1").weight == 0
     assert backend.server("r2").backup and not backend.server("r2").check
     assert config.stats is not None
-    assert config.stats.users == (("admin", "secret"), ("viewer", "scrypt$xyz"))
+    assert config.stats.users == (("admin", "secret"),
+                                  ("viewer", "scrypt$16$1$1$c2FsdHNhbHRzYWx0$a2V5a2V5a2V5a2V5a2V5a2V5"))
     assert config.stats.refresh is None and config.stats.admin and config.stats.uri == "/"
+    assert config.stats.admins is None  # every user may act, as before roles existed, with a warning:
+    assert [w.split(": warning: ")[1].split(":")[0] for w in config.warnings] == ["stats.users.admin", "stats.admin"]
+
+
+STATS = """\
+[stats]
+bind = "127.0.0.1:8404"
+users = { alice = "scrypt$16$1$1$c2FsdHNhbHRzYWx0$a2V5a2V5a2V5a2V5a2V5a2V5", bob = "clear" }
+"""
+
+
+@pytest.mark.parametrize("extra, admin, admins", [
+    ("", False, None),  # no admin actions at all, as before
+    ("admin = true", True, None),  # every user may act, as before (with a warning)
+    ('admins = ["alice"]', True, ("alice",)),  # listing admins turns the actions on for them
+    ('admins = []', True, ()),  # everyone reads only
+    ('admin = false\nadmins = ["alice"]', False, ("alice",)),  # a switch that turns them off for all
+])
+def test_roles_from_admin_and_admins(extra, admin, admins):
+    config = parse_config(FRONTEND + SERVERS + STATS + extra, FILE)
+    assert (config.stats.admin, config.stats.admins) == (admin, admins)
+
+
+def test_a_clear_text_password_is_valid_with_a_warning_naming_its_line():
+    config = parse_config(FRONTEND + SERVERS + STATS + 'admins = ["alice"]', FILE)
+    assert config.warnings == (f"{FILE}:8: warning: stats.users.bob: password stored in clear text: whoever can "
+                               "read this file can log in; store a hash made by `warren hash-password` instead",)
 
 
 FRONTEND = """\

@@ -6,6 +6,7 @@ import io
 import pytest
 import structlog
 
+from proxy import passwords
 from proxy.stats_ui import auth
 from proxy.stats_ui.auth import (
     Authenticator, Challenge, Denied, FailureLimiter, Granted, Pending, Throttled,
@@ -118,8 +119,8 @@ def test_unknown_user_is_verified_against_a_decoy_of_the_same_cost():
 
 def test_unknown_user_goes_through_compare_digest(monkeypatch):
     calls = []
-    real = auth.hmac.compare_digest
-    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    real = passwords.hmac.compare_digest
+    monkeypatch.setattr(passwords.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
     authenticator = Authenticator([("admin", "pw")])
     assert authenticator.check(basic("nobody", "pw"), "c", 0.0) == Denied("nobody")
     assert len(calls) == 1
@@ -181,6 +182,41 @@ def test_malformed_headers_count_as_failures():
     assert authenticator.check("Digest x", "c", 0.0) == Denied("")
     assert authenticator.check("Basic \u00e9", "c", 0.0) == Denied("")
     assert isinstance(authenticator.check(basic("admin", "pw"), "c", 0.0), Throttled)
+
+
+def test_rotating_addresses_meet_the_global_budget():
+    # 1,340 guesses a second from rotating loopback addresses, each under
+    # the per-address limit: the global budget stops them all.
+    authenticator = Authenticator([("admin", "pw")], limiter=FailureLimiter(5, window=60, global_max_failures=10))
+    with structlog.testing.capture_logs() as logs:
+        for i in range(10):
+            assert authenticator.check(basic("admin", "guess"), f"127.0.{i}.1", float(i)) == Denied("admin")
+    assert [e["event"] for e in logs].count("stats.login_throttled") == 1
+    verdict = authenticator.check(basic("admin", "guess"), "127.0.99.1", 10.0)
+    assert isinstance(verdict, Throttled) and verdict.retry_after == pytest.approx(50.0)
+    # ... right password or not, until the oldest failure leaves the window.
+    assert isinstance(authenticator.check(basic("admin", "pw"), "192.0.2.1", 59.0), Throttled)
+    assert authenticator.check(basic("admin", "pw"), "192.0.2.1", 60.0) == Granted("admin")
+    # A login verified before (a cached header) is never throttled.
+    for i in range(10):
+        authenticator.check(basic("admin", "guess"), f"127.1.{i}.1", 61.0)
+    assert authenticator.check(basic("admin", "pw"), "192.0.2.1", 62.0) == Granted("admin")
+
+
+def test_a_blocked_address_does_not_eat_the_global_budget():
+    limiter = FailureLimiter(2, window=60, block=60, global_max_failures=3)
+    authenticator = Authenticator([("admin", "pw")], limiter=limiter)
+    for _ in range(20):
+        authenticator.check(basic("admin", "x"), "10.0.0.1", 0.0)
+    assert limiter.global_retry_after(0.0) is None
+
+
+def test_an_ipv6_client_is_its_64():
+    limiter = FailureLimiter(2, window=60, block=60)
+    limiter.record_failure("2001:db8::1", 0.0)
+    assert limiter.record_failure("2001:db8::ffff:2", 1.0)
+    assert limiter.retry_after("2001:db8::3", 2.0) == pytest.approx(59.0)
+    assert limiter.retry_after("2001:db8:0:1::1", 2.0) is None
 
 
 def test_limiter_memory_is_bounded():

@@ -1,6 +1,7 @@
 """The h11-on-trio server against in-memory streams: framing, limits, timeouts."""
 
 import re
+from functools import partial
 
 import structlog
 import trio
@@ -8,7 +9,8 @@ import trio.testing
 
 from proxy.stats_ui.server import Limits, Request, Response, serve_connection
 
-LIMITS = Limits(max_header_bytes=2048, max_body_bytes=1024, request_timeout=10, idle_timeout=30, send_timeout=5)
+LIMITS = Limits(max_header_bytes=2048, max_body_bytes=1024, header_timeout=10, body_timeout=20, idle_timeout=30,
+                send_timeout=5)
 
 
 async def echo(request: Request) -> Response:
@@ -96,16 +98,55 @@ async def test_connection_closed_mid_request_is_logged_not_raised():
     assert logs[0]["event"] == "stats.request_refused"
 
 
-async def test_slow_request_gets_408(autojump_clock):
+async def test_slow_request_head_gets_408_after_the_header_timeout(autojump_clock):
     start = trio.current_time()
     with structlog.testing.capture_logs() as logs:
         raw = await exchange(b"GET / HTTP/1.1\r\nHost: x\r\n", eof=False)
     assert statuses(raw) == [408]
     assert 10 <= trio.current_time() - start < 12
-    assert logs[0]["status"] == 408
+    assert logs[0]["status"] == 408 and logs[0]["reason"] == "request head not received in time"
 
 
-async def test_silent_client_gets_408_after_the_request_timeout(autojump_clock):
+async def test_the_body_has_its_own_clock_from_the_end_of_the_head(autojump_clock):
+    server_side, client = trio.testing.memory_stream_pair()
+    received = b""
+    with structlog.testing.capture_logs() as logs, trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_connection, server_side, echo, LIMITS, "test:1")
+            await trio.sleep(9)  # the head comes in just within its 10 s
+            await client.send_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            head_in = trio.current_time()
+            while chunk := await client.receive_some(65536):
+                received += chunk
+    assert statuses(received) == [408]
+    assert 20 <= trio.current_time() - head_in < 22  # body_timeout, counted from the head
+    assert logs[0]["reason"] == "request body not received in time"
+
+
+async def test_a_slot_is_busy_while_a_request_is_answered_and_waiting_otherwise(autojump_clock):
+    states = []
+
+    class Slot:
+        def busy(self):
+            states.append("busy")
+
+        def waiting(self):
+            states.append("waiting")
+
+    async def handler(request):
+        return Response(200, b"ok")
+
+    server_side, client = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve_connection, server_side, handler, LIMITS, "test:1", slot=Slot()))
+        await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await client.send_eof()
+        while await client.receive_some(65536):
+            pass
+    assert states == ["busy", "waiting", "busy", "waiting"]
+
+
+async def test_silent_client_gets_408_after_the_header_timeout(autojump_clock):
     assert statuses(await exchange(b"", eof=False)) == [408]
 
 

@@ -196,6 +196,46 @@ async def test_admin_off_hides_forms_and_refuses_posts():
     assert response.status == 403
 
 
+# --- roles ------------------------------------------------------------------------------
+
+
+async def test_a_read_only_user_sees_no_form_and_every_export():
+    site = make_site(admins=("admin",))
+    viewer = basic("viewer", "view")
+    page = (await site.handle(request("/", auth=viewer))).body.decode()
+    assert "<form" not in page and 'name="csrf"' not in page and "viewer (read only)" in page
+    for path in ("/;csv", "/;json", "/metrics"):
+        assert (await site.handle(request(path, auth=viewer))).status == 200, path
+    admin_page = (await site.handle(request("/"))).body.decode()
+    assert "<form" in admin_page and "(read only)" not in admin_page
+
+
+async def test_a_read_only_users_post_is_refused_even_with_a_valid_token():
+    site = make_site(admins=("admin",))
+    token = site.csrf.issue("viewer", site.wall())  # as if it had leaked from somewhere
+    with structlog.testing.capture_logs() as logs:
+        response = await post(site, form(token, action="weight", weight="0"), auth=basic("viewer", "view"))
+    assert response.status == 403 and b"may only read" in response.body
+    assert site.runtime.server("rabbit", "b").weight == 1
+    assert [(e["event"], e["user"]) for e in logs if e["log_level"] == "warning"] == [
+        ("stats.admin_refused", "viewer")]
+    assert (await post(site, form(await csrf_token(site), action="weight", weight="0"))).status == 303
+    assert site.runtime.server("rabbit", "b").weight == 0
+
+
+async def test_the_allowed_methods_follow_the_role():
+    site = make_site(admins=("admin",))
+    for auth, allowed in ((basic(), "GET, HEAD, POST"), (basic("viewer", "view"), "GET, HEAD")):
+        response = await site.handle(request("/", "PUT", auth=auth))
+        assert (response.status, header(response, "allow")) == (405, allowed)
+
+
+async def test_without_admins_every_user_may_act_as_before():
+    site = make_site()
+    page = (await site.handle(request("/", auth=basic("viewer", "view")))).body.decode()
+    assert "<form" in page and "(read only)" not in page
+
+
 async def test_malformed_admin_posts():
     site = make_site()
     token = await csrf_token(site)
