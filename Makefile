@@ -9,8 +9,10 @@ DEBS_RUN  := rabbitmq-server
 DEBS_DEB  := python3 systemd
 DEBS_TEST := rabbitmq-server iproute2 nftables haproxy keepalived iperf3 wrk chromium $(DEBS_DEB) util-linux
 PYTEST_ARGS ?=
+FUZZ_MINUTES ?= 20
+FUZZ_EXAMPLES ?= 2000
 
-.PHONY: run test check venv debs-run debs-test clean wheel deb
+.PHONY: run test fuzz check venv debs-run debs-test clean wheel deb
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,11 @@ run: venv debs-run
 
 test: venv debs-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A long hypothesis campaign over every parser of outside input; writes bench/FUZZ.md.
+fuzz: venv
+	FUZZ_COMMAND="make fuzz FUZZ_MINUTES=$(FUZZ_MINUTES) FUZZ_EXAMPLES=$(FUZZ_EXAMPLES)" \
+	  $(PY) -m tests.properties.campaign --minutes $(FUZZ_MINUTES) --examples $(FUZZ_EXAMPLES) --report bench/FUZZ.md
 
 check: venv
 	$(VENV)/bin/warren check conf/warren.toml

@@ -1,0 +1,130 @@
+"""`make fuzz`: a long campaign of the property tests, with counts per target.
+
+    python -m tests.properties.campaign --minutes 20 --examples 2000 --report bench/FUZZ.md
+
+Each target is one file of tests/properties (one parser of outside input).
+The time is shared equally among them; a target runs in rounds, each a
+pytest run under the "fuzz" hypothesis profile with `--examples` examples
+per property and a fresh random seed, until its share is spent (a round
+that has begun finishes). Hypothesis keeps what fails in its example
+database (.hypothesis/), so `make test` replays it until it is fixed.
+
+The report (markdown) gives the command, the machine, and per target and
+property the rounds and examples run; a failing round's output is kept in
+full under the report's name with `.failures.txt` appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def targets() -> list[Path]:
+    return sorted(path for path in HERE.glob("test_*.py"))
+
+
+def run_round(target: Path, examples: int, seed: int, counts_path: str) -> tuple[bool, str]:
+    env = {**os.environ, "HYPOTHESIS_PROFILE": "fuzz", "FUZZ_EXAMPLES": str(examples), "FUZZ_COUNTS": counts_path}
+    command = [sys.executable, "-m", "pytest", str(target.relative_to(ROOT)), "-q", "-p", "no:cacheprovider",
+               "-p", "tests.properties.counting", f"--hypothesis-seed={seed}", "--timeout=0"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    return result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+
+
+def campaign(minutes: float, examples: int) -> dict:
+    chosen = targets()
+    share = minutes * 60 / len(chosen)
+    results: dict = {"targets": {}, "started": datetime.now(timezone.utc), "failures": []}
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory() as directory:
+        counts_path = os.path.join(directory, "counts.json")
+        for target in chosen:
+            start, rounds = time.monotonic(), 0
+            per_property: dict[str, int] = defaultdict(int)
+            failed: dict[str, int] = defaultdict(int)
+            while time.monotonic() - start < share:
+                seed = random.randrange(2**32)
+                ok, output = run_round(target, examples, seed, counts_path)
+                rounds += 1
+                with open(counts_path) as file:
+                    for nodeid, count in json.load(file).items():
+                        name = nodeid.split("::", 1)[1]
+                        per_property[name] += count["examples"]
+                        failed[name] += not count["passed"]
+                if not ok:
+                    results["failures"].append((target.name, seed, output))
+                print(f"{target.name}: round {rounds} (seed {seed}) {'ok' if ok else 'FAILED'}, "
+                      f"{sum(per_property.values())} examples so far", flush=True)
+            results["targets"][target.name] = {
+                "rounds": rounds, "seconds": time.monotonic() - start,
+                "properties": dict(per_property), "failed": {k: v for k, v in failed.items() if v},
+            }
+    results["seconds"] = time.monotonic() - began
+    return results
+
+
+def report(results: dict, command: str) -> str:
+    total = sum(sum(t["properties"].values()) for t in results["targets"].values())
+    lines = [
+        "# Fuzzing campaign (`make fuzz`)",
+        "",
+        "The property tests of tests/properties/ (every parser of outside input) run with many",
+        "random examples: each target in rounds of one pytest run under hypothesis's \"fuzz\" profile,",
+        "a fresh seed per round, for an equal share of the time. `make test` runs the same",
+        "properties with 100 derandomized examples each.",
+        "",
+        f"Command: `{command}`  ",
+        f"Run: {results['started']:%Y-%m-%d %H:%M} UTC, {results['seconds'] / 60:.1f} minutes, "
+        f"on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"load shared with other work).  ",
+        f"Examples in all: **{total:,}**; failing rounds: **{len(results['failures'])}**.",
+        "",
+        "| target | rounds | minutes | property | examples | failing rounds |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    for name, target in results["targets"].items():
+        first = True
+        for prop, count in sorted(target["properties"].items()):
+            head = (f"| {name} | {target['rounds']} | {target['seconds'] / 60:.1f} " if first else "| | | ")
+            lines.append(f"{head}| {prop} | {count:,} | {target['failed'].get(prop, 0)} |")
+            first = False
+    lines += ["", "Failures found by earlier campaigns and the CI profile are fixed, each kept as an",
+              "`@example` of its property and a regression test (see the commit history of tests/properties/)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.properties.campaign")
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--examples", type=int, default=2000, help="examples per property per round")
+    parser.add_argument("--report", default="bench/FUZZ.md")
+    args = parser.parse_args(argv)
+    command = os.environ.get("FUZZ_COMMAND") or f"python -m tests.properties.campaign --minutes {args.minutes:g} " \
+                                                 f"--examples {args.examples}"
+    results = campaign(args.minutes, args.examples)
+    report_path = ROOT / args.report
+    report_path.write_text(report(results, command))
+    failures_path = report_path.with_name(report_path.name + ".failures.txt")
+    if results["failures"]:
+        failures_path.write_text("\n\n".join(f"== {name}, seed {seed}\n{output}" for name, seed, output
+                                             in results["failures"]))
+    print(f"report: {report_path}" + (f"; failures: {failures_path}" if results["failures"] else ""))
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
