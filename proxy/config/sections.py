@@ -20,8 +20,8 @@ import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .addresses import check_server_address, parse_bind, parse_nameserver
 from ..passwords import is_hashed, parse_hash
+from .addresses import check_server_address, parse_bind, parse_nameserver
 from .durations import format_duration, parse_duration
 from .model import (
     AUTO,

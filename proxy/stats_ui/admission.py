@@ -86,8 +86,6 @@ class Slots:
         self._waiting: OrderedDict[Slot, None] = OrderedDict()  # oldest first
         self._waiting_by_client: dict[str, OrderedDict[Slot, None]] = {}
         self._count = 0
-        self.evictions = 0
-        self.refusals: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return self._count
@@ -104,12 +102,12 @@ class Slots:
         if self.per_client is not None and self._held[client] >= self.per_client:
             victim = _oldest(self._waiting_by_client.get(client))
             if victim is None:
-                return self._refuse("per_client", client), evicted
+                return Refused("per_client", client), evicted
             evicted.append(self._evict(victim))
         if self._count >= self.limit:
             victim = _oldest(self._waiting)
             if victim is None:
-                return self._refuse("limit", client), evicted
+                return Refused("limit", client), evicted
             evicted.append(self._evict(victim))
         slot = Slot(self, client, on_evict)
         self._held[client] += 1
@@ -117,14 +115,9 @@ class Slots:
         self._set_waiting(slot)
         return slot, evicted
 
-    def _refuse(self, reason: str, client: str) -> Refused:
-        self.refusals[reason] += 1
-        return Refused(reason, client)
-
     def _evict(self, slot: Slot) -> Slot:
         self._release(slot)
         slot._state = "evicted"
-        self.evictions += 1
         slot._on_evict()
         return slot
 
