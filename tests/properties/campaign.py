@@ -2,12 +2,18 @@
 
     python -m tests.properties.campaign --minutes 20 --examples 2000 --report bench/FUZZ.md
 
-Each target is one file of tests/properties (one parser of outside input).
+Each target is one file of tests/properties (one parser of outside input),
+or a unit-test file holding the properties of another such parser
+(:data:`ELSEWHERE`; only its properties run).
 The time is shared equally among them; a target runs in rounds, each a
 pytest run under the "fuzz" hypothesis profile with `--examples` examples
 per property and a fresh random seed, until its share is spent (a round
-that has begun finishes). Hypothesis keeps what fails in its example
-database (.hypothesis/), so `make test` replays it until it is fixed.
+that has begun finishes). A failing round's output, with the seed and
+hypothesis's reproduction blob, is kept in full (below); the fuzz profile's
+example database (.hypothesis/) replays the failure in the next campaign on
+this machine. `make test` does not see that database (the derandomized "ci"
+profile has none, and CI starts from a clean clone): a failure found here
+is fixed and kept as an ``@example`` of its property.
 
 The report (markdown) gives the command, the machine, and per target and
 property the rounds and examples run; a failing round's output is kept in
@@ -40,8 +46,21 @@ FOUND = (
 )
 
 
+# Parsers of outside input whose properties live beside their unit tests.
+ELSEWHERE = (
+    "tests/unit/test_amqp_inspect.py",  # the AMQP handshake inspector: every client's and broker's first bytes
+    "tests/unit/test_amqp_rebalance.py",  # the last bytes of each direction, read at the end (clean close or not)
+    "tests/unit/test_vip_peerlink.py",  # the VIP peer link's messages from another host
+    "tests/unit/test_importer.py",  # haproxy.cfg and keepalived.conf as `warren import` reads them
+)
+
+
 def targets() -> list[Path]:
-    return sorted(path for path in HERE.glob("test_*.py"))
+    return sorted(HERE.glob("test_*.py")) + [ROOT / name for name in ELSEWHERE if (ROOT / name).exists()]
+
+
+def target_name(path: Path) -> str:
+    return str(path.relative_to(HERE if path.parent == HERE else ROOT / "tests"))
 
 
 def run_round(target: Path, examples: int, seed: int, counts_path: str) -> tuple[bool, str]:
@@ -73,10 +92,10 @@ def campaign(minutes: float, examples: int) -> dict:
                         per_property[name] += count["examples"]
                         failed[name] += not count["passed"]
                 if not ok:
-                    results["failures"].append((target.name, seed, output))
-                print(f"{target.name}: round {rounds} (seed {seed}) {'ok' if ok else 'FAILED'}, "
+                    results["failures"].append((target_name(target), seed, output))
+                print(f"{target_name(target)}: round {rounds} (seed {seed}) {'ok' if ok else 'FAILED'}, "
                       f"{sum(per_property.values())} examples so far", flush=True)
-            results["targets"][target.name] = {
+            results["targets"][target_name(target)] = {
                 "rounds": rounds, "seconds": time.monotonic() - start,
                 "properties": dict(per_property), "failed": {k: v for k, v in failed.items() if v},
             }
@@ -89,10 +108,11 @@ def report(results: dict, command: str) -> str:
     lines = [
         "# Fuzzing campaign (`make fuzz`)",
         "",
-        "The property tests of tests/properties/ (every parser of outside input) run with many",
-        "random examples: each target in rounds of one pytest run under hypothesis's \"fuzz\" profile,",
-        "a fresh seed per round, for an equal share of the time. `make test` runs the same",
-        "properties with 100 derandomized examples each.",
+        "The property tests of every parser of outside input (tests/properties/, and the properties",
+        "of tests/unit/ files named in tests/properties/campaign.py) run with many random examples:",
+        "each target in rounds of one pytest run under hypothesis's \"fuzz\" profile, a fresh seed",
+        "per round, for an equal share of the time. `make test` runs the same properties derandomized",
+        "(100 examples each, or what a property's own `@settings` says).",
         "",
         f"Command: `{command}`  ",
         f"Run: {results['started']:%Y-%m-%d %H:%M} UTC, {results['seconds'] / 60:.1f} minutes, "
