@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
 from dataclasses import dataclass
 
 import h11
@@ -28,8 +29,9 @@ def basic(user: str, password: str) -> str:
 
 
 async def http(address, target="/", method="GET", *, auth=CREDENTIALS, body=b"", headers=(),
-               source: str | None = None) -> Reply:
-    """One request on a fresh connection (from `source`, a local address); auth=None sends no Authorization."""
+               source: str | None = None, tls: ssl.SSLContext | None = None) -> Reply:
+    """One request on a fresh connection (from `source`, a local address; over HTTPS with
+    the client context `tls`, asking for "localhost"); auth=None sends no Authorization."""
     all_headers = [("host", "stats"), ("connection", "close"), *headers]
     if auth is not None:
         all_headers.append(("authorization", basic(*auth)))
@@ -38,6 +40,8 @@ async def http(address, target="/", method="GET", *, auth=CREDENTIALS, body=b"",
     client = h11.Connection(h11.CLIENT)
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream(*address, local_address=source)
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_hostname="localhost", https_compatible=True)
         async with stream:
             data = client.send(h11.Request(method=method, target=target, headers=all_headers))
             if body:

@@ -19,7 +19,7 @@ import trio
 
 from lab import wait_until
 from proxy.app import App
-from proxy.config.model import BindAddress, Stats
+from proxy.config.model import BindAddress, BindTls, Stats
 from proxy.runtime import AdminState
 from proxy.stats_ui.auth import FailureLimiter
 from proxy.stats_ui.server import Limits
@@ -306,6 +306,49 @@ async def test_at_the_limit_the_longest_silent_connection_makes_room():
             assert status_of(await newer.receive_some(100)) == 401
             for stream in (oldest, newer):
                 await stream.aclose()
+            await wait_until(lambda: running.service.open_connections == 0, timeout=5)
+            nursery.cancel_scope.cancel()
+
+
+# --- HTTPS ([stats.tls]) ------------------------------------------------------------
+
+
+async def test_over_https_a_connection_in_its_handshake_holds_a_slot_and_makes_room_for_a_real_client(pki):
+    """The HTTPS page's connections go through the same slots: one that never
+    sends its ClientHello waits, as one that never sends its request head,
+    and is evicted for a real client from the same address."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, limits=Limits(max_connections_per_client=2),
+                                             tls=BindTls(crt=(pki.server.pem,)))
+            silent = [await trio.open_tcp_stream(*running.address) for _ in range(2)]
+            await wait_until(lambda: running.service.open_connections == 2, timeout=5)
+            with structlog.testing.capture_logs() as logs:
+                reply = await http(running.address, tls=pki.server_context())
+            assert reply.status == 200 and b"<!DOCTYPE html>" in reply.body
+            assert await silent[0].receive_some(100) == b""  # evicted in its handshake, without a word
+            assert [e["reason"] for e in logs if e["event"] == "stats.connection_limit"] == ["evicted"]
+            await wait_until(lambda: running.service.open_connections == 1, timeout=5)  # the other silent one
+            for stream in silent:
+                await stream.aclose()
+            await wait_until(lambda: running.service.open_connections == 0, timeout=5)
+            nursery.cancel_scope.cancel()
+
+
+async def test_over_https_a_handshake_not_done_in_time_or_plain_http_is_closed_and_logged(pki):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            running = await start_with_stats(nursery, tls=BindTls(crt=(pki.server.pem,), handshake_timeout=0.3))
+            with structlog.testing.capture_logs() as logs:
+                start = trio.current_time()
+                assert await raw(running.address, b"", eof=False) == b""  # never a ClientHello
+                assert 0.3 <= trio.current_time() - start < 3
+                answer = await raw(running.address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert status_of(answer) is None  # no plaintext answer on the HTTPS port
+            failed = [e for e in logs if e["event"] == "stats.tls_handshake_failed"]
+            assert [e["reason"] for e in failed][0] == "handshake timeout"
+            assert len(failed) == 2 and failed[1]["reason"] != "handshake timeout", failed
+            assert (await http(running.address, tls=pki.server_context())).status == 200
             await wait_until(lambda: running.service.open_connections == 0, timeout=5)
             nursery.cancel_scope.cancel()
 

@@ -52,6 +52,7 @@ ELSEWHERE = (
     "tests/unit/test_amqp_rebalance.py",  # the last bytes of each direction, read at the end (clean close or not)
     "tests/unit/test_vip_peerlink.py",  # the VIP peer link's messages from another host
     "tests/unit/test_importer.py",  # haproxy.cfg and keepalived.conf as `warren import` reads them
+    "tests/unit/test_proxy_protocol_tls.py",  # PROXY v2 headers with their SSL TLVs
 )
 
 
