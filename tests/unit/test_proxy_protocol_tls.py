@@ -85,18 +85,6 @@ def test_every_prefix_of_a_header_asks_for_more(src, dst, info, data):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=300))
-def test_any_bytes_parse_to_a_header_more_please_or_value_error(data):
-    try:
-        result = parse(data)
-    except ValueError:
-        return
-    if result is not None:
-        header, consumed = result
-        assert 0 < consumed <= len(data)
-
-
-@settings(max_examples=400, deadline=None)
 @given(st.binary(min_size=1, max_size=200), st.integers(0, 0x3F))
 def test_any_tlv_block_after_a_valid_prefix_is_decoded_or_refused(tlvs, family_byte):
     body = bytes(12) + tlvs
