@@ -34,7 +34,7 @@ from lab import Host, Lan, NetLab, in_ns, netns_missing, sysctl
 
 from ..contenders import REPO
 from ..model import Metric, Target
-from ..procs import Managed, ProcessFailed, read_event, spawn
+from ..procs import Managed, read_event, send_line, spawn
 from .base import Benchmark, MeasureError
 
 BACKEND_PORT = 9000
@@ -367,7 +367,7 @@ class Failover(Benchmark):
             event, wall = self._trigger(lan, case, master)
             _wait(lambda: _last_served(prober) == "h2", 30, "the client never reached h2 via the VIP")
             time.sleep(0.2)  # a few more probes: the gap is closed by then
-            _send(prober, "stop")
+            send_line(prober, "stop")
             done = read_event(prober, "done", 10)
             values = {case.key: longest_gap([t for t, _ in done["ok"]], event)}
             if contender == "warren" and case.event == "crash":
@@ -484,17 +484,9 @@ def _spawn(lan: Lan, ns: str, name: str, argv: list[str], log_path: Path | None,
     return lan.lab.adopt(spawn(name, in_ns(ns, argv), log_path=log_path, **options))
 
 
-def _send(process: Managed, line: str) -> None:
-    try:
-        process.popen.stdin.write(line.encode() + b"\n")
-        process.popen.stdin.flush()
-    except BrokenPipeError as error:
-        raise ProcessFailed(f"{process.name} exited\n{process.log_tail()}") from error
-
-
 def _last_served(prober: Managed) -> str | None:
     """Who answered the prober's latest successful connection."""
-    _send(prober, "status")
+    send_line(prober, "status")
     last = read_event(prober, "status", 5)["last"]
     return last[1] if last else None
 
