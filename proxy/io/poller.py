@@ -154,6 +154,12 @@ class Poller:
         return waiter
 
     def wake_at(self, link: Link, when: float) -> None:
+        if when == math.inf:
+            # Never due: an entry would only keep the link (and everything
+            # it holds) alive after it ended, as entries leave the heap
+            # only when due. The link's ``scheduled`` stays inf, so a finite
+            # deadline later is pushed again.
+            return
         heapq.heappush(self._timers, (when, next(self._order), link))
         if self._sleep is not None and when < self._sleep.deadline:
             self._sleep.deadline = when
@@ -267,9 +273,11 @@ class Poller:
                 except Exception as exc:
                     self._contain(link, exc)
             else:
-                # Pushed back by traffic since: look again then.
+                # Pushed back by traffic since (or no longer bounded: its
+                # timeouts were retimed away): look again then.
                 link.scheduled = link.deadline
-                heapq.heappush(timers, (link.deadline, next(self._order), link))
+                if link.deadline != math.inf:
+                    heapq.heappush(timers, (link.deadline, next(self._order), link))
 
 
     def _contain(self, link: Link, error: Exception) -> None:

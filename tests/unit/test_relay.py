@@ -24,7 +24,7 @@ from lab import wait_until
 from proxy.io import pipes as pipes_module
 from proxy.io.pipes import Pipe, PipePool, splice_supported
 from proxy.io.poller import current_poller
-from proxy.io.relay import Ending, Timeouts, Traffic, relay
+from proxy.io.relay import Ending, Timeouts, Traffic, relay, start_relay
 from proxy.io.relay import Link as RelayLink
 
 IO_BOUND = 30  # seconds; every real-time test fails rather than hangs
@@ -355,6 +355,47 @@ async def test_without_timeouts_an_idle_connection_lives_on(pipes, autojump_cloc
             with trio.move_on_after(7 * 24 * 3600):
                 await link.done.wait()
             assert not link.done.is_set()
+
+
+@asynccontextmanager
+async def started_relay(timeouts: Timeouts, notify):
+    """A relay started without a task (as a session does): yields its link."""
+    client, proxy_client = await socket_pair("unix")
+    proxy_server, server = await socket_pair("unix")
+    try:
+        yield start_relay(proxy_client, proxy_server, Traffic(), timeouts, pipes=None, owned=False, notify=notify)
+    finally:
+        for sock in (client, proxy_client, proxy_server, server):
+            sock.close()
+
+
+async def test_a_relay_retimed_to_no_timeout_is_not_kept_by_the_poller_once_stopped(autojump_clock):
+    # An AMQP connection starts with the handshake timeout and is retimed to
+    # none when it negotiates no heartbeat: the timer entry of its first
+    # deadline must not come back as a never-due one that keeps the ended
+    # link (and its whole session) in the poller's heap for ever.
+    poller = current_poller()
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with started_relay(Timeouts(client=10), notify=lambda result: None) as link:
+            link.retime(Timeouts())
+            await trio.sleep(20)  # the first deadline's entry comes due
+            link.stop()
+        assert not [entry for entry in poller._timers if entry[2] is link]
+
+
+async def test_a_relay_retimed_to_no_timeout_and_back_times_out_again(autojump_clock):
+    results = []
+    with trio.fail_after(VIRTUAL_BOUND):
+        async with started_relay(Timeouts(client=10), notify=results.append) as link:
+            link.retime(Timeouts())
+            await trio.sleep(20)
+            assert results == []
+            link.retime(Timeouts(client=5))
+            start = trio.current_time()
+            await wait_until(lambda: results, timeout=VIRTUAL_BOUND)
+            assert trio.current_time() - start == pytest.approx(5, abs=1)
+            assert results[0].unwrap() is Ending.CLIENT_TIMEOUT
+            link.stop()
 
 
 def _scaled(timeouts: Timeouts, time_: Timebase) -> Timeouts:
