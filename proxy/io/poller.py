@@ -41,6 +41,9 @@ EDGE_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLE
 _CONNECT_ENDED = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
+_SWEEP_MIN = 4096  # no sweep of the timer heap below this many entries
+
+
 class Poller:
     """One epoll instance and one timer heap for every relay of a trio run.
 
@@ -64,13 +67,14 @@ class Poller:
     timer (``"portable"``, ``_run_in_trio``).
     """
 
-    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sleep", "_order", "_nested", "mode", "now")
+    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sweep_at", "_sleep", "_order", "_nested", "mode", "now")
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._links: dict[int, Link] = {}
         self._busy: list[Link] = []  # links with more to move at once
         self._timers: list[tuple[float, int, Link]] = []
+        self._sweep_at = _SWEEP_MIN  # heap size at which stale entries are swept
         self._sleep: trio.CancelScope | None = None
         self._order = itertools.count()  # heap tie-breaker: links don't compare
         # Decided once, in the run that creates it (see run).
@@ -160,9 +164,25 @@ class Poller:
             # only when due. The link's ``scheduled`` stays inf, so a finite
             # deadline later is pushed again.
             return
-        heapq.heappush(self._timers, (when, next(self._order), link))
+        timers = self._timers
+        heapq.heappush(timers, (when, next(self._order), link))
+        if len(timers) >= self._sweep_at:
+            self._sweep_timers()
         if self._sleep is not None and when < self._sleep.deadline:
             self._sleep.deadline = when
+
+    def _sweep_timers(self) -> None:
+        """Drops the heap's stale entries: those of ended links and those
+        superseded by an earlier deadline. Entries otherwise leave only when
+        due, and each holds its link (a session and all it refers to): with
+        an idle timeout of hours, every connection closed meanwhile would stay
+        in memory until then. Swept in place (``_fire_timers`` holds the
+        list) when the heap doubles since the last sweep: amortised O(1)
+        per entry."""
+        timers = self._timers
+        timers[:] = [entry for entry in timers if entry[0] == entry[2].scheduled and entry[2].notify is not None]
+        heapq.heapify(timers)
+        self._sweep_at = max(_SWEEP_MIN, 2 * len(timers))
 
     async def run(self) -> None:
         """Serve the links until cancelled, the fast way when trio allows it

@@ -23,6 +23,7 @@ from trio._core._run import SystemClock  # the real clock: the poller's nested w
 from lab import wait_until
 from proxy.io import pipes as pipes_module
 from proxy.io.pipes import Pipe, PipePool, splice_supported
+from proxy.io import poller as poller_module
 from proxy.io.poller import current_poller
 from proxy.io.relay import Ending, Timeouts, Traffic, relay, start_relay
 from proxy.io.relay import Link as RelayLink
@@ -381,6 +382,23 @@ async def test_a_relay_retimed_to_no_timeout_is_not_kept_by_the_poller_once_stop
             await trio.sleep(20)  # the first deadline's entry comes due
             link.stop()
         assert not [entry for entry in poller._timers if entry[2] is link]
+
+
+async def test_relays_ended_long_before_their_idle_deadline_do_not_pile_up_in_the_poller(autojump_clock):
+    # Timer entries leave the heap when due; with an idle timeout of an hour,
+    # every connection closed meanwhile (its link, its whole session) would
+    # stay in memory until then: the heap sweeps such entries once it doubles.
+    poller = current_poller()
+    ended = 2 * poller_module._SWEEP_MIN + 100
+    with trio.fail_after(VIRTUAL_BOUND):
+        for _ in range(ended):
+            async with started_relay(Timeouts(client=3600), notify=lambda result: None) as link:
+                link.stop()
+        assert len(poller._timers) < poller_module._SWEEP_MIN
+        async with started_relay(Timeouts(client=5), notify=lambda result: None) as live:
+            poller._sweep_timers()
+            assert [entry[2] for entry in poller._timers] == [live]  # a live link keeps its entry
+            live.stop()
 
 
 async def test_a_relay_retimed_to_no_timeout_and_back_times_out_again(autojump_clock):
