@@ -87,7 +87,11 @@ class Canary:
                 self.all_connected.set()
             waiting = False  # a message published and neither confirmed nor refused yet
             try:
-                channel = await connection.channel(publisher_confirms=True)
+                # Bounded like every other step: opening a channel has no
+                # timeout of its own and can wait for ever on a broker that
+                # is going away.
+                channel = await asyncio.wait_for(connection.channel(publisher_confirms=True),
+                                                 self.args.connect_timeout)
                 await self.declare(channel)
                 while not self.stopping.is_set():
                     seq += 1

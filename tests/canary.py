@@ -63,13 +63,18 @@ class Canary:
         """Waits until every publisher confirmed ``by`` more messages than in the
         status ``before`` (None: than nothing); returns the status then."""
         marks = [p["confirmed"] for p in before["publishers"]] if before else None
+        last: list[dict] = []
 
         async def progressed() -> dict | None:
             status = await self.status()
+            last[:] = [status]
             counts = [p["confirmed"] for p in status["publishers"]]
             return status if all(n > (marks[i] if marks else 0) + by for i, n in enumerate(counts)) else None
 
-        return await wait_until(progressed, timeout=timeout, interval=0.2, what=f"publishers progressing {what}")
+        try:
+            return await wait_until(progressed, timeout=timeout, interval=0.2, what=f"publishers progressing {what}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the canary's last status: {last[0] if last else None}") from None
 
     async def stop(self) -> dict:
         """Stops publishing; the canary drains the queue and reports (``lost`` must be 0)."""
