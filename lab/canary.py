@@ -34,6 +34,9 @@ import aio_pika
 from pamqp.commands import Basic
 
 
+REFUSED_RECONNECT = 50  # publishes refused in a row before a publisher connects again
+
+
 @dataclass
 class Publisher:
     index: int
@@ -93,7 +96,14 @@ class Canary:
                 channel = await asyncio.wait_for(connection.channel(publisher_confirms=True),
                                                  self.args.connect_timeout)
                 await self.declare(channel)
+                refused_in_a_row = 0
                 while not self.stopping.is_set():
+                    if refused_in_a_row >= REFUSED_RECONNECT:
+                        # As an application does when its broker keeps refusing:
+                        # open a new connection (seen once after a node of the
+                        # cluster stopped: one channel's publishes nacked for
+                        # good while the other publishers' were confirmed).
+                        raise RuntimeError(f"{refused_in_a_row} publishes refused in a row")
                     seq += 1
                     message = aio_pika.Message(f"{publisher.index}:{seq}".encode(),
                                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
@@ -103,12 +113,15 @@ class Canary:
                             message, routing_key=self.args.queue, timeout=self.args.confirm_timeout)
                     except aio_pika.exceptions.DeliveryError:
                         publisher.refused += 1
+                        refused_in_a_row += 1
                     else:
                         if isinstance(result, Basic.Ack):
                             publisher.confirmed.add(seq)
                             publisher.last_confirm = time.time()
+                            refused_in_a_row = 0
                         else:  # returned: unroutable
                             publisher.refused += 1
+                            refused_in_a_row += 1
                     waiting = False
                     await self._pause(self.args.interval)
             except Exception as error:  # timeout, connection or channel lost

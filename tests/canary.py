@@ -59,9 +59,12 @@ class Canary:
         status = await self.status()
         return all(p["connected"] and p["last_confirm"] > moment for p in status["publishers"])
 
-    async def progress_past(self, before: dict | None, what: str, *, by: int = 5, timeout: float = 60) -> dict:
+    async def progress_past(self, before: dict | None, what: str, *, by: int = 5, timeout: float = 60,
+                            each: bool = True) -> dict:
         """Waits until every publisher confirmed ``by`` more messages than in the
-        status ``before`` (None: than nothing); returns the status then."""
+        status ``before`` (None: than nothing); returns the status then.
+        ``each=False``: the publishers together confirmed ``by`` more per
+        publisher, and every one of them is connected."""
         marks = [p["confirmed"] for p in before["publishers"]] if before else None
         last: list[dict] = []
 
@@ -69,7 +72,12 @@ class Canary:
             status = await self.status()
             last[:] = [status]
             counts = [p["confirmed"] for p in status["publishers"]]
-            return status if all(n > (marks[i] if marks else 0) + by for i, n in enumerate(counts)) else None
+            floors = [(marks[i] if marks else 0) + by for i in range(len(counts))]
+            if each:
+                done = all(n > floor for n, floor in zip(counts, floors))
+            else:
+                done = sum(counts) > sum(floors) and all(p["connected"] for p in status["publishers"])
+            return status if done else None
 
         try:
             return await wait_until(progressed, timeout=timeout, interval=0.2, what=f"publishers progressing {what}")
