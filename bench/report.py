@@ -124,7 +124,8 @@ def records(results: list[BenchResult]) -> list[dict]:
                 record["targets"] = []
                 for target in targets:
                     judged, observed, met = result.judge(target)
-                    entry = {"target": target.describe(), "observed": observed, "met": met}
+                    entry = {"target": target.describe(), "op": target.op, "value": target.value,
+                             "baseline": target.baseline, "observed": observed, "met": met}
                     if judged.metric != target.metric:
                         entry["judged_on"] = judged.metric
                     record["targets"].append(entry)
@@ -272,32 +273,31 @@ def _configs() -> str:
 
 # -- chart -----------------------------------------------------------------------
 
-def chart_bars(results: list[BenchResult]) -> list[tuple[str, float, bool | None, float | None]]:
+def chart_bars(records: list[dict]) -> list[tuple[str, float, bool | None, float | None]]:
     """(label, Warren's advantage over HAProxy, target met, target line) per
-    compared metric; advantage > 1 means Warren did better (the ratio is
-    inverted for lower-is-better metrics)."""
+    compared metric, from results.json's records; advantage > 1 means Warren
+    did better (the ratio is inverted for lower-is-better metrics)."""
     bars = []
-    for result in results:
-        for metric in result.metrics:
-            ratio = _ratio(result, metric, "haproxy")
-            if ratio is None or ratio <= 0:
-                continue
-            advantage = ratio if metric.higher_is_better else 1 / ratio
-            met, line = None, None
-            for target in result.targets:
-                if target.metric != metric.key:
-                    continue
-                _, _, this_met = result.judge(target)
-                met = this_met if met is None else (met and this_met)
-                if target.baseline == "haproxy":
-                    line = target.value if metric.higher_is_better else 1 / target.value
-            bars.append((f"{result.name}: {metric.label}", advantage, met, line))
+    for record in records:
+        ratio = record.get("warren_vs_haproxy")
+        if ratio is None or ratio <= 0:
+            continue
+        higher = record["higher_is_better"]
+        advantage = ratio if higher else 1 / ratio
+        met, line = None, None
+        for target in record.get("targets", []):
+            this_met = target["met"]
+            met = this_met if met is None else (met and this_met)
+            if target.get("baseline") == "haproxy":
+                line = target["value"] if higher else 1 / target["value"]
+        bars.append((f"{record['name']}: {record['label']}", advantage, met, line))
     return bars
 
 
-def write_chart(path: Path, results: list[BenchResult], meta: dict) -> bool:
-    """ratios.png; False (and no file) when matplotlib is missing or no data."""
-    bars = chart_bars(results)
+def write_chart(path: Path, records: list[dict], meta: dict) -> bool:
+    """ratios.png from results.json's records; False (and no file) when
+    matplotlib is missing or no data."""
+    bars = chart_bars(records)
     try:
         import matplotlib
 
@@ -320,7 +320,8 @@ def write_chart(path: Path, results: list[BenchResult], meta: dict) -> bool:
     ax.set_yticks(ys, [b[0] for b in bars], fontsize=8)
     ax.set_xlabel("Warren relative to HAProxy (> 1: Warren better; black tick: target; "
                   "green met, red missed, grey no target)", fontsize=8)
-    ax.set_title(f"Warren vs HAProxy, medians ({meta['mode']} run, {meta['date']})", fontsize=10)
+    reruns = f", {len(meta['reruns'])} re-run(s) merged" if meta.get("reruns") else ""
+    ax.set_title(f"Warren vs HAProxy, medians ({meta['mode']} run, {meta['date']}{reruns})", fontsize=10)
     low = min(0.2, min(b[1] for b in bars) / 1.3)
     high = max(5.0, max(b[1] for b in bars) * 1.5)
     ax.set_xlim(low, high)
@@ -334,7 +335,7 @@ def write_chart(path: Path, results: list[BenchResult], meta: dict) -> bool:
     return True
 
 
-def _optimisations() -> str:
+def optimisations() -> str:
     """The hand-kept record of what each optimisation bought (bench/OPTIMISATIONS.md)."""
     notes = Path(__file__).with_name("OPTIMISATIONS.md")
     return "\n" + notes.read_text() if notes.exists() else ""
@@ -344,9 +345,9 @@ def write_all(out_dir: Path, results: list[BenchResult], meta: dict) -> list[Pat
     """Writes RESULTS.md, results.json and ratios.png into out_dir; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "RESULTS.md", out_dir / "results.json"]
-    written[0].write_text(markdown(results, meta) + _optimisations())
+    written[0].write_text(markdown(results, meta) + optimisations())
     write_json(written[1], results, meta)
-    if write_chart(out_dir / "ratios.png", results, meta):
+    if write_chart(out_dir / "ratios.png", records(results), meta):
         written.append(out_dir / "ratios.png")
     else:
         print("ratios.png not written (matplotlib missing or no ratios)", file=sys.stderr)

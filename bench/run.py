@@ -1,4 +1,4 @@
-"""The benchmark driver: `python -m bench.run [--quick | --smoke] [--only NAME]`.
+"""The benchmark driver: `python -m bench.run [--quick | --smoke] [--only NAME [--merge]]`.
 
 Runs every benchmark (bench.suites.ALL) with a progress display: per
 benchmark, its environment once, then rounds in which every contender is
@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from . import contenders as C
-from . import report
+from . import merge, report
 from .lab import Lab, Mode
 from .model import BenchResult
 from .procs import raise_nofile_limit, stop_all
@@ -51,7 +51,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="also run the Warren of this checkout as contender 'baseline' (an A/B of "
                              "two versions) in the benchmarks that start Warren as a plain process")
-    return parser.parse_args(argv)
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: replace only these benchmarks in the existing RESULTS.md and "
+                             "results.json of --out-dir, keeping the others (the report's head lists each "
+                             "re-run with its command, date and load)")
+    args = parser.parse_args(argv)
+    if args.merge and (not args.only or args.case or args.baseline):
+        parser.error("--merge needs --only and takes whole benchmarks: no --case, no --baseline")
+    if args.merge and not (args.out_dir / "RESULTS.md").is_file():
+        parser.error(f"--merge: no {args.out_dir / 'RESULTS.md'} to merge into")
+    return args
 
 
 def _interrupt(signum, frame) -> None:
@@ -157,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": report.versions(),
     }
     meta["machine"]["load average at the start (1, 5, 15 min)"] = load_at_start
-    for path in report.write_all(args.out_dir, results, meta):
+    write = merge.write_merged if args.merge else report.write_all
+    for path in write(args.out_dir, results, meta):
         progress.note(f"wrote {path}")
     for result, label, target, observed, verdict in report.target_rows(results):
         progress.note(f"  {result.name:9} {label:28} {target:18} {observed:>12}  {verdict.strip('*')}")
