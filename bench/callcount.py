@@ -60,14 +60,16 @@ ECHO = textwrap.dedent("""
 """)
 
 
-def config_text(port: int, servers: int) -> str:
-    text = textwrap.dedent("""
+def config_text(port: int, servers: int, mode: str = "amqp", relay: str = "auto") -> str:
+    text = textwrap.dedent(f"""
         [global]
         log_level = "warning"
+        relay = "{relay}"
 
         [frontends.fe]
         bind = ["127.0.0.1:0"]
         backend = "be"
+        mode = "{mode}"
 
         [backends.be]
         retries = 3
@@ -110,13 +112,16 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=1500)
     parser.add_argument("--servers", type=int, default=3)
     parser.add_argument("--top", type=int, default=0, help="list the most called functions")
+    parser.add_argument("--mode", choices=("amqp", "tcp"), default="amqp", help="the frontend's mode")
+    parser.add_argument("--relay", choices=("auto", "kernel", "splice", "copy"), default="auto",
+                        help="[global] relay (TCP frontends take the kernel path where it is in use)")
     args = parser.parse_args()
     echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
     try:
         port = int(echo.stdout.readline())
         with tempfile.TemporaryDirectory() as work:
             path = Path(work) / "warren.toml"
-            path.write_text(config_text(port, args.servers))
+            path.write_text(config_text(port, args.servers, args.mode, args.relay))
             small = count_calls(path, args.small)
             large = count_calls(path, args.large)
     finally:

@@ -33,6 +33,7 @@ MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 PROG_LOAD = 5
+MAP_UPDATE_BATCH = 26  # kernel 5.6+ (hash and array maps; not socket maps)
 MAP_DELETE_BATCH = 27  # kernel 5.6+
 PROG_ATTACH = 8
 PROG_DETACH = 9
@@ -93,11 +94,15 @@ def syscall_number(machine: str | None = None) -> int:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+try:
+    _number: int | None = syscall_number()
+except Unsupported:
+    _number = None  # bpf() raises it when called
 
 
 def bpf(cmd: int, attr: bytes | ctypes.Array, what: str) -> int:
     """One bpf(2) call; returns its result (an fd for creations), raises BpfError."""
-    number = syscall_number()
+    number = _number if _number is not None else syscall_number()
     if isinstance(attr, (bytes, bytearray)):
         attr = ctypes.create_string_buffer(bytes(attr).ljust(_ATTR_SIZE, b"\0"), _ATTR_SIZE)
     result = _libc.syscall(ctypes.c_long(number), ctypes.c_long(cmd), attr, ctypes.c_long(ctypes.sizeof(attr)))
@@ -251,6 +256,47 @@ def update_elem(map_fd: int, key: bytes, value: bytes, flags: int = ANY) -> None
     value_buf = ctypes.create_string_buffer(value, len(value))
     attr = struct.pack("IIQQQ", map_fd, 0, _pointer(key_buf), _pointer(value_buf), flags)
     bpf(MAP_UPDATE_ELEM, attr, "updating a map element")
+
+
+class Updates:
+    """Repeated updates of one map from buffers allocated once: each
+    :meth:`update` is one bpf(2) call and nothing else (the kernel path
+    updates maps for every new connection). ``batch`` entries at most per
+    call; :meth:`update` with more than one uses BPF_MAP_UPDATE_BATCH
+    (kernel 5.6+, hash and array maps), which raises BpfError (EINVAL,
+    ENOTSUPP) where the kernel or the map type has none."""
+
+    __slots__ = ("map_fd", "key_size", "value_size", "keys", "values", "attr", "batch_attr", "_args")
+
+    def __init__(self, map_fd: int, key_size: int, value_size: int, batch: int = 1) -> None:
+        self.map_fd, self.key_size, self.value_size = map_fd, key_size, value_size
+        self.keys = ctypes.create_string_buffer(key_size * batch)
+        self.values = ctypes.create_string_buffer(value_size * batch)
+        keys, values = ctypes.addressof(self.keys), ctypes.addressof(self.values)
+        self.attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into("IIQQQ", self.attr, 0, map_fd, 0, keys, values, ANY)
+        # struct { u64 in_batch, out_batch, keys, values; u32 count, map_fd; u64 elem_flags, flags; }
+        self.batch_attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into("QQQQIIQQ", self.batch_attr, 0, 0, 0, keys, values, batch, map_fd, ANY, 0)
+        self._args = (ctypes.c_long(MAP_UPDATE_ELEM), ctypes.c_long(MAP_UPDATE_BATCH), ctypes.c_long(_ATTR_SIZE))
+
+    def update(self, keys: bytes, values: bytes) -> None:
+        """Store ``values`` under ``keys`` (both concatenated, as many of
+        each, at most ``batch``); raises BpfError."""
+        count = len(keys) // self.key_size
+        self.keys[: len(keys)] = keys
+        self.values[: len(values)] = values
+        single, batched, size = self._args
+        if count == 1:
+            result = _libc.syscall(_c_number, single, self.attr, size)
+        else:
+            struct.pack_into("I", self.batch_attr, 32, count)
+            result = _libc.syscall(_c_number, batched, self.batch_attr, size)
+        if result < 0:
+            raise BpfError(ctypes.get_errno() or errno.EINVAL, "updating map elements")
+
+
+_c_number = ctypes.c_long(_number if _number is not None else -1)
 
 
 def delete_elem(map_fd: int, key: bytes) -> None:

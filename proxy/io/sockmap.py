@@ -77,8 +77,10 @@ DEFAULT_CAPACITY = 16384  # sockets, i.e. 8,192 pairs
 _STALE_BATCH = 256  # closed sockets' slot entries deleted together
 
 _SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
 _COOKIE = struct.Struct("=Q")
-_SLOT = struct.Struct("=I")
+_SLOTS = struct.Struct("=II")
+_ENOTSUPP = 524  # the kernel's internal "operation not supported" (no batch operations)
 
 
 def build_program(slots_fd: int, state_fd: int, socks_fd: int) -> bytes:
@@ -151,6 +153,12 @@ class Full(Exception):
     """No slot left in the socket map: relay this pair another way."""
 
 
+class Torn(Exception):
+    """A pair the kernel refused after it had taken one socket, which
+    received bytes in that moment: they are gone with its removal, so the
+    connection cannot go on (rare: a broker closing exactly then)."""
+
+
 class Sockmap:
     """The maps and the loaded program of one process.
 
@@ -185,6 +193,9 @@ class Sockmap:
             self.close()
             raise
         self._words = memoryview(self._mmap).cast("Q")
+        self._slots = bpf.Updates(self._slots_fd, 8, 4, batch=2)
+        self._socks = bpf.Updates(self._socks_fd, 8, 8)
+        self._slots_batch = True
         # Freed slots are reused oldest first: a program run still finishing
         # for a closed socket (an RCU grace period) cannot touch a new pair.
         self._free = collections.deque(range(capacity))
@@ -230,35 +241,57 @@ class Sockmap:
         Call :meth:`Pair.flush` next, for bytes queued before. Raises Full
         when no slot is left, OSError when the kernel refuses a socket (e.g.
         EOPNOTSUPP: no longer ESTABLISHED); nothing is left in the map then.
+
+        Five system calls: two socket cookies, both slots in one batch
+        update, one update of the socket map per socket (socket maps have
+        no batch update).
         """
-        if len(self._free) < 2:
+        free = self._free
+        if len(free) < 2:
             raise Full(f"socket map full ({self.capacity} sockets)")
-        socks = (client, server)
-        cookies = tuple(_COOKIE.pack(_cookie(sock)) for sock in socks)
-        slots = (self._free.popleft(), self._free.popleft())
+        getsockopt = client.getsockopt
+        client_cookie = getsockopt(_SOL_SOCKET, _SO_COOKIE, 8)
+        server_cookie = server.getsockopt(_SOL_SOCKET, _SO_COOKIE, 8)
+        slots = (free.popleft(), free.popleft())
         words, credit = self._words, self.first_credit
         for slot in slots:
             base = slot * _STATE_WORDS
             words[base + _REDIRECTED] = words[base + _PASSED] = words[base + _FORWARDED] = 0
             words[base + _LIMIT] = credit
-        done: list[bytes] = []
+        cookies = (client_cookie, server_cookie)
         try:
-            for cookie, slot in zip(cookies, slots):
-                bpf.update_elem(self._slots_fd, cookie, _SLOT.pack(slot))
-                done.append(cookie)
+            self._update_slots(client_cookie + server_cookie, _SLOTS.pack(*slots))
             # Each socket is kept under its peer's cookie: the program, run
             # for a socket, finds the peer under its own cookie.
-            bpf.update_elem(self._socks_fd, cookies[1], _COOKIE.pack(client.fileno()))
-            bpf.update_elem(self._socks_fd, cookies[0], _COOKIE.pack(server.fileno()))
-        except BaseException:
+            self._socks.update(server_cookie, _COOKIE.pack(client.fileno()))
+            self._socks.update(client_cookie, _COOKIE.pack(server.fileno()))
+        except BaseException as exc:
             for cookie in cookies:
                 _delete_quietly(self._socks_fd, cookie)
-            for cookie in done:
                 _delete_quietly(self._slots_fd, cookie)
-            self._free.extend(slots)
+            free.extend(slots)
+            if words[slots[0] * _STATE_WORDS + _PASSED]:
+                # The client was in the map alone for a moment and the program
+                # passed its bytes to its psock, which the removal discards.
+                raise Torn(f"the pair could not enter the map ({exc}) and bytes the client sent meanwhile "
+                           "were dropped with it") from exc
             raise
         self.pairs += 1
-        return Pair(self, socks, cookies, slots)
+        return Pair(self, (client, server), cookies, slots)
+
+    def _update_slots(self, cookies: bytes, slots: bytes) -> None:
+        """Both slots in one system call where the kernel has batch updates
+        (5.6+), else one each (decided at the first pair)."""
+        if self._slots_batch:
+            try:
+                self._slots.update(cookies, slots)
+                return
+            except bpf.BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+                    raise
+                self._slots_batch = False
+        self._slots.update(cookies[:8], slots[:4])
+        self._slots.update(cookies[8:], slots[4:])
 
     def _release(self, pair: Pair) -> None:
         """The pair's sockets are closed (or about to be): free its slots."""
@@ -281,24 +314,17 @@ class Sockmap:
         for cookie in stale:
             _delete_quietly(self._slots_fd, cookie)
 
-    # --- the shared state, for Pair ------------------------------------------------
-
-    def _word(self, slot: int, word: int) -> int:
-        return self._words[slot * _STATE_WORDS + word]
-
-    def _set_word(self, slot: int, word: int, value: int) -> None:
-        self._words[slot * _STATE_WORDS + word] = value
-
 
 class Pair:
     """Two sockets relayed by the kernel. Side 0 is the client, 1 the server.
 
     Counters are bytes *received* on a side and handled by the program:
     ``redirected`` to the peer by the kernel, ``passed`` to the socket's own
-    queue for Warren to forward (``forwarded`` of them done so far).
+    queue for Warren to forward (``forwarded`` of them done so far). Each
+    reads or writes the shared array directly (one call, no system call).
     """
 
-    __slots__ = ("sockmap", "socks", "cookies", "slots", "released")
+    __slots__ = ("sockmap", "socks", "cookies", "slots", "released", "words", "bases")
 
     def __init__(self, sockmap: Sockmap, socks, cookies, slots) -> None:
         self.sockmap = sockmap
@@ -306,44 +332,51 @@ class Pair:
         self.cookies = cookies
         self.slots = slots
         self.released = False
+        self.words = sockmap._words
+        self.bases = (slots[0] * _STATE_WORDS, slots[1] * _STATE_WORDS)
 
     def flush(self) -> None:
         """Run the program now on what each socket had queued before the pair
         entered the map (else it waits for the next skb), in order, under
         the socket's lock. Raises OSError if a socket is gone."""
         for sock in self.socks:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            sock.setsockopt(_SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def received(self, side: int) -> int:
         """Bytes received on `side` and handled by the program so far."""
-        slot, sockmap = self.slots[side], self.sockmap
-        return sockmap._word(slot, _REDIRECTED) + sockmap._word(slot, _PASSED)
+        words, base = self.words, self.bases[side]
+        return words[base + _REDIRECTED] + words[base + _PASSED]
 
     def redirected(self, side: int) -> int:
-        return self.sockmap._word(self.slots[side], _REDIRECTED)
+        return self.words[self.bases[side] + _REDIRECTED]
 
     def passed(self, side: int) -> int:
-        return self.sockmap._word(self.slots[side], _PASSED)
+        return self.words[self.bases[side] + _PASSED]
 
     def forwarded(self, side: int) -> int:
-        return self.sockmap._word(self.slots[side], _FORWARDED)
+        return self.words[self.bases[side] + _FORWARDED]
 
     def limit(self, side: int) -> int:
-        return self.sockmap._word(self.slots[side], _LIMIT)
+        return self.words[self.bases[side] + _LIMIT]
+
+    def caught_up(self, side: int) -> bool:
+        """Warren has forwarded every byte the program passed on `side`."""
+        words, base = self.words, self.bases[side]
+        return words[base + _PASSED] == words[base + _FORWARDED]
 
     def set_forwarded(self, side: int, value: int) -> None:
         """Warren has forwarded `value` passed bytes of `side` in all: once
         that equals ``passed``, the program may redirect again."""
-        self.sockmap._set_word(self.slots[side], _FORWARDED, value)
+        self.words[self.bases[side] + _FORWARDED] = value
 
     def grant(self, side: int, amount: int) -> None:
         """New credit: `side` may redirect `amount` more bytes from now on."""
-        slot, sockmap = self.slots[side], self.sockmap
-        sockmap._set_word(slot, _LIMIT, sockmap._word(slot, _REDIRECTED) + amount)
+        words, base = self.words, self.bases[side]
+        words[base + _LIMIT] = words[base + _REDIRECTED] + amount
 
     def stop(self, side: int) -> None:
         """No credit left for `side`: what it receives is passed from now on."""
-        self.sockmap._set_word(self.slots[side], _LIMIT, 0)
+        self.words[self.bases[side] + _LIMIT] = 0
 
     def release(self) -> None:
         """The caller closes both sockets now (closing takes them out of the
@@ -351,10 +384,6 @@ class Pair:
         if not self.released:
             self.released = True
             self.sockmap._release(self)
-
-
-def _cookie(sock: socket.socket) -> int:
-    return _COOKIE.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8))[0]
 
 
 def _delete_quietly(map_fd: int, key: bytes) -> None:
