@@ -89,7 +89,8 @@ def server(name: str, port: int, **kw) -> Server:
 
 async def start_warren(nursery: trio.Nursery, config: Config, *, relay: str | None = None, **kw) -> App:
     """Warren serving `config`, on the relay path `relay` ("copy", "splice",
-    "kernel"; skipped where this machine has not got it) if given."""
+    "kernel", "handover": see with_relay; skipped where this machine has not
+    got it) if given."""
     if relay is not None:
         config = with_relay(config, relay)
     app = App(config, handle_signals=False, **kw)
@@ -98,10 +99,15 @@ async def start_warren(nursery: trio.Nursery, config: Config, *, relay: str | No
 
 
 def with_relay(config: Config, relay: str) -> Config:
-    if relay == "kernel":
+    """`config` on relay path `relay`: "copy", "splice", "kernel" (TCP
+    connections enter the socket map at once: kernel_after = 0) or
+    "handover" (the kernel path after one quiet round on splice/copy)."""
+    if relay in ("kernel", "handover"):
         availability = kernel_availability()
         if not availability.available:
             pytest.skip(f"kernel path unavailable: {availability.reason}")
+        after = 0 if relay == "kernel" else 1
+        return replace(config, global_=replace(config.global_, relay=RelayPath.KERNEL, kernel_after=after))
     if relay == "splice" and not splice_supported():
         pytest.skip("splice(2) unavailable")
     return replace(config, global_=replace(config.global_, relay=RelayPath(relay)))

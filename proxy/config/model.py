@@ -408,6 +408,10 @@ class Global:
     grace: float = 30.0  # SIGTERM: how long live connections may finish
     control_socket: str | None = None  # `warren ctl` UNIX socket path
     relay: RelayPath = RelayPath.AUTO
+    # On the kernel path, a TCP connection is relayed by splice/copy for this
+    # many quiet rounds (about two per request and response) before it enters
+    # the socket map; 0: at once.
+    kernel_after: int = 8
 
 
 @dataclass(frozen=True, slots=True)

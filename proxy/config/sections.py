@@ -394,6 +394,7 @@ GLOBAL = {
     "grace": Field(duration(positive=False)),
     "control_socket": Field(string()),
     "relay": Field(choice(RelayPath)),
+    "kernel_after": Field(integer(0, 1_000_000)),
 }
 
 RESOLVERS = {

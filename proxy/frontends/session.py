@@ -59,7 +59,7 @@ from ..backends.proxy_protocol import SslInfo
 from ..backends.proxy_protocol import encode as encode_proxy_header
 from ..config.model import FrontendMode, SendProxy
 from ..io.pipes import PipePool
-from ..io.kernel_relay import KernelLink, Refused, start_kernel_relay
+from ..io.kernel_relay import KernelLink, Refused, hand_over, start_kernel_relay
 from ..io.poller import Poller, Writable, current_poller
 from ..io.relay import Ending, Link, Timeouts, Traffic
 from ..io.sockmap import Sockmap
@@ -168,7 +168,7 @@ class _Session(Link):
 
     __slots__ = (
         "sessions", "client", "frontend", "conn", "started", "backend", "dispatch",
-        "server_sock", "waiter", "done", "kernel", "client_tls", "server_tls", "peer",
+        "server_sock", "waiter", "done", "kernel", "client_tls", "server_tls", "peer", "header",
     )  # fmt: skip
 
     def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
@@ -185,6 +185,7 @@ class _Session(Link):
         self.waiter: Writable | Handshake | None = None
         self.done = False
         self.kernel: KernelLink | None = None  # the kernel's relay, on that path
+        self.header = 0  # bytes of a PROXY header written to the server
         self.client_tls: TlsEnd | None = None
         self.server_tls: TlsEnd | None = None
         self.peer: TlsPeer | None = None  # the client's TLS session, once established
@@ -357,11 +358,13 @@ class _Session(Link):
     def _relay(self, written: int = 0) -> None:
         """Both sockets go to the relay, which owns and closes them: the
         kernel's where it is in use (unless the frontend carries bulk
-        streams), else this session as the splice or copy relay's link. The
-        path is chosen here, once: a pair the kernel refuses (a client gone
-        already, a full map) is relayed the other way; a pair in the map
-        never leaves it. `written`: bytes already sent to the server (a
-        PROXY header), ahead of anything relayed."""
+        streams), else this session as the splice or copy relay's link. A
+        connection for the kernel starts as the latter too and moves to the
+        kernel after ``[global] kernel_after`` quiet rounds (``promote``):
+        the map's entry costs more than a short connection's whole relay. A
+        pair the kernel refuses (a client gone already, a full map) stays
+        on splice/copy; a pair in the map never leaves it. `written`: bytes
+        already sent to the server (a PROXY header), ahead of anything relayed."""
         sessions, client, sock = self.sessions, self.client, self.server_sock
         self.server_sock = None
         frontend = self.frontend
@@ -371,18 +374,21 @@ class _Session(Link):
         # reads the AMQP tap sees (a hand-over to the kernel path after the
         # handshake is not built yet); TLS is decrypted in user space: never
         # the kernel's relay.
+        kernel_after = 0
         if sessions.sockmap is not None and not frontend.config.bulk and not amqp and not tls:
-            try:
-                self.kernel = start_kernel_relay(
-                    client, sock, sessions.sockmap, sessions.timeouts(frontend, self.backend),
-                    written=(0, written), notify=self._kernel_ended,
-                )  # fmt: skip
-            except Refused as refused:
-                log.debug("relay.kernel_refused", conn=self.conn.id, reason=str(refused))
-            else:
-                self.conn.traffic = self.kernel.traffic
-                self.conn.interrupt = self.kernel.interrupt
-                return
+            kernel_after = sessions.runtime.config.global_.kernel_after
+            if not kernel_after:
+                try:
+                    self.kernel = start_kernel_relay(
+                        client, sock, sessions.sockmap, sessions.timeouts(frontend, self.backend),
+                        written=(0, written), notify=self._kernel_ended,
+                    )  # fmt: skip
+                except Refused as refused:
+                    log.debug("relay.kernel_refused", conn=self.conn.id, reason=str(refused))
+                else:
+                    self.conn.traffic = self.kernel.traffic
+                    self.conn.interrupt = self.kernel.interrupt
+                    return
         timeouts = self._amqp_timeouts() if amqp else sessions.timeouts(frontend, self.backend)
         ways = tls_ways((self.client_tls, self.server_tls)) if tls else None
         try:
@@ -396,6 +402,20 @@ class _Session(Link):
         if self.conn.amqp is not None:
             self.conn.amqp.attach(self)
         self.conn.interrupt = self.interrupt
+        if kernel_after:
+            self.header = written
+            self.trial = kernel_after
+
+    def promote(self) -> None:
+        """The connection proved long-lived (``trial`` quiet rounds): the
+        kernel relays it from now on, unless the kernel refuses the pair."""
+        kernel = hand_over(self, self.sessions.sockmap, self._kernel_ended, (0, self.header))
+        if kernel is None:
+            log.debug("relay.kernel_refused", conn=self.conn.id, reason="hand-over refused")
+            return
+        self.kernel = kernel
+        self.conn.traffic = kernel.traffic
+        self.conn.interrupt = kernel.interrupt
 
     def _amqp_timeouts(self) -> Timeouts:
         """An AMQP frontend's connection gets its AMQP state, and the relay's first timeouts."""

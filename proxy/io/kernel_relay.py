@@ -45,6 +45,7 @@ _CLIENT, _SERVER = 0, 1
 _ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
 _TIMEOUT = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
 
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _QUIET_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _WAIT_MASK = _QUIET_MASK | select.EPOLLOUT
 
@@ -65,28 +66,29 @@ _MIN_GRANT = 4096
 
 class KernelTraffic:
     """Byte counters of a kernel-relayed connection, read from the program's
-    counters while it lives (no system call), frozen when it ends."""
+    counters while it lives (no system call), frozen when it ends. ``base``:
+    bytes relayed another way before the pair entered the map."""
 
-    __slots__ = ("pair", "frozen_in", "frozen_out")
+    __slots__ = ("pair", "frozen_in", "frozen_out", "base_in", "base_out")
 
-    def __init__(self, pair: Pair) -> None:
+    def __init__(self, pair: Pair, base: tuple[int, int] = (0, 0)) -> None:
         self.pair: Pair | None = pair
+        self.base_in, self.base_out = base
         self.frozen_in = self.frozen_out = 0
 
     @property
     def bytes_in(self) -> int:
         pair = self.pair
-        return self.frozen_in if pair is None else pair.received(_CLIENT)
+        return self.frozen_in if pair is None else self.base_in + pair.received(_CLIENT)
 
     @property
     def bytes_out(self) -> int:
         pair = self.pair
-        return self.frozen_out if pair is None else pair.received(_SERVER)
+        return self.frozen_out if pair is None else self.base_out + pair.received(_SERVER)
 
     def freeze(self) -> None:
-        pair = self.pair
-        if pair is not None:
-            self.frozen_in, self.frozen_out = pair.received(_CLIENT), pair.received(_SERVER)
+        if self.pair is not None:
+            self.frozen_in, self.frozen_out = self.bytes_in, self.bytes_out
             self.pair = None
 
 
@@ -119,8 +121,42 @@ def start_kernel_relay(
         pair = sockmap.add(client, server)
     except (Full, OSError) as exc:
         raise Refused(str(exc)) from exc
+    return _serve_pair(client, server, pair, timeouts, written, notify, (0, 0))
+
+
+def hand_over(link: Link, sockmap: Sockmap, notify, written: tuple[int, int] = (0, 0)) -> KernelLink | None:
+    """Move a splice/copy relay's connection onto the kernel path, in a quiet
+    round of that link (both directions wait to read; everything read has
+    been written, so no byte sits in a buffer or a pipe; no end of stream
+    announced). Bytes that arrive from now on, or arrived since the link's
+    last read, wait in the sockets' receive queues and go through the
+    program first, in order (:meth:`Pair.flush`): behind every byte the link
+    wrote, as the bytes of a PROXY header are behind nothing. `written`:
+    bytes others wrote to (client, server) before the link (a PROXY header).
+
+    Returns the kernel's link, `notify` getting its outcome (the old link is
+    detached and never served again), or None when the kernel refuses the
+    pair (nothing changed: the old link goes on)."""
+    client, server = link.socks
     try:
-        return KernelLink(client, server, pair, timeouts, written, notify)
+        pair = sockmap.add(client, server)
+    except (Full, OSError):
+        return None
+    traffic, timeouts = link.traffic, link.timeouts
+    kernel = _serve_pair(
+        client, server, pair, Timeouts() if timeouts is None else timeouts,
+        (written[0] + traffic.bytes_out, written[1] + traffic.bytes_in), notify,
+        (traffic.bytes_in, traffic.bytes_out),
+    )  # fmt: skip
+    # Only now: had the kernel's link failed to start (closing both
+    # sockets), the old one would still report that failure to its owner.
+    link.detach()
+    return kernel
+
+
+def _serve_pair(client, server, pair: Pair, timeouts: Timeouts, written, notify, base) -> KernelLink:
+    try:
+        return KernelLink(client, server, pair, timeouts, written, notify, base)
     except BaseException:
         pair.release()
         poller = current_poller()
@@ -128,6 +164,44 @@ def start_kernel_relay(
             poller.drop(sock.fileno())
             sock.close()
         raise
+
+
+class TrialLink(Link):
+    """A splice/copy relay that moves onto the kernel path once its
+    connection proved long-lived (``rounds`` quiet rounds, see
+    :func:`hand_over`): for its owner one link throughout, whose ``notify``
+    gets the outcome of whichever path ends it. A session does the same as
+    itself (:mod:`proxy.frontends.session`); this is the io-level form."""
+
+    __slots__ = ("sockmap", "written", "kernel")
+
+    def __init__(self, client, server, traffic, timeouts, pipes, notify, sockmap: Sockmap, rounds: int,
+                 written: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
+        self.sockmap, self.written, self.kernel = sockmap, written, None
+        Link.__init__(self, client, server, traffic, timeouts, pipes, current_poller(), True, notify)
+        self.trial = rounds
+
+    def promote(self) -> None:
+        kernel = hand_over(self, self.sockmap, self.notify, self.written)
+        if kernel is not None:
+            self.kernel, self.traffic = kernel, kernel.traffic
+
+    def interrupt(self) -> None:
+        if self.kernel is not None:
+            self.kernel.interrupt()
+        else:
+            Link.interrupt(self)
+
+    def abort(self, raise_cancel):
+        if self.kernel is not None:
+            self.kernel.notify = None
+        return Link.abort(self, raise_cancel)
+
+    def stop(self) -> None:
+        if self.kernel is not None:
+            self.kernel.stop()
+        else:
+            Link.stop(self)
 
 
 class _Way:
@@ -155,11 +229,11 @@ class KernelLink:
         "ending", "closed",
     )  # fmt: skip
 
-    def __init__(self, client, server, pair: Pair, timeouts: Timeouts, written, notify) -> None:
+    def __init__(self, client, server, pair: Pair, timeouts: Timeouts, written, notify, base=(0, 0)) -> None:
         self.socks = (client, server)
         self.fds = (client.fileno(), server.fileno())
         self.pair = pair
-        self.traffic = KernelTraffic(pair)
+        self.traffic = KernelTraffic(pair, base)
         self.written = written
         self.ways = (_Way(_CLIENT), _Way(_SERVER))
         self.events = [0, 0]
@@ -273,7 +347,7 @@ class KernelLink:
     def _move(self, way: _Way) -> int:
         pair = self.pair
         for _ in range(2):
-            if way.pending or pair.passed(way.source) != pair.forwarded(way.source):
+            if way.pending or not pair.caught_up(way.source):
                 state = self._forward_passed(way)
                 if state != _FLOWING:
                     return state
@@ -293,12 +367,12 @@ class KernelLink:
             # The FIN. A system call that takes the socket's lock runs after
             # the softirq that queued it; the program has handled its data.
             try:
-                peeked = self.socks[way.source].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                peeked = self.socks[way.source].recv(1, _PEEK)
             except BlockingIOError:
                 peeked = b""
             except OSError as exc:
                 raise lost_or_raise(exc, way.source) from exc
-            if not peeked and pair.passed(way.source) == pair.forwarded(way.source):
+            if not peeked and pair.caught_up(way.source):
                 break
         else:
             return _WAIT_READ  # passed bytes still on their way to the socket's queue

@@ -218,7 +218,7 @@ class Link:
 
     __slots__ = (
         "socks", "fds", "traffic", "poller", "ways", "want", "events",
-        "notify", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned", "aborted",
+        "notify", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned", "aborted", "trial",
     )  # fmt: skip
 
     def __init__(self, client, server, traffic, timeouts, pipes, poller, owned, notify, ways=None) -> None:
@@ -247,6 +247,9 @@ class Link:
         self.scheduled = math.inf  # when the poller will next look at us
         self.owned = owned  # close the sockets at the end
         self.aborted = False  # a side failed: the close resets the other
+        # Quiet rounds left before ``promote()`` (0: never): a subclass sets
+        # it to move a connection that proved long-lived to the kernel path.
+        self.trial = 0
         poller.watch(self.fds[0], self, EDGE_MASK)
         try:
             poller.watch(self.fds[1], self, EDGE_MASK)
@@ -304,6 +307,15 @@ class Link:
             self._push_deadlines(
                 moved0 or (moved1 and want1 == DONE), moved1 or (moved0 and want0 == DONE)
             )
+        if self.trial and want0 == READ and want1 == READ:
+            # Quiet: everything read is written (no byte in a buffer or a
+            # pipe) and both sides are waited for, no end announced.
+            ways = self.ways
+            if not (ways[0].ending or ways[1].ending):
+                self.trial -= 1
+                if not self.trial:
+                    self.promote()
+            return False
         return want0 == YIELD or want1 == YIELD
 
     def _move(self, index: int) -> int:
@@ -313,6 +325,22 @@ class Link:
             self.ways[index] = self.ways[index].as_copy()
             wanted = self.ways[index].move()
         return wanted
+
+    def promote(self) -> None:
+        """The link's ``trial`` rounds are over, in a quiet round: a subclass
+        may hand the sockets over now (``detach``, then
+        :func:`proxy.io.kernel_relay.hand_over`)."""
+
+    def detach(self) -> None:
+        """Give both sockets, open and still registered, to the link that
+        takes them over (which re-registers them: :meth:`Poller.watch`):
+        this link holds nothing any more and is never served again. Only
+        in a quiet round (nothing read and not yet written)."""
+        self.notify = None
+        self.scheduled = math.inf  # makes any pending timer entry stale
+        for way in self.ways:
+            way.give_back()
+        self.ways = None
 
     def ended(self, ending: Ending | None) -> None:
         """The relay ended so (None: interrupted); the poller serves it no more."""

@@ -21,8 +21,8 @@ from tests.proxyutil import (
     start_warren, unanswered_port,
 )
 
-# Every behaviour holds on each relay path.
-pytestmark = pytest.mark.parametrize("relay_path", ["copy", "splice", "kernel"])
+# Every behaviour holds on each relay path (and across the hand-over to the kernel).
+pytestmark = pytest.mark.parametrize("relay_path", ["copy", "splice", "kernel", "handover"])
 
 
 async def named_servers(nursery, names):

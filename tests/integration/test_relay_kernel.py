@@ -48,16 +48,23 @@ def closed_lines(logs):
 
 
 @needs_kernel
-async def test_by_default_connections_go_through_the_kernel_and_are_counted_by_it():
+async def test_by_default_a_connection_enters_the_kernel_once_it_proved_long_lived_and_is_counted_whole():
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_named, "a")
             app = await start_warren(nursery, make_config([server("a", port)]))
-            assert app.relay.path == "kernel"
+            assert app.relay.path == "kernel" and app.config.global_.kernel_after == 8
             with structlog.testing.capture_logs() as logs:
                 stream, name = await connect_and_greet(app)
                 assert name == "a"
-                assert app.relay.sockmap.pairs == 1
+                # The greeting was one quiet round; each line echoed is two.
+                for count in range(3):
+                    await stream.send_all(b"ping\n")
+                    assert await read_line(stream) == "ping"
+                    assert app.relay.sockmap.pairs == 0, f"in the map after {2 * count + 3} rounds"
+                await stream.send_all(b"ping\n")
+                assert await read_line(stream) == "ping"
+                assert app.relay.sockmap.pairs == 1  # the eighth round: handed over
                 await stream.send_all(b"x" * 100_000 + b"\n")
                 echoed = b""
                 while len(echoed) < 100_001:
@@ -66,7 +73,8 @@ async def test_by_default_connections_go_through_the_kernel_and_are_counted_by_i
                 assert await stream.receive_some(10) == b""
                 await wait_until(lambda: closed_lines(logs), timeout=10, interval=0.005)
             (line,) = closed_lines(logs)
-            assert (line["bytes_in"], line["bytes_out"], line["termination"]) == (100_001, 100_003, "--")
+            # Counted whole: the bytes relayed before the hand-over and after.
+            assert (line["bytes_in"], line["bytes_out"], line["termination"]) == (100_021, 100_023, "--")
             assert app.relay.sockmap.pairs == 0
             stats = app.runtime.statistics()
             assert stats.relay == "kernel (bulk frontends: splice)"
@@ -74,6 +82,33 @@ async def test_by_default_connections_go_through_the_kernel_and_are_counted_by_i
             answer, ok = execute("show info", app.runtime, 0.0)
             assert ok and "Relay: kernel (bulk frontends: splice)\n" in answer
             nursery.cancel_scope.cancel()
+
+
+@needs_kernel
+async def test_a_short_connection_never_enters_the_map():
+    """The map's entry costs more than a short connection's whole relay."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "a")
+            app = await start_warren(nursery, make_config([server("a", port)]))
+            added = []
+            real_add = type(app.relay.sockmap).add
+            app.relay.sockmap.add = lambda client, sock: added.append(1) or real_add(app.relay.sockmap, client, sock)
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(5):
+                    stream, name = await connect_and_greet(app)
+                    await stream.send_all(b"one request\n")
+                    assert await read_line(stream) == "one request"
+                    await stream.aclose()
+                await wait_until(lambda: len(closed_lines(logs)) == 5, timeout=10, interval=0.005)
+            assert added == []
+            assert {line["termination"] for line in closed_lines(logs)} == {"--"}
+            nursery.cancel_scope.cancel()
+
+
+def _immediate(config):
+    """TCP connections enter the map at once (kernel_after = 0)."""
+    return replace(config, global_=replace(config.global_, kernel_after=0))
 
 
 @needs_kernel
@@ -95,7 +130,8 @@ async def test_a_bulk_frontend_is_spliced_and_never_enters_the_map():
 
 
 @needs_kernel
-async def test_a_pair_the_kernel_refuses_is_relayed_another_way(monkeypatch):
+@pytest.mark.parametrize("after", [0, 1], ids=["at-once", "at-hand-over"])
+async def test_a_pair_the_kernel_refuses_is_relayed_another_way(monkeypatch, after):
     """E.g. a client whose FIN came before its broker connection: the map
     takes only established sockets (EOPNOTSUPP)."""
 
@@ -105,12 +141,14 @@ async def test_a_pair_the_kernel_refuses_is_relayed_another_way(monkeypatch):
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_named, "a")
-            app = await start_warren(nursery, make_config([server("a", port)]))
+            config = make_config([server("a", port)])
+            app = await start_warren(nursery, replace(config, global_=replace(config.global_, kernel_after=after)))
             monkeypatch.setattr(type(app.relay.sockmap), "add", refuse)
             with structlog.testing.capture_logs() as logs:
                 stream, name = await connect_and_greet(app)
-                await stream.send_all(b"still relayed\n")
-                assert await read_line(stream) == "still relayed"
+                for _ in range(3):
+                    await stream.send_all(b"still relayed\n")
+                    assert await read_line(stream) == "still relayed"
             assert name == "a"
             assert any(e["event"] == "relay.kernel_refused" for e in logs)
             nursery.cancel_scope.cancel()
@@ -123,7 +161,7 @@ async def test_an_idle_client_times_out_on_the_kernel_path_by_the_kernels_clock(
             port = await nursery.start(serve_named, "a")
             config = make_config([server("a", port)])
             frontend = replace(config.frontends[0], timeout=FrontendTimeouts(client=0.3))
-            app = await start_warren(nursery, replace(config, frontends=(frontend,)))
+            app = await start_warren(nursery, _immediate(replace(config, frontends=(frontend,))))
             with structlog.testing.capture_logs() as logs:
                 stream, _ = await connect_and_greet(app)
                 for _ in range(4):  # the client talking keeps it alive

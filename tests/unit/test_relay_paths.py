@@ -3,12 +3,16 @@ on real loopback sockets, as a session uses them: the relay owns and closes
 both proxy-side sockets.
 
 The kernel path needs CAP_BPF and CAP_NET_ADMIN (CI runs as root); without
-them its cases are skipped with the probe's reason.
+them its cases are skipped with the probe's reason. "handover" is the path a
+session takes on the kernel path: splice/copy first, then the socket map
+from the first quiet round on (kernel_relay.hand_over), mid-stream in most
+of these cases.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import resource
 import socket
@@ -28,12 +32,12 @@ import trio
 from lab import wait_until
 from proxy.io.pipes import PipePool, splice_supported
 from proxy.io.relay import Ending, Timeouts, Traffic, start_relay
-from proxy.io.kernel_relay import start_kernel_relay
+from proxy.io.kernel_relay import KernelTraffic, TrialLink, start_kernel_relay
 from proxy.io.sockmap import Sockmap, probe
 from tests.unit.test_relay import recv_exactly, recv_to_eof, reset, send_all
 
 IO_BOUND = 60  # seconds: every test fails rather than hangs
-PATHS = ["copy", "splice", "kernel"]
+PATHS = ["copy", "splice", "kernel", "handover"]
 
 
 @functools.cache
@@ -49,6 +53,7 @@ class Path:
     name: str
     pipes: PipePool | None = None
     sockmap: Sockmap | None = None
+    rounds: int = 1  # handover: quiet rounds before the hand-over
 
     async def run(self, near, far, timeouts=Timeouts(), written=(0, 0), *, task_status=trio.TASK_STATUS_IGNORED):
         """Relay until the end; returns (ending, traffic). Started once the
@@ -65,18 +70,22 @@ class Path:
     def start(self, near, far, notify, timeouts=Timeouts(), written=(0, 0)):
         if self.name == "kernel":
             return start_kernel_relay(near, far, self.sockmap, timeouts, written=written, notify=notify)
+        if self.name == "handover":
+            return TrialLink(near, far, Traffic(), timeouts, self.pipes, notify, self.sockmap, self.rounds, written)
         return start_relay(near, far, Traffic(), timeouts, pipes=self.pipes, owned=True, notify=notify)
 
 
 def make_path(name: str) -> Path:
     if name == "splice" and not splice_supported():
         pytest.skip("splice(2) unavailable")
-    if name == "kernel" and kernel_available():
+    if name in ("kernel", "handover") and kernel_available():
         pytest.skip(f"kernel path unavailable: {kernel_available()}")
     if name == "copy":
         return Path(name)
     if name == "splice":
         return Path(name, pipes=PipePool())
+    if name == "handover":
+        return Path(name, pipes=PipePool() if splice_supported() else None, sockmap=Sockmap(16384, credit=1 << 20))
     return Path(name, sockmap=Sockmap(16384, credit=1 << 20))
 
 
@@ -390,9 +399,11 @@ async def test_counters_are_live_while_the_connection_is_open(path):
             await send_all(link.server, b"c" * 1000)
             await recv_exactly(link.client, 1000)
             if path.sockmap is not None:
-                # A kernel relay's counters are the program's: read them live.
-                (pair,) = [p for p in _live_pairs(path.sockmap)]
-                assert (pair.received(0), pair.received(1)) == (1 << 20, 1000)
+                # A kernel relay's counters are the program's (plus what a
+                # hand-over relayed before): read them live.
+                (pair,) = _live_pairs(path.sockmap)
+                (live,) = [t for t in gc.get_objects() if isinstance(t, KernelTraffic) and t.pair is pair]
+                assert (live.bytes_in, live.bytes_out) == (1 << 20, 1000)
             link.client.shutdown(socket.SHUT_WR)
             link.server.shutdown(socket.SHUT_WR)
             await link.wait_ending()
@@ -401,8 +412,6 @@ async def test_counters_are_live_while_the_connection_is_open(path):
 
 
 def _live_pairs(sockmap):
-    import gc
-
     from proxy.io.sockmap import Pair
 
     return [obj for obj in gc.get_objects() if isinstance(obj, Pair) and obj.sockmap is sockmap and not obj.released]

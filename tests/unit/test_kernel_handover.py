@@ -1,0 +1,174 @@
+"""A connection moving from splice/copy to the kernel path mid-stream
+(proxy.io.kernel_relay.hand_over): only between messages, after its quiet
+rounds, without losing, duplicating or reordering a byte. The hand-over
+path also runs the whole relay specification (test_relay_paths.py,
+"handover")."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+import trio
+
+from proxy.io import bpf
+from proxy.io.sockmap import Sockmap, Torn
+from tests.unit.test_relay import recv_exactly, send_all
+from tests.unit.test_relay_paths import IO_BOUND, close_path, kernel_available, make_path, proxied
+
+pytestmark = pytest.mark.skipif(bool(kernel_available()), reason=f"kernel path unavailable: {kernel_available()}")
+
+
+def handover_path(rounds: int):
+    path = make_path("handover")
+    path.rounds = rounds
+    return path
+
+
+async def exchange(link, size: int = 100) -> None:
+    await send_all(link.client, b"q" * size)
+    assert await recv_exactly(link.server, size) == b"q" * size
+    await send_all(link.server, b"a" * size)
+    assert await recv_exactly(link.client, size) == b"a" * size
+
+
+async def test_the_pair_enters_the_map_after_its_quiet_rounds_and_not_before():
+    path = handover_path(rounds=6)  # a request and its response are two rounds
+    try:
+        with trio.fail_after(IO_BOUND):
+            async with proxied(path) as link:
+                for _ in range(2):
+                    await exchange(link)
+                    assert path.sockmap.pairs == 0
+                await exchange(link)
+                assert path.sockmap.pairs == 1
+                for _ in range(3):  # and on, in the kernel
+                    await exchange(link, 10_000)
+                link.client.shutdown(2)
+                link.server.shutdown(2)
+                await link.wait_ending()
+                assert (link.traffic.bytes_in, link.traffic.bytes_out) == (30_300, 30_300)
+        assert path.sockmap.pairs == 0
+    finally:
+        close_path(path)
+
+
+async def test_a_connection_that_ends_within_its_rounds_never_enters_the_map():
+    path = handover_path(rounds=8)
+    added = []
+    real_add = path.sockmap.add
+    path.sockmap.add = lambda client, server: added.append(1) or real_add(client, server)
+    try:
+        with trio.fail_after(IO_BOUND):
+            async with proxied(path) as link:
+                await exchange(link)
+                link.client.shutdown(1)
+                link.server.shutdown(1)
+                await link.wait_ending()
+        assert added == []
+    finally:
+        close_path(path)
+
+
+async def test_a_pair_the_kernel_refuses_at_the_hand_over_goes_on_as_it_was():
+    path = handover_path(rounds=1)
+
+    def refuse(client, server):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    path.sockmap.add = refuse
+    try:
+        with trio.fail_after(IO_BOUND):
+            async with proxied(path) as link:
+                for _ in range(4):
+                    await exchange(link, 5000)
+                link.client.shutdown(1)
+                link.server.shutdown(1)
+                await link.wait_ending()
+                assert (link.traffic.bytes_in, link.traffic.bytes_out) == (20_000, 20_000)
+    finally:
+        close_path(path)
+
+
+@hypothesis.settings(max_examples=12, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(
+    rounds=st.integers(1, 6),
+    chunks=st.lists(st.integers(1, 70_000), min_size=4, max_size=40),
+)
+def test_bytes_streaming_both_ways_through_the_hand_over_arrive_intact_and_in_order(rounds, chunks):
+    path = handover_path(rounds)
+    try:
+        trio.run(_stream_both_ways, path, chunks)
+    finally:
+        close_path(path)
+
+
+async def _stream_both_ways(path, chunks: list[int]) -> None:
+    """Both sides send their chunks as fast as they can while both read:
+    the hand-over happens while bytes are in flight both ways."""
+    streams = {side: os.urandom(sum(chunks)) for side in ("c", "s")}
+    with trio.fail_after(IO_BOUND):
+        async with proxied(path) as link:
+            socks = {"c": link.client, "s": link.server}
+
+            async def send(side):
+                data, offset = streams[side], 0
+                for size in chunks:
+                    await send_all(socks[side], data[offset : offset + size])
+                    offset += size
+                    await trio.sleep(0)
+
+            async with trio.open_nursery() as nursery:
+                for side in ("c", "s"):
+                    nursery.start_soon(send, side)
+                got_s = await recv_exactly(link.server, len(streams["c"]))
+                got_c = await recv_exactly(link.client, len(streams["s"]))
+            assert got_s == streams["c"] and got_c == streams["s"]
+            link.client.shutdown(1)
+            link.server.shutdown(1)
+            await link.wait_ending()
+            total = sum(chunks)
+            assert (link.traffic.bytes_in, link.traffic.bytes_out) == (total, total)
+
+
+def test_a_pair_torn_by_a_refusal_after_the_client_received_bytes_is_not_relayed(monkeypatch):
+    """The client's socket was in the map alone for a moment, received bytes
+    (passed to its psock), then the server's entry was refused: the rollback
+    drops those bytes, so the connection must end, never go on with a hole."""
+    import socket
+
+    sockmap = Sockmap(8)
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        client = socket.create_connection(listener.getsockname())
+        near, _ = listener.accept()
+        far = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        real = sockmap._socks
+
+        class SecondRefused:
+            calls = 0
+
+            def update(self, keys, values):
+                self.calls += 1
+                if self.calls == 1:
+                    return real.update(keys, values)
+                client.sendall(b"lost")  # passed by the program: its peer is not in the map
+                for _ in range(10_000):
+                    if any(sockmap._words[slot * 4 + 1] for slot in range(8)):  # a "passed" counter
+                        break
+                    os.sched_yield()
+                raise bpf.BpfError(errno.EOPNOTSUPP, "updating map elements")
+
+        monkeypatch.setattr(sockmap, "_socks", SecondRefused())
+        with pytest.raises(Torn):
+            sockmap.add(near, far)
+        assert len(sockmap._free) == 8 and sockmap.pairs == 0
+        for sock in (client, near, far, server):
+            sock.close()
+    finally:
+        listener.close()
+        sockmap.close()
