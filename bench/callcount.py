@@ -60,11 +60,12 @@ ECHO = textwrap.dedent("""
 """)
 
 
-def config_text(port: int, servers: int, mode: str = "amqp", relay: str = "auto") -> str:
+def config_text(port: int, servers: int, mode: str = "amqp", relay: str = "auto", kernel_after: int = 8) -> str:
     text = textwrap.dedent(f"""
         [global]
         log_level = "warning"
         relay = "{relay}"
+        kernel_after = {kernel_after}
 
         [frontends.fe]
         bind = ["127.0.0.1:0"]
@@ -115,13 +116,14 @@ def main() -> None:
     parser.add_argument("--mode", choices=("amqp", "tcp"), default="amqp", help="the frontend's mode")
     parser.add_argument("--relay", choices=("auto", "kernel", "splice", "copy"), default="auto",
                         help="[global] relay (TCP frontends take the kernel path where it is in use)")
+    parser.add_argument("--kernel-after", type=int, default=8, help="[global] kernel_after (0: into the map at once)")
     args = parser.parse_args()
     echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
     try:
         port = int(echo.stdout.readline())
         with tempfile.TemporaryDirectory() as work:
             path = Path(work) / "warren.toml"
-            path.write_text(config_text(port, args.servers, args.mode, args.relay))
+            path.write_text(config_text(port, args.servers, args.mode, args.relay, args.kernel_after))
             small = count_calls(path, args.small)
             large = count_calls(path, args.large)
     finally:

@@ -42,6 +42,7 @@ PROG_DETACH = 9
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_SOCKHASH = 18
+MAP_TYPE_RINGBUF = 27  # kernel 5.8+
 
 # Map flags.
 F_NO_PREALLOC = 1 << 0
@@ -60,6 +61,7 @@ ANY = 0
 FUNC_MAP_LOOKUP_ELEM = 1
 FUNC_GET_SOCKET_COOKIE = 46
 FUNC_SK_REDIRECT_HASH = 72
+FUNC_RINGBUF_OUTPUT = 130  # kernel 5.8+
 
 # sk_skb verdicts.
 SK_DROP = 0
@@ -359,6 +361,20 @@ def load_program(prog_type: int, code: bytes, name: str, license: str = "GPL") -
 def attach_program(target_fd: int, prog_fd: int, attach_type: int) -> None:
     attr = struct.pack("IIIII", target_fd, prog_fd, attach_type, 0, 0)
     bpf(PROG_ATTACH, attr, f"attaching the program (attach type {attach_type})")
+
+
+def mmap_ring(map_fd: int, size: int) -> tuple[mmap.mmap, mmap.mmap]:
+    """Map a BPF ring buffer of `size` data bytes: (the consumer page, read
+    and written by the consumer; the producer page followed by the data,
+    mapped twice in a row by the kernel so that no record wraps, read only)."""
+    page = mmap.PAGESIZE
+    consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        producer = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+    except BaseException:
+        consumer.close()
+        raise
+    return consumer, producer
 
 
 def mmap_map(map_fd: int, size: int) -> mmap.mmap:

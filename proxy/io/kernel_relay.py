@@ -4,7 +4,8 @@ The third relay path beside splice and copy (:mod:`proxy.io.sockmap` says
 what the kernel does and does not do). Once the pair is in the map, Warren
 is woken only for what the kernel leaves to it:
 
-* **passed bytes** (EPOLLIN): a direction ran out of credit, or a skb came
+* **passed bytes** (the socket map's notification ring, :class:`RingWatch`;
+  EPOLLIN without a ring): a direction ran out of credit, or a skb came
   while its peer was not in the map yet. The program keeps passing until
   Warren has forwarded all of them, so Warren waits until the kernel has put
   every redirected byte in the target's send queue (``queued_into``), then
@@ -22,9 +23,13 @@ is woken only for what the kernel leaves to it:
   last-receive times (TCP_INFO ``tcpi_last_data_recv``), not from reads.
 
 Byte counts come from the program's counters (:class:`KernelTraffic`).
-Sockets are registered for EPOLLIN and EPOLLRDHUP only, edge-triggered:
-EPOLLOUT would wake Warren for every redirected skb the kernel sends, so it
-is added only while a direction waits for its target.
+Sockets are registered for EPOLLRDHUP only, edge-triggered (and EPOLLIN
+where the map has no notification ring): EPOLLIN would wake Warren for
+every skb the program redirects, EPOLLOUT for every one the kernel sends;
+each is added only while a direction waits for it.
+
+A connection usually gets here from splice/copy (:func:`hand_over`) once it
+proved long-lived, or at once (:func:`start_kernel_relay`).
 """
 
 from __future__ import annotations
@@ -35,19 +40,27 @@ import select
 import socket
 
 import outcome
+import structlog
 
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller
 from .relay import Ending, Link, Timeouts, reset_on_close
 from .sockmap import Full, Pair, Sockmap, queued_into, send_room, since_last_receive
 
+log = structlog.get_logger("warren.relay")
+
 _CLIENT, _SERVER = 0, 1
 _ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
 _TIMEOUT = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
 
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
-_QUIET_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
-_WAIT_MASK = _QUIET_MASK | select.EPOLLOUT
+# How a relayed socket is registered: for its FIN (and errors, always
+# reported); for EPOLLIN too where the socket map has no notification ring
+# (see Sockmap); EPOLLIN while its direction waits for passed bytes to land
+# in its queue (_WAIT_READ); EPOLLOUT while the other direction waits to
+# write to it or for it to drain.
+_FLOWING_MASK = select.EPOLLRDHUP | select.EPOLLET
+_WITHOUT_RING_MASK = _FLOWING_MASK | select.EPOLLIN
 
 # A direction's state.
 _FLOWING, _WAIT_TARGET, _WAIT_WRITE, _WAIT_READ, _DONE = range(5)
@@ -204,6 +217,46 @@ class TrialLink(Link):
             Link.stop(self)
 
 
+class RingWatch:
+    """The poller's link for a socket map's notification ring (see
+    :class:`Sockmap`): each slot the program wrote there is a socket it
+    passed bytes to, whose kernel link is served as if that socket had
+    reported EPOLLIN. Lost notifications (a full ring) have every kernel
+    link served. Registered level-triggered: a record still being written
+    when the ring is read keeps the fd readable until it is read."""
+
+    __slots__ = ("sockmap", "poller", "fds", "events", "queued", "notify", "scheduled", "deadline")
+
+    def __init__(self, sockmap: Sockmap, poller) -> None:
+        self.sockmap, self.poller = sockmap, poller
+        self.fds = (sockmap.ring_fd, -1)
+        self.events = [0, 0]
+        self.queued = False
+        self.notify = True  # never finished: served as long as the poller runs
+        self.scheduled = self.deadline = math.inf
+        poller.watch(sockmap.ring_fd, self, select.EPOLLIN)
+
+    def serve(self) -> bool:
+        self.events[0] = 0
+        slots, lost = self.sockmap.notified()
+        pair_of, poke = self.sockmap.pair_of, self.poller.poke
+        if lost:
+            log.warning("relay.notifications_lost", pairs=self.sockmap.pairs)
+            slots = range(len(pair_of))
+        for slot in slots:
+            pair = pair_of[slot]
+            if pair is not None and pair.owner is not None:
+                poke(pair.owner)
+        return False
+
+    def expire(self) -> None:
+        pass
+
+    def fail(self, error: Exception) -> None:
+        # A bug here must not stop notifications: logged, and served again.
+        log.error("relay.notifications_failed", exc_info=error)
+
+
 class _Way:
     """One direction: bytes received on ``source`` go out on ``target``."""
 
@@ -226,7 +279,7 @@ class KernelLink:
     __slots__ = (
         "socks", "fds", "pair", "traffic", "written", "ways", "events", "queued", "notify",
         "timeouts", "idle_deadline", "deadline", "scheduled", "poller", "masks", "drain_at",
-        "ending", "closed",
+        "ending", "closed", "quiet",
     )  # fmt: skip
 
     def __init__(self, client, server, pair: Pair, timeouts: Timeouts, written, notify, base=(0, 0)) -> None:
@@ -246,13 +299,21 @@ class KernelLink:
         self.ending: Ending | None = None
         self.closed = False
         self.poller = poller = current_poller()
-        self.masks = [_QUIET_MASK, _QUIET_MASK]
-        poller.watch(self.fds[0], self, _QUIET_MASK)
+        sockmap = pair.sockmap
+        if sockmap.ring_fd is None:
+            self.quiet = _WITHOUT_RING_MASK
+        else:
+            self.quiet = _FLOWING_MASK
+            if sockmap.watcher is None or sockmap.watcher.poller is not poller:
+                sockmap.watcher = RingWatch(sockmap, poller)
+        self.masks = [self.quiet, self.quiet]
+        poller.watch(self.fds[0], self, self.quiet)
         try:
-            poller.watch(self.fds[1], self, _QUIET_MASK)
+            poller.watch(self.fds[1], self, self.quiet)
         except BaseException:
             poller.forget(self.fds[0])
             raise
+        pair.owner = self
         # What each socket had queued before the pair entered the map goes
         # through the program now, ahead of anything arriving later.
         pair.flush()
@@ -453,9 +514,13 @@ class KernelLink:
         """EPOLLOUT on a socket only while a direction waits to write to it;
         a drain to look at again on a timer."""
         now = None
+        ways = self.ways
         for side in (_CLIENT, _SERVER):
-            way = self.ways[1 - side]  # the direction whose target is `side`
-            mask = _WAIT_MASK if way.state in (_WAIT_TARGET, _WAIT_WRITE) else _QUIET_MASK
+            mask = self.quiet
+            if ways[1 - side].state in (_WAIT_TARGET, _WAIT_WRITE):  # the direction writing to `side`
+                mask |= select.EPOLLOUT
+            if ways[side].state == _WAIT_READ:  # the direction reading from `side`
+                mask |= select.EPOLLIN
             if mask != self.masks[side]:
                 self.masks[side] = mask
                 self.poller.watch(self.fds[side], self, mask)

@@ -157,6 +157,13 @@ class Poller:
         self.wake_at(waiter, deadline)
         return waiter
 
+    def poke(self, link: Link) -> None:
+        """Serve `link` in the next round, as if it had reported an event
+        (a socket map's notification: proxy.io.kernel_relay.RingWatch)."""
+        if not link.queued:
+            link.queued = True
+            self._busy.append(link)
+
     def wake_at(self, link: Link, when: float) -> None:
         if when == math.inf:
             # Never due: an entry would only keep the link (and everything

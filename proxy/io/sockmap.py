@@ -44,7 +44,9 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import mmap
 import os
+import platform
 import select
 import socket
 import struct
@@ -76,6 +78,13 @@ FIRST_CREDIT = 64 * 1024
 DEFAULT_CAPACITY = 16384  # sockets, i.e. 8,192 pairs
 _STALE_BATCH = 256  # closed sockets' slot entries deleted together
 
+# The notification ring (see Sockmap): 16-byte records (an 8-byte header:
+# length with BUSY and DISCARD bits, page offset; the 4-byte slot, padded).
+RING_SIZE = 256 * 1024  # 16,384 notifications not yet read (a power of two, whole pages)
+_DATA_WORD = mmap.PAGESIZE // 4  # the data follows the producer's page
+_RECORD_BUSY, _RECORD_DISCARD = 1 << 31, 1 << 30
+_RECORD_LENGTH = _RECORD_DISCARD - 1
+
 _SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _COOKIE = struct.Struct("=Q")
@@ -83,9 +92,14 @@ _SLOTS = struct.Struct("=II")
 _ENOTSUPP = 524  # the kernel's internal "operation not supported" (no batch operations)
 
 
-def build_program(slots_fd: int, state_fd: int, socks_fd: int) -> bytes:
+def build_program(slots_fd: int, state_fd: int, socks_fd: int, ring_fd: int | None = None,
+                  capacity: int = 0) -> bytes:  # fmt: skip
     """The verdict program, run by the kernel for each skb received on a
-    socket of the map (r1 = the skb, a ``struct __sk_buff``)."""
+    socket of the map (r1 = the skb, a ``struct __sk_buff``). With `ring_fd`
+    it also writes the slot of a socket it passes bytes to into that ring
+    buffer (Warren's wake-up, see :class:`Sockmap`), and counts a full
+    ring's lost notification in the state array's last element
+    (index `capacity`)."""
     return assemble(
         [
             # An empty skb carries only a FIN: drop it (the FIN itself is
@@ -136,11 +150,35 @@ def build_program(slots_fd: int, state_fd: int, socks_fd: int) -> bytes:
             # Keep the skb in this socket's own queue for Warren to read.
             Label("pass"),
             atomic_add64(R7, 8 * _PASSED, R8),        # passed += len
+            *(_notify(ring_fd, state_fd, capacity) if ring_fd is not None else []),
             Label("pass_quiet"),
             mov_imm(R0, bpf.SK_PASS),                 # return SK_PASS
             exit_(),
         ]
     )  # fmt: skip
+
+
+def _notify(ring_fd: int, state_fd: int, capacity: int) -> list:
+    """Tell Warren which socket was passed bytes: its slot into the ring."""
+    return [
+        load_map_fd(R1, ring_fd),                     # r1 = ring buffer
+        mov_reg(R2, R10),
+        add_imm(R2, -12),                             # r2 = &slot
+        mov_imm(R3, 4),                               # r3 = its size
+        mov_imm(R4, 0),                               # r4 = flags: wake the reader if it waits
+        call(bpf.FUNC_RINGBUF_OUTPUT),                # r0 = 0, or < 0 when the ring is full
+        jump_if_imm(JEQ, R0, 0, "pass_quiet"),        # written: done
+        # Full: count it; Warren then looks at every pair.
+        mov_imm(R1, capacity),
+        store_mem(U32, R10, -16, R1),                 # stack[-16] = capacity
+        load_map_fd(R1, state_fd),                    # r1 = state array
+        mov_reg(R2, R10),
+        add_imm(R2, -16),                             # r2 = &capacity
+        call(bpf.FUNC_MAP_LOOKUP_ELEM),               # r0 = &state[capacity]
+        jump_if_imm(JEQ, R0, 0, "pass_quiet"),        # (cannot happen)
+        mov_imm(R1, 1),
+        atomic_add64(R0, 0, R1),                      # lost += 1
+    ]  # fmt: skip
 
 
 def build_parser() -> bytes:
@@ -167,10 +205,25 @@ class Sockmap:
     Raises :class:`bpf.BpfError` (or :class:`bpf.Unsupported`) when the
     kernel refuses; :func:`probe` turns that into a reason. Single-threaded:
     all calls from the trio thread.
+
+    How Warren learns that the program passed bytes to a socket (credit
+    spent, or its peer not in the map yet): with a notification ring
+    (``notify``, the default where it can: x86_64, kernel 5.8+) the program
+    writes the socket's slot into a BPF ring buffer, whose fd Warren's
+    poller watches, and relayed sockets are not registered for EPOLLIN at
+    all. Registered for EPOLLIN, a socket in a socket map wakes its epoll
+    waiter for *every* skb the program redirects (the psock calls the
+    socket's original data-ready callback after each run, 6.5+), though
+    epoll then has nothing to report: two context switches of Warren per
+    request and response, measured here. Without the ring (``ring_fd``
+    None) relayed sockets stay registered for EPOLLIN, as before. The ring
+    is read with plain loads from its mmapped pages, which x86's memory
+    order makes safe; other architectures keep EPOLLIN.
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, *, credit: int = DEFAULT_CREDIT,
-                 first_credit: int = FIRST_CREDIT, attach: str = "verdict") -> None:  # fmt: skip
+                 first_credit: int = FIRST_CREDIT, attach: str = "verdict",
+                 notify: bool | None = None, ring_size: int = RING_SIZE) -> None:  # fmt: skip
         if capacity < 2 or credit < 1 or first_credit < 1:
             raise ValueError("capacity must be >= 2 and credits >= 1")
         self.capacity = capacity
@@ -182,17 +235,26 @@ class Sockmap:
             slots_size = capacity + _STALE_BATCH
             self._slots_fd = self._keep(bpf.create_map(bpf.MAP_TYPE_HASH, 8, 4, slots_size, name="warren_slots"))
             self._state_fd = self._keep(
-                bpf.create_map(bpf.MAP_TYPE_ARRAY, 4, _STATE_SIZE, capacity, bpf.F_MMAPABLE, name="warren_state")
+                bpf.create_map(bpf.MAP_TYPE_ARRAY, 4, _STATE_SIZE, capacity + 1, bpf.F_MMAPABLE, name="warren_state")
             )
             self._socks_fd = self._keep(bpf.create_map(bpf.MAP_TYPE_SOCKHASH, 8, 8, capacity, name="warren_socks"))
-            program = build_program(self._slots_fd, self._state_fd, self._socks_fd)
+            self.ring_fd = self._ring(notify, ring_size)
+            program = build_program(self._slots_fd, self._state_fd, self._socks_fd, self.ring_fd, capacity)
             self._prog_fd = self._keep(bpf.load_program(bpf.PROG_TYPE_SK_SKB, program, "warren_verdict"))
             self.attach_mode = self._attach(attach)
-            self._mmap = bpf.mmap_map(self._state_fd, capacity * _STATE_SIZE)
+            self._mmap = bpf.mmap_map(self._state_fd, (capacity + 1) * _STATE_SIZE)
         except BaseException:
             self.close()
             raise
         self._words = memoryview(self._mmap).cast("Q")
+        self._lost_seen = 0
+        if self.ring_fd is not None:
+            self._head = memoryview(self._consumer).cast("Q")  # [0]: consumer position
+            self._tail = memoryview(self._producer).cast("Q")  # [0]: producer position
+            self._records = memoryview(self._producer).cast("I")  # data from PAGESIZE on
+        # slot -> the pair holding it, for notifications
+        self.pair_of: list[Pair | None] = [None] * capacity
+        self.watcher = None  # the notification ring's link in the current poller (proxy.io.kernel_relay)
         self._slots = bpf.Updates(self._slots_fd, 8, 4, batch=2)
         self._socks = bpf.Updates(self._socks_fd, 8, 8)
         self._slots_batch = True
@@ -201,6 +263,46 @@ class Sockmap:
         self._free = collections.deque(range(capacity))
         self._stale: list[bytes] = []  # cookies of closed sockets, still in the slots map
         self.pairs = 0
+
+    def _ring(self, notify: bool | None, size: int) -> int | None:
+        """The notification ring's fd, mapped; None without one."""
+        self._consumer = self._producer = None
+        self._ring_mask = size - 1
+        if notify is None:
+            notify = platform.machine() == "x86_64"
+        if not notify:
+            return None
+        try:
+            fd = self._keep(bpf.create_map(bpf.MAP_TYPE_RINGBUF, 0, 0, size, name="warren_ring"))
+        except bpf.BpfError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return None  # before 5.8: no ring buffers, EPOLLIN it is
+        self._consumer, self._producer = bpf.mmap_ring(fd, size)
+        return fd
+
+    def notified(self) -> tuple[list[int], bool]:
+        """The slots the program passed bytes to since the last call (a slot
+        once per skb passed), and whether notifications were lost to a full
+        ring since (then any pair may have been passed bytes). Records still
+        being written end the list; the ring's fd stays readable for them."""
+        head, tail, records, mask = self._head, self._tail, self._records, self._ring_mask
+        consumer, producer = head[0], tail[0]
+        slots = []
+        while consumer < producer:
+            at = _DATA_WORD + (consumer & mask) // 4
+            length = records[at]
+            if length & _RECORD_BUSY:
+                break
+            if not length & _RECORD_DISCARD:
+                slots.append(records[at + 2])
+            consumer += ((length & _RECORD_LENGTH) + 8 + 7) & ~7
+        head[0] = consumer
+        lost = self._words[self.capacity * _STATE_WORDS]
+        if lost == self._lost_seen:
+            return slots, False
+        self._lost_seen = lost
+        return slots, True
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -224,9 +326,14 @@ class Sockmap:
     def close(self) -> None:
         """Release the maps and program (pairs still in the map keep working
         until their sockets close: the kernel holds references)."""
-        words, self._words = getattr(self, "_words", None), None
-        if words is not None:
-            words.release()
+        for view in ("_words", "_head", "_tail", "_records"):
+            if getattr(self, view, None) is not None:
+                getattr(self, view).release()
+                setattr(self, view, None)
+        for ring in ("_consumer", "_producer"):
+            if getattr(self, ring, None) is not None:
+                getattr(self, ring).close()
+                setattr(self, ring, None)
         if getattr(self, "_mmap", None) is not None:
             self._mmap.close()
             self._mmap = None
@@ -277,7 +384,8 @@ class Sockmap:
                            "were dropped with it") from exc
             raise
         self.pairs += 1
-        return Pair(self, (client, server), cookies, slots)
+        pair = self.pair_of[slots[0]] = self.pair_of[slots[1]] = Pair(self, (client, server), cookies, slots)
+        return pair
 
     def _update_slots(self, cookies: bytes, slots: bytes) -> None:
         """Both slots in one system call where the kernel has batch updates
@@ -296,6 +404,7 @@ class Sockmap:
     def _release(self, pair: Pair) -> None:
         """The pair's sockets are closed (or about to be): free its slots."""
         self.pairs -= 1
+        self.pair_of[pair.slots[0]] = self.pair_of[pair.slots[1]] = None
         self._stale.extend(pair.cookies)
         self._free.extend(pair.slots)
         if len(self._stale) >= _STALE_BATCH:
@@ -324,7 +433,7 @@ class Pair:
     reads or writes the shared array directly (one call, no system call).
     """
 
-    __slots__ = ("sockmap", "socks", "cookies", "slots", "released", "words", "bases")
+    __slots__ = ("sockmap", "socks", "cookies", "slots", "released", "words", "bases", "owner")
 
     def __init__(self, sockmap: Sockmap, socks, cookies, slots) -> None:
         self.sockmap = sockmap
@@ -334,6 +443,7 @@ class Pair:
         self.released = False
         self.words = sockmap._words
         self.bases = (slots[0] * _STATE_WORDS, slots[1] * _STATE_WORDS)
+        self.owner = None  # the link serving it (proxy.io.kernel_relay), told of notifications
 
     def flush(self) -> None:
         """Run the program now on what each socket had queued before the pair
@@ -500,6 +610,8 @@ def _self_test(sockmap: Sockmap) -> None:
         client.sendall(b"held")
         if not _wait_events(epoll, near, select.EPOLLIN):
             raise SelfTestFailed("no EPOLLIN for bytes passed to the socket (sockmap readiness regression)")
+        if sockmap.ring_fd is not None and pair.slots[0] not in sockmap.notified()[0]:
+            raise SelfTestFailed("no notification in the ring for bytes passed to the socket")
         held = near.recv(100)
         if held != b"held" or pair.passed(0) != 4:
             raise SelfTestFailed(f"passed bytes read back as {held!r}, counted {pair.passed(0)}")

@@ -172,3 +172,47 @@ def test_a_pair_torn_by_a_refusal_after_the_client_received_bytes_is_not_relayed
     finally:
         listener.close()
         sockmap.close()
+
+
+class _Poller:
+    def __init__(self):
+        self.poked = []
+
+    def watch(self, fd, link, mask):
+        pass
+
+    def poke(self, link):
+        self.poked.append(link)
+
+
+def test_the_ring_watcher_serves_the_notified_links_and_all_of_them_after_a_loss():
+    from proxy.io.kernel_relay import RingWatch
+
+    class Map:
+        ring_fd, pairs = 99, 2
+
+        def __init__(self, answer):
+            self.answer = answer
+            self.pair_of = [None] * 8
+
+        def notified(self):
+            return self.answer
+
+    class Pair:
+        def __init__(self, owner):
+            self.owner = owner
+
+    a, b, gone = Pair("link a"), Pair("link b"), Pair(None)  # gone: its link has ended
+    notified = Map(([2, 5, 2, 7], False))
+    notified.pair_of[2] = notified.pair_of[3] = a
+    notified.pair_of[5] = b
+    notified.pair_of[7] = gone
+    poller = _Poller()
+    assert RingWatch(notified, poller).serve() is False
+    assert poller.poked == ["link a", "link b", "link a"]
+    lost = Map(([], True))
+    lost.pair_of[0] = lost.pair_of[1] = a
+    lost.pair_of[4] = b
+    poller = _Poller()
+    RingWatch(lost, poller).serve()
+    assert set(poller.poked) == {"link a", "link b"}

@@ -53,6 +53,8 @@ def test_jumps_are_resolved_to_their_labels_counting_two_slots_per_map_load():
 def test_the_verdict_program_is_a_few_dozen_instructions():
     code = sockmap.build_program(3, 4, 5)
     assert len(code) % 8 == 0 and 30 <= len(code) // 8 <= 50
+    with_ring = sockmap.build_program(3, 4, 5, 6, 16)
+    assert len(with_ring) // 8 <= 70
 
 
 @pytest.mark.parametrize("machine, number", [("x86_64", 321), ("aarch64", 280), ("arm64", 280)])
@@ -92,7 +94,7 @@ def tcp_pair(listener) -> tuple[socket.socket, socket.socket]:
 
 
 @contextmanager
-def relayed_by_the_kernel(*, before=(b"", b""), credit=1 << 20, attach="verdict"):
+def relayed_by_the_kernel(*, before=(b"", b""), credit=1 << 20, attach="verdict", **options):
     """(client, server, pair, near, far): client <-> near ... far <-> server,
     near and far in the map; `before` is sent by client and server first."""
     with socket.socket() as listener:
@@ -101,7 +103,7 @@ def relayed_by_the_kernel(*, before=(b"", b""), credit=1 << 20, attach="verdict"
         client, near = tcp_pair(listener)
         far, server = tcp_pair(listener)
     socks = [client, near, far, server]
-    smap = Sockmap(16, first_credit=credit, attach=attach)
+    smap = Sockmap(16, first_credit=credit, attach=attach, **options)
     try:
         if before[0]:
             client.sendall(before[0])
@@ -341,3 +343,64 @@ def test_a_socket_the_kernel_refuses_leaves_nothing_behind():
         for sock in (client, near, unconnected):
             sock.close()
         smap.close()
+
+
+# --- the notification ring ------------------------------------------------------------
+
+
+@needs_bpf
+def test_bytes_passed_to_a_socket_are_announced_in_the_ring_and_redirected_ones_are_not():
+    with relayed_by_the_kernel(credit=1 << 20) as (client, server, pair, near, far):
+        assert pair.sockmap.ring_fd is not None  # x86_64 and 5.8+, as here
+        client.sendall(b"redirected")
+        assert recv_exactly(server, 10) == b"redirected"
+        assert pair.sockmap.notified() == ([], False)
+        pair.stop(0)
+        client.sendall(b"passed")
+        wait_until_blocking(lambda: pair.passed(0) == 6, timeout=BOUND, interval=0.001)
+        slots, lost = pair.sockmap.notified()
+        assert slots == [pair.slots[0]] and not lost
+        assert pair.sockmap.notified() == ([], False)  # read once
+
+
+@needs_bpf
+def test_a_redirected_message_does_not_wake_a_socket_registered_without_epollin():
+    """The point of the ring: registered for EPOLLIN, a socket in the map
+    wakes its epoll waiter for every redirected skb; registered for its FIN
+    only, it wakes for nothing but the FIN."""
+    with relayed_by_the_kernel() as (client, server, pair, near, far):
+        with select.epoll() as epoll:
+            epoll.register(near.fileno(), select.EPOLLRDHUP | select.EPOLLET)
+            client.sendall(b"x" * 100)
+            assert recv_exactly(server, 100) == b"x" * 100
+            assert epoll.poll(0.05) == []
+            client.shutdown(socket.SHUT_WR)
+            assert epoll.poll(BOUND)[0][1] & select.EPOLLRDHUP
+
+
+@needs_bpf
+def test_a_full_ring_says_notifications_were_lost():
+    page = os.sysconf("SC_PAGE_SIZE")
+    with relayed_by_the_kernel(credit=1, ring_size=page) as (client, server, pair, near, far):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pair.stop(0)
+        records = page // 16
+        for _ in range(records + 50):  # one passed skb each: more than the ring holds
+            before = pair.passed(0)
+            client.send(b"p")
+            wait_until_blocking(lambda before=before: pair.passed(0) > before, timeout=BOUND, interval=0.0001)
+            near.recv(16)  # the socket's buffer never fills (forwarded never catches up: all are passed)
+            if pair.sockmap._words[pair.sockmap.capacity * 4]:
+                break
+        slots, lost = pair.sockmap.notified()
+        assert lost and set(slots) == {pair.slots[0]}
+        assert pair.sockmap.notified() == ([], False)
+
+
+@needs_bpf
+def test_without_the_ring_relayed_sockets_rely_on_epollin():
+    with relayed_by_the_kernel(notify=False) as (client, server, pair, near, far):
+        assert pair.sockmap.ring_fd is None
+        pair.stop(0)
+        client.sendall(b"held")
+        assert events_of(near, select.EPOLLIN) & select.EPOLLIN
