@@ -13,6 +13,12 @@ moves bytes:
   proven BUSY answer), and in unicast mode only the instance's peers get a
   link. An established link is held until the backup closes it or the
   instance ends; nothing is ever sent on it.
+- The links and their listening sockets sit at the top of the process's
+  descriptor table (:func:`closed_first`): a killed process's kernel
+  releases its descriptors highest first, so a killed master's backups see
+  their links end, and their confirming connection refused, before the
+  kernel gets to the rest (thousands of client connections, or an
+  AF_PACKET socket whose release waits for an RCU grace period).
 - :class:`MasterLink`: one instance's link to the master its machine
   follows. When the link ends with FIN or RST, it confirms at once with a
   new connection: refused, reset or unproven, the master's Warren is gone
@@ -25,7 +31,9 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import ipaddress
+import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +58,11 @@ RETRY_MIN, RETRY_MAX = 1.0, 30.0  # between attempts to link to a master that do
 KEEPALIVE = ((socket.SO_KEEPALIVE, socket.SOL_SOCKET, 1), (socket.TCP_KEEPIDLE, socket.IPPROTO_TCP, 30),
              (socket.TCP_KEEPINTVL, socket.IPPROTO_TCP, 10), (socket.TCP_KEEPCNT, socket.IPPROTO_TCP, 3))
 _ENDED = (errno.ECONNRESET, errno.EPIPE, errno.ECONNREFUSED)  # the peer's kernel answered: no process
+# Descriptors at the top of the table, where the links and their listeners go: at most
+# this far below the soft RLIMIT_NOFILE (capped, so that the kernel's descriptor table
+# stays small: 64k entries are 512 KiB).
+TOP_SLOTS = 64
+TOP_CAP = 1 << 16
 
 
 # -- the master's side -------------------------------------------------------------------------
@@ -143,7 +156,7 @@ class LinkServer:
                     await trio.sleep(0.1)
                     continue
                 assert self._nursery is not None
-                self._nursery.start_soon(self._serve, entry, stream)
+                self._nursery.start_soon(self._serve, entry, trio.SocketStream(closed_first(stream.socket)))
 
     async def _serve(self, entry: _Listener, stream: trio.SocketStream) -> None:
         peer = _peer_ip(stream)
@@ -334,8 +347,35 @@ async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
     return data
 
 
+def closed_first(sock):
+    """``sock`` (a stdlib or trio socket, which this consumes) on a descriptor near the
+    top of the table, as the same kind of socket; ``sock`` itself when no such descriptor is free.
+
+    When a process is killed, ``exit_files()`` hands each open file's release to
+    task work, which runs last in, first out: the kernel closes the highest
+    descriptor first (measured: a SIGKILLed process's six connections end in
+    reverse descriptor order). And before that comes ``exit_mm()``, the
+    teardown of the process's memory, which no descriptor number avoids.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = TOP_CAP if soft == resource.RLIM_INFINITY else min(soft, TOP_CAP)
+    floor = ceiling - TOP_SLOTS
+    if sock.fileno() >= floor:
+        return sock
+    try:
+        high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, floor)
+    except OSError:  # EMFILE / EINVAL: the top is taken or the limit is tiny
+        return sock
+    moved = socket.socket(fileno=high)
+    sock.close()
+    if isinstance(sock, socket.socket):
+        return moved
+    return trio.socket.from_stdlib_socket(moved)
+
+
 def _listen(address: IPAddress, port: int, ifindex: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock = closed_first(socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                                      socket.SOCK_STREAM))
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if address.version == 6:

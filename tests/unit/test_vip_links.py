@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import os
+import resource
+import socket
 
 import pytest
 import trio
@@ -208,3 +211,49 @@ async def receive_exactly(stream, size: int) -> bytes:
     while len(data) < size:
         data += await stream.receive_some(size - len(data))
     return data
+
+
+# -- descriptors: a killed master's kernel ends its links first ---------------------------------
+
+
+def local_ports_by_descriptor() -> dict[int, int]:
+    """fd -> local TCP port of every TCP socket of this process."""
+    ports = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # not a socket (or gone meanwhile)
+        with probe:
+            if probe.type == socket.SOCK_STREAM and probe.family in (socket.AF_INET, socket.AF_INET6):
+                ports[fd] = probe.getsockname()[1]
+    return ports
+
+
+async def test_a_masters_link_sockets_sit_above_every_other_descriptor():
+    """The kernel releases a killed process's descriptors highest first (exit_files() queues
+    them as task work, run last in, first out): the links, then their listener, must come
+    before thousands of client connections or an AF_PACKET socket's RCU grace period."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, _ = await serving(nursery)
+            backup = Backup(registration.port)
+            backup.link.follow(nursery, LOCAL)
+            await wait_until(lambda: backup.link.up, what="link up")
+            with socket.socket() as opened_later:
+                ports = local_ports_by_descriptor()
+                master_side = sorted(fd for fd, port in ports.items() if port == registration.port)
+                assert len(master_side) == 2  # the listener and the accepted link
+                listener, link = master_side  # the link, made last, goes first
+                assert listener > max(fd for fd in ports if fd not in master_side)
+                assert listener > opened_later.fileno()
+                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                assert link < min(soft, links_module.TOP_CAP)
+            nursery.cancel_scope.cancel()
+
+
+def test_without_room_at_the_top_a_socket_stays_where_it_is(monkeypatch):
+    monkeypatch.setattr(links_module, "TOP_SLOTS", 0)  # the floor is the limit itself: no descriptor fits
+    with socket.socket() as sock:
+        assert links_module.closed_first(sock) is sock and sock.fileno() >= 0
