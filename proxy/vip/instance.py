@@ -484,6 +484,14 @@ class VipInstance:
     # -- actions ------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        """Carries the machine's actions out, in order, except that a new master's clients
+        come first: taking the addresses with an announcement adds them and sends the first
+        gratuitous ARP at once (:meth:`AddressKeeper.take_over`), and state changes (logs,
+        hooks) come after everything else."""
+        taking = any(isinstance(action, TakeAddresses) for action in actions)
+        if taking and any(isinstance(action, SendGratuitous) for action in actions):
+            self._keeper.take_over()
+        changes = []
         for action in actions:
             if isinstance(action, SendAdvert):
                 self._send_advert(action)
@@ -494,9 +502,11 @@ class VipInstance:
             elif isinstance(action, SendGratuitous):
                 self._keeper.announce()
             elif isinstance(action, StateChanged):
-                self._state_changed(action)
+                changes.append(action)
             elif isinstance(action, FollowMaster) and self._master_link is not None and self._nursery is not None:
                 self._master_link.follow(self._nursery, action.address)
+        for change in changes:
+            self._state_changed(change)
         self._timer_wake.set()  # the deadline may have moved
 
     def _send_advert(self, action: SendAdvert) -> None:

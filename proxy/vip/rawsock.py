@@ -10,7 +10,8 @@
   substitute in-memory fakes.
 - :class:`AddressKeeper` turns the machine's Take/Release/SendGratuitous into
   host state: leases renewed while held, removed when released, announced once
-  really configured.
+  really configured; a new master's first lease and announcement go out at
+  once (:meth:`AddressKeeper.take_over`).
 """
 
 from __future__ import annotations
@@ -143,9 +144,16 @@ class LinuxPlumbing:
         return await self._route.run(netlink.mac_address_sync, ifname)
 
     async def add_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
+        self.add_leases_now(ifname, addresses, lifetime)
+
+    def add_leases_now(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
         # Non-blocking: the kernel answers within the send (netlink.LeaseRequests).
         for address in addresses:
             self._leases.add(ifname, address, lifetime)
+
+    def prepare_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
+        for address in addresses:
+            self._leases.prepare(ifname, address, lifetime)
 
     async def remove_addresses(self, ifname: str, addresses: Iterable[str]) -> None:
         await self._route.run(_remove_all_sync, ifname, list(addresses))
@@ -194,6 +202,13 @@ class Plumbing(Protocol):
 
     async def add_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None: ...
 
+    def add_leases_now(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
+        """``add_leases`` without waiting; ``BlockingIOError`` when that cannot be done
+        (then ``add_leases``), ``OSError`` / ``InterfaceNotFound`` as ``add_leases``."""
+
+    def prepare_leases(self, ifname: str, addresses: Iterable[str], lifetime: float | None) -> None:
+        """Get ``add_leases_now`` ready for these addresses (best effort, same errors)."""
+
     async def remove_addresses(self, ifname: str, addresses: Iterable[str]) -> None: ...
 
     async def remove_stale(self, ifname: str, addresses: Iterable[str]) -> list[IPAddress]: ...
@@ -208,7 +223,9 @@ class AddressKeeper:
     so a quick hold-release-hold never races: the task always acts on the
     latest wish. Announcements start only after the addresses were added
     (a client redirected by gratuitous ARP must find the address configured)
-    and stop when they are released.
+    and stop when they are released. :meth:`take_over` (a new master) adds
+    the addresses and sends the first announcement on the caller's stack
+    when it can, the task doing the rest (logs, the rest of the plan).
     """
 
     def __init__(
@@ -239,8 +256,12 @@ class AddressKeeper:
         self._wake = trio.Event()
         self._announce_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        # The interface's MAC, fetched ahead: a new master announces at once.
+        # The interface's MAC and the announcement frames, made ahead: a new master announces at once.
         self._mac: bytes | None = None
+        self._frames: list[bytes] | None = None
+        self._added_now = False  # take_over() added the addresses; the task logs it
+        self._retry_later = False  # take_over() failed to add them: the task retries after RETRY_DELAY
+        self._announced_now = False  # take_over() sent the plan's first frames
         self.released = trio.Event()
         self.released.set()
 
@@ -263,22 +284,57 @@ class AddressKeeper:
             self._announce_pending = True
             self._wake.set()
 
+    def take_over(self) -> None:
+        """``hold()`` and ``announce()``, for a host becoming master; clients follow its
+        gratuitous ARP, so the lease and the first announcement go out before this returns
+        (a non-blocking rtnetlink request and a packet-socket send, prepared ahead), and
+        only then anything else (logs, the rest of the plan) from the task. When that
+        cannot be done on the spot (no MAC yet, the plumbing would wait, an error), the
+        task does it all as after ``hold()`` + ``announce()``, retrying and logging failures.
+        """
+        self.hold()
+        self.announce()
+        if self._present or self._mac is None or self._frames is None:
+            return
+        config = self._config
+        self._present = True  # from here on the addresses may be there: a release removes them
+        try:
+            self._plumbing.add_leases_now(config.interface, config.addresses, config.lease)
+        except BlockingIOError:
+            return  # the task adds them
+        except _HOST_ERRORS as error:
+            self._lease_failed(error)
+            self._retry_later = True
+            return
+        self._failing = False
+        self._configured = self._added_now = True
+        try:
+            self._plumbing.send_frames(config.interface, self._frames)
+        except OSError:
+            return  # the plan sends them again
+        self._counters["announcements"] += 1
+        self._announced_now = True
+
     def forget_mac(self) -> None:
         """The interface was replaced: look its hardware address up again."""
-        self._mac = None
+        self._mac = self._frames = None
         if self._nursery is not None:
             self._nursery.start_soon(self._prefetch_mac)
 
     async def _fetch_mac(self) -> bytes:
         if self._mac is None:
-            self._mac = await self._plumbing.mac_address(self._config.interface)
+            mac = await self._plumbing.mac_address(self._config.interface)
+            self._mac, self._frames = mac, announcement_frames(mac, self._ips)
         return self._mac
 
     async def _prefetch_mac(self) -> None:
+        """The MAC and frames, and the lease requests, made ready for a takeover."""
+        config = self._config
         try:
             await self._fetch_mac()
+            self._plumbing.prepare_leases(config.interface, config.addresses, config.lease)
         except _HOST_ERRORS:
-            pass  # no interface yet: fetched when first announcing
+            pass  # no interface yet: done when first needed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -298,7 +354,13 @@ class AddressKeeper:
             # machine decides first whether a master silent that long steps down.
             self._before_renewing()
         if self._want:
-            if not await self._add():
+            if self._retry_later:
+                self._retry_later = False
+                return RETRY_DELAY
+            if self._added_now:  # by take_over(), a moment ago: only the log is left
+                self._added_now = False
+                self._log_added()
+            elif not await self._add():
                 return RETRY_DELAY
             if self._announce_pending and self._want:
                 self._start_announcing()
@@ -313,18 +375,23 @@ class AddressKeeper:
         try:
             await self._plumbing.add_leases(config.interface, config.addresses, config.lease)
         except _HOST_ERRORS as error:
-            self._counters["lease_errors"] += 1
-            self._log_failure("vip.lease_failed", error)
+            self._lease_failed(error)
             return False
         self._failing = False
         self._configured = True
         if first:
-            log.info(
-                "vip.addresses_added", instance=config.name, addresses=list(config.addresses), lease=config.lease
-            )
+            self._log_added()
         else:
             self._counters["lease_renewals"] += 1
         return True
+
+    def _lease_failed(self, error: BaseException) -> None:
+        self._counters["lease_errors"] += 1
+        self._log_failure("vip.lease_failed", error)
+
+    def _log_added(self) -> None:
+        config = self._config
+        log.info("vip.addresses_added", instance=config.name, addresses=list(config.addresses), lease=config.lease)
 
     async def _remove(self) -> bool:
         config = self._config
@@ -345,7 +412,7 @@ class AddressKeeper:
 
     async def remove_now(self) -> None:
         """Last-resort removal when the instance ends without :meth:`release` being carried out."""
-        self._want = False
+        self._want = self._added_now = self._retry_later = False
         if self._present:
             await self._remove()
 
@@ -359,9 +426,11 @@ class AddressKeeper:
         self._announce_pending = False
         self._announce_scope.cancel()  # restart, not stack, a running plan
         self._announce_scope = trio.CancelScope()
-        self._nursery.start_soon(self._announce, self._announce_scope)
+        sent_first, self._announced_now = self._announced_now, False
+        self._nursery.start_soon(self._announce, self._announce_scope, sent_first)
 
-    async def _announce(self, scope: trio.CancelScope) -> None:
+    async def _announce(self, scope: trio.CancelScope, sent_first: bool) -> None:
+        """The announcement plan; its first frames already went out if ``sent_first`` (take_over)."""
         config = self._config
         with scope:
             try:
@@ -370,10 +439,13 @@ class AddressKeeper:
                 self._counters["announce_errors"] += 1
                 log.warning("vip.announce_failed", instance=config.name, error=str(error))
                 return
-            frames = announcement_frames(mac, self._ips)
+            frames = self._frames or announcement_frames(mac, self._ips)
             addresses = [str(ip) for ip in self._ips]
             log.info("vip.announcing", instance=config.name, mac=format_mac(mac), addresses=addresses)
-            for at in self._plan.send_times(trio.current_time()):
+            times = self._plan.send_times(trio.current_time())
+            if sent_first:
+                next(times, None)
+            for at in times:
                 await trio.sleep_until(at)
                 try:
                     self._plumbing.send_frames(config.interface, frames)

@@ -16,6 +16,8 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from lab import wait_until
+
 from proxy.config.model import Backend, Config, Server, Vip, VipAuth, VipGarp, VipNotify
 from proxy.runtime import Runtime
 from proxy.supervisor import RestartPolicy
@@ -80,6 +82,8 @@ class FakeHost:
         self.stale: list[str] = []
         self.add_failures = 0
         self.add_gate: trio.Event | None = None
+        self.prepared: list[float | None] = []
+        self.on_frames = lambda: None
 
     @property
     def channel(self) -> FakeChannel:
@@ -106,6 +110,17 @@ class FakeHost:
         if self.add_gate is not None:
             await self.add_gate.wait()
         await trio.lowlevel.checkpoint()
+        self._add(addresses, lifetime)
+
+    def add_leases_now(self, ifname, addresses, lifetime) -> None:
+        if self.add_gate is not None and not self.add_gate.is_set():
+            raise BlockingIOError  # the gated request must wait: add_leases
+        self._add(addresses, lifetime)
+
+    def prepare_leases(self, ifname, addresses, lifetime) -> None:
+        self.prepared.append(lifetime)
+
+    def _add(self, addresses, lifetime) -> None:
         if self.add_failures:
             self.add_failures -= 1
             raise OSError(19, "No such device")
@@ -125,6 +140,7 @@ class FakeHost:
         return [ipaddress.ip_interface(a).ip for a in addresses if a in self.stale]
 
     def send_frames(self, ifname, frames) -> int:
+        self.on_frames()
         self.frames.append((trio.current_time(), frames))
         return len(frames)
 
@@ -251,6 +267,36 @@ async def test_a_new_master_announces_the_vip_in_a_burst_and_again_later(autojum
         offsets = [round(at - MASTER_DOWN, 6) for at, _ in host.frames]
         assert offsets == [0.0, 0.02, 0.04, 5.0, 5.02, 5.04]
         assert all(frames == [gratuitous_arp(MAC, VIP)] for _, frames in host.frames)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_master_adds_and_announces_its_address_before_it_does_anything_else():
+    """Clients follow the gratuitous ARP: the lease and the first announcement go out on the
+    deciding task's own stack, before the advert, the state change's log line and its hooks."""
+    host = FakeHost()
+    seen: list[tuple[str, object]] = []
+    host.on_frames = lambda: seen.append(("frames", list(host.configured)))
+    with trio.fail_after(10), capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            instance = await start(nursery, host, vip_config(advert_interval=0.01))
+            host.on_frames = lambda: seen.append(("frames", (list(host.configured), len(host.adverts()),
+                                                             [e["event"] for e in logs])))
+            await wait_until(lambda: host.frames, what="announced", interval=0.01)
+            assert state(instance) is State.MASTER
+            nursery.cancel_scope.cancel()
+    [(_, (configured, adverts, logged))] = seen[:1]
+    assert configured == ["10.0.0.100/24"]  # added before it was announced
+    assert adverts == 0 and "vip.master" not in logged and "vip.addresses_added" not in logged
+    assert host.prepared == [4.0]  # the lease request was made ready while a backup
+
+
+async def test_the_takeovers_lease_is_renewed_on_the_usual_schedule_not_at_once(autojump_clock):
+    host = FakeHost()
+    async with trio.open_nursery() as nursery:
+        await start(nursery, host)
+        await trio.sleep_until(MASTER_DOWN + 1.5)
+        adds = [at for at, what in host.log if what == "add"]
+        assert adds == [pytest.approx(MASTER_DOWN), pytest.approx(MASTER_DOWN + 1.0)]
         nursery.cancel_scope.cancel()
 
 
