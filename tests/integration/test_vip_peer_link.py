@@ -10,17 +10,21 @@ decided the takeover; bench/ measures them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from lab import nft_missing
+from lab import nft_missing, wait_until
 from lab.netns import signal_pid
 from tests.integration.test_vip_failover import VipLab, logged_at, report, two_hosts, warren_config
+from tests.viplab import BACKEND_PORT, FRONT_PORT
 
 pytestmark = [pytest.mark.netns]
 
@@ -100,6 +104,96 @@ async def test_a_master_that_hands_over_on_purpose_is_not_mistaken_for_a_dead_on
             assert took_over["reason"] == "master_left"
             with trio.fail_after(10):
                 assert await w1.process.wait() == 0
+            nursery.cancel_scope.cancel()
+
+
+# A backend that accepts and holds every connection (the usual one answers and closes).
+HOLDER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(16)
+print("ready", flush=True)
+held = []
+while True:
+    held.append(server.accept()[0])
+"""
+
+# A client that opens one connection and holds it (prints "held" once it is relayed).
+CLIENT = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+# In the master's namespace: every TCP segment with FIN or RST that leaves lan0, in the
+# order the kernel sends them (a packet tap sees outgoing frames in the sender's context).
+TAP = r"""
+import json, socket, struct, sys, threading
+tap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+tap.bind(("lan0", 0))
+ends = []
+
+def record():
+    while True:
+        frame, address = tap.recvfrom(2048)
+        if address[2] != socket.PACKET_OUTGOING or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+            continue
+        header = 14 + (frame[14] & 0x0F) * 4
+        source_port = struct.unpack_from("!H", frame, header)[0]
+        if frame[header + 13] & 0x05:  # FIN or RST
+            ends.append(source_port)
+
+threading.Thread(target=record, daemon=True).start()
+print("ready", flush=True)
+for _ in sys.stdin:
+    print(json.dumps(ends), flush=True)
+"""
+
+
+async def line_from(process) -> bytes:
+    output = b""
+    while not output.endswith(b"\n"):
+        chunk = await process.stdout.receive_some(1)
+        assert chunk, "the helper process died"
+        output += chunk
+    return output.strip()
+
+
+async def test_a_killed_masters_kernel_ends_its_links_before_its_other_connections(lab):
+    """The kernel releases a dead process's descriptors highest first; the links sit at the top,
+    so they end before client connections made later (which have higher descriptors by birth)."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            h1, h2 = lab.add_host("h1"), lab.add_host("h2")
+            holder = await lab.open_process(h1.ns, [sys.executable, "-c", HOLDER, str(BACKEND_PORT)],
+                                            stdout=subprocess.PIPE)
+            assert await line_from(holder) == b"ready"
+            await lab.start_backend(h2)
+            w1 = await lab.start_warren(nursery, h1, config(lab, 150))
+            await w1.wait_for("vip.master", instance="front", timeout=15)
+            w2 = await lab.start_warren(nursery, h2, config(lab, 100))
+            await w2.wait_for("vip.peer_link_up", instance="front", master=h1.ip)
+            tap = await lab.open_process(h1.ns, [sys.executable, "-c", TAP], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE)
+            assert await line_from(tap) == b"ready"
+            client = await lab.open_process(lab.lan.ns, [sys.executable, "-c", CLIENT, lab.vip(), str(FRONT_PORT)],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert await line_from(client) == b"held"
+            w1.process.kill()
+            await w2.wait_for("vip.master_gone", instance="front", timeout=10)
+
+            async def both_ended() -> list[int]:
+                await tap.stdin.send_all(b"report\n")
+                ends = json.loads(await line_from(tap))
+                return ends if {LINK_PORT, FRONT_PORT} <= set(ends) else []
+
+            await wait_until(both_ended, timeout=10, what="the link and the client connection ended")
+            await tap.stdin.send_all(b"report\n")
+            ends = json.loads(await line_from(tap))
+            assert ends.index(LINK_PORT) < ends.index(FRONT_PORT), ends
             nursery.cancel_scope.cancel()
 
 
