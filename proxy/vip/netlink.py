@@ -216,7 +216,9 @@ class LeaseRequests:
 
     def prepare(self, ifname: str, address: object, valid_lft: float | None) -> bytearray:
         """The request for :meth:`add`, encoded now if it was not yet (pyroute2 takes
-        0.1-0.3 ms, which a backup pays ahead rather than when it takes over)."""
+        0.1-0.3 ms, which a backup pays ahead rather than when it takes over), and the
+        socket it goes out on."""
+        self._open()
         index = _index(None, ifname)
         valid = _lifetime(valid_lft)
         key = (index, str(address), valid)
@@ -230,15 +232,19 @@ class LeaseRequests:
             self._sock.close()
             self._sock = None
 
-    def _request(self, message: bytes, seq: int) -> None:
+    def _open(self) -> socket.socket:
         if self._sock is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
             sock.setblocking(False)
             self._sock = sock
+        return self._sock
+
+    def _request(self, message: bytes, seq: int) -> None:
+        sock = self._open()
         try:
-            self._sock.send(message)
+            sock.send(message)
             while True:
-                reply = self._sock.recv(65536)
+                reply = sock.recv(65536)
                 length, kind, _flags, reply_seq, _pid = struct.unpack_from("=IHHII", reply)
                 if kind == _NLMSG_ERROR and reply_seq == seq and length >= 20:
                     break  # older replies (from a request that failed half-way) are skipped
