@@ -62,24 +62,24 @@ while True:
 
 # Starts a connection every PERIOD whatever the others do, so the resolution
 # does not depend on the timeout. Lines on stdin: "status" -> the last
-# success; "stop" -> every success (start time, who answered) and the failures.
+# success; "stop" -> every success (start time, who answered) and every
+# failure (start time, end time, how: an error's name, "closed", "timeout").
 PROBER = r"""
 import json, os, selectors, socket, sys, time
 host, port, period, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 sel = selectors.DefaultSelector()
 sel.register(0, selectors.EVENT_READ, None)
-pending, successes, failures, buffered = {}, [], 0, b""
+pending, successes, failures, buffered = {}, [], [], b""
 next_at = time.monotonic()
 
 def finish(sock, ok, name=""):
-    global failures
     start, _ = pending.pop(sock)
     sel.unregister(sock)
     sock.close()
     if ok:
         successes.append((start, name))
     else:
-        failures += 1
+        failures.append((start, time.monotonic(), name))
 
 print(json.dumps({"event": "ready"}), flush=True)
 while True:
@@ -98,7 +98,7 @@ while True:
         next_at = max(next_at + period, now)
     for sock, (start, deadline) in list(pending.items()):
         if now > deadline:
-            finish(sock, False)
+            finish(sock, False, "timeout")
     for key, _ in sel.select(max(0.0, next_at - time.monotonic())):
         if key.data is None:
             chunk = os.read(0, 4096)
@@ -117,9 +117,10 @@ while True:
         sock = key.fileobj
         try:
             data = sock.recv(64)
-        except OSError:
-            data = b""
-        finish(sock, bool(data), data.decode(errors="replace"))
+        except OSError as error:
+            finish(sock, False, error.__class__.__name__)
+            continue
+        finish(sock, bool(data), data.decode(errors="replace") if data else "closed")
 """
 
 
@@ -373,7 +374,9 @@ class Failover(Benchmark):
             if contender == "warren" and case.event == "crash":
                 if PROFILE_HEADING not in self.notes:
                     self.notes += ["", PROFILE_HEADING, ""]
-                self.notes.append(_takeover_profile(case, values[case.key], backup.log, wall))
+                served = min((t for t, name in done["ok"] if name == "h2" and t >= event), default=None)
+                self.notes.append(_takeover_profile(case, values[case.key], backup.log, wall,
+                                                    None if served is None else served - event))
             if case.check_linger:
                 time.sleep(max(0.0, event + self.linger_wait() - time.monotonic()))
                 values[LINGER.key] = 1.0 if vip in net.addresses(h1.ns) else 0.0
@@ -452,16 +455,20 @@ class Failover(Benchmark):
 _BACKUP_LINE = {"warren": '"vip.backup"', "keepalived": "Entering BACKUP STATE"}
 
 PROFILE_HEADING = ("Where each Warren crash round's gap went (the peer link: the killed master's kernel "
-                   "ends the link, the backup confirms with one refused connection, waits its skew, takes "
-                   "the address and announces it; the client's next probe, every 5 ms, then reaches it):")
+                   "tears down its memory, then ends the link; the backup confirms with one refused "
+                   "connection, waits its skew, adds the address and sends the first gratuitous ARP, then "
+                   "logs `vip.master`; the client's next probe, every 5 ms, reaches it). Times from the "
+                   "SIGKILL; the gap also counts the time from the last success before it, up to one "
+                   "probe period (bench/tools/failover_trace.py breaks a round down with kernel tracepoints):")
 # What the Warren backup logs on its way to master after a crash, in order.
-_TAKEOVER_EVENTS = (("vip.master_gone", "link end seen"), ("vip.master", "master"),
-                    ("vip.announcing", "gratuitous ARP"))
+_TAKEOVER_EVENTS = (("vip.master_gone", "link end confirmed"),
+                    ("vip.master", "address added and announced"))
 
 
-def _takeover_profile(case: Case, gap: float, log: Path, crashed: float) -> str:
-    """Where a Warren crash round's gap went: ms from the crash to each step of
-    the backup's takeover, read from its log (one line per round, for the notes)."""
+def _takeover_profile(case: Case, gap: float, log: Path, crashed: float, served: float | None) -> str:
+    """Where a Warren crash round's gap went: ms from the crash to each step of the
+    backup's takeover, read from its log, and to the client's first success after it
+    (``served``, on the crash's own clock, seconds after it). One line per round, for the notes."""
     seen: dict[str, float] = {}
     reason = "?"
     for line in log.read_text(errors="replace").splitlines():
@@ -473,9 +480,10 @@ def _takeover_profile(case: Case, gap: float, log: Path, crashed: float) -> str:
         if entry.get("event") in dict(_TAKEOVER_EVENTS) and at >= crashed and entry["event"] not in seen:
             seen[entry["event"]] = at
             reason = entry.get("reason", reason) if entry["event"] == "vip.master" else reason
-    steps = ", ".join(f"{label} +{(seen[name] - crashed) * 1000:.0f}" if name in seen else f"{label} not logged"
-                      for name, label in _TAKEOVER_EVENTS)
-    return (f"- Warren, {case.label} {gap * 1000:.0f} ms; the backup's log, ms after the crash: {steps} "
+    steps = [f"{label} +{(seen[name] - crashed) * 1000:.0f}" if name in seen else f"{label} not logged"
+             for name, label in _TAKEOVER_EVENTS]
+    steps.append(f"client served +{served * 1000:.0f}" if served is not None else "client never served")
+    return (f"- Warren, {case.label} {gap * 1000:.0f} ms; ms after the SIGKILL: {', '.join(steps)} "
             f"(reason `{reason}`).")
 
 
