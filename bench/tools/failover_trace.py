@@ -49,6 +49,28 @@ from bench.suites.failover import (
 
 LINK_PORT = 5798
 
+HOLD_PORT, IDLE_FRONT_PORT = BACKEND_PORT + 1, FRONT_PORT + 1
+# The idle connections' backend: accepts and holds (the responder answers and closes).
+HOLDER = r"""
+import json, socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(4096)
+print(json.dumps({"event": "ready"}), flush=True)
+held = []
+while True:
+    held.append(server.accept()[0])
+"""
+IDLE_FRONTEND = """
+[frontends.idle]
+bind = "{vip}:{port}"
+backend = "hold"
+
+[backends.hold]
+servers = [{{ name = "holder", address = "127.0.0.1", port = {hold} }}]
+"""
+
 IDLER = r"""
 import json, socket, sys, time
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -148,7 +170,13 @@ def one_round(advert: float, idle: int, workdir: Path) -> list[tuple[str, float 
                                workdir / f"responder-{host.name}.log", pipe_stdio=True)
             read_event(responder, "ready", 10)
             config = workdir / f"warren-{host.name}.toml"
-            config.write_text(warren_config(vip, priority, case))
+            extra = ""
+            if idle and host is h1:
+                holder = _spawn(lan, host.ns, "holder", [sys.executable, "-c", HOLDER, str(HOLD_PORT)],
+                                workdir / "holder.log", pipe_stdio=True)
+                read_event(holder, "ready", 10)
+                extra = IDLE_FRONTEND.format(vip=vip, port=IDLE_FRONT_PORT, hold=HOLD_PORT)
+            config.write_text(warren_config(vip, priority, case) + extra)
             sides[host.name] = _spawn(lan, host.ns, f"warren-{host.name}",
                                       [sys.executable, "-m", "proxy", "run", str(config)],
                                       workdir / f"warren-{host.name}.log", cwd=REPO)
@@ -159,7 +187,7 @@ def one_round(advert: float, idle: int, workdir: Path) -> list[tuple[str, float 
         time.sleep(2 * advert + 0.1)
         idler = None
         if idle:
-            idler = _spawn(lan, lan.ns, "idler", [sys.executable, "-c", IDLER, vip, str(FRONT_PORT), str(idle)],
+            idler = _spawn(lan, lan.ns, "idler", [sys.executable, "-c", IDLER, vip, str(IDLE_FRONT_PORT), str(idle)],
                            workdir / "idler.log", pipe_stdio=True)
             read_event(idler, "ready", 120)
         prober = _spawn(lan, lan.ns, "prober", [sys.executable, "-c", PROBER, vip, str(FRONT_PORT),
