@@ -156,7 +156,8 @@ def log_events(log: Path, offset: float) -> list[tuple[str, float]]:
     return events
 
 
-def one_round(advert: float, idle: int, workdir: Path) -> list[tuple[str, float | None, str]]:
+def one_round(advert: float, idle: int, workdir: Path,
+              priorities: tuple[int, int] = (150, 100)) -> list[tuple[str, float | None, str]]:
     case = next(c for c in CASES if c.event == "crash" and c.advert == advert)
     workdir.mkdir(parents=True, exist_ok=True)
     with NetLab() as net:
@@ -164,7 +165,7 @@ def one_round(advert: float, idle: int, workdir: Path) -> list[tuple[str, float 
         vip = lan.address(VIP_LAST)
         h1, h2 = lan.add_host("h1"), lan.add_host("h2")
         sides = {}
-        for host, priority in ((h1, 150), (h2, 100)):
+        for host, priority in zip((h1, h2), priorities):
             responder = _spawn(lan, host.ns, f"responder-{host.name}",
                                [sys.executable, "-c", RESPONDER, str(BACKEND_PORT), host.name],
                                workdir / f"responder-{host.name}.log", pipe_stdio=True)
@@ -308,12 +309,15 @@ def main() -> None:
     parser.add_argument("--advert", type=float, default=0.1, choices=(0.1, 1.0))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--idle", type=int, default=0, help="idle client connections held through the master")
+    parser.add_argument("--priorities", type=int, nargs=2, default=(150, 100), metavar=("MASTER", "BACKUP"),
+                        help="the hosts' priorities (the benchmark's: 150 100); the backup's sets its skew")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp") / f"failover-trace-{os.getpid()}")
     args = parser.parse_args()
     for index in range(args.rounds):
-        rows = one_round(args.advert, args.idle, args.workdir / f"r{index + 1}")
+        rows = one_round(args.advert, args.idle, args.workdir / f"r{index + 1}", tuple(args.priorities))
         load = os.getloadavg()[0]
-        print(f"round {index + 1}, advert {args.advert:g} s, load average {load:.1f}")
+        print(f"round {index + 1}, advert {args.advert:g} s, priorities {args.priorities[0]}/{args.priorities[1]}, "
+              f"load average {load:.1f}")
         for label, at, note in rows:
             shown = "-" if at is None else f"{at:+7.1f} ms"
             print(f"  {shown:>11}  {label}{'  (' + note + ')' if note else ''}")
