@@ -273,7 +273,7 @@ class AddressKeeper:
 
     def release(self) -> None:
         self._want = False
-        self._announce_pending = False
+        self._announce_pending = self._announced_now = False
         self._announce_scope.cancel()
         if not self._present:
             self.released.set()
@@ -294,6 +294,7 @@ class AddressKeeper:
         """
         self.hold()
         self.announce()
+        self._announced_now = False
         if self._present or self._mac is None or self._frames is None:
             return
         config = self._config
@@ -349,6 +350,11 @@ class AddressKeeper:
 
     async def _converge(self) -> float:
         """One step towards the wish; returns how long until the next step is due."""
+        if self._added_now:  # by take_over(), a moment ago: only the log is left
+            self._added_now = False
+            self._log_added()
+            if self._want:
+                return self._announce_if_pending()
         if self._want and self._present:
             # After a freeze (SIGSTOP, VM pause) this may be the first task to run: the
             # machine decides first whether a master silent that long steps down.
@@ -357,17 +363,17 @@ class AddressKeeper:
             if self._retry_later:
                 self._retry_later = False
                 return RETRY_DELAY
-            if self._added_now:  # by take_over(), a moment ago: only the log is left
-                self._added_now = False
-                self._log_added()
-            elif not await self._add():
+            if not await self._add():
                 return RETRY_DELAY
-            if self._announce_pending and self._want:
-                self._start_announcing()
-            return self._renew_every
+            return self._announce_if_pending()
         if self._present and not await self._remove():
             return RETRY_DELAY
         return math.inf
+
+    def _announce_if_pending(self) -> float:
+        if self._announce_pending and self._want:
+            self._start_announcing()
+        return self._renew_every
 
     async def _add(self) -> bool:
         config, first = self._config, not self._configured

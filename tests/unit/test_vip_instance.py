@@ -8,6 +8,7 @@ proxy's own health, link faults, graceful stop, notify hooks, statistics.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
 import math
@@ -27,7 +28,7 @@ from proxy.vip.instance import VipInstance
 from proxy.vip.machine import State
 from proxy.vip.notify import HookOutcome, Notifier, run_command
 from proxy.vip.packet import MULTICAST_V4, MULTICAST_V6, Advert, PacketError, decode_advert, encode_advert
-from proxy.vip.rawsock import LinkInfo, Received
+from proxy.vip.rawsock import AddressKeeper, LinkInfo, Received
 from proxy.vip.service import VipService, VipStats
 
 V4 = ipaddress.IPv4Address
@@ -298,6 +299,24 @@ async def test_the_takeovers_lease_is_renewed_on_the_usual_schedule_not_at_once(
         adds = [at for at, what in host.log if what == "add"]
         assert adds == [pytest.approx(MASTER_DOWN), pytest.approx(MASTER_DOWN + 1.0)]
         nursery.cancel_scope.cancel()
+
+
+async def test_an_address_taken_over_and_released_at_once_is_logged_removed_and_not_announced_again(autojump_clock):
+    host = FakeHost()
+    counters = collections.Counter()
+    keeper = AddressKeeper(vip_config(), (VIP,), host, counters)
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(keeper.run)
+            await trio.sleep(0.1)  # the MAC and the lease request made ready
+            keeper.take_over()
+            assert host.configured and len(host.frames) == 1  # on the spot
+            keeper.release()  # before the keeper's task ran
+            await keeper.released.wait()
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+    assert host.configured == {} and len(host.frames) == 1
+    assert [e["event"] for e in logs] == ["vip.addresses_added", "vip.addresses_removed"]
 
 
 async def test_a_periodic_refresh_keeps_announcing_while_master(autojump_clock):
