@@ -8,7 +8,10 @@ proven on a loopback pair), else splice with one warning saying why;
 ``copy`` are taken as asked (splice falls back to copy where the kernel
 cannot splice). A frontend with ``bulk = true`` is relayed with splice (or
 copy) even when the kernel path is in use. A connection's path is chosen
-when it is relayed and never changes.
+when it is relayed; on the kernel path a TCP connection starts on
+splice/copy and moves into the socket map once, after ``[global]
+kernel_after`` quiet rounds (proxy.io.kernel_relay.hand_over), and never
+leaves it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ see docs/architecture.md):
   it, and while bytes it passed are still with Warren, it *passes* skbs to
   the source socket's own queue, which is charged to that socket's receive
   buffer: its TCP window closes and the sender stops. Warren is woken
-  (EPOLLIN), forwards the passed bytes itself once the target has sent all
+  (the notification ring, see :class:`Sockmap`; EPOLLIN without one),
+  forwards the passed bytes itself once the target has sent all
   redirected ones, and grants new credit (:mod:`proxy.io.kernel_relay`).
 * **End of stream**: a FIN is not redirected (a zero-length FIN skb, if
   redirected, would break the target's psock with EPIPE: the program drops
