@@ -152,9 +152,13 @@ def load_private_key(block: bytes, path: str, password: str | None):
 
 def parse_certificate(block: bytes, path: str) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(block)
-    except ValueError:
+        cert = x509.load_pem_x509_certificate(block)
+        # cryptography parses the names and extensions only when they are read: read them
+        # now, so that a damaged certificate is refused here, with its file.
+        cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), list(cert.extensions)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
         raise TlsFileError(path, "a PEM certificate block cannot be parsed") from None
+    return cert
 
 
 def leaf_cert_public_key(block: bytes, path: str):

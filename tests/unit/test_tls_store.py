@@ -62,6 +62,7 @@ def test_a_key_missing_from_the_crt_file_is_read_from_dot_key(pki, tmp_path):
         ("no key", "no private key in the file"),
         ("missing", "cannot read: No such file or directory"),
         ("garbage", "no PEM certificate in the file"),
+        ("damaged extension", "a PEM certificate block cannot be parsed"),
     ],
 )
 def test_unusable_crt_files_are_refused_with_file_and_reason(pki, tmp_path, case, reason):
@@ -74,6 +75,13 @@ def test_unusable_crt_files_are_refused_with_file_and_reason(pki, tmp_path, case
         shutil.copy(pki.server.cert, path)
     elif case == "garbage":
         path.write_bytes(b"AMQP\x00\x00\x09\x01")
+    elif case == "damaged extension":
+        # Found by tests/properties/test_tls_files.py: cryptography parses extensions lazily, so a
+        # certificate whose SAN extension is damaged loaded, and reading its names raised ValueError.
+        der = ssl.PEM_cert_to_DER_cert(open(pki.server.cert).read())
+        damaged = der.replace(bytes.fromhex("0603551d11"), bytes.fromhex("0603551d0f"), 1)
+        assert damaged != der
+        path.write_bytes(ssl.DER_cert_to_PEM_cert(damaged).encode() + open(pki.server.key, "rb").read())
     with pytest.raises(TlsFileError) as caught:
         load_identity(str(path))
     assert reason in caught.value.reason
