@@ -94,13 +94,15 @@ def parse_config(text: str, path: str, *, runnable: bool = False) -> Config:
     return config
 
 
-def locate_problems(path: str, issues: list[tuple[tuple[str | int, ...], str]]) -> list[Problem]:
-    """Problems found after loading (TLS files, ...) at their keys and lines in the file at `path`."""
-    try:
-        with open(path, encoding="utf-8-sig") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError):
-        text = ""
+def locate_problems(path: str, issues: list[tuple[tuple[str | int, ...], str]],
+                    text: str | None = None) -> list[Problem]:
+    """Problems found after loading (TLS files, ...) at their keys and lines in `text`, or in the file at `path`."""
+    if text is None:
+        try:
+            with open(path, encoding="utf-8-sig") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError):
+            text = ""
     report = Report(list(issues))
     return _problems(report, text, path)
 

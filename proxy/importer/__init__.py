@@ -75,7 +75,7 @@ def import_configs(
     ]
     text = render(draft, header)
     try:
-        parse_config(text, output_name)
+        parse_config(text, output_name, runnable=True)  # as `warren check` and `warren run` load it
     except ConfigError as error:
         return ImportResult(text, tuple(sorted_entries(entries)), tuple(str(p) for p in error.problems))
     return ImportResult(text, tuple(sorted_entries(entries)))

@@ -3,7 +3,16 @@
 Exit status: 0 everything translated; 1 an input cannot be read or parsed
 (file and line on stderr), or the translation is not a valid Warren
 configuration; 2 the output is valid but some directives were approximated,
-ignored or look suspicious (the report says which and why).
+ignored or look suspicious (the report says which and why), or `warren
+check` would refuse it on this host.
+
+The output then gets the checks of `warren check` that are about the
+configuration: the TLS files it names are loaded here as Warren would
+(they exist, parse, keys match, not expired), and its warnings are printed.
+The privilege checks (binding privileged ports, the VIP's capabilities, the
+descriptor limit) are not run: they judge the process that runs Warren, and
+the importing one is rarely it (another user, often another host); run
+`warren check` where Warren runs.
 """
 
 from __future__ import annotations
@@ -12,7 +21,10 @@ import os
 import sys
 from typing import TextIO
 
+from proxy.config import parse_config
+from proxy.config.load import locate_problems
 from proxy.stats_ui.auth import hash_password
+from proxy.tls import TlsConfigError, build_material
 
 from . import DEFAULT_RUNTIME_DIR, ImportParseError, import_configs, summary
 
@@ -36,13 +48,28 @@ def import_main(haproxy_path: str, keepalived_path: str | None, output: str | No
             print(f"warren import: the translation is not a valid configuration: {problem}", file=stderr)
         print("warren import: nothing written", file=stderr)
         return 1
+    found = check_output(result.toml, output or "<output>")
+    for line in found:
+        print(f"warren import: check: {line}", file=stderr)
     if output:
         _write(output, result.toml)
     else:
         stdout.write(result.toml)
     print(f"warren import: {summary(result.entries)}; "
           f"{'wrote ' + output if output else 'configuration on stdout'}", file=stderr)
-    return result.exit_status
+    return max(result.exit_status, 2 if found else 0)
+
+
+def check_output(text: str, name: str) -> list[str]:
+    """What `warren check` would report of a valid imported configuration: its
+    TLS files' problems (read on this host) and its warnings; see the module docstring."""
+    config = parse_config(text, name, runnable=True)
+    found = list(config.warnings)
+    try:
+        build_material(config)
+    except TlsConfigError as error:
+        found += [str(problem) for problem in locate_problems(name, error.issues, text)]
+    return found
 
 
 def _read(path: str) -> str:

@@ -38,6 +38,11 @@ class HaproxyContext:
     spread: tuple[float, Line] | None = None
     frontends: list[FrontendFacts] = field(default_factory=list)
     tls: TlsGlobals = field(default_factory=TlsGlobals)
+    frontend_names: UniqueNames = field(default_factory=lambda: UniqueNames(()))
+    backend_names: dict[str, str] = field(default_factory=dict)  # section name -> Warren backend name
+
+    def backend_name(self, section_name: str) -> str:
+        return self.backend_names.get(section_name) or warren_name(section_name)
 
     def source(self, section: Section) -> str:
         title = f"{section.kind} {section.name}".strip()
@@ -47,6 +52,41 @@ class HaproxyContext:
 def warren_name(raw: str) -> str:
     """A name Warren accepts (1-64 of A-Z a-z 0-9 _ . -), as close to ``raw`` as possible."""
     return (_NAME_CHARS.sub("-", raw) or "unnamed")[:64]
+
+
+class UniqueNames:
+    """Warren names of one kind (frontends, backends), each given once.
+
+    A section whose name Warren accepts as written keeps it: it is reserved
+    from the start. A name Warren rewrites (``a?b`` as ``a-b``) or a name the
+    importer makes up (``<name>-tls`` for a section's TLS listeners) that is
+    already someone's gets ``-2``, ``-3``...
+    """
+
+    def __init__(self, section_names) -> None:
+        self._reserved = {raw for raw in section_names if warren_name(raw) == raw}
+        self._taken: set[str] = set()
+
+    def own(self, raw: str) -> str:
+        """The name of the section called ``raw``."""
+        name = warren_name(raw)
+        if name in self._taken or (name != raw and name in self._reserved):
+            return self.new(name)
+        self._taken.add(name)
+        return name
+
+    def new(self, wanted: str) -> str:
+        """``wanted``, or a free variant if a section or an earlier name has it."""
+        name, number = wanted, 2
+        while name in self._taken or name in self._reserved:
+            suffix = f"-{number}"
+            name, number = wanted[: 64 - len(suffix)] + suffix, number + 1
+        self._taken.add(name)
+        return name
+
+
+def taken_note(wanted: str, name: str) -> str | None:
+    return None if wanted == name else f'"{wanted}" is taken by another section: written "{name}"'
 
 
 def name_note(raw: str, name: str) -> str | None:

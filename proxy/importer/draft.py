@@ -59,7 +59,7 @@ class Draft:
 def render(draft: Draft, header: list[str]) -> str:
     document = tomlkit.document()
     for line in header:
-        document.add(tomlkit.comment(line))
+        document.add(tomlkit.comment(_printable(line)))
     for table in draft.tables:
         document.add(tomlkit.nl())
         parent: Any = document
@@ -74,7 +74,7 @@ def render(draft: Draft, header: list[str]) -> str:
 def _table(source: str, values: dict[str, Any]) -> TomlTable:
     result = tomlkit.table()
     if source:
-        result.add(tomlkit.comment(source))
+        result.add(tomlkit.comment(_printable(source)))
     # Plain values first, then sub-tables, then arrays of tables: TOML needs the
     # plain keys of a table before its first sub-table header.
     for key, value in sorted(values.items(), key=lambda kv: _rank(kv[1])):
@@ -88,6 +88,14 @@ def _table(source: str, values: dict[str, Any]) -> TomlTable:
         else:
             result.add(key, value)
     return result
+
+
+def _printable(text: str) -> str:
+    """``text`` for a TOML comment, which may not hold control characters: those
+    (a stray backspace in a haproxy.cfg line) are written as escapes (``\\x08``)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\t" else ascii(ch)[1:-1] for ch in text)
 
 
 def _rank(value: Any) -> int:

@@ -17,7 +17,9 @@ from .context import (
     bind_text,
     duration_text,
     integer_value,
+    UniqueNames,
     name_note,
+    taken_note,
     time_value,
     warren_name,
 )
@@ -50,6 +52,7 @@ class BindGroup:
 
     name: str  # the Warren frontend's
     tls: dict | None
+    wanted: str = ""  # the name it would have had, had no other section taken it
     binds: list[str] = field(default_factory=list)
     ports: set[int] = field(default_factory=set)
     lines: list[Line] = field(default_factory=list)
@@ -61,6 +64,9 @@ def is_stats_section(section: Section) -> bool:
 
 def translate_proxies(ctx: HaproxyContext) -> None:
     backends = {s.name: s for s in ctx.cfg.of_kind("backend", "listen") if not is_stats_section(s)}
+    names = UniqueNames(backends)
+    ctx.backend_names = {raw: names.own(raw) for raw in backends}
+    frontends = []
     for section in ctx.cfg.of_kind("frontend", "listen"):
         if is_stats_section(section):
             continue
@@ -68,6 +74,9 @@ def translate_proxies(ctx: HaproxyContext) -> None:
             line = section.find("disabled")[-1]
             ctx.notes.ignored(line.number, line.words, f"{section.kind} {section.name} is disabled: left out")
             continue
+        frontends.append(section)
+    ctx.frontend_names = UniqueNames([section.name for section in frontends])
+    for section in frontends:
         _frontend(ctx, section, backends)
     for section in backends.values():
         _backend(ctx, section)
@@ -77,9 +86,9 @@ def translate_proxies(ctx: HaproxyContext) -> None:
 
 
 def _frontend(ctx: HaproxyContext, section: Section, backends: dict[str, Section]) -> None:
-    base = warren_name(section.name)
+    base = ctx.frontend_names.own(section.name)
     target = _target_backend(ctx, section)
-    groups = translate_binds(ctx, section, base)
+    groups = translate_binds(ctx, section, base, names=ctx.frontend_names)
     if not groups:
         ctx.notes.ignored(section.line, (section.kind, section.name), "no bind line Warren can listen on: the "
                           "frontend is left out")
@@ -87,19 +96,21 @@ def _frontend(ctx: HaproxyContext, section: Section, backends: dict[str, Section
     for group in groups:
         name = group.name
         table = ctx.draft.table(("frontends", name), ctx.source(section))
-        note = f"[frontends.{name}]" + (f"; {name_note(section.name, base)}" if name_note(section.name, base) else "")
+        wanted = warren_name(section.name) if name == base else group.wanted
+        notes = [name_note(section.name, warren_name(section.name)), taken_note(wanted, name)]
+        note = "; ".join([f"[frontends.{name}]", *filter(None, notes)])
         if len(groups) > 1:
             note += (f": its {'TLS' if group.tls is not None else 'plaintext'} listeners (Warren's TLS settings are "
                      "per frontend)")
         ctx.notes.translated(section.line, (section.kind, section.name), note)
         table.values["bind"] = group.binds
-        table.values["backend"] = warren_name(target)
+        table.values["backend"] = ctx.backend_name(target)
         _frontend_settings(ctx, section, table.values, name, split=len(groups) > 1)
         if group.tls is not None:
             table.values["tls"] = group.tls
         _mode(ctx, section, group.ports, backends.get(target))
         hosts = tuple(b.rsplit(":", 1)[0].strip("[]").replace("*", "0.0.0.0") for b in group.binds)
-        ctx.frontends.append(FrontendFacts(name, hosts, warren_name(target)))
+        ctx.frontends.append(FrontendFacts(name, hosts, ctx.backend_name(target)))
         if target in backends:
             check_frontend_maxconn(ctx, section, table.values.get("maxconn", 2000), backends[target])
 
@@ -147,12 +158,15 @@ def _frontend_settings(ctx: HaproxyContext, section: Section, values: dict, name
     check_idle_timeouts(ctx, section)
 
 
-def translate_binds(ctx: HaproxyContext, section: Section, name: str, stats: bool = False) -> list[BindGroup]:
+def translate_binds(ctx: HaproxyContext, section: Section, name: str, stats: bool = False,
+                    names: UniqueNames | None = None) -> list[BindGroup]:
     """The section's bind lines grouped into listeners, plaintext first (empty when none is usable).
 
     Bind lines with the same TLS options share a listener; the first listener
-    has the section's name, the next ``<name>-tls``, ``<name>-tls2``...
+    has the section's name, the next ``<name>-tls``, ``<name>-tls2``... (or,
+    with ``names``, a free variant of those when another section has it).
     """
+    made: dict[int, tuple[str, str]] = {}  # ordinal -> (name, wanted name)
     lines = section.find("bind")
     plaintext = any("ssl" not in line.args[1:] for line in lines)
     tls_words: list[tuple[str, ...]] = []  # distinct option lists of the TLS binds, in order
@@ -163,7 +177,11 @@ def translate_binds(ctx: HaproxyContext, section: Section, name: str, stats: boo
         if "ssl" in words:
             if tuple(words) not in tls_words:
                 tls_words.append(tuple(words))
-            listener = listener_name(name, tls_words.index(tuple(words)) + plaintext)
+            ordinal = tls_words.index(tuple(words)) + plaintext
+            if ordinal not in made:
+                wanted = listener_name(name, ordinal)
+                made[ordinal] = (names.new(wanted) if names is not None and ordinal else wanted, wanted)
+            listener = made[ordinal][0]
             key = "stats.tls" if stats else f"frontends.{listener}.tls"
             tls = bind_tls(ctx.tls, ctx.notes, line, _tls_options(line, words), key, handshake)
             if tls is None:
@@ -173,7 +191,7 @@ def translate_binds(ctx: HaproxyContext, section: Section, name: str, stats: boo
         translated = list(_bind_addresses(ctx, line))
         if not translated:
             continue
-        group = groups.setdefault(listener, BindGroup(listener, tls))
+        group = groups.setdefault(listener, BindGroup(listener, tls, made[ordinal][1] if tls is not None else listener))
         group.binds += [text for text, _ in translated if text not in group.binds]
         group.ports |= {port for _, port in translated}
         group.lines.append(line)
@@ -269,10 +287,12 @@ def _server_port(line: Line) -> int | None:
 
 
 def _backend(ctx: HaproxyContext, section: Section) -> None:
-    name = warren_name(section.name)
+    name = ctx.backend_name(section.name)
     table = ctx.draft.table(("backends", name), ctx.source(section))
     if section.kind == "backend":
-        ctx.notes.translated(section.line, (section.kind, section.name), f"[backends.{name}]")
+        notes = [name_note(section.name, warren_name(section.name)), taken_note(warren_name(section.name), name)]
+        ctx.notes.translated(section.line, (section.kind, section.name),
+                             "; ".join([f"[backends.{name}]", *filter(None, notes)]))
     values = table.values
     _balance(ctx, section, values)
     retries = section.last("retries")

@@ -347,6 +347,32 @@ def test_the_broken_example_files_exit_1():
     assert raised.value.path == "broken-keepalived.conf" and raised.value.line == 1
 
 
+def test_a_control_character_in_a_line_is_escaped_in_the_output_comment():
+    # Found by tests/properties/test_importer_input.py: tomlkit refused the section's comment
+    # ("backend rabbit\x08"), a traceback instead of a report.
+    result = run("frontend fe\n    bind *:5670\n    default_backend be\x08\nbackend be\x08\n    server s1 10.0.0.1:5672\n")
+    assert result.problems == () and "# haproxy.cfg:4: backend be\\x08\n" in result.toml
+    assert list(document(result)["backends"]) == ["be-"] and document(result)["frontends"]["fe"]["backend"] == "be-"
+
+
+def test_an_output_without_any_frontend_is_refused_as_warren_check_would():
+    result = run(MINIMAL)
+    assert result.exit_status == 1 and any("frontend" in problem for problem in result.problems)
+
+
+def test_the_output_gets_the_file_checks_of_warren_check(tmp_path):
+    import io
+
+    from proxy.importer.command import import_main
+
+    source = tmp_path / "haproxy.cfg"
+    source.write_text("frontend fe\n    bind *:5671 ssl crt /nonexistent/amqp.pem\n    default_backend be\n" + MINIMAL)
+    out, err = io.StringIO(), io.StringIO()
+    assert import_main(str(source), None, None, stdout=out, stderr=err) == 2
+    assert "warren import: check: <output>:" in err.getvalue() and "/nonexistent/amqp.pem" in err.getvalue()
+    assert "[frontends.fe]" in out.getvalue()
+
+
 _TEXT = st.text(alphabet=st.sampled_from(list("abc 019:.#\"'\\{}!\n\t-")), max_size=200)
 
 

@@ -71,6 +71,31 @@ def test_plaintext_and_tls_binds_of_one_section_become_two_frontends_sharing_the
     assert [f.name for f in config(result).frontends] == ["amqp", "amqp-tls"]
 
 
+def test_a_section_named_like_a_split_tls_frontend_keeps_its_name_and_the_split_gets_a_free_one():
+    # The split of "amqp" would be "amqp-tls", which another section is called: that section keeps its
+    # name (the operator's), the split becomes "amqp-tls-2", and the report says so.
+    text = ("frontend amqp\n    bind 10.0.0.5:5672\n    bind 10.0.0.5:5671 ssl crt /c.pem\n    default_backend be\n"
+            "frontend amqp-tls\n    bind 10.0.0.6:5671 ssl crt /d.pem\n    default_backend be\n" + BACKEND)
+    result = run(text)
+    frontends = document(result)["frontends"]
+    assert frontends["amqp-tls"]["tls"] == {"crt": "/d.pem"} and frontends["amqp-tls"]["bind"] == ["10.0.0.6:5671"]
+    assert frontends["amqp-tls-2"]["tls"] == {"crt": "/c.pem"} and frontends["amqp-tls-2"]["bind"] == ["10.0.0.5:5671"]
+    assert [f.name for f in config(result).frontends] == ["amqp", "amqp-tls-2", "amqp-tls"]
+    assert any('"amqp-tls" is taken by another section: written "amqp-tls-2"' in e.note
+               for e in entries_at(result, "haproxy.cfg", 1))
+
+
+def test_sections_whose_names_warren_writes_alike_get_distinct_names():
+    text = ("frontend a?b\n    bind 10.0.0.5:5672\n    default_backend b!e\nfrontend a-b\n    bind 10.0.0.6:5672\n"
+            "    default_backend b?e\nbackend b!e\n    server s 10.0.0.1:5672\nbackend b?e\n    server s 10.0.0.2:5672\n")
+    result = run(text)
+    frontends, backends = document(result)["frontends"], document(result)["backends"]
+    assert {name: table["backend"] for name, table in frontends.items()} == {"a-b-2": "b-e", "a-b": "b-e-2"}
+    assert backends["b-e"]["servers"][0]["address"] == "10.0.0.1"
+    assert backends["b-e-2"]["servers"][0]["address"] == "10.0.0.2"
+    assert any('written "b-e-2"' in e.note for e in entries_at(result, "haproxy.cfg", 9))
+
+
 def test_tls_binds_with_different_options_become_one_frontend_each_and_equal_ones_share():
     text = ("frontend fe\n    bind 10.0.0.5:5671 ssl crt /a.pem\n    bind 10.0.0.6:5671 ssl crt /a.pem\n"
             "    bind 10.0.0.7:5671 ssl crt /b.pem\n    default_backend be\n" + BACKEND)
