@@ -2,9 +2,12 @@
 
     python -m tests.properties.campaign --minutes 20 --examples 2000 --report bench/FUZZ.md
 
-Each target is one file of tests/properties (one parser of outside input),
-or a unit-test file holding the properties of another such parser
-(:data:`ELSEWHERE`; only its properties run).
+The targets are found, not listed: every test module under tests/ with
+hypothesis properties (a ``@given`` test), those of tests/properties (one
+parser of outside input each) and those that live beside unit tests (only
+their properties run). A module whose properties are no fuzz target (a model
+checked over real sockets, say) says so and why in a module-level
+``CAMPAIGN_LEFT_OUT = "..."``; the report lists it with that reason.
 The time is shared equally among them; a target runs in rounds, each a
 pytest run under the "fuzz" hypothesis profile with `--examples` examples
 per property and a fresh random seed, until its share is spent (a round
@@ -27,6 +30,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,21 +47,33 @@ FOUND = (
     "raise: a 500 with a traceback, before any login (test_stats_http.py; now split by hand, never raises)",
     "stats server: a `CONNECT` the handler answered 2xx made h11 switch protocols and refuse the body: the "
     "client got nothing and the log an error (test_stats_http.py; now 501 whatever the handler says)",
+    "TLS files: a certificate whose extensions (or names) are damaged loaded, since cryptography parses them "
+    "lazily, and reading its SANs raised ValueError instead of a TlsFileError naming the file "
+    "(test_tls_files.py; now read at load and refused as a certificate that cannot be parsed)",
+    "importer: a control character in a section line (`backend rabbit\\x08`) made tomlkit refuse the "
+    "output's source comment: a traceback instead of a report (test_importer_input.py; now escaped)",
 )
 
 
-# Parsers of outside input whose properties live beside their unit tests.
-ELSEWHERE = (
-    "tests/unit/test_amqp_inspect.py",  # the AMQP handshake inspector: every client's and broker's first bytes
-    "tests/unit/test_amqp_rebalance.py",  # the last bytes of each direction, read at the end (clean close or not)
-    "tests/unit/test_vip_peerlink.py",  # the VIP peer link's messages from another host
-    "tests/unit/test_importer.py",  # haproxy.cfg and keepalived.conf as `warren import` reads them
-    "tests/unit/test_proxy_protocol_tls.py",  # PROXY v2 headers with their SSL TLVs
-)
+_PROPERTY = re.compile(r"^\s*@(?:hypothesis\.)?given\(", re.M)
+_LEFT_OUT = re.compile(r"""^CAMPAIGN_LEFT_OUT = (["'])(?P<reason>.*?)\1""", re.M)
 
 
-def targets() -> list[Path]:
-    return sorted(HERE.glob("test_*.py")) + [ROOT / name for name in ELSEWHERE if (ROOT / name).exists()]
+def discover(tests: Path = ROOT / "tests") -> tuple[list[Path], dict[Path, str]]:
+    """(targets, {left-out module: reason}): the test modules under `tests` with properties.
+
+    tests/properties/ comes first, then the others in path order.
+    """
+    chosen, left_out = [], {}
+    for path in sorted(tests.rglob("test_*.py"), key=lambda p: (p.parent.name != "properties", p)):
+        text = path.read_text(encoding="utf-8")
+        if not _PROPERTY.search(text):
+            continue
+        if reason := _LEFT_OUT.search(text):
+            left_out[path] = reason.group("reason")
+        else:
+            chosen.append(path)
+    return chosen, left_out
 
 
 def target_name(path: Path) -> str:
@@ -73,9 +89,10 @@ def run_round(target: Path, examples: int, seed: int, counts_path: str) -> tuple
 
 
 def campaign(minutes: float, examples: int) -> dict:
-    chosen = targets()
+    chosen, left_out = discover()
     share = minutes * 60 / len(chosen)
-    results: dict = {"targets": {}, "started": datetime.now(timezone.utc), "failures": []}
+    results: dict = {"targets": {}, "started": datetime.now(timezone.utc), "failures": [],
+                     "left_out": {target_name(path): reason for path, reason in left_out.items()}}
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as directory:
         counts_path = os.path.join(directory, "counts.json")
@@ -109,8 +126,9 @@ def report(results: dict, command: str) -> str:
     lines = [
         "# Fuzzing campaign (`make fuzz`)",
         "",
-        "The property tests of every parser of outside input (tests/properties/, and the properties",
-        "of tests/unit/ files named in tests/properties/campaign.py) run with many random examples:",
+        "The property tests of every parser of outside input run with many random examples: every",
+        "test module under tests/ with hypothesis properties is a target, found by the campaign",
+        "(tests/properties/ and the properties beside unit tests; see tests/properties/campaign.py);",
         "each target in rounds of one pytest run under hypothesis's \"fuzz\" profile, a fresh seed",
         "per round, for an equal share of the time. `make test` runs the same properties derandomized",
         "(100 examples each, or what a property's own `@settings` says).",
@@ -130,6 +148,9 @@ def report(results: dict, command: str) -> str:
             head = (f"| {name} | {target['rounds']} | {target['seconds'] / 60:.1f} " if first else "| | | ")
             lines.append(f"{head}| {prop} | {count:,} | {target['failed'].get(prop, 0)} |")
             first = False
+    if results["left_out"]:
+        lines += ["", "Modules with properties that are no fuzz target (they run in `make test`):", ""]
+        lines += [f"- {name}: {reason}" for name, reason in sorted(results["left_out"].items())]
     lines += ["", "Bugs the properties found (each fixed, kept as an `@example` of its property and a regression",
               "test):", ""] + [f"- {bug}" for bug in FOUND]
     return "\n".join(lines) + "\n"
