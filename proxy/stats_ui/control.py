@@ -49,6 +49,8 @@ LOG_RATES = {
     "ctl.connection_limit": Rate(burst=1, interval=10.0),
     "ctl.peer_refused": Rate(burst=5, interval=10.0),
     "ctl.line_timeout": Rate(burst=5, interval=10.0),
+    # One line per command line; state changes are also logged, never summed up, as stats.admin_action.
+    "ctl.command": Rate(burst=10, interval=10.0),
 }
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -98,7 +100,8 @@ class ControlService:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
-            if not _peer_allowed(stream, self.log):
+            peer = _peer_allowed(stream, self.log)
+            if peer is None:
                 return
             with trio.CancelScope() as scope:
                 slot, evicted = self._slots.admit("local", scope.cancel)
@@ -108,7 +111,7 @@ class ControlService:
                     self.log.warning("ctl.connection_limit", reason=slot.reason, limit=MAX_CONNECTIONS)
                     return
                 try:
-                    await self._exchange(stream, slot)
+                    await self._exchange(stream, slot, peer)
                     await self._finish(stream)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
@@ -117,7 +120,7 @@ class ControlService:
                 finally:
                     slot.release()
 
-    async def _exchange(self, stream: trio.SocketStream, slot: Any) -> None:
+    async def _exchange(self, stream: trio.SocketStream, slot: Any, peer: str) -> None:
         line = None
         with trio.move_on_after(LINE_TIMEOUT) as scope:
             line = await _read_line(stream)
@@ -129,7 +132,7 @@ class ControlService:
             return
         slot.busy()
         answer, ok = await self._execute(line)
-        log.info("ctl.command", command=line[:200], ok=ok)
+        self.log.info("ctl.command", command=line[:200], ok=ok, client=peer)
         await self._send(stream, answer)
 
     async def _execute(self, line: str) -> tuple[str, bool]:
@@ -181,15 +184,17 @@ async def _read_line(stream: trio.SocketStream) -> str | None:
         return None
 
 
-def _peer_allowed(stream: trio.SocketStream, logger: Any) -> bool:
+def _peer_allowed(stream: trio.SocketStream, logger: Any) -> str | None:
+    """``"pid <pid> uid <uid>"`` of an allowed peer (root or our own user), None for any other."""
     try:
-        _, uid, _ = _PEERCRED.unpack(stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        pid, uid, _ = _PEERCRED.unpack(stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                _PEERCRED.size))
     except OSError:
-        return False
+        return None
     if uid in (0, os.getuid()):
-        return True
+        return f"pid {pid} uid {uid}"
     logger.warning("ctl.peer_refused", uid=uid)
-    return False
+    return None
 
 
 # --- the socket file ------------------------------------------------------------------

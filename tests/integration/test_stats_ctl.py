@@ -13,22 +13,29 @@ from functools import partial
 
 import pytest
 import trio
+from structlog.testing import capture_logs
+
+from lab import wait_until
 
 from proxy.app import App
 from proxy.runtime import AdminState
 from proxy.stats_ui.commands import MAX_COMMANDS
+from proxy.lograte import RateLimitedLog
 from proxy.stats_ui.control import (
-    LINE_TIMEOUT, MAX_CONNECTIONS, ControlService, ControlSocketError, bind_control_socket, ctl_main,
+    LINE_TIMEOUT, LOG_RATES, MAX_CONNECTIONS, ControlService, ControlSocketError, bind_control_socket, ctl_main,
 )
 from tests.proxyutil import use_service, connect_and_greet, make_config, read_line, serve_named, server
 
 
-async def start_with_ctl(nursery, path, names=("a", "b"), brokers_nursery=None) -> App:
+async def start_with_ctl(nursery, path, names=("a", "b"), brokers_nursery=None, log_clock=None) -> App:
     ports = {name: await (brokers_nursery or nursery).start(serve_named, name) for name in names}
     config = make_config([server(n, p) for n, p in ports.items()])
     config = replace(config, global_=replace(config.global_, control_socket=str(path)))
     app = App(config, handle_signals=False)
-    use_service(app, ControlService(config))
+    service = ControlService(config)
+    if log_clock is not None:
+        service.log = RateLimitedLog(service.log._logger, LOG_RATES, clock=log_clock)
+    use_service(app, service)
     await nursery.start(app.serve)
     return app
 
@@ -89,6 +96,26 @@ async def test_set_commands_change_the_runtime(tmp_path):
             assert status == 0 and out == "be/b: 1 session(s) killed\n"
             assert await read_line(stream) == ""
             nursery.cancel_scope.cancel()
+
+
+async def test_a_client_hammering_the_socket_cannot_flood_the_log_and_changes_are_still_logged(tmp_path):
+    path, now = tmp_path / "warren.sock", [0.0]
+    burst = LOG_RATES["ctl.command"].burst
+    with capture_logs() as logs, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await start_with_ctl(nursery, path, log_clock=lambda: now[0])
+            for _ in range(burst + 20):
+                assert (await ctl(path, "help"))[0] == 0
+            assert (await ctl(path, "set", "server", "be/a", "weight", "3"))[0] == 0
+            commands = [line for line in logs if line["event"] == "ctl.command"]
+            assert len(commands) == burst
+            assert [line["weight"] for line in logs if line["event"] == "stats.admin_action"] == [3]
+            now[0] += LOG_RATES["ctl.command"].interval
+            await wait_until(lambda: any(line.get("summary") for line in logs), timeout=10)
+            nursery.cancel_scope.cancel()
+    summary = next(line for line in logs if line.get("summary"))
+    assert (summary["event"], summary["suppressed"], summary["clients"]) == ("ctl.command", 21, 1)
+    assert summary["top_client"] == f"pid {os.getpid()} uid {os.getuid()}"  # `warren ctl` ran in a thread
 
 
 async def test_errors_give_exit_status_1(tmp_path):
