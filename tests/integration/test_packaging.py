@@ -96,13 +96,13 @@ def test_the_wheel_installs_into_a_clean_virtualenv_with_a_working_warren(dist, 
     assert installed.stdout.strip() == "ok"  # every module imports with only the declared dependencies
 
 
-def test_the_debian_package_holds_the_venv_unit_user_runtime_dir_and_conffile(deb):
+def test_the_debian_package_holds_the_venv_unit_user_runtime_dir_conffile_and_certs_dir(deb):
     info = run(["dpkg-deb", "--info", str(deb)]).stdout
     assert "Package: warren" in info and "Depends: python3.11" in info
     contents = run(["dpkg-deb", "--contents", str(deb)]).stdout
     for path in ("./opt/warren/bin/warren", "./opt/warren/bin/python", "./usr/bin/warren -> /opt/warren/bin/warren",
                  "./etc/warren/warren.toml", "./lib/systemd/system/warren.service",
-                 "./usr/lib/sysusers.d/warren.conf", "./usr/lib/tmpfiles.d/warren.conf"):
+                 "./usr/lib/sysusers.d/warren.conf", "./usr/lib/tmpfiles.d/warren.conf", "./etc/warren/certs/"):
         assert path in contents, path
     with tempfile.TemporaryDirectory() as control:
         run(["dpkg-deb", "--control", str(deb), control])
@@ -146,6 +146,8 @@ async def test_the_package_installs_verifies_starts_as_warren_and_purges_cleanly
         assert oct(conffile.st_mode & 0o777) == "0o640" and conffile.st_gid == int(
             run(["getent", "group", "warren"]).stdout.split(":")[2])
         assert Path("/run/warren").is_dir()
+        certs = Path("/etc/warren/certs").stat()  # docs/deployment.md#certificates
+        assert oct(certs.st_mode & 0o7777) == "0o750" and (certs.st_uid, certs.st_gid) == (0, conffile.st_gid)
         verify = subprocess.run(["systemd-analyze", "verify", "/lib/systemd/system/warren.service"],
                                 capture_output=True, text=True, timeout=60)
         assert verify.returncode == 0 and "warren.service" not in verify.stderr, verify.stderr
@@ -160,7 +162,7 @@ async def test_the_package_installs_verifies_starts_as_warren_and_purges_cleanly
         shutil.rmtree(shared, ignore_errors=True)
     assert purge.returncode == 0, purge.stderr
     for gone in ("/opt/warren", "/usr/bin/warren", "/lib/systemd/system/warren.service", "/etc/warren/warren.toml",
-                 "/usr/lib/sysusers.d/warren.conf", "/run/warren"):
+                 "/etc/warren/certs", "/usr/lib/sysusers.d/warren.conf", "/run/warren"):
         assert not os.path.lexists(gone), gone
     assert _processes_from("/opt/warren/") == []
 
