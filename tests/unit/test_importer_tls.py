@@ -127,6 +127,7 @@ def test_a_crt_list_beside_a_crt_is_reported_and_the_crt_served():
     assert document(result)["frontends"]["fe"]["tls"] == {"crt": "/c.pem"}
     notes = [e for e in entries_at(result, "haproxy.cfg", bind_line(text)) if "crt-list" in e.note]
     assert notes[0].status is Status.IGNORED and "list their certificates" in notes[0].note
+    assert result.exit_status == 2  # not read: the operator must look
 
 
 def test_global_bind_defaults_apply_and_a_bind_overrides_them():
