@@ -21,16 +21,8 @@ from proxy.amqp.admission import ConnectionCounts
 from proxy.amqp.inspect import Phase
 from proxy.amqp.tap import AmqpConnection, AmqpPolicy
 from proxy.config import parse_config
-from proxy.config.model import LimitAction
-from proxy.health.amqp_methods import (
-    ConnectionClose,
-    ConnectionOpen,
-    ConnectionOpenOk,
-    ConnectionStart,
-    ConnectionStartOk,
-    ConnectionTune,
-    ConnectionTuneOk,
-)
+from proxy.config.model import ConnectionLimits, LimitAction
+from proxy.health import amqp_methods as methods
 from proxy.health.amqp_wire import HEARTBEAT_FRAME, PROTOCOL_HEADER
 from proxy.io.directions import Hold
 from proxy.io.relay import Ending, Timeouts
@@ -56,16 +48,19 @@ USERS, VHOSTS = ["app", "ops", "é"], ["/", "/orders", "x" * 200]
 
 def client_stream(user: str, vhost: str, heartbeat: int, pipelined: bytes) -> bytes:
     response = b"\x00" + user.encode() + b"\x00secret"
-    return (PROTOCOL_HEADER + ConnectionStartOk({"product": "pika"}, "PLAIN", response, "en_US").frame()
-            + HEARTBEAT_FRAME + ConnectionTuneOk(2047, 131072, heartbeat).frame()
-            + ConnectionOpen(vhost).frame() + pipelined)
+    return (PROTOCOL_HEADER + methods.ConnectionStartOk({"product": "pika"}, "PLAIN", response, "en_US").frame()
+            + HEARTBEAT_FRAME + methods.ConnectionTuneOk(2047, 131072, heartbeat).frame()
+            + methods.ConnectionOpen(vhost).frame() + pipelined)
 
 
-SERVER_HEAD = ConnectionStart(server_properties={"product": "RabbitMQ"}).frame() + ConnectionTune(2047, 131072, 60).frame()
+SERVER_HEAD = (methods.ConnectionStart(server_properties={"product": "RabbitMQ"}).frame()
+               + methods.ConnectionTune(2047, 131072, 60).frame())
 
 
 def server_end(refuse: bool) -> bytes:
-    return ConnectionClose(403, "ACCESS_REFUSED", 10, 40).frame() if refuse else ConnectionOpenOk().frame()
+    if refuse:
+        return methods.ConnectionClose(403, "ACCESS_REFUSED", 10, 40).frame()
+    return methods.ConnectionOpenOk().frame()
 
 
 @st.composite
@@ -131,8 +126,6 @@ class FakeLink:
 
 
 def backend_with(counts: ConnectionCounts, per_vhost: int | None, action: LimitAction):
-    from proxy.config.model import ConnectionLimits
-
     return SimpleNamespace(name="be", amqp_counts=counts,
                            config=SimpleNamespace(limits=ConnectionLimits(per_vhost=per_vhost, action=action)))
 

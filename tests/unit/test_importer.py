@@ -350,7 +350,8 @@ def test_the_broken_example_files_exit_1():
 def test_a_control_character_in_a_line_is_escaped_in_the_output_comment():
     # Found by tests/properties/test_importer_input.py: tomlkit refused the section's comment
     # ("backend rabbit\x08"), a traceback instead of a report.
-    result = run("frontend fe\n    bind *:5670\n    default_backend be\x08\nbackend be\x08\n    server s1 10.0.0.1:5672\n")
+    result = run("frontend fe\n    bind *:5670\n    default_backend be\x08\n"
+                 "backend be\x08\n    server s1 10.0.0.1:5672\n")
     assert result.problems == () and "# haproxy.cfg:4: backend be\\x08\n" in result.toml
     assert list(document(result)["backends"]) == ["be-"] and document(result)["frontends"]["fe"]["backend"] == "be-"
 

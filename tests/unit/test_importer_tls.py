@@ -86,8 +86,9 @@ def test_a_section_named_like_a_split_tls_frontend_keeps_its_name_and_the_split_
 
 
 def test_sections_whose_names_warren_writes_alike_get_distinct_names():
-    text = ("frontend a?b\n    bind 10.0.0.5:5672\n    default_backend b!e\nfrontend a-b\n    bind 10.0.0.6:5672\n"
-            "    default_backend b?e\nbackend b!e\n    server s 10.0.0.1:5672\nbackend b?e\n    server s 10.0.0.2:5672\n")
+    text = ("frontend a?b\n    bind 10.0.0.5:5672\n    default_backend b!e\n"
+            "frontend a-b\n    bind 10.0.0.6:5672\n    default_backend b?e\n"
+            "backend b!e\n    server s 10.0.0.1:5672\nbackend b?e\n    server s 10.0.0.2:5672\n")
     result = run(text)
     frontends, backends = document(result)["frontends"], document(result)["backends"]
     assert {name: table["backend"] for name, table in frontends.items()} == {"a-b-2": "b-e", "a-b": "b-e-2"}
