@@ -14,10 +14,10 @@ from .context import (
     AMQP_PORTS,
     FrontendFacts,
     HaproxyContext,
+    UniqueNames,
     bind_text,
     duration_text,
     integer_value,
-    UniqueNames,
     name_note,
     taken_note,
     time_value,
@@ -181,17 +181,17 @@ def translate_binds(ctx: HaproxyContext, section: Section, name: str, stats: boo
             if ordinal not in made:
                 wanted = listener_name(name, ordinal)
                 made[ordinal] = (names.new(wanted) if names is not None and ordinal else wanted, wanted)
-            listener = made[ordinal][0]
+            listener, wanted = made[ordinal]
             key = "stats.tls" if stats else f"frontends.{listener}.tls"
             tls = bind_tls(ctx.tls, ctx.notes, line, _tls_options(line, words), key, handshake)
             if tls is None:
                 continue
         else:
-            listener, tls = name, None
+            listener, wanted, tls = name, name, None
         translated = list(_bind_addresses(ctx, line))
         if not translated:
             continue
-        group = groups.setdefault(listener, BindGroup(listener, tls, made[ordinal][1] if tls is not None else listener))
+        group = groups.setdefault(listener, BindGroup(listener, tls, wanted))
         group.binds += [text for text, _ in translated if text not in group.binds]
         group.ports |= {port for _, port in translated}
         group.lines.append(line)
