@@ -31,6 +31,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,8 @@ def campaign(minutes: float, examples: int) -> dict:
     chosen, left_out = discover()
     share = minutes * 60 / len(chosen)
     results: dict = {"targets": {}, "started": datetime.now(timezone.utc), "failures": [],
-                     "left_out": {target_name(path): reason for path, reason in left_out.items()}}
+                     "left_out": {target_name(path): reason for path, reason in left_out.items()},
+                     "load": [os.getloadavg()[0]]}
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as directory:
         counts_path = os.path.join(directory, "counts.json")
@@ -113,6 +115,7 @@ def campaign(minutes: float, examples: int) -> dict:
                     results["failures"].append((target_name(target), seed, output))
                 print(f"{target_name(target)}: round {rounds} (seed {seed}) {'ok' if ok else 'FAILED'}, "
                       f"{sum(per_property.values())} examples so far", flush=True)
+            results["load"].append(os.getloadavg()[0])
             results["targets"][target_name(target)] = {
                 "rounds": rounds, "seconds": time.monotonic() - start,
                 "properties": dict(per_property), "failed": {k: v for k, v in failed.items() if v},
@@ -123,6 +126,7 @@ def campaign(minutes: float, examples: int) -> dict:
 
 def report(results: dict, command: str) -> str:
     total = sum(sum(t["properties"].values()) for t in results["targets"].values())
+    load = results["load"]
     lines = [
         "# Fuzzing campaign (`make fuzz`)",
         "",
@@ -130,13 +134,17 @@ def report(results: dict, command: str) -> str:
         "test module under tests/ with hypothesis properties is a target, found by the campaign",
         "(tests/properties/ and the properties beside unit tests; see tests/properties/campaign.py);",
         "each target in rounds of one pytest run under hypothesis's \"fuzz\" profile, a fresh seed",
-        "per round, for an equal share of the time. `make test` runs the same properties derandomized",
+        "per round, for an equal share of the time (a round that has begun finishes, so the campaign",
+        "may run past its minutes). `make test` runs the same properties derandomized",
         "(100 examples each, or what a property's own `@settings` says).",
         "",
         f"Command: `{command}`  ",
         f"Run: {results['started']:%Y-%m-%d %H:%M} UTC, {results['seconds'] / 60:.1f} minutes, "
-        f"on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"load shared with other work).  ",
+        f"on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, Python {platform.python_version()}).  ",
+        f"Load average (1 min) at the start and after each target: {min(load):.1f} to {max(load):.1f},",
+        f"median {statistics.median(load):.1f}: the machine was shared with other work. The campaign checks",
+        "correctness only (no property has a deadline), so the load changes how many examples ran, not",
+        "what they found.  ",
         f"Examples in all: **{total:,}**; failing rounds: **{len(results['failures'])}**.",
         "",
         "| target | rounds | minutes | property | examples | failing rounds |",
