@@ -9,9 +9,11 @@ DER parsers of `cryptography` see almost-valid input, not only base64 noise.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import datetime
 import os
+import shutil
 import tempfile
 
 from hypothesis import example, given
@@ -25,6 +27,7 @@ from proxy.tls.files import TlsFileError, load_ca_bundle, load_crl, load_identit
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.timezone.utc)
 DIRECTORY = tempfile.mkdtemp(prefix="warren-tls-props-")
+atexit.register(shutil.rmtree, DIRECTORY, True)
 
 
 def _material() -> dict[str, bytes]:
