@@ -211,8 +211,10 @@ class ConnectionCounts:
     """Live connections per vhost and per user (of one backend), and limit hits."""
 
     def __init__(self) -> None:
-        self.vhosts: Counter[str] = Counter()
-        self.users: Counter[str] = Counter()
+        # Plain dicts: every AMQP connection adds and removes itself (a
+        # Counter's missing key and deletion are Python calls).
+        self.vhosts: dict[str, int] = {}
+        self.users: dict[str, int] = {}
         self.hits: Counter[str] = Counter()  # "vhost" / "user" -> times a limit was reached
 
     def check(self, limits: ConnectionLimits, vhost: str | None, user: str | None) -> LimitHit | None:
@@ -221,23 +223,25 @@ class ConnectionCounts:
             ("vhost", vhost, self.vhosts, limits.for_vhost(vhost) if vhost is not None else None),
             ("user", user, self.users, limits.for_user(user) if user is not None else None),
         ):
-            if limit is not None and counts[name] >= limit:
+            if limit is not None and counts.get(name, 0) >= limit:
                 self.hits[kind] += 1
                 return LimitHit(kind, name, limit)
         return None
 
     def add(self, vhost: str | None, user: str | None) -> None:
         if vhost is not None:
-            self.vhosts[vhost] += 1
+            self.vhosts[vhost] = self.vhosts.get(vhost, 0) + 1
         if user is not None:
-            self.users[user] += 1
+            self.users[user] = self.users.get(user, 0) + 1
 
     def remove(self, vhost: str | None, user: str | None) -> None:
         for counts, name in ((self.vhosts, vhost), (self.users, user)):
             if name is not None:
-                counts[name] -= 1
-                if counts[name] <= 0:
-                    del counts[name]
+                left = counts.get(name, 0) - 1
+                if left > 0:
+                    counts[name] = left
+                else:
+                    counts.pop(name, None)
 
 
 def top_labels(counts: Mapping[str, int], cap: int, other: str = "other") -> dict[str, int]:

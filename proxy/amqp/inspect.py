@@ -22,6 +22,12 @@ Bounded time and space on hostile input: each direction reads at most
 ``budget`` bytes, a frame is judged from its 7-byte header, tables nest at
 most 8 deep, kept strings are cut to :data:`MAX_TEXT` characters.
 
+Cost: every AMQP connection's handshake goes through here, so frames are
+read in place by offset (no frame, cursor or slice object per frame), a
+direction's buffer exists only while a frame spans reads, and the property
+tables, the same for every connection of one application or broker, are
+decoded once per distinct table (:class:`_TableCache`).
+
 Secrets: Start-Ok's response is parsed where it lies (the relay's buffer, or
 the inspector's own when the frame spans reads); only the user name is
 decoded (PLAIN's authentication identity, AMQPLAIN's LOGIN). The password is
@@ -39,21 +45,28 @@ from typing import Any
 
 from ..health.amqp_methods import ReplyCode
 from ..health.amqp_wire import (
+    FRAME_BODY,
+    FRAME_END,
+    FRAME_HEADER,
     FRAME_HEARTBEAT,
     FRAME_METHOD,
     PROTOCOL_HEADER,
     Cursor,
-    HandshakeError,
     Truncated,
     pick_strings,
-    scan_frame,
+    printable,
     skip_value,
 )
 
 HANDSHAKE_BUDGET = 64 * 1024  # bytes per direction; real handshakes take 0.3-2 KiB
 MAX_TEXT = 128  # characters kept of any property, user or vhost
 
+_FRAME_HEAD = struct.Struct("!BHI")  # type, channel, payload size
+_FRAME_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
 _METHOD_HEAD = struct.Struct("!HH")
+_TUNE_OK = struct.Struct("!HIH")  # channel-max, frame-max, heartbeat
+_CLOSE_CODE = struct.Struct("!H")
+_LONG = struct.Struct("!I")
 START, SECURE, TUNE, OPEN, OPEN_OK, CLOSE, CLOSE_OK = (
     (10, 10), (10, 20), (10, 30), (10, 40), (10, 41), (10, 50), (10, 51),
 )  # fmt: skip
@@ -124,21 +137,18 @@ class _Passed(Exception):
 
 
 class _Stream:
-    """One direction's unparsed bytes: a frame that spans reads waits here.
+    """One direction's unparsed bytes, while a frame spans reads.
 
     The buffer grows by doubling into a new bytearray and zeroes the one it
     leaves, so a secret in a partial frame is never left behind in freed
     memory; ``wipe`` zeroes the bytes of a parsed frame.
     """
 
-    __slots__ = ("data", "size", "seen", "budget", "done")
+    __slots__ = ("data", "size")
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self) -> None:
         self.data = bytearray()
         self.size = 0
-        self.seen = 0  # bytes shown so far
-        self.budget = budget
-        self.done = False  # nothing more to read from this side
 
     def keep(self, chunk: memoryview) -> None:
         needed = self.size + len(chunk)
@@ -162,6 +172,47 @@ class _Stream:
         self.data[start:end] = bytes(end - start)
 
 
+class _TableCache:
+    """Field tables already read: raw bytes -> the strings picked from them.
+
+    Every connection of one application sends the same client properties,
+    every connection to one broker gets the same server properties: each
+    distinct table is walked once. Bounded: tables up to MAX_BYTES, at most
+    MAX_ENTRIES of them (forgotten all at once when full).
+    """
+
+    MAX_BYTES, MAX_ENTRIES = 2048, 512
+    __slots__ = ("wanted", "tables")
+
+    def __init__(self, wanted: frozenset[bytes]) -> None:
+        self.wanted = wanted
+        self.tables: dict[bytes, dict[bytes, str]] = {}
+
+    def pick(self, data: memoryview, pos: int, end: int) -> tuple[dict[bytes, str], int]:
+        """The wanted strings of the table (length prefix included) at
+        data[pos:end], and where the table ends; Truncated or ValueError."""
+        if pos + 4 > end:
+            raise Truncated
+        stop = pos + 4 + _LONG.unpack_from(data, pos)[0]
+        if stop > end:
+            raise Truncated
+        if stop - pos > self.MAX_BYTES:
+            return pick_strings(Cursor(data[pos:stop]), self.wanted, MAX_TEXT), stop
+        raw = bytes(data[pos:stop])
+        found = self.tables.get(raw)
+        if found is None:
+            found = pick_strings(Cursor(raw), self.wanted, MAX_TEXT)
+            if len(self.tables) >= self.MAX_ENTRIES:
+                self.tables.clear()
+            self.tables[raw] = found
+        return found, stop
+
+
+_CLIENT_TABLES = _TableCache(frozenset((b"connection_name", b"product", b"version", b"platform")))
+_SERVER_TABLES = _TableCache(frozenset((b"cluster_name", b"version", b"product")))
+CLIENT_PROPERTY_KEYS, SERVER_PROPERTY_KEYS = _CLIENT_TABLES.wanted, _SERVER_TABLES.wanted
+
+
 class HandshakeInspector:
     """Reads one connection's handshake; see the module docstring.
 
@@ -171,8 +222,8 @@ class HandshakeInspector:
     Neither method raises on any input.
     """
 
-    __slots__ = ("identity", "phase", "reason", "refusal", "held", "header_seen", "_admit", "_client",
-                 "_server", "_client_step", "_server_step")
+    __slots__ = ("identity", "phase", "reason", "refusal", "held", "header_seen", "client_done", "budget",
+                 "_admit", "_client", "_server", "_client_seen", "_server_seen", "_client_step", "_server_step")
 
     def __init__(self, *, budget: int = HANDSHAKE_BUDGET,
                  admit: Callable[[Identity], str | None] | None = None) -> None:
@@ -182,9 +233,12 @@ class HandshakeInspector:
         self.refusal: str | None = None  # why admission HELD the Open
         self.held = b""  # the part of the Open frame not forwarded (HELD)
         self.header_seen = False
+        self.client_done = False  # the client's Open went by: nothing more to read from the client
+        self.budget = budget  # bytes per direction
         self._admit = admit
-        self._client = _Stream(budget)
-        self._server = _Stream(budget)
+        self._client: _Stream | None = None  # a frame from the client spanning reads
+        self._server: _Stream | None = None
+        self._client_seen = self._server_seen = 0  # bytes shown so far
         self._client_step = START_OK
         self._server_step = START
 
@@ -192,78 +246,123 @@ class HandshakeInspector:
     def watching(self) -> bool:
         return self.phase is Phase.INSPECTING
 
-    @property
-    def client_done(self) -> bool:
-        """The client's Open went by: nothing more to read from the client."""
-        return self._client.done
-
     # -- the two directions ---------------------------------------------------------
 
     def from_client(self, data: bytes | memoryview) -> int:
         """Shows bytes the client sent; returns how many of them may be forwarded
         (all of them, unless the Open is HELD: then those before it)."""
-        if self.phase is not Phase.INSPECTING or self._client.done:
-            return len(data)
+        length = len(data)
+        if self.phase is not Phase.INSPECTING or self.client_done:
+            return length
+        self._client_seen += length
         try:
-            return self._read(self._client, memoryview(data), self._client_frame, header=not self.header_seen)
+            if self._client_seen > self.budget:
+                raise _Passed(f"handshake larger than {self.budget} bytes")
+            if type(data) is not memoryview:
+                data = memoryview(data)  # slices are views: the password is never copied
+            stream = self._client
+            if stream is not None and stream.size:
+                return self._spanning(stream, data, True)
+            pos = 0
+            if not self.header_seen:
+                pos = self._protocol_header(data)
+                if not pos:
+                    self._keep(True, data)
+                    return length
+            consumed, forward = self._frames(data, pos, True, 0)
+            if forward is not None:
+                return forward
+            if consumed < length and self.phase is Phase.INSPECTING and not self.client_done:
+                self._keep(True, data[consumed:])
         except _Passed as passed:
             self._pass(str(passed))
-        return len(data)
+        return length
 
     def from_server(self, data: bytes | memoryview) -> None:
         """Shows bytes the broker sent (always forwarded as they are)."""
         if self.phase is not Phase.INSPECTING:
             return
+        self._server_seen += len(data)
         try:
-            self._read(self._server, memoryview(data), self._server_frame, header=False)
+            if self._server_seen > self.budget:
+                raise _Passed(f"handshake larger than {self.budget} bytes")
+            if type(data) is not memoryview:
+                data = memoryview(data)
+            stream = self._server
+            if stream is not None and stream.size:
+                self._spanning(stream, data, False)
+                return
+            consumed, _ = self._frames(data, 0, False, 0)
+            if consumed < len(data) and self.phase is Phase.INSPECTING:
+                self._keep(False, data[consumed:])
         except _Passed as passed:
             self._pass(str(passed))
 
+    def _keep(self, client: bool, rest: memoryview) -> None:
+        stream = self._client if client else self._server
+        if stream is None:
+            stream = _Stream()
+            if client:
+                self._client = stream
+            else:
+                self._server = stream
+        stream.keep(rest)
+
     # -- framing ---------------------------------------------------------------------
 
-    def _read(self, stream: _Stream, chunk: memoryview, on_frame, *, header: bool) -> int:
-        """Parses what `chunk` completes; returns how much of it may be forwarded."""
-        stream.seen += len(chunk)
-        if stream.seen > stream.budget:
-            raise _Passed(f"handshake larger than {stream.budget} bytes")
-        if stream.size:
-            # A frame spans reads: parse from our own buffer.
-            offset = -stream.size  # where our buffer starts, relative to the chunk
-            stream.keep(chunk)
-            with memoryview(stream.data)[: stream.size] as data:
-                consumed, forward = self._frames(data, offset, on_frame, header, stream)
-            stream.consume(consumed)
-            return forward if forward is not None else len(chunk)
-        consumed, forward = self._frames(chunk, 0, on_frame, header, stream)
-        if consumed < len(chunk) and self.phase is Phase.INSPECTING and not stream.done:
-            stream.keep(chunk[consumed:])
-        return forward if forward is not None else len(chunk)
+    def _spanning(self, stream: _Stream, chunk: memoryview, client: bool) -> int:
+        """A frame (or the client's protocol header) spans reads: parse from
+        our own buffer. Returns how much of `chunk` may be forwarded."""
+        offset = -stream.size  # where our buffer starts, relative to the chunk
+        stream.keep(chunk)
+        with memoryview(stream.data)[: stream.size] as data:
+            pos = 0
+            if client and not self.header_seen:
+                pos = self._protocol_header(data)
+                if not pos:
+                    return len(chunk)
+            consumed, forward = self._frames(data, pos, client, offset)
+        stream.consume(consumed)
+        return len(chunk) if forward is None else forward
 
-    def _frames(self, data: memoryview, offset: int, on_frame, header: bool, stream: _Stream):
-        """Parses complete frames in `data`; (bytes consumed, bytes of the chunk to forward or None).
+    def _frames(self, data: memoryview, pos: int, client: bool, offset: int) -> tuple[int, int | None]:
+        """Parses the complete frames in `data` from `pos`; (bytes consumed,
+        bytes of the chunk to forward, or None: all of them).
 
         `offset` is where `data` starts relative to the current chunk (negative
         when it begins with bytes kept from earlier reads).
         """
-        pos = 0
-        if header:
-            pos = self._protocol_header(data)
-            if pos == 0:
-                return 0, None
-        while self.phase is Phase.INSPECTING and not stream.done:
-            try:
-                span = scan_frame(data, pos, stream.budget)
-            except HandshakeError as error:
-                raise _Passed(f"not AMQP 0-9-1 framing: {error.description}") from None
-            if span is None:
+        on_frame = self._client_frame if client else self._server_frame
+        size_all, budget = len(data), self.budget
+        while self.phase is Phase.INSPECTING:
+            if size_all - pos < 7:
                 break
-            forward = on_frame(data, span, offset)
-            if forward is not None:
-                return span.end, forward
-            pos = span.end
+            kind, channel, size = _FRAME_HEAD.unpack_from(data, pos)
+            if kind not in _FRAME_TYPES:
+                raise _Passed(f"not AMQP 0-9-1 framing: unknown frame type {kind} "
+                              f"({printable(bytes(data[pos : pos + 32]))})")
+            if size + 8 > budget:
+                raise _Passed(f"not AMQP 0-9-1 framing: frame of {size + 8} bytes exceeds frame-max {budget}")
+            end = pos + 7 + size  # the frame-end octet
+            if size_all <= end:
+                break
+            if data[end] != FRAME_END:
+                raise _Passed(f"not AMQP 0-9-1 framing: frame-end octet is {data[end]:#04x}, not 0xce")
+            if kind != FRAME_HEARTBEAT:
+                if kind != FRAME_METHOD or channel != 0:
+                    raise _Passed(f"frame type {kind} on channel {channel} during the handshake")
+                if size < 4:
+                    raise _Passed("method frame shorter than its class and method ids")
+                forward = on_frame(data, _METHOD_HEAD.unpack_from(data, pos + 7), pos, end, offset)
+                if forward is not None:
+                    return end + 1, forward
+            pos = end + 1
+            if client and self.client_done:
+                break
         return pos, None
 
     def _protocol_header(self, data: memoryview) -> int:
+        """The header's length once it is all there, 0 while it is not; _Passed if it is not 0-9-1's."""
         head = bytes(data[: len(PROTOCOL_HEADER)])
         if not PROTOCOL_HEADER.startswith(head):
             raise _Passed(f"client speaks {describe_foreign(head)}, not AMQP 0-9-1")
@@ -272,101 +371,94 @@ class HandshakeInspector:
         self.header_seen = True
         return len(PROTOCOL_HEADER)
 
-    @staticmethod
-    def _method(data: memoryview, span) -> tuple[tuple[int, int], Cursor] | None:
-        """(class, method) and a cursor on the arguments; None for a heartbeat."""
-        if span.type == FRAME_HEARTBEAT:
-            return None
-        if span.type != FRAME_METHOD or span.channel != 0:
-            raise _Passed(f"frame type {span.type} on channel {span.channel} during the handshake")
-        cur = Cursor(data[span.payload_start : span.end - 1])
-        try:
-            ids = _METHOD_HEAD.unpack(cur.take(_METHOD_HEAD.size))
-        except Truncated:
-            raise _Passed("method frame shorter than its class and method ids") from None
-        return ids, cur
-
     # -- the client's side -------------------------------------------------------------
+    # A frame handler gets the method's ids, where its frame starts (`start`)
+    # and where its frame-end octet is (`end`): the arguments are
+    # data[start + 11 : end]. It returns None, or for a HELD Open how many
+    # bytes of the chunk may be forwarded.
 
-    def _client_frame(self, data: memoryview, span, offset: int) -> int | None:
-        method = self._method(data, span)
-        if method is None:
-            return None
-        ids, cur = method
+    def _client_frame(self, data: memoryview, ids: tuple[int, int], start: int, end: int,
+                      offset: int) -> int | None:
         if ids == CLOSE:
             raise _Passed("the client closed during the handshake")
-        if ids == SECURE_OK and self._client_step == TUNE_OK:
+        step = self._client_step
+        if ids == SECURE_OK and step == TUNE_OK:
             return None  # a SASL exchange round: nothing we read
-        if ids != self._client_step:
-            raise _Passed(f"client sent method {ids[0]}.{ids[1]} where {self._client_step} was expected")
+        if ids != step:
+            raise _Passed(f"client sent method {ids[0]}.{ids[1]} where {step} was expected")
         try:
             if ids == START_OK:
                 try:
-                    self._start_ok(cur)
+                    self._start_ok(data, start + 11, end)
                 finally:
                     # The frame held the password: no copy of ours keeps it.
                     if offset < 0:
-                        self._client.wipe(span.payload_start, span.end)
+                        self._client.wipe(start, end + 1)
                 self._client_step = TUNE_OK
             elif ids == TUNE_OK:
+                if end - start - 11 < _TUNE_OK.size:
+                    raise Truncated
                 identity = self.identity
-                identity.channel_max, identity.frame_max, identity.heartbeat = (
-                    cur.short(), cur.long(), cur.short()
-                )
+                identity.channel_max, identity.frame_max, identity.heartbeat = _TUNE_OK.unpack_from(data, start + 11)
                 self._client_step = OPEN
             else:
-                return self._open(cur, span, data, offset)
+                return self._open(data, start, end, offset)
         except (Truncated, ValueError, struct.error) as error:
             raise _Passed(f"malformed method {ids[0]}.{ids[1]} from the client: {error or 'truncated'}") from None
         return None
 
-    def _start_ok(self, cur: Cursor) -> None:
+    def _start_ok(self, data: memoryview, pos: int, end: int) -> None:
         identity = self.identity
-        properties = pick_strings(cur, CLIENT_PROPERTY_KEYS, MAX_TEXT)
+        properties, pos = _CLIENT_TABLES.pick(data, pos, end)
         identity.connection_name = properties.get(b"connection_name")
         identity.product = properties.get(b"product")
         identity.version = properties.get(b"version")
         identity.platform = properties.get(b"platform")
-        identity.mechanism = _cut(cur.shortstr())
-        response = Cursor(cur.longstr())
-        if identity.mechanism == "PLAIN":
-            identity.user = _plain_user(response)
-        elif identity.mechanism == "AMQPLAIN":
-            identity.user = _amqplain_user(response)
+        mechanism, pos = _shortstr(data, pos, end)
+        identity.mechanism = mechanism
+        if pos + 4 > end:
+            raise Truncated
+        stop = pos + 4 + _LONG.unpack_from(data, pos)[0]
+        if stop > end:
+            raise Truncated
+        # The response holds the password: read in place, only up to the user.
+        if mechanism == "PLAIN":
+            identity.user = _plain_user(data, pos + 4, stop)
+        elif mechanism == "AMQPLAIN":
+            identity.user = _amqplain_user(Cursor(data[pos + 4 : stop]))
 
-    def _open(self, cur: Cursor, span, data: memoryview, offset: int) -> int | None:
-        self.identity.vhost = _cut(cur.shortstr())
-        self._client.done = True
+    def _open(self, data: memoryview, start: int, end: int, offset: int) -> int | None:
+        self.identity.vhost = _shortstr(data, start + 11, end)[0]
+        self.client_done = True
         refusal = self._admit(self.identity) if self._admit is not None else None
         if refusal is None:
             return None
         # Withhold the Open: forward what came before it in this chunk, keep
         # the part of the frame that did not go out yet.
         self.phase, self.refusal = Phase.HELD, refusal
-        first = max(span.payload_start - 7, -offset)  # the frame's start, or the chunk's
-        self.held = bytes(data[first : span.end])
+        first = max(start, -offset)  # the frame's start, or the chunk's
+        self.held = bytes(data[first : end + 1])
         return first + offset
 
     # -- the broker's side --------------------------------------------------------------
 
-    def _server_frame(self, data: memoryview, span, offset: int) -> None:
-        method = self._method(data, span)
-        if method is None:
-            return None
-        ids, cur = method
+    def _server_frame(self, data: memoryview, ids: tuple[int, int], start: int, end: int,
+                      offset: int) -> None:
         try:
             if ids == CLOSE:
-                code, text = cur.short(), cur.shortstr()
-                self.identity.broker_close = (code, _cut(text))
+                if end - start - 11 < 2:
+                    raise Truncated
+                code = _CLOSE_CODE.unpack_from(data, start + 11)[0]
+                self.identity.broker_close = (code, _shortstr(data, start + 13, end)[0])
                 self.phase = Phase.REFUSED
                 return None
-            if ids == SECURE and self._server_step == TUNE:
+            step = self._server_step
+            if ids == SECURE and step == TUNE:
                 return None
-            if ids != self._server_step:
-                raise _Passed(f"broker sent method {ids[0]}.{ids[1]} where {self._server_step} was expected")
+            if ids != step:
+                raise _Passed(f"broker sent method {ids[0]}.{ids[1]} where {step} was expected")
             if ids == START:
-                cur.skip(2)  # version major, minor
-                properties = pick_strings(cur, SERVER_PROPERTY_KEYS, MAX_TEXT)
+                properties, _ = _SERVER_TABLES.pick(data, start + 13, end)  # after version major, minor
                 identity = self.identity
                 identity.server_cluster = properties.get(b"cluster_name")
                 identity.server_version = properties.get(b"version")
@@ -388,8 +480,9 @@ class HandshakeInspector:
         """Frees the buffers once inspection is over (the identity stays);
         the inspector then only counts what it is shown."""
         for stream in (self._client, self._server):
-            stream.consume(stream.size)
-            stream.data = bytearray()
+            if stream is not None:
+                stream.consume(stream.size)
+        self._client = self._server = None
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -399,21 +492,30 @@ def _cut(text: str) -> str:
     return text[:MAX_TEXT]
 
 
-def _plain_user(response: Cursor) -> str | None:
+def _shortstr(data: memoryview, pos: int, end: int) -> tuple[str, int]:
+    """The short string at data[pos] (cut to MAX_TEXT) and where it ends; Truncated."""
+    if pos >= end:
+        raise Truncated
+    stop = pos + 1 + data[pos]
+    if stop > end:
+        raise Truncated
+    return str(data[pos + 1 : stop], "utf-8", "replace")[:MAX_TEXT], stop
+
+
+def _plain_user(data: memoryview, pos: int, end: int) -> str | None:
     """RFC 4616: [authzid] NUL authcid NUL passwd; the authcid is the user.
 
     Only the bytes up to the second NUL are looked at.
     """
-    data = response.data
-    first = _find_nul(data, 0)
-    second = _find_nul(data, first + 1) if first >= 0 else -1
+    first = _find_nul(data, pos, end)
+    second = _find_nul(data, first + 1, end) if first >= 0 else -1
     if second < 0:
         return None
     return _cut(str(data[first + 1 : second], "utf-8", "replace"))
 
 
-def _find_nul(data: bytes | memoryview, start: int) -> int:
-    for index in range(start, min(len(data), start + 1024)):
+def _find_nul(data: memoryview, start: int, end: int) -> int:
+    for index in range(start, min(end, start + 1024)):
         if data[index] == 0:
             return index
     return -1

@@ -79,7 +79,7 @@ class AmqpConnection:
     """
 
     __slots__ = ("inspector", "policy", "counts", "limits", "link", "counted", "to_server", "tails",
-                 "opened", "backend_name")
+                 "opened", "backend_name", "timeouts")
 
     def __init__(self, policy: AmqpPolicy, backend: Any) -> None:
         self.policy = policy
@@ -92,6 +92,7 @@ class AmqpConnection:
         self.to_server = b""  # HELD: what the broker still has to get (the rest of the Open)
         self.tails: tuple[bytes | None, bytes | None] = (None, None)
         self.opened: float | None = None  # monotonic time of the broker's Open-Ok
+        self.timeouts = policy.before_header  # the link's timeouts, as last set
 
     @property
     def identity(self) -> Identity:
@@ -108,18 +109,27 @@ class AmqpConnection:
         inspector = self.inspector
         header_seen = inspector.header_seen
         forward = inspector.from_client(view[:length])
-        if inspector.phase is Phase.HELD:
+        phase = inspector.phase
+        if phase is Phase.HELD:
             self.to_server = bytes(view[:forward]) + inspector.held
             raise Hold
         if inspector.header_seen and not header_seen:
-            self.link.retime(self.policy.fallback)
-        if not inspector.watching:
+            self._retime(self.policy.fallback)
+        if phase is not Phase.INSPECTING:
             self._handshake_over()
 
     def _from_server(self, view: memoryview, length: int) -> None:
-        self.inspector.from_server(view[:length])
-        if not self.inspector.watching:
+        inspector = self.inspector
+        inspector.from_server(view[:length])
+        if inspector.phase is not Phase.INSPECTING:
             self._handshake_over()
+
+    def _retime(self, timeouts) -> None:
+        """The link's idle timeouts, restarted from now, unless they stay the same
+        (no timeouts before and after, the common case: a no-op)."""
+        if timeouts is not self.timeouts or timeouts.enabled:
+            self.timeouts = timeouts
+            self.link.retime(timeouts)
 
     def _handshake_over(self) -> None:
         """The taps come off; an opened or refused connection keeps its tails."""
@@ -132,9 +142,9 @@ class AmqpConnection:
                 way.tail = b""
         if phase is Phase.OPEN:
             self.opened = time.monotonic()
-            self.link.retime(self.policy.established(self.identity.heartbeat))
+            self._retime(self.policy.established(self.inspector.identity.heartbeat))
         elif phase is Phase.PASSED and not self.inspector.header_seen:
-            self.link.retime(self.policy.fallback)
+            self._retime(self.policy.fallback)
 
     # -- admission ---------------------------------------------------------------------
 
