@@ -25,7 +25,9 @@ FRAME_HEARTBEAT = 8
 FRAME_END = 0xCE
 
 CONNECTION_START = (10, 10)
+CONNECTION_START_OK = (10, 11)
 CONNECTION_TUNE = (10, 30)
+CONNECTION_OPEN = (10, 40)
 CONNECTION_OPEN_OK = (10, 41)
 CONNECTION_CLOSE = (10, 50)
 CONNECTION_CLOSE_OK = (10, 51)
@@ -141,10 +143,17 @@ class ClientHandshake:
     `start()` returns the bytes to send first; `received(data)` returns bytes
     to send in answer (possibly b""). `ready` turns True at Channel.Open-Ok;
     `greeting` holds the Connection.Start arguments (server properties name
-    the node). A Connection.Close from the broker raises ProtocolError."""
+    the node). A Connection.Close from the broker raises ProtocolError.
 
-    def __init__(self, user: str = "guest", password: str = "guest", vhost: str = "/"):
+    With `then_close`, the connection is closed instead of opening a channel
+    (Connection.Close at Open-Ok) and `ready` turns True at Close-Ok: a whole
+    short-lived connection, as bench.tools.amqp_connrate makes them.
+    `properties` are sent as client properties (none by default)."""
+
+    def __init__(self, user: str = "guest", password: str = "guest", vhost: str = "/", *,
+                 properties: dict | None = None, then_close: bool = False):
         self.user, self.password, self.vhost = user, password, vhost
+        self.properties, self.then_close = properties, then_close
         self.reader = FrameReader()
         self.greeting = b""
         self.ready = False
@@ -163,12 +172,12 @@ class ClientHandshake:
             method, args = method_of(payload)
             if method == CONNECTION_START:
                 self.greeting = args
-                reply += start_ok(self.user, self.password)
+                reply += start_ok(self.user, self.password, self.properties)
             elif method == CONNECTION_TUNE:
                 reply += tune_ok_and_open(args, self.vhost)
             elif method == CONNECTION_OPEN_OK:
-                reply += channel_open(1)
-            elif method == CHANNEL_OPEN_OK:
+                reply += connection_close() if self.then_close else channel_open(1)
+            elif method == (CONNECTION_CLOSE_OK if self.then_close else CHANNEL_OPEN_OK):
                 self.ready = True
             elif method == CONNECTION_CLOSE:
                 code = struct.unpack_from("!H", args)[0]
@@ -176,6 +185,38 @@ class ClientHandshake:
             else:
                 raise ProtocolError(f"unexpected method {method}")
         return reply
+
+
+# The broker's side, for fake brokers (bench/callcount.py): what RabbitMQ
+# 3.12 sends, with server properties of the same shape and size.
+BROKER_PROPERTIES = {
+    "capabilities": {"publisher_confirms": True, "exchange_exchange_bindings": True, "basic.nack": True,
+                     "consumer_cancel_notify": True, "connection.blocked": True, "consumer_priorities": True,
+                     "authentication_failure_close": True, "per_consumer_qos": True, "direct_reply_to": True},
+    "cluster_name": "fake@localhost",
+    "copyright": "Copyright (c) 2007-2023 VMware, Inc. or its affiliates.",
+    "information": "Licensed under the MPL 2.0. Website: https://rabbitmq.com",
+    "platform": "Erlang/OTP 25.3.2.8",
+    "product": "RabbitMQ",
+    "version": "3.12.1",
+}
+
+
+def connection_start(properties: dict = BROKER_PROPERTIES) -> bytes:
+    return method_frame(0, 10, 10, b"\x00\x09" + _table(properties) + _longstr(b"AMQPLAIN PLAIN")
+                        + _longstr(b"en_US"))
+
+
+def connection_tune(channel_max: int = 2047, frame_max: int = 131072, heartbeat: int = 60) -> bytes:
+    return method_frame(0, 10, 30, struct.pack("!HIH", channel_max, frame_max, heartbeat))
+
+
+def connection_open_ok() -> bytes:
+    return method_frame(0, 10, 41, _shortstr(""))
+
+
+def connection_close_ok() -> bytes:
+    return method_frame(0, 10, 51, b"")
 
 
 def node_in(greeting: bytes, node_names: list[str]) -> str | None:

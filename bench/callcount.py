@@ -1,13 +1,18 @@
 """Python function calls per proxied connection, counted with cProfile.
 
 Usage (from a checkout; PYTHONPATH selects the Warren under test):
-    python bench/callcount.py [--small 300] [--large 1500] [--top 25]
+    python bench/callcount.py [--small 300] [--large 1500] [--top 25] [--amqp]
+                              [--mode amqp|tcp] [--relay ...] [--kernel-after N]
 
 Warren runs in this process (an App in front of `--servers` echo servers,
 roundrobin, like a three-node RabbitMQ cluster by default), a client
 process opens connections one after another (connect, 64 bytes there and
 back, close), and cProfile counts every Python and builtin call Warren's
-process makes meanwhile. Two runs, `small` and `large` connections, and the
+process makes meanwhile. With `--amqp` the servers are fake AMQP brokers and
+each connection is bench.tools.amqp_connrate's: the whole AMQP 0-9-1
+handshake (client properties, PLAIN login) up to Open-Ok, then
+Connection.Close / Close-Ok (an AMQP frontend's tap reads every handshake, a
+TCP one relays it blind). Two runs, `small` and `large` connections, and the
 difference divided by their difference gives the calls per connection
 without the fixed cost of starting and stopping the load. Call counts do not
 depend on the machine's speed, so this is a stable A/B measure where timings
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import socket
 import subprocess
@@ -28,8 +34,14 @@ from pathlib import Path
 
 import trio
 
-from proxy.app import App
-from proxy.config import load_config
+REPO = Path(__file__).resolve().parent.parent
+if not any(Path(entry or ".").resolve() == REPO for entry in sys.path):
+    sys.path.append(str(REPO))  # this checkout's Warren, unless PYTHONPATH names another
+# The load's processes take bench.amqpwire from this checkout, whichever Warren is measured.
+LOAD_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+from proxy.app import App  # noqa: E402
+from proxy.config import load_config  # noqa: E402
 
 CLIENT = textwrap.dedent("""
     import socket, sys
@@ -60,6 +72,56 @@ ECHO = textwrap.dedent("""
 """)
 
 
+# --amqp: each connection a whole AMQP one (bench.tools.amqp_connrate's).
+AMQP_CLIENT = textwrap.dedent("""
+    import socket, sys
+    from bench.amqpwire import LIBRARY_PROPERTIES, ClientHandshake
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for _ in range(count):
+        s = socket.create_connection((host, port))
+        handshake = ClientHandshake(properties=LIBRARY_PROPERTIES, then_close=True)
+        s.sendall(handshake.start())
+        while not handshake.ready:
+            data = s.recv(65536)
+            if not data:
+                sys.exit("closed early")
+            s.sendall(handshake.received(data))
+        s.close()
+""")
+
+# A broker that answers the handshake as RabbitMQ does, one frame per step,
+# and closes after Close-Ok.
+AMQP_BROKER = textwrap.dedent("""
+    import socket, sys, threading
+    from bench import amqpwire as w
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    print(listener.getsockname()[1], flush=True)
+    ANSWERS = {w.CONNECTION_START_OK: w.connection_tune(), w.CONNECTION_OPEN: w.connection_open_ok(),
+               w.CONNECTION_CLOSE: w.connection_close_ok()}
+    def serve(conn):
+        with conn:
+            header = b""
+            while len(header) < 8:
+                chunk = conn.recv(8 - len(header))
+                if not chunk:
+                    return
+                header += chunk
+            conn.sendall(w.connection_start())
+            frames = w.FrameReader()
+            while data := conn.recv(65536):
+                frames.feed(data)
+                for _kind, _channel, payload in frames.frames():
+                    method = w.method_of(payload)[0]
+                    if method in ANSWERS:
+                        conn.sendall(ANSWERS[method])
+                    if method == w.CONNECTION_CLOSE:
+                        return
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+""")
+
+
 def config_text(port: int, servers: int, mode: str = "amqp", relay: str = "auto", kernel_after: int = 8) -> str:
     text = textwrap.dedent(f"""
         [global]
@@ -81,7 +143,7 @@ def config_text(port: int, servers: int, mode: str = "amqp", relay: str = "auto"
     return text
 
 
-def count_calls(config_path: Path, connections: int) -> pstats.Stats:
+def count_calls(config_path: Path, connections: int, client: str = CLIENT) -> pstats.Stats:
     profile = cProfile.Profile()
 
     async def main() -> None:
@@ -90,9 +152,9 @@ def count_calls(config_path: Path, connections: int) -> pstats.Stats:
             app.services = []  # no health checks, stats or VIP: the data path only
             await nursery.start(app.serve)
             host, port = app.addresses["fe"][0]
-            argv = [sys.executable, "-c", CLIENT, host, str(port), str(connections)]
+            argv = [sys.executable, "-c", client, host, str(port), str(connections)]
             profile.enable()
-            await trio.run_process(argv)
+            await trio.run_process(argv, env=LOAD_ENV)
             while app.sessions.live:  # the last session's end is still being served
                 await trio.sleep(0.001)
             profile.disable()
@@ -117,15 +179,17 @@ def main() -> None:
     parser.add_argument("--relay", choices=("auto", "kernel", "splice", "copy"), default="auto",
                         help="[global] relay (TCP frontends take the kernel path where it is in use)")
     parser.add_argument("--kernel-after", type=int, default=8, help="[global] kernel_after (0: into the map at once)")
+    parser.add_argument("--amqp", action="store_true", help="fake AMQP brokers, whole AMQP connections")
     args = parser.parse_args()
-    echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+    server, client = (AMQP_BROKER, AMQP_CLIENT) if args.amqp else (ECHO, CLIENT)
+    echo = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True, env=LOAD_ENV)
     try:
         port = int(echo.stdout.readline())
         with tempfile.TemporaryDirectory() as work:
             path = Path(work) / "warren.toml"
             path.write_text(config_text(port, args.servers, args.mode, args.relay, args.kernel_after))
-            small = count_calls(path, args.small)
-            large = count_calls(path, args.large)
+            small = count_calls(path, args.small, client)
+            large = count_calls(path, args.large, client)
     finally:
         echo.terminate()
         echo.wait()

@@ -16,36 +16,19 @@ import json
 import sys
 import time
 
-from bench.amqpwire import (
-    CONNECTION_CLOSE_OK, CONNECTION_OPEN_OK, CONNECTION_START, CONNECTION_TUNE, LIBRARY_PROPERTIES,
-    PROTOCOL_HEADER, FrameReader, ProtocolError, connection_close, method_of, start_ok, tune_ok_and_open,
-)
+from bench.amqpwire import LIBRARY_PROPERTIES, ClientHandshake, ProtocolError
 
 
 async def one_connection(host: str, port: int) -> None:
     reader, writer = await asyncio.open_connection(host, port)
-    frames = FrameReader()
+    handshake = ClientHandshake(properties=LIBRARY_PROPERTIES, then_close=True)
     try:
-        writer.write(PROTOCOL_HEADER)
-        while True:
+        writer.write(handshake.start())
+        while not handshake.ready:
             data = await reader.read(65536)
             if not data:
                 raise ConnectionError("closed during the handshake")
-            frames.feed(data)
-            for kind, _channel, payload in frames.frames():
-                if kind != 1:
-                    continue
-                method, args = method_of(payload)
-                if method == CONNECTION_START:
-                    writer.write(start_ok(properties=LIBRARY_PROPERTIES))
-                elif method == CONNECTION_TUNE:
-                    writer.write(tune_ok_and_open(args))
-                elif method == CONNECTION_OPEN_OK:
-                    writer.write(connection_close())
-                elif method == CONNECTION_CLOSE_OK:
-                    return
-                else:
-                    raise ProtocolError(f"unexpected method {method}")
+            writer.write(handshake.received(data))
     finally:
         writer.close()
 
