@@ -31,6 +31,7 @@ import random
 import sys
 import time
 from collections import Counter
+from typing import Callable
 
 from bench.amqpwire import (
     CONNECTION_CLOSE_OK, ClientHandshake, FrameReader, ProtocolError, connection_close, method_of,
@@ -47,8 +48,9 @@ def emit(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-async def open_amqp(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection with channel 1 open; raises one of FAILURES otherwise (and closes it)."""
+async def open_amqp(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientHandshake]:
+    """A connection with channel 1 open (and its handshake: the broker's greeting);
+    raises one of FAILURES otherwise (and closes it)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         handshake = ClientHandshake()
@@ -58,10 +60,50 @@ async def open_amqp(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio
             if not data:
                 raise EOFError("closed during the handshake")
             writer.write(handshake.received(data))
-        return reader, writer
+        return reader, writer, handshake
     except BaseException:
         writer.close()
         raise
+
+
+def backoff(failures: int) -> float:
+    """A client library's wait before its next attempt: doubling from
+    RETRY_DELAY to MAX_RETRY_DELAY, full jitter."""
+    return min(MAX_RETRY_DELAY, RETRY_DELAY * 2 ** (failures - 1)) * random.random()
+
+
+async def keep_open(host: str, port: int, *, opened: Callable[[ClientHandshake, asyncio.StreamWriter], None],
+                    lost: Callable[[asyncio.StreamWriter], None], failed: Callable[[BaseException], None],
+                    retry: Callable[[int], float] = backoff, stopping: Callable[[], bool],
+                    first_gate: asyncio.Semaphore | None = None) -> None:
+    """Keeps one AMQP connection (channel 1 open) through host:port until `stopping()`.
+
+    A connection that ends is opened again at once; a failed attempt
+    (`failed(error)`) is tried again after `retry(failures in a row)`
+    seconds. `opened` hears of each connection, `lost` of its end (the
+    writer then closed). The first attempts wait for `first_gate`, so that
+    thousands of clients ramp up instead of all handshaking at once.
+    """
+    first, failures = True, 0
+    while not stopping():
+        try:
+            async with first_gate if first and first_gate is not None else contextlib.nullcontext():
+                reader, writer, handshake = await asyncio.wait_for(open_amqp(host, port), TIMEOUT)
+        except FAILURES as error:
+            failed(error)
+            failures += 1
+            await asyncio.sleep(retry(failures))
+            continue
+        first, failures = False, 0
+        opened(handshake, writer)
+        try:
+            while await reader.read(65536):  # heartbeats are off: nothing should come
+                pass
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            lost(writer)
 
 
 class Load:
@@ -88,33 +130,22 @@ class Load:
 
     # -- held connections ---------------------------------------------------------------
     async def hold_one(self, gate: asyncio.Semaphore) -> None:
-        first = True
-        delay = RETRY_DELAY
-        while not self.stopping:
-            try:
-                async with gate if first else contextlib.nullcontext():
-                    reader, writer = await asyncio.wait_for(open_amqp(self.args.host, self.args.port), TIMEOUT)
-            except FAILURES as error:
-                self._failed(error)
-                await asyncio.sleep(delay * random.random())
-                delay = min(MAX_RETRY_DELAY, delay * 2)
-                continue
-            if not first:
-                self.reconnects += 1
-            first = False
-            delay = RETRY_DELAY
+        reopened = False
+
+        def opened(_handshake: ClientHandshake, writer: asyncio.StreamWriter) -> None:
+            nonlocal reopened
+            self.reconnects += reopened
+            reopened = True
             self.held += 1
             self.writers.add(writer)
             self.changed.set()
-            try:
-                while await reader.read(65536):  # heartbeats are off: nothing should come
-                    pass
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                self.held -= 1
-                self.writers.discard(writer)
-                writer.close()
+
+        def lost(writer: asyncio.StreamWriter) -> None:
+            self.held -= 1
+            self.writers.discard(writer)
+
+        await keep_open(self.args.host, self.args.port, opened=opened, lost=lost, failed=self._failed,
+                        stopping=lambda: self.stopping, first_gate=gate)
 
     # -- churn ------------------------------------------------------------------------------
     async def churn(self) -> None:
@@ -135,7 +166,7 @@ class Load:
     async def churn_one(self) -> None:
         self.in_flight += 1
         try:
-            reader, writer = await asyncio.wait_for(open_amqp(self.args.host, self.args.port), TIMEOUT)
+            reader, writer, _ = await asyncio.wait_for(open_amqp(self.args.host, self.args.port), TIMEOUT)
             try:
                 writer.write(connection_close())
                 await asyncio.wait_for(self._close_ok(reader), TIMEOUT)

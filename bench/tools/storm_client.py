@@ -21,8 +21,9 @@ node answered. Protocol, JSON lines:
   in  {"command": "quit"}         -- or EOF: close everything
   out {"event": "closed"}
 
-A lost client retries at once, then every RETRY_DELAY (with jitter) until
-the deadline; {"event": "error"} reports a deadline missed.
+A lost client retries at once, then every RETRY_DELAY (with jitter, no
+backoff) until the deadline; {"event": "error"} reports a deadline missed.
+The connections are bench.tools.amqp_load's (`keep_open`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,26 @@ import random
 import sys
 import time
 
-from bench.amqpwire import ClientHandshake, ProtocolError, connection_close, node_in
+from bench.amqpwire import ClientHandshake, connection_close, node_in
+from bench.tools.amqp_load import emit, keep_open
 
 RETRY_DELAY = 0.1
-CONNECT_TIMEOUT = 10.0
 
 
-def emit(event: str, **fields) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+def retry_soon(_failures: int) -> float:
+    """A storm client tries again about every RETRY_DELAY, with no backoff:
+    the harshest storm a broker (and a rate limit) can meet."""
+    return RETRY_DELAY * (0.5 + random.random())
+
+
+def most_within(times: list[float], window: float = 1.0) -> int:
+    """The most of `times` within any `window` seconds (a sliding window)."""
+    times, peak, first = sorted(times), 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= window:
+            first += 1
+        peak = max(peak, last - first + 1)
+    return peak
 
 
 class Storm:
@@ -72,61 +85,33 @@ class Storm:
         self.on_node[index] = node
         self.changed.set()
 
-    async def _open(self, index: int) -> asyncio.StreamReader:
-        """One connection through the proxy, handshake done; raises on failure."""
-        reader, writer = await asyncio.open_connection(self.args.host, self.args.port)
-        self.writers[index] = writer
-        handshake = ClientHandshake()
-        writer.write(handshake.start())
-        while not handshake.ready:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("closed during the handshake")
-            writer.write(handshake.received(data))
-        self._set(index, node_in(handshake.greeting, self.nodes) or "?")
-        if self.killed is not None:
-            self.reconnected_at.append(time.monotonic())
-        return reader
-
     def peak_rate(self, window: float = 1.0) -> int:
         """The most reconnections completed within any `window` seconds."""
-        times, peak, first = sorted(self.reconnected_at), 0, 0
-        for last, at in enumerate(times):
-            while at - times[first] >= window:
-                first += 1
-            peak = max(peak, last - first + 1)
-        return peak
+        return most_within(self.reconnected_at, window)
 
     async def client(self, index: int, gate: asyncio.Semaphore) -> None:
-        async with gate:  # the first connections ramp up; reconnections do not wait
-            reader = await self._connect_until_ready(index)
-        while not self.stopping:
-            try:
-                while await reader.read(65536):  # heartbeats are off; anything else is ignored
-                    pass
-            except (ConnectionError, OSError):
-                pass
+        """Client `index`: connected through the proxy, again as soon as it loses its connection."""
+
+        def opened(handshake: ClientHandshake, writer: asyncio.StreamWriter) -> None:
+            self.attempts += 1
+            self.writers[index] = writer
+            self._set(index, node_in(handshake.greeting, self.nodes) or "?")
+            if self.killed is not None:
+                self.reconnected_at.append(time.monotonic())
+
+        def lost(_writer: asyncio.StreamWriter) -> None:
+            self.writers[index] = None
             if self.stopping:
                 return
             if self.on_node[index] == self.killed:
                 self.lost += 1
             self._set(index, None)
-            self._close_writer(index)
-            reader = await self._connect_until_ready(index)
 
-    async def _connect_until_ready(self, index: int) -> asyncio.StreamReader:
-        while True:
+        def failed(_error: BaseException) -> None:
             self.attempts += 1
-            try:
-                return await asyncio.wait_for(self._open(index), CONNECT_TIMEOUT)
-            except (ConnectionError, OSError, ProtocolError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-                self._close_writer(index)
-            await asyncio.sleep(RETRY_DELAY * (0.5 + random.random()))
 
-    def _close_writer(self, index: int) -> None:
-        writer, self.writers[index] = self.writers[index], None
-        if writer is not None:
-            writer.close()
+        await keep_open(self.args.host, self.args.port, opened=opened, lost=lost, failed=failed, retry=retry_soon,
+                        stopping=lambda: self.stopping, first_gate=gate)
 
     async def wait_for(self, condition, deadline: float) -> bool:
         while not condition():
@@ -158,7 +143,8 @@ class Storm:
                     writer.write(connection_close())
                 except (ConnectionError, OSError, RuntimeError):
                     pass
-                self._close_writer(index)
+                writer.close()
+                self.writers[index] = None
 
 
 async def read_command(stdin: asyncio.StreamReader) -> dict:
