@@ -4,6 +4,7 @@ heartbeat-aware idle limits, clean closes vs aborts, rate limits (no RabbitMQ ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import struct
@@ -323,6 +324,47 @@ async def test_rate_limit_queue_spreads_clients_at_the_rate():
                 greeted.append(trio.current_time() - started)
             assert greeted[-1] >= 0.55  # 3 waits of 0.2 s, less scheduling slack
             assert app.runtime.frontends["fe"].gate.queued == 3
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_storm_reaches_the_broker_no_faster_than_the_rate_limit():
+    """40 clients at once, 20/s with a burst of 2, queued: the broker accepts
+    the k-th of them (k >= 2) no sooner than (k + 1 - 2) / 20 s after the
+    storm began. Scheduling delays only make accepts later, so this holds on
+    a loaded machine; a limiter that let bursts through would break it."""
+    rate, burst, count = 20.0, 2, 40
+    limit = RateLimit(rate=rate, burst=burst, action=RateAction.QUEUE)
+    accepted: list[float] = []
+
+    async def broker(stream):
+        accepted.append(trio.current_time())
+        await stream.send_all(b"hi\n")
+        await stream.receive_some(10)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(functools.partial(trio.serve_listeners, broker, listeners, handler_nursery=nursery))
+            app = await start_warren(nursery, amqp_config(port, rate_limit=limit))
+            began = trio.current_time()
+            greeted = []
+
+            async def client():
+                stream = await trio.open_tcp_stream(*front(app))
+                assert await stream.receive_some(3) == b"hi\n"
+                greeted.append(stream)
+
+            async with trio.open_nursery() as clients:
+                for _ in range(count):
+                    clients.start_soon(client)
+            assert len(greeted) == count == len(accepted)
+            for k, at in enumerate(sorted(accepted)):
+                if k >= burst:
+                    assert at - began >= (k + 1 - burst) / rate - 0.005, (k, at - began)
+            assert app.runtime.frontends["fe"].gate.queued == count - burst
+            for stream in greeted:
+                await stream.aclose()
             nursery.cancel_scope.cancel()
 
 
