@@ -16,21 +16,13 @@ import json
 import sys
 import time
 
-from bench.amqpwire import LIBRARY_PROPERTIES, ClientHandshake, ProtocolError
+from bench.amqpwire import LIBRARY_PROPERTIES, ClientHandshake
+from bench.tools.amqp_load import FAILURES, open_amqp
 
 
 async def one_connection(host: str, port: int) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
-    handshake = ClientHandshake(properties=LIBRARY_PROPERTIES, then_close=True)
-    try:
-        writer.write(handshake.start())
-        while not handshake.ready:
-            data = await reader.read(65536)
-            if not data:
-                raise ConnectionError("closed during the handshake")
-            writer.write(handshake.received(data))
-    finally:
-        writer.close()
+    _, writer, _ = await open_amqp(host, port, ClientHandshake(properties=LIBRARY_PROPERTIES, then_close=True))
+    writer.close()
 
 
 async def worker(host: str, port: int, until: float, counts: dict) -> None:
@@ -38,7 +30,7 @@ async def worker(host: str, port: int, until: float, counts: dict) -> None:
         try:
             await asyncio.wait_for(one_connection(host, port), 10)
             counts["handshakes"] += 1
-        except (OSError, ProtocolError, asyncio.TimeoutError, ConnectionError):
+        except FAILURES:
             counts["errors"] += 1
             await asyncio.sleep(0.01)
 

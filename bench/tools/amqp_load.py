@@ -48,12 +48,14 @@ def emit(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-async def open_amqp(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientHandshake]:
-    """A connection with channel 1 open (and its handshake: the broker's greeting);
-    raises one of FAILURES otherwise (and closes it)."""
+async def open_amqp(host: str, port: int, handshake: ClientHandshake | None = None,
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientHandshake]:
+    """A connection through `handshake` (default: channel 1 open) and the
+    handshake (the broker's greeting); raises one of FAILURES otherwise (and
+    closes it)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        handshake = ClientHandshake()
+        handshake = handshake or ClientHandshake()
         writer.write(handshake.start())
         while not handshake.ready:
             data = await reader.read(65536)
