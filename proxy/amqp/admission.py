@@ -6,7 +6,10 @@ Two independent mechanisms against reconnect storms and runaway clients:
   client source address (:class:`SourceBuckets`, bounded in size). A client
   that finds no token is queued (its token reserved in the future, so a storm
   is spread at exactly the rate, first come first served) as long as its wait
-  stays under the queue bound, else rejected;
+  stays under the queue bound, else rejected. A queued frontend-wide limit
+  also meters the moments clients really go on (:meth:`RateGate.release`):
+  a promised moment is only kept if the event loop is free at it, and after
+  a stall (a busy machine) every overdue client would go at once;
 - counts: :class:`ConnectionCounts` of live connections per vhost and per
   user, checked when the client's Connection.Open is seen.
 
@@ -17,6 +20,7 @@ Each check has an action (:class:`~proxy.config.model.RateAction`,
 
 from __future__ import annotations
 
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -146,6 +150,9 @@ class RateGate:
         self.name = frontend.name
         self.global_limit, self.source_limit = frontend.rate_limit, frontend.source_rate_limit
         self.bucket = _bucket(self.global_limit, now)
+        # The moments clients really go on, metered again (see release()).
+        queued = self.global_limit is not None and self.global_limit.action is RateAction.QUEUE
+        self.starts = _bucket(self.global_limit, now) if queued else None
         source = self.source_limit
         self.sources = SourceBuckets(source.rate, source.bucket_size) if source is not None else None
         self.accepted = RateMeter()
@@ -173,6 +180,21 @@ class RateGate:
         if answer.wait:
             self.queued += 1
         return answer
+
+    def release(self, now: float) -> float:
+        """A client goes on now (admitted at once, or its promised moment came):
+        0, or how much longer it must wait, its turn reserved.
+
+        The admission bucket promises moments; this one meters the starts
+        themselves against the frontend's queued limit, so that at most
+        `burst` plus `rate` per second really start whatever the event loop
+        did: after a stall of D seconds, the rate x D clients whose moments
+        passed meanwhile are spread out again instead of all connecting to
+        the brokers at once (the storm benchmark saw 289 connects in 0.25 s
+        behind a 500/s limit on a machine at load 15). Without stalls both
+        buckets agree and this never delays anyone.
+        """
+        return 0.0 if self.starts is None else self.starts.reserve(now, math.inf)
 
     @staticmethod
     def _wait_bound(limit: RateLimit, max_wait: float) -> float:

@@ -214,13 +214,17 @@ class _Session(Link):
 
     def _admitted(self, backend: BackendRuntime) -> bool:
         """The frontend's rate limits: go on now (True), later (in a task) or never."""
-        answer = self.frontend.gate.admit(self.conn.client[0], self.sessions.poller.now(),
-                                          backend.config.timeout.queue)
+        gate, now = self.frontend.gate, self.sessions.poller.now()
+        answer = gate.admit(self.conn.client[0], now, backend.config.timeout.queue)
         if answer.wait is None:
             self._end("PR", answer.limit)
             return False
         if answer.wait > 0:
-            self.sessions.nursery.start_soon(self._held_back, answer.wait)
+            self.sessions.nursery.start_soon(self._held_back, answer.wait, False)
+            return False
+        late = gate.release(now)
+        if late > 0:  # behind clients whose turn a stall delayed
+            self.sessions.nursery.start_soon(self._held_back, late, True)
             return False
         return True
 
@@ -499,14 +503,22 @@ class _Session(Link):
         except Exception as error:  # one connection's failure never stops the others
             self._crashed(error)
 
-    async def _held_back(self, delay: float) -> None:
+    async def _held_back(self, delay: float, released: bool) -> None:
         """A rate limit's queue: this client's turn comes `delay` seconds from
-        now (reserved in the token bucket); then it goes on in callbacks."""
+        now (reserved in the token bucket), then, unless `released` already,
+        its start is metered (RateGate.release: after a stall it may wait a
+        little longer); then it goes on in callbacks."""
         conn = self.conn
         try:
             with trio.CancelScope() as scope:
                 conn.interrupt = scope.cancel
                 await trio.sleep(delay)
+                gate = self.frontend.gate  # None if a reload removed the limit meanwhile
+                if not released and gate is not None:
+                    late = gate.release(self.sessions.poller.now())
+                    if late > 0:
+                        await trio.sleep(late)
+                        delay += late
             conn.interrupt = None
             if scope.cancelled_caught:
                 self._end(self._killed(), conn.kill_note)

@@ -1,19 +1,22 @@
 """Admission control: token buckets, per-source buckets, rate meters, connection limits."""
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.amqp.admission import (
     ConnectionCounts,
     LimitHit,
+    RateGate,
     RateMeter,
     SourceBuckets,
     TokenBucket,
     top_labels,
 )
 from proxy.config.model import ConnectionLimits as Limits
-from proxy.config.model import LimitAction
+from proxy.config.model import LimitAction, RateAction, RateLimit
 
 
 def test_a_bucket_starts_full_then_grants_at_its_rate():
@@ -127,3 +130,68 @@ def test_label_cardinality_is_capped_with_the_rest_as_other():
     assert labels == {"user100": 100, "user99": 99, "user98": 98, "other": sum(range(1, 98))}
     assert sum(labels.values()) == sum(counts.values())
     assert top_labels({"a": 1}, cap=3) == {"a": 1}
+
+
+# -- the gate's starts: what the brokers see, whatever the event loop did -----------------
+
+
+def _gate(rate=20.0, burst=2.0, action=RateAction.QUEUE):
+    from types import SimpleNamespace
+
+    frontend = SimpleNamespace(name="fe", rate_limit=RateLimit(rate, burst, action), source_rate_limit=None)
+    return RateGate(frontend, now=0.0)
+
+
+def _most_within(times, window):
+    times = sorted(times)
+    return max(sum(1 for t in times if start <= t < start + window) for start in times)
+
+
+def test_without_stalls_the_starts_are_the_promised_moments():
+    gate = _gate()
+    promised = [gate.admit("10.0.0.1", 100.0, max_wait=10).wait for _ in range(10)]
+    assert promised == pytest.approx([0, 0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4])
+    assert gate.release(100.0) == 0 and gate.release(100.0) == 0  # the two let in at once
+    for wait in promised[2:]:
+        assert gate.release(100.0 + wait) == pytest.approx(0, abs=1e-9)
+
+
+async def test_clients_overdue_after_a_stall_are_spread_again(mock_clock):
+    """40 clients at once, 20/s with a burst of 2, queued; the event loop then
+    stalls for a second (the mock clock jumps): every promised moment up to
+    then passes at once. The clients go on as the session does (promised
+    moment, then release), and their starts stay within burst + rate x window
+    for any window, as without the stall."""
+    gate, rate, burst = _gate(), 20.0, 2
+    starts = []
+
+    async def client():
+        now = trio.current_time()
+        answer = gate.admit("10.0.0.1", now, max_wait=10)
+        if answer.wait == 0:
+            late = gate.release(now)
+        else:
+            await trio.sleep(answer.wait)
+            late = gate.release(trio.current_time())
+        if late:
+            await trio.sleep(late)
+        starts.append(trio.current_time())
+
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(40):
+            nursery.start_soon(client)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(1.0)  # the stall
+        while len(starts) < 40:
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(0.01)
+    assert len(starts) == 40
+    for window in (0.05, 0.25, 1.0):
+        assert _most_within(starts, window) <= burst + rate * window + 1, window
+    assert max(starts) - began >= (40 - burst) / rate  # none was lost or skipped: the storm still takes its time
+
+
+def test_only_a_queued_frontend_limit_meters_starts():
+    assert _gate(action=RateAction.REJECT).release(0.0) == 0.0
+    assert _gate(action=RateAction.ALARM).release(0.0) == 0.0
