@@ -83,7 +83,7 @@ class ProxySpec:
     bulk: bool = False  # Warren's frontend carries bulk streams (`bulk = true`: splice)
     balance: str = "roundrobin"
     # New connections per second at most (HAProxy `rate-limit sessions`, Warren a
-    # [frontends.*.rate_limit] token bucket of one second's burst, action "queue").
+    # [frontends.*.rate_limit] token bucket of a tenth of a second's burst, action "queue").
     rate_limit: float | None = None
     rebalance: Rebalancing | None = None  # Warren only: HAProxy has no equivalent
     tls_crt: str | None = None  # terminate TLS with this PEM (chain + key): `bind ... ssl crt` / [tls] crt

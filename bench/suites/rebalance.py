@@ -11,15 +11,14 @@ are: its figure is the deadline, with the spread it still had.
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 from .. import contenders as C
 from ..model import Metric, Target
-from ..procs import read_event, send_line, spawn
-from ._amqp import restart, wait_routes_to
+from ..procs import read_event, send_line
+from ._amqp import contenders_on_two_nodes, kill_and_recover, routed_to_both, storm_clients
 from .base import Benchmark, MeasureError
 
 TOLERANCE = 0.1
@@ -54,45 +53,24 @@ class Rebalance(Benchmark):
 
     @contextmanager
     def environment(self) -> Iterator[dict]:
-        nodes = self.lab.rabbit_nodes()
-        inter = self.mode.pick(2.0, 2.0, 0.5)
-        spec = C.ProxySpec(servers=tuple(C.Server(n.spec.name, n.spec.amqp_port) for n in nodes),
-                           health=C.Health(protocol="amqp", inter=inter, timeout=min(2.0, inter),
-                                           shutdown_sessions=True),
-                           balance="leastconn", rebalance=C.Rebalancing(rate=self.close_rate(), tolerance=TOLERANCE))
-        self.notes.append(f"{self.count()} clients, leastconn; Warren rebalances at most {self.close_rate():g} "
-                          f"closes/s, tolerance {TOLERANCE:g}, no minimum age; health checks inter {inter:g}s; "
-                          f"deadline {self.deadline():g} s.")
-        with C.all_running(self.contenders, spec, self.lab.dir(self.name)) as running:
-            yield {"nodes": nodes, "proxies": running}
+        note = (f"{{count}} clients, leastconn; Warren rebalances at most {self.close_rate():g} closes/s, "
+                f"tolerance {TOLERANCE:g}, no minimum age; health checks inter {{inter}}; "
+                f"deadline {self.deadline():g} s.")
+        with contenders_on_two_nodes(self, note, balance="leastconn",
+                                     rebalance=C.Rebalancing(rate=self.close_rate(), tolerance=TOLERANCE)) as env:
+            yield env
 
     def measure(self, env: dict, contender: str, round_index: int) -> dict[str, float]:
-        victim, survivor = env["nodes"]
-        names = [victim.nodename, survivor.nodename]
-        proxy = env["proxies"][contender]
-        if not victim.is_serving():
-            restart(victim)
-        wait_routes_to(proxy.address, names, names, timeout=60)
-        host, port = proxy.address
-        argv = [sys.executable, "-m", "bench.tools.storm_client", host, str(port), str(self.count()),
-                "--nodes", ",".join(names), "--deadline", "90"]
-        self.remember("clients", argv)
-        work = self.lab.dir(self.name, "clients")
-        with spawn("rebalance-client", argv, log_path=work / f"{proxy.name}.log", cwd=C.REPO,
-                   pipe_stdio=True) as client:
-            read_event(client, "connected", timeout=120)
-            send_line(client, {"killing": victim.nodename})
-            read_event(client, "armed", timeout=10)
-            victim.kill()
-            read_event(client, "recovered", timeout=90)
+        victim = env["nodes"][0]
+        proxy = routed_to_both(env, contender)
+        with storm_clients(self, proxy, env["nodes"], "rebalance-client") as client:
+            kill_and_recover(client, victim)
             # The clients watch from now (they cannot be balanced before the node
             # is back: it has none); the clock starts when the node serves.
             send_line(client, {"command": "wait_balanced", "tolerance": TOLERANCE,
                                "deadline": self.deadline() + 90})
             returned = self._start_timed(victim)
             answer = read_event(client, ("balanced", "unbalanced"), timeout=self.deadline() + 120)
-            send_line(client, {"command": "quit"})
-            read_event(client, "closed", timeout=30)
         proxy.check_alive()
         on_returned = float(answer["per_node"].get(victim.nodename, 0))
         if answer["event"] == "balanced" and answer["at"] - returned <= self.deadline():
@@ -113,4 +91,3 @@ class Rebalance(Benchmark):
         served = time.monotonic()
         node.wait_ready(90)
         return served
-

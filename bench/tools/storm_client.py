@@ -14,7 +14,8 @@ node answered. Protocol, JSON lines:
       (T is time.monotonic(), the same clock as the driver's on Linux; the
       condition cannot hold before the kill, as NODE had clients; R is the most
       handshakes completed in any one second after the kill: the surviving
-      brokers' peak rate of new connections)
+      brokers' peak rate of new connections, as the clients saw it; "reconnected_at"
+      lists those moments)
   in  {"command": "wait_balanced", "tolerance": F, "deadline": S}
   out {"event": "balanced", "at": T, "per_node": {...}}  -- every node within F of an even
       share (and one client), or {"event": "unbalanced", "per_node": {...}} after S seconds
@@ -176,7 +177,8 @@ async def main(args: argparse.Namespace) -> int:
                 lambda: storm.ready == args.count and storm.per_node.get(storm.killed, 0) == 0, deadline)
             if done:
                 emit("recovered", at=time.monotonic(), lost=storm.lost, attempts=storm.attempts,
-                     per_node=storm.counts(), peak_rate=storm.peak_rate())
+                     per_node=storm.counts(), peak_rate=storm.peak_rate(),
+                     reconnected_at=[round(at, 4) for at in storm.reconnected_at])
             else:
                 emit("error", message=f"not recovered after {args.deadline}s: {storm.ready} of "
                                       f"{args.count} connected, per node {storm.counts()}")
