@@ -50,7 +50,7 @@ _ROUND_BUDGET = 1024 * 1024  # as the relay's: a busy sender cannot starve other
 class TlsEnd:
     """One socket speaking TLS: its SSLObject, BIOs, and ciphertext still owed to it."""
 
-    __slots__ = ("fd", "ssl", "obj", "incoming", "outgoing", "tx", "short_read")
+    __slots__ = ("fd", "ssl", "obj", "incoming", "outgoing", "tx", "short_read", "ended")
 
     def __init__(self, fd: int, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None):
         self.fd = fd
@@ -63,6 +63,7 @@ class TlsEnd:
         self.obj = getattr(self.ssl, "_sslobj", self.ssl)
         self.tx = b""  # ciphertext the socket has not taken yet
         self.short_read = False  # the last read found the socket's queue empty
+        self.ended = False  # the peer's end of stream came out of the TLS object
 
     def receive(self) -> int:
         """One read from the socket into the TLS object; 0 at end of stream.
@@ -304,25 +305,50 @@ class TlsDirection(Direction):
             # after writing this, wait for the next edge instead of probing.
             self.drained = 0 < received < _PLAIN_SIZE and not self.ending
             return received
-        while True:
-            try:
-                return end.obj.read(_PLAIN_SIZE, _plain)
-            except ssl.SSLWantReadError:
+        # Every record OpenSSL can decrypt now goes into one buffer, for one
+        # write: a client that sends each frame as its own record (pika: a
+        # publish's method, header and body) costs the destination one
+        # segment per wake-up, not one per record (SSL_read returns one
+        # record at a time). OpenSSL is asked only when it has bytes to work
+        # on: its refusal (SSLWantReadError) costs several µs to raise and
+        # came twice per wake-up (before the socket read, after the last
+        # record). With read-ahead off (CPython's default) what OpenSSL has
+        # not decrypted yet is in the incoming BIO or is a partial record
+        # waiting for more bytes, and SSL_pending counts what it decrypted
+        # and did not return (a record larger than the buffer's room).
+        obj, incoming = end.obj, end.incoming
+        filled = 0
+        try:
+            while filled < _PLAIN_SIZE and not end.ended:
+                if incoming.pending or incoming.eof or obj.pending():
+                    try:
+                        got = obj.read(_PLAIN_SIZE - filled, _plain[filled:] if filled else _plain)
+                    except ssl.SSLWantReadError:
+                        got = -1  # a partial record (or a handshake message): more bytes needed
+                    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        got = 0
+                    except ssl.SSLError as exc:  # a forged or broken record: this connection is unusable
+                        raise SideLost(self.index) from exc
+                    if got > 0:
+                        filled += got
+                        continue
+                    if not got:  # close_notify or a bare end of stream, after the bytes before it
+                        end.ended = True
+                        break
                 if end.short_read and not self.ending:
-                    return None  # the socket's queue was empty at the last read
+                    self.drained = True  # the socket's queue was empty at the last read
+                    break
                 try:
                     end.receive()
                 except BlockingIOError:
-                    return None
+                    self.drained = True
+                    break
                 except OSError as exc:
                     raise lost_or_raise(exc, self.index) from exc
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return 0
-            except ssl.SSLError as exc:  # a forged or broken record: this connection is unusable
-                raise SideLost(self.index) from exc
-            finally:
-                if end.outgoing.pending:  # post-handshake messages (key updates) owed to the source
-                    self._send(end, self.index)
+        finally:
+            if end.outgoing.pending:  # post-handshake messages (key updates) owed to the source
+                self._send(end, self.index)
+        return filled if filled or not self.drained else None
 
     def _write(self, data: memoryview) -> bool:
         """Plaintext to the destination; True if it took everything (nothing owed)."""
