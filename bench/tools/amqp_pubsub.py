@@ -10,7 +10,9 @@ Both declare QUEUE (durable classic queue). The consumer prints
 queue. The publisher turns on publisher confirms and publishes COUNT
 persistent messages (delivery_mode 2), each basic_publish returning only once
 the broker confirmed it (pika's BlockingChannel), then prints
-{"event": "done", "start": T, "end": T}. Times are time.monotonic().
+{"event": "done", "start": T, "end": T, "p50": S, "p90": S, "p99": S}: times
+are time.monotonic(), pNN the percentiles of one publish's round trip (from
+basic_publish to its confirm) in seconds.
 """
 
 from __future__ import annotations
@@ -81,12 +83,18 @@ def publish(args: argparse.Namespace) -> int:
     channel.confirm_delivery()
     body = b"x" * args.size
     properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+    latencies = []
+    clock = time.perf_counter
     start = time.monotonic()
     for _ in range(args.count):
+        sent = clock()
         channel.basic_publish("", args.queue, body, properties, mandatory=True)
+        latencies.append(clock() - sent)
     end = time.monotonic()
     connection.close()
-    emit("done", start=start, end=end, count=args.count)
+    latencies.sort()
+    emit("done", start=start, end=end, count=args.count,
+         **{f"p{q}": latencies[min(len(latencies) - 1, len(latencies) * q // 100)] for q in (50, 90, 99)})
     return 0
 
 
