@@ -10,13 +10,17 @@ write the relay makes: one packet received is one write by the relay.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
+import struct
+import termios
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
 
+from lab import wait_until
 from proxy.io.poller import current_poller
 from proxy.io.relay import Ending, Link, Timeouts, Traffic
 from proxy.tls.pump import Handshake, TlsEnd, tls_ways
@@ -44,6 +48,12 @@ class TlsClient:
             else:
                 await self.flush()
                 return
+
+    async def send_part(self, size: int) -> None:
+        """The first `size` bytes of what is queued, alone (the rest stays queued)."""
+        data = self.outgoing.read()
+        await self.sock.send(data[:size])
+        self.outgoing.write(data[size:])
 
     def record(self, plaintext: bytes) -> None:
         """Queue `plaintext` as one record (or more above 16 KiB); sent by ``flush``."""
@@ -100,6 +110,7 @@ class Relayed:
     client: TlsClient
     server: trio.socket.SocketType  # the broker's side: one packet per relay write
     link: Link
+    proxy_client: trio.socket.SocketType  # the relay's socket on the client's side
     ended: trio.Event = field(default_factory=trio.Event)
     ending: Ending | None = None
 
@@ -135,7 +146,7 @@ async def relayed_tls(pki):
         # The relay owns both proxy-side sockets and closes them when stopped.
         link = Link(proxy_client, proxy_server, Traffic(), Timeouts(), None, poller, True, ended,
                     tls_ways((end, None)))
-        relayed = Relayed(client, server, link)
+        relayed = Relayed(client, server, link, proxy_client)
         try:
             yield relayed
         finally:
@@ -187,3 +198,34 @@ async def test_more_records_than_one_buffer_holds_arrive_whole_and_in_order(pki)
             relayed.client.record(burst)
             await relayed.client.flush()
             assert b"".join(await packets(relayed.server, len(burst))) == burst
+
+
+def queued(sock: trio.socket.SocketType) -> int:
+    """Bytes in the socket's receive queue (SIOCINQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+async def test_a_record_cut_across_two_segments_is_relayed_once_its_end_arrives(pki):
+    """The first part of a record, read and held by OpenSSL, then the rest as
+    a new segment: the plaintext goes out whole, on that segment's event."""
+    with trio.fail_after(IO_BOUND):
+        async with relayed_tls(pki) as relayed:
+            relayed.client.record(b"r" * 4000)
+            await relayed.client.send_part(1500)
+            await wait_until(lambda: queued(relayed.proxy_client) == 0, timeout=IO_BOUND, what="the first part read")
+            await relayed.client.flush()
+            assert await packets(relayed.server, 4000) == [b"r" * 4000]
+
+
+async def test_a_record_only_partly_taken_when_the_buffer_filled_follows_without_another_event(pki):
+    """Records that overrun the 64 KiB buffer by part of a record: OpenSSL
+    keeps that part decrypted (nothing left in the socket or the BIO), and
+    it is written right after the full buffer, not on the next event (none
+    would come: the client waits for an answer)."""
+    with trio.fail_after(IO_BOUND):
+        async with relayed_tls(pki) as relayed:
+            head, tail = b"h" * 1000, b"".join(i.to_bytes(4, "big") for i in range(4 * 4096))  # 4 full records
+            relayed.client.record(head)
+            relayed.client.record(tail)
+            await relayed.client.flush()
+            assert b"".join(await packets(relayed.server, len(head) + len(tail))) == head + tail
