@@ -107,7 +107,7 @@ def run_benchmark(bench: Benchmark, progress: Progress) -> BenchResult:
 
 # The benchmarks whose contenders are started by contenders.start() alone
 # (the others start Warren their own way: in namespaces, with extra services).
-_BASELINE_READY = ("requests", "connrate", "bulk", "amqp_connrate")
+_BASELINE_READY = ("requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp")
 
 
 def with_baseline(benches: list[Benchmark], checkout: Path) -> None:

@@ -24,7 +24,7 @@ def test_the_baseline_joins_the_benchmarks_that_start_warren_as_a_plain_process(
     finally:
         lab.close(keep_workdir=False)
     with_it = {b.name for b in benches if "baseline" in b.contenders}
-    assert with_it == {"requests", "connrate", "bulk", "amqp_connrate"}
+    assert with_it == {"requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp"}
     assert all(b.contenders[-1] == "baseline" for b in benches if b.name in with_it)
     assert C.BASELINE == checkout.resolve()
 
