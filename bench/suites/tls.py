@@ -164,6 +164,7 @@ class TlsAmqp(AmqpPublish):
     description = ("As `amqp`, with both pika clients speaking AMQPS to the contender, which terminates "
                    "TLS (ECDSA P-256) and forwards in clear to the RabbitMQ node.")
     contenders = ("haproxy", "warren")
+    metric_contenders = {"cpu": contenders}
     client_flags = ("--tls",)
     targets = (Target("publish", ">=", 0.95),)
 
