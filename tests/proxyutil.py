@@ -149,3 +149,16 @@ def use_service(app: App, service) -> None:
     (tests configure theirs, e.g. with a faster sampling interval)."""
     kind = type(service)
     app.services = [s for s in app.services if not isinstance(s, kind)] + [service]
+
+
+async def socket_pair(kind: str = "tcp") -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """Two connected trio sockets: over loopback TCP, or a Unix socket pair."""
+    if kind == "unix":
+        return trio.socket.socketpair()
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        near = trio.socket.socket()
+        await near.connect(listener.getsockname())
+        far, _ = await listener.accept()
+    return near, far

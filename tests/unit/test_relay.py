@@ -27,6 +27,7 @@ from proxy.io import poller as poller_module
 from proxy.io.poller import current_poller
 from proxy.io.relay import Ending, Timeouts, Traffic, relay, start_relay
 from proxy.io.relay import Link as RelayLink
+from tests.proxyutil import socket_pair
 
 IO_BOUND = 30  # seconds; every real-time test fails rather than hangs
 VIRTUAL_BOUND = 30 * 24 * 3600  # the same for autojump-clock tests, in virtual time
@@ -52,18 +53,6 @@ def splice_pool():
     pool = PipePool()
     yield pool
     pool.close()
-
-
-async def socket_pair(kind: str):
-    if kind == "unix":
-        return trio.socket.socketpair()
-    with trio.socket.socket() as listener:
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        near = trio.socket.socket()
-        await near.connect(listener.getsockname())
-        far, _ = await listener.accept()
-    return near, far
 
 
 @dataclass

@@ -24,6 +24,7 @@ from lab import wait_until
 from proxy.io.poller import current_poller
 from proxy.io.relay import Ending, Link, Timeouts, Traffic
 from proxy.tls.pump import Handshake, TlsEnd, tls_ways
+from tests.proxyutil import socket_pair
 
 IO_BOUND = 30  # seconds: every test fails rather than hangs
 
@@ -83,16 +84,6 @@ class TlsClient:
         return bytes(data)
 
 
-async def tcp_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
-    with trio.socket.socket() as listener:
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        near = trio.socket.socket()
-        await near.connect(listener.getsockname())
-        far, _ = await listener.accept()
-    return near, far
-
-
 async def packets(sock: trio.socket.SocketType, total: int) -> list[bytes]:
     """Packets from the broker's side until `total` bytes came: one per relay write."""
     got: list[bytes] = []
@@ -119,7 +110,7 @@ class Relayed:
 async def relayed_tls(pki):
     """A TLS client through a handshake (a ``Handshake`` link) and a relay with
     TLS directions to the broker's side, as a TLS frontend's session runs them."""
-    client_sock, proxy_client = await tcp_pair()
+    client_sock, proxy_client = await socket_pair()
     proxy_server, server = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
