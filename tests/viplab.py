@@ -271,6 +271,7 @@ class User:
 @contextmanager
 def unprivileged_user(tag: str) -> Iterator[User]:
     """A system user made for this test run (removed afterwards) and a directory it can read."""
+    _check_others_can_run_the_checkout()
     name = f"wt{tag}"[:31]
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group",
                     name], check=True, capture_output=True, timeout=30)
@@ -281,6 +282,18 @@ def unprivileged_user(tag: str) -> Iterator[User]:
     finally:
         shutil.rmtree(home, ignore_errors=True)
         _remove_user(name)
+
+
+def _check_others_can_run_the_checkout() -> None:
+    """The user runs Warren from this checkout and its venv: every directory
+    above them must let others in (a clone made in `mktemp -d`, mode 0700,
+    does not; the failure would otherwise be "No module named proxy")."""
+    for path in (Path(__file__).resolve().parent.parent, Path(sys.prefix).resolve()):
+        for directory in (path, *path.parents):
+            if not directory.stat().st_mode & 0o001:
+                raise AssertionError(f"{directory} is closed to other users (mode "
+                                     f"{directory.stat().st_mode & 0o777:o}): the unprivileged tests run Warren "
+                                     f"from {path} as another user; clone into a directory others can traverse")
 
 
 def _remove_user(name: str, patience: float = 15.0) -> None:
