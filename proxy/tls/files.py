@@ -134,6 +134,12 @@ def load_identity(path: str, password: str | None = None, *, now: datetime.datet
     return Identity(path, key_path, info_of(leaf, path), len(certs))
 
 
+def is_encrypted_key(block: bytes) -> bool:
+    """Whether a PEM key block is password-protected: PKCS#8 (``ENCRYPTED PRIVATE KEY``) or
+    OpenSSL's traditional format (a ``Proc-Type: 4,ENCRYPTED`` header)."""
+    return block.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") or b"Proc-Type: 4,ENCRYPTED" in block
+
+
 def load_private_key(block: bytes, path: str, password: str | None):
     secret = password.encode() if password is not None else None
     try:
@@ -142,9 +148,13 @@ def load_private_key(block: bytes, path: str, password: str | None):
         if secret is None:
             raise TlsFileError(path, "the private key is encrypted and no key_password is set") from None
         raise TlsFileError(path, "the private key is not encrypted, but a key_password is set") from None
-    except ValueError as error:
-        if secret is not None and ("password" in str(error).lower() or "decrypt" in str(error).lower()):
-            raise TlsFileError(path, "cannot decrypt the private key: wrong key_password") from None
+    except ValueError:
+        if secret is not None and is_encrypted_key(block):
+            # A wrong password usually fails the padding check ("Incorrect password"), but one
+            # in ~256 decrypts to garbage with valid padding, and then the DER parse fails:
+            # both are a wrong password (or a damaged file) for the operator.
+            raise TlsFileError(path, "cannot decrypt the private key: wrong key_password "
+                               "(or the key is damaged)") from None
         raise TlsFileError(path, "cannot load the private key: not a valid PEM key") from None
     except Exception:  # cryptography raises UnsupportedAlgorithm and others
         raise TlsFileError(path, "cannot load the private key: unsupported key type") from None

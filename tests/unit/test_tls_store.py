@@ -8,11 +8,13 @@ import ssl
 from dataclasses import replace
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.config import parse_config
 from proxy.config.model import BindTls, ServerTls, TlsVerify
 from proxy.tls.contexts import DEFAULT_CIPHERS, SniTable, bind_context, tls13_suites_of
-from proxy.tls.files import TlsFileError, load_identity
+from proxy.tls.files import TlsFileError, load_identity, load_private_key
 from proxy.tls.store import TlsConfigError, build_material
 from tests.tlsca import KEY_PASSWORD
 
@@ -94,6 +96,35 @@ def test_encrypted_keys_need_the_right_password(pki):
         load_identity(pki.encrypted.pem)
     with pytest.raises(TlsFileError, match="wrong key_password"):
         load_identity(pki.encrypted.pem, "nope")
+
+
+@pytest.mark.parametrize("key_format", ["pkcs8", "traditional"])
+def test_every_wrong_password_is_reported_as_a_wrong_password(key_format):
+    # One wrong password in ~256 decrypts to garbage that passes the padding check, and the
+    # key's DER parse fails instead: CI once saw "not a valid PEM key" for a wrong password.
+    # 3,000 wrong passwords meet that case with near certainty (and take under a second).
+    key = ec.generate_private_key(ec.SECP256R1())
+    form = {"pkcs8": serialization.PrivateFormat.PKCS8,
+            "traditional": serialization.PrivateFormat.TraditionalOpenSSL}[key_format]
+    block = key.private_bytes(serialization.Encoding.PEM, form,
+                              serialization.BestAvailableEncryption(KEY_PASSWORD.encode()))
+    assert load_private_key(block, "k.pem", KEY_PASSWORD).private_numbers() == key.private_numbers()
+    reasons = set()
+    for attempt in range(3000):
+        with pytest.raises(TlsFileError) as caught:
+            load_private_key(block, "k.pem", f"wrong-{attempt}")
+        reasons.add(caught.value.reason)
+    assert reasons == {"cannot decrypt the private key: wrong key_password (or the key is damaged)"}
+
+
+def test_a_damaged_unencrypted_key_is_not_blamed_on_a_password():
+    key = ec.generate_private_key(ec.SECP256R1())
+    block = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+    lines = block.splitlines()
+    lines[1] = lines[1][:10] + (b"A" if lines[1][10:11] != b"A" else b"B") + lines[1][11:]
+    with pytest.raises(TlsFileError, match="not a valid PEM key"):
+        load_private_key(b"\n".join(lines), "k.pem", None)
 
 
 def test_defaults_are_tls12_and_13_with_forward_secret_aead_ciphers(pki):
