@@ -48,6 +48,15 @@ class Draft:
         self.tables.append(table)
         return table
 
+    def new(self, path: tuple[str, ...], source: str) -> Table:
+        """A new table at ``path``. Named sections (a frontend, a backend, a VIP) get their
+        own table each; two at one path would merge silently, so that is a bug here."""
+        if self.find(path) is not None:
+            raise ValueError(f"importer bug: two sections translated to [{'.'.join(path)}]")
+        table = Table(path, source)
+        self.tables.append(table)
+        return table
+
     def find(self, path: tuple[str, ...]) -> Table | None:
         return next((table for table in self.tables if table.path == path), None)
 

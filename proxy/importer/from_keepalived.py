@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from proxy.config.durations import format_duration
 
-from .context import FrontendFacts, warren_name
+from .context import FrontendFacts, UniqueNames, name_note, taken_note, warren_name
 from .draft import Draft
 from .keepalived import Node
 from .report import Notes
@@ -71,11 +71,14 @@ class _Facts:
     vrrp_version: int
     garp_defaults: dict[str, tuple[object, Node]]
     scripts: dict[str, Node]
+    names: UniqueNames
 
 
 def translate_keepalived(nodes: Sequence[Node], path: str, notes: Notes, draft: Draft,
                          frontends: Sequence[FrontendFacts], backends: Sequence[str]) -> None:
-    facts = _Facts(frontends, backends, 2, {}, {n.args[0]: n for n in nodes if n.keyword == "vrrp_script" and n.args})
+    instances = [node.args[0] for node in nodes if node.keyword == "vrrp_instance" and node.args]
+    facts = _Facts(frontends, backends, 2, {}, {n.args[0]: n for n in nodes if n.keyword == "vrrp_script" and n.args},
+                   UniqueNames(instances))
     for node in nodes:
         if node.keyword == "global_defs":
             _global_defs(node, notes, facts)
@@ -112,10 +115,12 @@ def _global_defs(node: Node, notes: Notes, facts: _Facts) -> None:
 
 
 def _instance(node: Node, path: str, notes: Notes, draft: Draft, facts: _Facts) -> set[str]:
-    name = warren_name(node.args[0] if node.args else "vip")
-    table = draft.table(("vip", name), f"{path}:{node.line}: vrrp_instance {' '.join(node.args)}")
+    raw = node.args[0] if node.args else "vip"
+    name = facts.names.own(raw)
+    table = draft.new(("vip", name), f"{path}:{node.line}: vrrp_instance {' '.join(node.args)}")
     values = table.values
-    note = f"[vip.{name}]"
+    note = "; ".join([f"[vip.{name}]", *filter(None, [name_note(raw, warren_name(raw)),
+                                                     taken_note(warren_name(raw), name)])])
     if facts.vrrp_version != 3:
         note += "; keepalived speaks VRRPv2 unless vrrp_version 3: set it on keepalived hosts that run beside Warren"
     (notes.translated if facts.vrrp_version == 3 else notes.approximated)(node.line, node.words, note)

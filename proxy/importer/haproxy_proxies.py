@@ -95,7 +95,7 @@ def _frontend(ctx: HaproxyContext, section: Section, backends: dict[str, Section
         return
     for group in groups:
         name = group.name
-        table = ctx.draft.table(("frontends", name), ctx.source(section))
+        table = ctx.draft.new(("frontends", name), ctx.source(section))
         wanted = warren_name(section.name) if name == base else group.wanted
         notes = [name_note(section.name, warren_name(section.name)), taken_note(wanted, name)]
         note = "; ".join([f"[frontends.{name}]", *filter(None, notes)])
@@ -288,7 +288,7 @@ def _server_port(line: Line) -> int | None:
 
 def _backend(ctx: HaproxyContext, section: Section) -> None:
     name = ctx.backend_name(section.name)
-    table = ctx.draft.table(("backends", name), ctx.source(section))
+    table = ctx.draft.new(("backends", name), ctx.source(section))
     if section.kind == "backend":
         notes = [name_note(section.name, warren_name(section.name)), taken_note(warren_name(section.name), name)]
         ctx.notes.translated(section.line, (section.kind, section.name),

@@ -288,6 +288,36 @@ vrrp_instance front {
     assert any("second [vip]" in e.note for e in entries_at(result, "keepalived.conf", 8))
 
 
+def test_vrrp_instances_whose_names_collide_become_separate_vips():
+    # "VI:1" and "VI;1" are both written "VI-1" in Warren's alphabet, and "front" is given twice:
+    # each instance must keep its own [vip.*] table (they used to merge, the last one winning).
+    instances = "".join(f"""
+vrrp_instance {name} {{
+    interface lan0
+    virtual_router_id {vrid}
+    virtual_ipaddress {{
+        192.0.2.{vrid}/24
+    }}
+}}
+""" for name, vrid in (("VI:1", 11), ("VI;1", 12), ("front", 13), ("front", 14)))
+    result = run(frontend(""), instances)
+    vips = document(result)["vip"]
+    assert {name: vip["vrid"] for name, vip in vips.items()} == {
+        "VI-1": 11, "VI-1-2": 12, "front": 13, "front-2": 14}
+    assert any('"front" is taken by another section: written "front-2"' in e.note
+               for e in entries_at(result, "keepalived.conf", 26))
+    assert any('name "VI;1" written "VI-1"' in e.note and '"VI-1" is taken by another section: written "VI-1-2"'
+               in e.note for e in entries_at(result, "keepalived.conf", 10))
+
+
+def test_two_sections_translated_to_one_table_is_an_importer_bug_not_a_merge():
+    from proxy.importer.draft import Draft
+    draft = Draft()
+    draft.new(("vip", "front"), "keepalived.conf:2")
+    with pytest.raises(ValueError, match=r"two sections translated to \[vip.front\]"):
+        draft.new(("vip", "front"), "keepalived.conf:9")
+
+
 def test_an_output_warren_refuses_is_exit_1_with_its_problems():
     result = run("frontend fe\n    bind *:5670\n    default_backend nowhere\n")
     assert result.exit_status == 1
