@@ -63,9 +63,19 @@ def is_stats_section(section: Section) -> bool:
 
 
 def translate_proxies(ctx: HaproxyContext) -> None:
-    backends = {s.name: s for s in ctx.cfg.of_kind("backend", "listen") if not is_stats_section(s)}
-    names = UniqueNames(backends)
-    ctx.backend_names = {raw: names.own(raw) for raw in backends}
+    sections = [s for s in ctx.cfg.of_kind("backend", "listen") if not is_stats_section(s)]
+    names = UniqueNames([section.name for section in sections])
+    own = [names.own(section.name) for section in sections]
+    # HAProxy refuses two proxies of one name; each is still translated (a second one under a
+    # free name, flagged), and a reference by name means the first, as it is read first.
+    backends: dict[str, Section] = {}
+    for section, name in zip(sections, own):
+        if section.name in backends:
+            _duplicate(ctx, section, backends[section.name], f"[backends.{name}]; references to "
+                       f"\"{section.name}\" mean the first")
+        else:
+            backends[section.name] = section
+            ctx.backend_names[section.name] = name
     frontends = []
     for section in ctx.cfg.of_kind("frontend", "listen"):
         if is_stats_section(section):
@@ -76,10 +86,20 @@ def translate_proxies(ctx: HaproxyContext) -> None:
             continue
         frontends.append(section)
     ctx.frontend_names = UniqueNames([section.name for section in frontends])
+    first_frontends: dict[str, Section] = {}
     for section in frontends:
+        first = first_frontends.setdefault(section.name, section)
+        if first is not section and "frontend" in (first.kind, section.kind):  # two listens: flagged as backends
+            _duplicate(ctx, section, first, "another frontend")
         _frontend(ctx, section, backends)
-    for section in backends.values():
-        _backend(ctx, section)
+    for section, name in zip(sections, own):
+        _backend(ctx, section, name)
+
+
+def _duplicate(ctx: HaproxyContext, section: Section, first: Section, translated_as: str) -> None:
+    ctx.notes.suspicious(section.line, (section.kind, section.name),
+                         f"HAProxy refuses a second proxy named \"{section.name}\" (the first is at line "
+                         f"{first.line}): translated as {translated_as}")
 
 
 # --- frontends -------------------------------------------------------------------------
@@ -286,8 +306,7 @@ def _server_port(line: Line) -> int | None:
 # --- backends --------------------------------------------------------------------------
 
 
-def _backend(ctx: HaproxyContext, section: Section) -> None:
-    name = ctx.backend_name(section.name)
+def _backend(ctx: HaproxyContext, section: Section, name: str) -> None:
     table = ctx.draft.new(("backends", name), ctx.source(section))
     if section.kind == "backend":
         notes = [name_note(section.name, warren_name(section.name)), taken_note(warren_name(section.name), name)]

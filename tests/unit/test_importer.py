@@ -310,6 +310,23 @@ vrrp_instance {name} {{
                in e.note for e in entries_at(result, "keepalived.conf", 10))
 
 
+@pytest.mark.parametrize("second", ["backend be", "listen be", "frontend fe", "listen fe"])
+def test_a_second_proxy_of_one_name_is_translated_and_flagged_as_haproxy_refuses_it(second):
+    # haproxy -c: "backend 'be' has the same name as backend 'be' declared at ...", a fatal error.
+    # Nothing may vanish from the output or the report: the second section gets a free name.
+    haproxy = ("frontend fe\n    bind 127.0.0.1:5670\n    default_backend be\n"
+               "backend be\n    server a 10.0.0.1:5672\n"
+               f"{second}\n    bind 127.0.0.1:5671\n"
+               + ("    default_backend be\n" if second.startswith("frontend") else "    server b 10.0.0.2:5672\n"))
+    result = run(haproxy)
+    [flag] = [e for e in entries_at(result, "haproxy.cfg", 6) if e.status == Status.SUSPICIOUS]
+    assert f'second proxy named "{second.split()[1]}"' in flag.note
+    assert result.exit_status == 2 and Status.TRANSLATED in statuses_at(result, "haproxy.cfg", 8)
+    servers = {s["address"] for b in document(result)["backends"].values() for s in b["servers"]}
+    assert servers >= {"10.0.0.1"} and ("10.0.0.2" in servers) == (second != "frontend fe")
+    assert document(result)["frontends"]["fe"]["backend"] == "be"
+
+
 def test_two_sections_translated_to_one_table_is_an_importer_bug_not_a_merge():
     from proxy.importer.draft import Draft
     draft = Draft()
