@@ -28,7 +28,7 @@ from .backends.names import NamesService
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
 from .errors import StartupError
-from .memory import trim_after_waves
+from .memory import freeze_startup_objects, trim_after_waves
 from .frontends.listener import BindError, open_listener, serve_listener
 from .frontends.relay_path import choose_relay
 from .frontends.session import Sessions
@@ -46,8 +46,14 @@ _STOPPING_BUDGET = 5.0  # seconds services may take to hand over before listener
 
 
 class App:
-    def __init__(self, config: Config, *, handle_signals: bool = True, splice: bool | None = None):
-        """Raises StartupError if the TLS files of `config` cannot all be used."""
+    def __init__(self, config: Config, *, handle_signals: bool = True, splice: bool | None = None,
+                 freeze_start_up: bool = False):  # fmt: skip
+        """Raises StartupError if the TLS files of `config` cannot all be used.
+
+        `freeze_start_up`: once started, keep every object alive then out of
+        the cyclic collector (:func:`proxy.memory.freeze_startup_objects`), a
+        process-wide choice for the process that is Warren (`warren run`),
+        not for one that merely hosts an App (a test, a benchmark)."""
         self.config = config
         self.runtime = Runtime(config)
         self.runtime.tls = _load_tls(config)
@@ -56,6 +62,7 @@ class App:
         self.runtime.relay = self.relay.describe()
         self.sessions = Sessions(self.runtime, self.pipes, _logs_connections(config), self.relay.sockmap)
         self.handle_signals = handle_signals
+        self.freeze_start_up = freeze_start_up
         self.services: list[Service] = default_services(config)
         self._supervised: list[tuple[Service, Supervisor]] = []
         self._bound: dict[tuple[str, BindAddress], tuple[str, int]] = {}
@@ -98,6 +105,8 @@ class App:
                     listeners={f: [_fmt(a) for a in addrs] for f, addrs in self.addresses.items()},
                     relay=self.relay.path,
                 )
+                if self.freeze_start_up:
+                    freeze_startup_objects()
                 self.systemd.ready(self.status_line())
                 session_nursery.start_soon(self.systemd.keep_alive, self.status_line)
                 task_status.started(self)

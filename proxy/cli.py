@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         structlog.get_logger("warren.app").warning("warren.descriptor_limit_low", needed=needed, limit=limit,
                                                    hint=f"systemd: LimitNOFILE={needed} or more")
     try:
-        app = App(config, splice=False if args.no_splice else None)
+        app = App(config, splice=False if args.no_splice else None, freeze_start_up=True)
         trio.run(app.serve)
     except (StartupError, BaseExceptionGroup) as error:
         problems = _startup_problems(error)

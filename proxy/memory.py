@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 import structlog
 import trio
@@ -23,6 +24,22 @@ log = structlog.get_logger("warren.memory")
 
 INTERVAL = 5.0
 WAVE = 256  # closed connections since the last trim that make one worthwhile
+
+
+def freeze_startup_objects() -> None:
+    """Moves every object alive once Warren has started (modules, config,
+    runtime model, tens of thousands) out of the cyclic collector's reach.
+
+    A stream of connections keeps promoting objects into the oldest
+    generation (a connection's objects live across a few young
+    collections), and each full collection walked every start-up object
+    again: about 5 % of Warren's CPU under wrk with `Connection: close`.
+    Frozen objects are still freed by reference counting; only a cycle
+    among them would stay, and start-up objects live for the whole run
+    anyway.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _malloc_trim():

@@ -10,6 +10,7 @@ import select
 import socket
 import struct
 import threading
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -388,6 +389,42 @@ async def test_relays_ended_long_before_their_idle_deadline_do_not_pile_up_in_th
             poller._sweep_timers()
             assert [entry[2] for entry in poller._timers] == [live]  # a live link keeps its entry
             live.stop()
+
+
+@pytest.mark.parametrize("end", ["connected", "cancelled"])
+async def test_a_finished_connect_wait_keeps_nothing_of_its_caller_in_the_poller(end):
+    # Its timer entry stays in the heap until the connect deadline (or a
+    # sweep); its callbacks are bound to a session (connection, dispatch,
+    # counters), which must not live on with it: under a stream of short
+    # connections those objects reached the collector's oldest generation,
+    # and its full collections cost ~6 % of the proxy's CPU.
+    class Caller:
+        def connected(self, events):
+            self.events = events
+
+        def failed(self, error):
+            raise AssertionError(error)
+
+    poller = current_poller()
+    caller = Caller()
+    alive = weakref.ref(caller)
+    with trio.fail_after(IO_BOUND), trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            assert sock.connect_ex(listener.getsockname()) == errno.EINPROGRESS
+            waiter = poller.when_writable(sock.fileno(), trio.current_time() + 3600, caller.connected, caller.failed)
+            if end == "connected":
+                await wait_until(lambda: getattr(caller, "events", 0), timeout=IO_BOUND, interval=0)
+            else:
+                waiter.cancel()
+            assert [entry for entry in poller._timers if entry[2] is waiter]  # still in the heap
+            del caller
+            assert alive() is None
+        finally:
+            poller.forget(sock.fileno())
+            sock.close()
 
 
 async def test_a_relay_retimed_to_no_timeout_and_back_times_out_again(autojump_clock):
