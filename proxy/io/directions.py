@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from typing import Any, Callable
 
@@ -57,6 +58,10 @@ _ROUND_BUDGET = 1024 * 1024
 # epoll no further event would come for what is left, so a copy read
 # follows, whose short read is the proof (see CopyDirection.move).
 _SMALL_SPLICE = 16 * 1024
+# Announced ends (proxy.io.relay: a direction's ``ending`` holds the epoll
+# bits) after which the copy path reads once more: an error to pick up, or a
+# hang-up, which need not follow a FIN. EPOLLRDHUP alone is the peer's FIN.
+_FAILURE_ANNOUNCED = select.EPOLLERR | select.EPOLLHUP
 # Internal: the splice path handing over to the copy path (a trickle).
 _TRICKLE = -1
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
@@ -96,7 +101,7 @@ class Direction:
     # Subclasses set these in their __init__ (one call per direction, on
     # every connection): link, index, src = link.fds[index], dst = the other
     # fd, eof (the source's end of stream has been read) and ending (... is
-    # announced: read until it comes), tap (None, or shown every read before
+    # announced: the epoll bits that said so, 0/False if none), tap (None, or shown every read before
     # it is written: tap(buffer, length), which may raise Hold; set during an
     # AMQP handshake only, proxy.amqp.tap) and tail (None, or the last TAIL
     # bytes read through user space, b"" once a splice moved bytes past
@@ -192,7 +197,16 @@ class CopyDirection(Direction):
                     continue
                 if short_read:
                     if self.ending:
-                        continue  # announced: read the end (or error) now
+                        if self.ending & _FAILURE_ANNOUNCED:
+                            continue  # read the end (or the error) now
+                        # Only the peer's FIN was announced (EPOLLRDHUP
+                        # without EPOLLERR or EPOLLHUP), before this read:
+                        # every byte it sent was queued before the FIN was,
+                        # and a short read took all that was queued. So
+                        # this is the end, without a read returning 0.
+                        self.eof = True
+                        self._return_buffer()
+                        return self.forward_eof()
                     # A stream socket's recv stops short only once its queue
                     # is empty (tcp_recvmsg takes every queued skb up to the
                     # length): skip the EAGAIN probe, the next arrival is a

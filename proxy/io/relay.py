@@ -268,10 +268,12 @@ class Link:
         client_events, server_events = events
         events[0] = events[1] = 0
         if (client_events | server_events) & _ENDING:
+            # Which end was announced is kept (a FIN alone lets the copy
+            # path spare the read of the end: CopyDirection.move).
             if client_events & _ENDING:
-                self.ways[0].ending = True
+                self.ways[0].ending |= client_events & _ENDING
             if server_events & _ENDING:
-                self.ways[1].ending = True
+                self.ways[1].ending |= server_events & _ENDING
         moved0 = moved1 = False
         try:
             wanted = want[0]
