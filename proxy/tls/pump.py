@@ -44,6 +44,7 @@ _RAW_SIZE = 64 * 1024
 _PLAIN_SIZE = 64 * 1024
 _raw = memoryview(bytearray(_RAW_SIZE))
 _plain = memoryview(bytearray(_PLAIN_SIZE))
+_RAW_IOV, _PLAIN_IOV = (_raw,), (_plain,)  # readv's argument, built once
 _ROUND_BUDGET = 1024 * 1024  # as the relay's: a busy sender cannot starve others
 
 
@@ -70,7 +71,7 @@ class TlsEnd:
 
         Raises BlockingIOError when the socket has nothing, OSError on errors.
         """
-        received = os.readv(self.fd, (_raw,))
+        received = os.readv(self.fd, _RAW_IOV)
         if received:
             self.incoming.write(_raw[:received])
             self.short_read = received < _RAW_SIZE
@@ -80,15 +81,17 @@ class TlsEnd:
 
     def send(self) -> bool:
         """Hand TLS output to the socket; True once nothing is owed. Raises OSError on errors."""
+        tx = self.tx
         if self.outgoing.pending:
-            data = self.outgoing.read()
-            self.tx = self.tx + data if self.tx else data
-        while self.tx:
+            tx = tx + self.outgoing.read() if tx else self.outgoing.read()
+        while tx:
             try:
-                sent = os.write(self.fd, self.tx)
+                sent = os.write(self.fd, tx)
             except BlockingIOError:
+                self.tx = tx
                 return False
-            self.tx = self.tx[sent:]
+            tx = tx[sent:]
+        self.tx = tx
         return True
 
     def peer(self) -> TlsPeer:
@@ -260,22 +263,41 @@ class TlsDirection(Direction):
         self.drained = False  # a plain source's last read found its queue empty
 
     def move(self) -> int:
-        if not self._flush():
+        # The per-wake-up path, kept flat (few Python calls per record):
+        # what the destination still owes first, then read, then write.
+        index, dst_end = self.index, self.dst_end
+        if dst_end is not None:
+            if (dst_end.tx or dst_end.outgoing.pending) and not self._send(dst_end, 1 - index):
+                return WRITE
+        elif self.owed and not self._flush_owed():
             return WRITE
         if self.eof:
             return self._forward_eof()
-        moved = 0
-        if self.src_end is not None:
-            self.src_end.short_read = False
+        src_end = self.src_end
+        if src_end is not None:
+            src_end.short_read = False
         self.drained = False
+        moved = 0
         while True:
-            received = self._read()
-            if received is None:
-                return READ
+            if src_end is not None:
+                received = self._decrypt(src_end)
+                if received is None:
+                    return READ
+            else:
+                try:
+                    received = os.readv(self.src, _PLAIN_IOV)
+                except BlockingIOError:
+                    return READ
+                except OSError as exc:
+                    raise lost_or_raise(exc, index) from exc
+                # A stream socket's read stops short only once its queue is
+                # empty: after writing this, wait for the next edge instead
+                # of probing.
+                self.drained = 0 < received < _PLAIN_SIZE and not self.ending
             if not received:
                 self.eof = True
                 return self._forward_eof()
-            if self.index:
+            if index:
                 self.link.traffic.bytes_out += received
             else:
                 self.link.traffic.bytes_in += received
@@ -283,28 +305,35 @@ class TlsDirection(Direction):
                 self.tap(_plain, received)
             if self.tail is not None:
                 self.tail = _plain[received - TAIL if received > TAIL else 0 : received].tobytes()
-            if not self._write(_plain[:received]):
-                return WRITE
+            if dst_end is not None:
+                try:
+                    dst_end.obj.write(_plain[:received])
+                except ssl.SSLError as exc:
+                    raise SideLost(1 - index) from exc
+                try:
+                    sent = dst_end.send()
+                except OSError as exc:
+                    raise lost_or_raise(exc, 1 - index) from exc
+                if not sent:
+                    return WRITE
+            else:
+                try:
+                    written = os.write(self.dst, _plain[:received])
+                except BlockingIOError:
+                    written = 0
+                except OSError as exc:
+                    raise lost_or_raise(exc, 1 - index) from exc
+                if written < received:
+                    self.owed = _plain[written:received].tobytes()
+                    return WRITE
             if self.drained:
                 return READ  # the next arrival is a new edge
             moved += received
             if moved >= _ROUND_BUDGET:
                 return YIELD
 
-    def _read(self) -> int | None:
-        """Plaintext into the scratch buffer: its length, 0 at the end, None when the source is empty."""
-        end = self.src_end
-        if end is None:
-            try:
-                received = os.readv(self.src, (_plain,))
-            except BlockingIOError:
-                return None
-            except OSError as exc:
-                raise lost_or_raise(exc, self.index) from exc
-            # A stream socket's read stops short only once its queue is empty:
-            # after writing this, wait for the next edge instead of probing.
-            self.drained = 0 < received < _PLAIN_SIZE and not self.ending
-            return received
+    def _decrypt(self, end: TlsEnd) -> int | None:
+        """Plaintext from a TLS source into the scratch buffer: its length, 0 at the end, None when the source is empty."""
         # Every record OpenSSL can decrypt now goes into one buffer, for one
         # write: a client that sends each frame as its own record (pika: a
         # publish's method, header and body) costs the destination one
@@ -350,30 +379,8 @@ class TlsDirection(Direction):
                 self._send(end, self.index)
         return filled if filled or not self.drained else None
 
-    def _write(self, data: memoryview) -> bool:
-        """Plaintext to the destination; True if it took everything (nothing owed)."""
-        end = self.dst_end
-        if end is not None:
-            try:
-                end.obj.write(data)
-            except ssl.SSLError as exc:
-                raise SideLost(1 - self.index) from exc
-            return self._send(end, 1 - self.index)
-        try:
-            written = os.write(self.dst, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            raise lost_or_raise(exc, 1 - self.index) from exc
-        if written < len(data):
-            self.owed = bytes(data[written:])
-            return False
-        return True
-
-    def _flush(self) -> bool:
-        end = self.dst_end
-        if end is not None:
-            return not (end.tx or end.outgoing.pending) or self._send(end, 1 - self.index)
+    def _flush_owed(self) -> bool:
+        """Plaintext a plain destination did not take before; True once it took it all."""
         while self.owed:
             try:
                 written = os.write(self.dst, self.owed)
