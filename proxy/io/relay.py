@@ -114,6 +114,21 @@ class Timeouts:
         )
 
 
+_waits_of: dict[Timeouts, tuple[float, float, float, float]] = {}
+
+
+def _waits(timeouts: Timeouts) -> tuple[float, float, float, float]:
+    """``limit(0)``, ``limit(1)``, ``limit(0, fin=True)``, ``limit(1,
+    fin=True)`` of `timeouts`: what a link looks up on every wake-up with
+    traffic, worked out once per Timeouts (there are a few per config)."""
+    waits = _waits_of.get(timeouts)
+    if waits is None:
+        if len(_waits_of) >= 1024:
+            _waits_of.clear()
+        waits = _waits_of[timeouts] = tuple(timeouts.limit(side, fin=fin) for fin in (False, True) for side in (0, 1))
+    return waits
+
+
 async def relay(
     client: trio.socket.SocketType,
     server: trio.socket.SocketType,
@@ -218,7 +233,7 @@ class Link:
 
     __slots__ = (
         "socks", "fds", "traffic", "poller", "ways", "want", "events",
-        "notify", "queued", "timeouts", "deadlines", "deadline", "scheduled", "owned", "aborted", "trial",
+        "notify", "queued", "timeouts", "waits", "deadlines", "deadline", "scheduled", "owned", "aborted", "trial",
     )  # fmt: skip
 
     def __init__(self, client, server, traffic, timeouts, pipes, poller, owned, notify, ways=None) -> None:
@@ -242,6 +257,7 @@ class Link:
         self.notify = notify  # gets the outcome; None once finished or cancelled
         self.queued = False  # in the poller's list of links to serve
         self.timeouts = timeouts if timeouts.enabled else None
+        self.waits = _waits(timeouts) if self.timeouts is not None else None
         self.deadlines = [math.inf, math.inf]  # per direction
         self.deadline = math.inf  # the earlier of the two
         self.scheduled = math.inf  # when the poller will next look at us
@@ -283,7 +299,8 @@ class Link:
                 or wanted == YIELD
             ):
                 moved0 = True
-                want[0] = self._move(0)
+                wanted = self.ways[0].move()
+                want[0] = wanted if wanted != NO_PIPE else self._copy_instead(0)
             wanted = want[1]
             if (
                 (wanted == READ and server_events & _WAKES_READER)
@@ -291,7 +308,8 @@ class Link:
                 or wanted == YIELD
             ):
                 moved1 = True
-                want[1] = self._move(1)
+                wanted = self.ways[1].move()
+                want[1] = wanted if wanted != NO_PIPE else self._copy_instead(1)
         except SideLost as lost:
             self.aborted = True
             self.ended(_ABORT[lost.side])
@@ -320,13 +338,11 @@ class Link:
             return False
         return want0 == YIELD or want1 == YIELD
 
-    def _move(self, index: int) -> int:
-        wanted = self.ways[index].move()
-        if wanted == NO_PIPE:
-            # No pipe to be had: this direction copies from now on.
-            self.ways[index] = self.ways[index].as_copy()
-            wanted = self.ways[index].move()
-        return wanted
+    def _copy_instead(self, index: int) -> int:
+        """No pipe to be had (a direction's move said NO_PIPE): this
+        direction copies from now on, starting now."""
+        self.ways[index] = self.ways[index].as_copy()
+        return self.ways[index].move()
 
     def promote(self) -> None:
         """The link's ``trial`` rounds are over, in a quiet round: a subclass
@@ -395,6 +411,7 @@ class Link:
         """Replaces the idle timeouts (a handshake learnt the heartbeat);
         both directions' deadlines restart from now."""
         self.timeouts = timeouts if timeouts.enabled else None
+        self.waits = _waits(timeouts) if self.timeouts is not None else None
         if self.timeouts is None:
             self.deadlines = [math.inf, math.inf]
             self.deadline = math.inf
@@ -408,26 +425,34 @@ class Link:
     # deadline forward costs two float stores, not a cancel scope update.
 
     def _push_deadlines(self, moved0: bool, moved1: bool) -> None:
+        # Run on every wake-up with traffic when timeouts are set (an AMQP
+        # connection's heartbeat sets them): flat, with the limits looked up
+        # once per Timeouts (``_waits``; bench/OPTIMISATIONS.md, TLS).
+        timeouts = self.timeouts
+        if timeouts.tunnel is not None and (moved0 or moved1):
+            moved0 = moved1 = True
+        want0, want1 = self.want
+        client, server, client_fin, server_fin = self.waits
+        deadlines = self.deadlines
         now = self.poller.now()
-        deadlines, want = self.deadlines, self.want
-        tunnel = self.timeouts.tunnel is not None and (moved0 or moved1)
-        for index, moved in ((0, moved0), (1, moved1)):
-            if want[index] == DONE:
-                deadlines[index] = math.inf
-            elif moved or tunnel:
-                deadlines[index] = now + self._limit(index)
-        self.deadline = deadline = min(deadlines)
+        # A direction waits on its destination to take bytes (WRITE), else
+        # on its source to send, which is a fin wait once the other ended.
+        if want0 == DONE:
+            deadlines[0] = math.inf
+        elif moved0:
+            deadlines[0] = now + (server if want0 == WRITE else client_fin if want1 == DONE else client)
+        if want1 == DONE:
+            deadlines[1] = math.inf
+        elif moved1:
+            deadlines[1] = now + (client if want1 == WRITE else server_fin if want0 == DONE else server)
+        d0, d1 = deadlines
+        self.deadline = deadline = d0 if d0 < d1 else d1
         if deadline < self.scheduled:
             self.scheduled = deadline
             self.poller.wake_at(self, deadline)
 
     def _waited_side(self, index: int) -> int:
         return 1 - index if self.want[index] == WRITE else index
-
-    def _limit(self, index: int) -> float:
-        side = self._waited_side(index)
-        # Waiting on this direction's sender while the other has ended?
-        return self.timeouts.limit(side, fin=self.want[1 - index] == DONE and side == index)
 
     def _blame(self) -> Ending:
         d0, d1 = self.deadlines
