@@ -210,20 +210,27 @@ class Handshake:
     def _finish(self, failed: HandshakeFailed | None) -> None:
         notify = self.notify
         if notify is not None:
-            self.notify = None
-            self.scheduled = math.inf
+            self._let_go()
             notify(failed)
 
     def expire(self) -> None:
         self._finish(HandshakeFailed(errors.TIMEOUT, "TLS handshake timeout"))
 
     def fail(self, error: Exception) -> None:
+        on_error = self.on_error
         if self.notify is not None:
-            self.notify = None
-            self.on_error(error)
+            self._let_go()
+            on_error(error)
 
     def cancel(self) -> None:
-        self.notify = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        # The timer entry (stale from now on) keeps this link until the
+        # handshake deadline: holding nothing, it no longer keeps a closed
+        # connection's session and SSL object alive until then (as the
+        # poller's Writable).
+        self.notify = self.on_error = self.end = None
         self.scheduled = math.inf
 
 

@@ -11,10 +11,12 @@ write the relay makes: one packet received is one write by the relay.
 from __future__ import annotations
 
 import fcntl
+import gc
 import socket
 import ssl
 import struct
 import termios
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -220,3 +222,37 @@ async def test_a_record_only_partly_taken_when_the_buffer_filled_follows_without
             relayed.client.record(tail)
             await relayed.client.flush()
             assert b"".join(await packets(relayed.server, len(head) + len(tail))) == head + tail
+
+
+async def test_a_completed_handshake_lets_go_of_its_connection_before_its_deadline(pki):
+    """The poller's timer heap keeps a handshake link until its deadline (an
+    entry leaves only when due); once complete, the link must not keep the
+    connection's callbacks (a session) and its TLS object alive that long."""
+    client_sock, proxy_client = await socket_pair()
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server.pem)
+        poller = current_poller()
+        end = TlsEnd(proxy_client.fileno(), context, server_side=True)
+        shaken = trio.Event()
+
+        class Owner:  # stands for the session the callbacks are bound to
+            def done(self, result) -> None:
+                assert result is None
+                shaken.set()
+
+        owner = Owner()
+        handshake = Handshake(end, poller, poller.now() + IO_BOUND, owner.done, owner.done)
+        handshake.start()
+        await TlsClient(client_sock, pki.server_context()).handshake()
+        with trio.fail_after(IO_BOUND):
+            await shaken.wait()
+        assert any(entry[2] is handshake for entry in poller._timers)  # still due later
+        poller.forget(proxy_client.fileno())
+        gone_owner, gone_tls = weakref.ref(owner), weakref.ref(end.ssl)
+        del owner, end
+        gc.collect()
+        assert gone_owner() is None and gone_tls() is None
+    finally:
+        client_sock.close()
+        proxy_client.close()
