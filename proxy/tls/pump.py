@@ -340,7 +340,8 @@ class TlsDirection(Direction):
                 return YIELD
 
     def _decrypt(self, end: TlsEnd) -> int | None:
-        """Plaintext from a TLS source into the scratch buffer: its length, 0 at the end, None when the source is empty."""
+        """Plaintext from TLS source `end` into the scratch buffer: its
+        length, 0 at the end, None when the source is empty."""
         # Every record OpenSSL can decrypt now goes into one buffer, for one
         # write: a client that sends each frame as its own record (pika: a
         # publish's method, header and body) costs the destination one
