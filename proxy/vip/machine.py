@@ -370,7 +370,13 @@ class VrrpMachine:
         higher = advert.priority > self.priority
         if higher or (advert.priority == self.priority and src > self.config.primary_ip):
             reason = "higher_priority" if higher else "tie_break"
-            actions: list[Action] = [self._transition(State.BACKUP, reason), ReleaseAddresses()]
+            # Two masters (a healed partition): ours may have announced the VIP last, and
+            # the winner re-announces only when it hears a rival master. If its advert
+            # reached us first, one advert of ours before stepping down makes it do so
+            # (keepalived's vrrp_higher_prio_send_advert); else clients keep our MAC.
+            actions: list[Action] = [
+                self._advert(self.priority), self._transition(State.BACKUP, reason), ReleaseAddresses()
+            ]
             self._arm_down_timer(now, advert.interval, master_ip=src)
             return actions
         # Another node believes it is master and may have announced the VIP: make it

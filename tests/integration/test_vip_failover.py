@@ -232,7 +232,10 @@ async def test_a_partitioned_master_and_the_healed_network_end_with_one_master(l
             lab.lan.heal(lab.hosts["h1"])
             await lab.steadily_held_by(lab.vip(), {"h1"}, seconds=1.5)
             assert w2.states()[-1] == "backup"
-            await agent.served_by(lab.vip(), "h1", timeout=5)  # h1 re-announced itself
+            # h1 re-announced itself (the stepping-down h2 advertised once, so h1 heard a
+            # rival master whichever advert crossed first). Without that the client would
+            # keep h2's MAC until its ARP entry ages out: 15-45 s, well past this wait.
+            await agent.served_by(lab.vip(), "h1", timeout=10)
             nursery.cancel_scope.cancel()
 
 

@@ -210,17 +210,32 @@ class TestMaster:
     def test_steps_down_on_a_higher_priority(self):
         vrrp = master()
         now = vrrp.next_deadline - 0.5
+        # One advert of its own first: the new master, hearing a rival, re-announces the VIP.
         assert vrrp.on_advert(now, advert(200, interval_cs=50), PEER_LOW_IP) == [
+            SendAdvert(100, 1.0),
             StateChanged(State.MASTER, State.BACKUP, "higher_priority"),
             ReleaseAddresses(),
         ]
         assert vrrp.master_ip == PEER_LOW_IP
         assert vrrp.next_deadline == pytest.approx(now + 3 * 0.5 + 156 * 0.5 / 256)
 
+    def test_a_healed_partition_ends_with_the_winner_announcing_whichever_advert_crosses_first(self):
+        # Both sides were masters; the winner's advert reaches the loser first (the other
+        # order is test_a_lower_priority_master_is_answered_at_once_and_the_vip_reannounced).
+        winner = master(priority=200, primary_ip=PEER_HIGH_IP)
+        loser = master(primary_ip=OWN_IP)
+        now = max(winner.next_deadline, loser.next_deadline) - 0.5
+        [answer, *_] = loser.on_advert(now, advert(200), PEER_HIGH_IP)
+        assert answer == SendAdvert(100, 1.0) and loser.state is State.BACKUP
+        heard = winner.on_advert(now, advert(answer.priority, answer.interval_cs), OWN_IP)
+        assert SendGratuitous() in heard and winner.state is State.MASTER
+
     def test_steps_down_on_equal_priority_from_a_higher_address(self):
         vrrp = master()
         actions = vrrp.on_advert(vrrp.next_deadline - 0.5, advert(100), PEER_HIGH_IP)
-        assert actions == [StateChanged(State.MASTER, State.BACKUP, "tie_break"), ReleaseAddresses()]
+        assert actions == [
+            SendAdvert(100, 1.0), StateChanged(State.MASTER, State.BACKUP, "tie_break"), ReleaseAddresses()
+        ]
 
     def test_equal_priority_from_a_lower_address_is_answered_at_once(self):
         vrrp = master()
