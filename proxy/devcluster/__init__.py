@@ -10,7 +10,8 @@ Process model, which kill/pause rely on: each node is the `rabbitmq-server`
 shell wrapper (our child, leader of a new session, so a terminal's Ctrl-C
 reaches only us) and its child `beam.smp`, the Erlang VM. The wrapper turns
 SIGTERM into a graceful broker stop; SIGKILL or SIGSTOP go straight to the VM
-to imitate a crash or a hang. Every node shares the Erlang cookie of the
+to imitate a crash or a hang. Nodes die with the process that started them,
+however it ends (a SIGKILL too): see _reaper.py. Every node shares the Erlang cookie of the
 `rabbitmq` user (/var/lib/rabbitmq/.erlang.cookie), so the rabbitmqctl run
 here, or by hand with `sudo rabbitmqctl -n NODE`, reaches it.
 

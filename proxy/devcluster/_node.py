@@ -15,6 +15,7 @@ from typing import Mapping
 
 import structlog
 
+from ._reaper import forget, reap_if_we_die
 from ._system import (
     BASE_ENV, COOKIE_HOME, RABBITMQ_BIN, DevClusterError, as_rabbitmq_user, children, chown_tree,
     comm, free_ports, port_accepts, run_ctl,
@@ -131,6 +132,7 @@ class RabbitNode:
                 cwd=self.dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, **as_rabbitmq_user(),
             )
+        reap_if_we_die(self._wrapper.pid, self.dir)  # its session is its process group
         self.beam_pid, self.paused = None, False
         log.info("node.spawned", node=self.nodename, wrapper_pid=self._wrapper.pid)
 
@@ -320,6 +322,7 @@ class RabbitNode:
     def _forget_processes(self) -> None:
         if self._wrapper is not None and self._wrapper.returncode is not None:
             log.info("node.stopped", node=self.nodename, code=self._wrapper.returncode)
+            forget(self._wrapper.pid)
             self._wrapper = None
         self.beam_pid, self.paused = None, False
 

@@ -6,6 +6,7 @@ and leave nothing behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from lab import wait_until
+from lab import wait_until, wait_until_blocking
 from proxy.devcluster import (
     DevClusterError, NodeSpec, RabbitCluster, free_ports, port_accepts, unavailable_reason,
 )
@@ -199,6 +200,40 @@ def process_group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid:
                 members.append(int(entry.name))
     return members
+
+
+NODE_OWNER = """
+import sys
+from pathlib import Path
+from proxy.devcluster import NodeSpec, RabbitCluster
+cluster = RabbitCluster([NodeSpec.on_free_ports(sys.argv[1])], Path(sys.argv[2]), cluster=False).start()
+print("owner-ready", cluster[0].wrapper_pid, cluster[0].dir, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_nodes_die_with_the_process_that_started_them_even_when_it_is_sigkilled():
+    # What a benchmark run killed by pytest's timeout leaves: no stop(), no close().
+    base = reachable_temp_dir() / "nodes"
+    owner = subprocess.Popen([sys.executable, "-c", NODE_OWNER, f"wt{os.getpid()}-orphan", str(base)],
+                             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    wrapper = None
+    try:
+        line = read_until(owner, "owner-ready ").splitlines()[-1]  # bounded by the test's timeout
+        _, pgid, path = line.split(" ", 2)
+        wrapper, directory = int(pgid), Path(path)
+        assert process_group_members(wrapper) and directory.is_dir()
+        owner.kill()
+        owner.wait()
+        wait_until_blocking(lambda: not process_group_members(wrapper), timeout=30, what="the node's processes gone")
+        wait_until_blocking(lambda: not directory.exists(), timeout=10, what="the node's directory removed")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        if wrapper is not None and process_group_members(wrapper):
+            os.killpg(wrapper, signal.SIGKILL)  # the group of a node we started
+        shutil.rmtree(base.parent, ignore_errors=True)
 
 
 def test_a_node_that_cannot_start_is_cleaned_up():
