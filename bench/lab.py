@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -78,14 +79,21 @@ class Lab:
         """Two independent (not clustered) nodes, started on first use and
         serving when handed out: a suite that killed one (storm, detection)
         does not leave it dead for the next."""
+        if self._cluster is None and self._starter is not None:
+            self._starter.join()
+            self._starter = None
+            if self._cluster_error is not None:
+                # The overlap is an optimisation: a start that failed in the helper
+                # thread (once, under load: "release unlocked lock", from the
+                # threading machinery, without a traceback) is tried again here.
+                self.progress.note("starting the RabbitMQ nodes in the background failed:\n"
+                                   + "".join(traceback.format_exception(self._cluster_error)))
+                self._cluster_error = None
         if self._cluster is None and self._cluster_error is None:
-            if self._starter is None:
-                self.progress.note("starting two RabbitMQ nodes ...")
-                self._start_rabbit()
-            else:
-                self._starter.join()
+            self.progress.note("starting two RabbitMQ nodes ...")
+            self._start_rabbit()
         if self._cluster_error is not None:
-            raise RuntimeError(f"RabbitMQ nodes did not start: {self._cluster_error}")
+            raise RuntimeError(f"RabbitMQ nodes did not start: {self._cluster_error}") from self._cluster_error
         self._cluster.heal()
         return self._cluster.nodes
 
