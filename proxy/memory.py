@@ -8,7 +8,7 @@ here: 1,000 stalled handshakes left RSS 48 MB higher, and every such wave
 fragmented the heaps a little further; ``malloc_trim(0)`` brought it back to
 its level each time. So when many connections have closed since the last
 look, Warren trims, at most every ``interval`` seconds (a trim of a
-100 MB heap takes a few milliseconds).
+100 MB heap takes a few milliseconds), and once more when the wave is over.
 """
 
 from __future__ import annotations
@@ -53,16 +53,28 @@ def _malloc_trim():
     return trim
 
 
-async def trim_after_waves(closed_total, *, interval: float = INTERVAL, wave: int = WAVE) -> None:
-    """Forever: every `interval`, trim if `closed_total()` grew by `wave` or more since the last trim."""
-    trim = _malloc_trim()
+async def trim_after_waves(closed_total, *, interval: float = INTERVAL, wave: int = WAVE, trim=None) -> None:
+    """Forever: every `interval`, trim if `closed_total()` grew by `wave` or more since the
+    last trim; and once more when such a wave has ended (no close for a whole interval),
+    for its tail: a wave spread over several intervals (slow clients, a busy machine)
+    otherwise leaves the memory of its last fewer-than-`wave` connections untrimmed."""
+    trim = trim or _malloc_trim()
     if trim is None:
         return
-    last = closed_total()
+    last = previous = closed_total()
+    tail_owed = False
     while True:
         await trio.sleep(interval)
         now = closed_total()
+        quiet, previous = now == previous, now
         if now - last >= wave:
-            last = now
-            trim(0)
-            log.debug("memory.trimmed", closed=now)
+            tail_owed = True  # trim now, and its tail once the wave has ended
+        elif tail_owed and quiet:
+            tail_owed = False
+            if now == last:  # nothing closed after the wave's last trim
+                continue
+        else:
+            continue
+        last = now
+        trim(0)
+        log.debug("memory.trimmed", closed=now)
