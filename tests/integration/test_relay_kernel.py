@@ -47,12 +47,18 @@ def closed_lines(logs):
     return [e for e in logs if e["event"] == "connection.closed"]
 
 
+async def warren_in_front_of_a(nursery, adjust=lambda config: config):
+    """Warren (in this process) on the default relay path, in front of one fake broker
+    "a" (tests.proxyutil.serve_named); ``adjust`` changes the configuration first."""
+    port = await nursery.start(serve_named, "a")
+    return await start_warren(nursery, adjust(make_config([server("a", port)])))
+
+
 @needs_kernel
 async def test_by_default_a_connection_enters_the_kernel_once_it_proved_long_lived_and_is_counted_whole():
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_named, "a")
-            app = await start_warren(nursery, make_config([server("a", port)]))
+            app = await warren_in_front_of_a(nursery)
             assert app.relay.path == "kernel" and app.config.global_.kernel_after == 8
             with structlog.testing.capture_logs() as logs:
                 stream, name = await connect_and_greet(app)
@@ -89,8 +95,7 @@ async def test_a_short_connection_never_enters_the_map():
     """The map's entry costs more than a short connection's whole relay."""
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_named, "a")
-            app = await start_warren(nursery, make_config([server("a", port)]))
+            app = await warren_in_front_of_a(nursery)
             added = []
             real_add = type(app.relay.sockmap).add
             app.relay.sockmap.add = lambda client, sock: added.append(1) or real_add(app.relay.sockmap, client, sock)
@@ -115,10 +120,9 @@ def _immediate(config):
 async def test_a_bulk_frontend_is_spliced_and_never_enters_the_map():
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_named, "a")
-            config = make_config([server("a", port)])
-            config = replace(config, frontends=(replace(config.frontends[0], bulk=True),))
-            app = await start_warren(nursery, config)
+            app = await warren_in_front_of_a(
+                nursery, lambda config: replace(config, frontends=(replace(config.frontends[0], bulk=True),))
+            )
             stream, _ = await connect_and_greet(app)
             await stream.send_all(b"y" * (8 << 20))
             received = 0
@@ -140,9 +144,9 @@ async def test_a_pair_the_kernel_refuses_is_relayed_another_way(monkeypatch, aft
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_named, "a")
-            config = make_config([server("a", port)])
-            app = await start_warren(nursery, replace(config, global_=replace(config.global_, kernel_after=after)))
+            app = await warren_in_front_of_a(
+                nursery, lambda config: replace(config, global_=replace(config.global_, kernel_after=after))
+            )
             monkeypatch.setattr(type(app.relay.sockmap), "add", refuse)
             with structlog.testing.capture_logs() as logs:
                 stream, name = await connect_and_greet(app)
@@ -158,10 +162,11 @@ async def test_a_pair_the_kernel_refuses_is_relayed_another_way(monkeypatch, aft
 async def test_an_idle_client_times_out_on_the_kernel_path_by_the_kernels_clock():
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_named, "a")
-            config = make_config([server("a", port)])
-            frontend = replace(config.frontends[0], timeout=FrontendTimeouts(client=0.3))
-            app = await start_warren(nursery, _immediate(replace(config, frontends=(frontend,))))
+            def idle_after_300_ms(config):
+                frontend = replace(config.frontends[0], timeout=FrontendTimeouts(client=0.3))
+                return _immediate(replace(config, frontends=(frontend,)))
+
+            app = await warren_in_front_of_a(nursery, idle_after_300_ms)
             with structlog.testing.capture_logs() as logs:
                 stream, _ = await connect_and_greet(app)
                 for _ in range(4):  # the client talking keeps it alive

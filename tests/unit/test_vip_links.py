@@ -50,16 +50,22 @@ async def serving(nursery, *, vrid=51, key=None, peers=frozenset()):
     return server, registration, counters
 
 
+async def linked(nursery, *, key=None):
+    """A master's link server and a Backup whose link to it is up."""
+    server, registration, served = await serving(nursery, key=key)
+    backup = Backup(registration.port, key=key)
+    backup.link.follow(nursery, LOCAL)
+    await wait_until(lambda: backup.link.up, what="link up")
+    return server, registration, served, backup
+
+
 @pytest.mark.parametrize("key", [None, KEY])
 async def test_a_backup_links_to_its_master_and_learns_at_once_when_its_warren_is_gone(key):
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            server, registration, served = await serving(nursery, key=key)
-            backup = Backup(registration.port, key=key)
-            backup.link.follow(nursery, LOCAL)
-            # Both sides: the master counts its link after sending the acceptance, and the
-            # backup may run first.
-            await wait_until(lambda: backup.link.up and served["links_accepted"] == 1, what="link up on both sides")
+            server, registration, served, backup = await linked(nursery, key=key)
+            # The master counts its link after sending the acceptance: the backup may be first.
+            await wait_until(lambda: served["links_accepted"] == 1, what="link up on the master's side")
             assert backup.counters["links_established"] == 1
             server.unregister(registration)  # what the master's death does: FIN, then nobody listens
             await backup.gone_event.wait()
@@ -70,10 +76,7 @@ async def test_a_backup_links_to_its_master_and_learns_at_once_when_its_warren_i
 async def test_a_link_that_ends_while_the_master_runs_is_made_again_and_reports_nothing():
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            _, registration, served = await serving(nursery)
-            backup = Backup(registration.port)
-            backup.link.follow(nursery, LOCAL)
-            await wait_until(lambda: backup.link.up, what="link up")
+            _, registration, served, backup = await linked(nursery)
             for scope in list(registration.scopes):  # a spurious end: the master's process lives on
                 scope.cancel()
             await wait_until(lambda: backup.counters["links_established"] == 2, what="linked again")
@@ -239,10 +242,7 @@ async def test_a_masters_link_sockets_sit_above_every_other_descriptor():
     before thousands of client connections or an AF_PACKET socket's RCU grace period."""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            _, registration, _ = await serving(nursery)
-            backup = Backup(registration.port)
-            backup.link.follow(nursery, LOCAL)
-            await wait_until(lambda: backup.link.up, what="link up")
+            _, registration, _, backup = await linked(nursery)
             with socket.socket() as opened_later:
                 ports = local_ports_by_descriptor()
                 master_side = sorted(fd for fd, port in ports.items() if port == registration.port)
