@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,10 +56,20 @@ def _run_smoke(names: list[str], tmp_path_factory: pytest.TempPathFactory) -> di
     argv = [sys.executable, "-m", "bench.run", "--smoke", "--out-dir", str(out)]
     for name in names:
         argv += ["--only", name]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=SMOKE_TIMEOUT)
+    # Its own process group, killed whole if it overruns or pytest's timeout interrupts
+    # the wait: the contenders it started go with it (its RabbitMQ nodes, in sessions
+    # of their own, are reaped by proxy.devcluster when it dies).
+    with subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as run:
+        try:
+            _, stderr = run.communicate(timeout=SMOKE_TIMEOUT)
+        except BaseException:
+            os.killpg(run.pid, signal.SIGKILL)  # the group lives while we have not reaped its leader
+            run.wait()
+            raise
     results_json = out / "results.json"
-    assert results_json.exists(), f"no results.json; exit {done.returncode}\n{done.stderr[-3000:]}"
-    return {"status": done.returncode, "stderr": done.stderr, "out": out,
+    assert results_json.exists(), f"no results.json; exit {run.returncode}\n{stderr[-3000:]}"
+    return {"status": run.returncode, "stderr": stderr, "out": out,
             "json": json.loads(results_json.read_text()), "names": names}
 
 
