@@ -18,7 +18,9 @@ is woken only for what the kernel leaves to it:
   are closed (which takes them out of the map).
 * **errors** (EPOLLERR with SO_ERROR set): the relay ends with that side's
   abort, and the other socket is reset (closed with SO_LINGER 0): a reset is
-  propagated.
+  propagated, once the kernel has put the bytes redirected before it in the
+  other socket's send queue (as the splice and copy paths write every byte
+  read before the reset): RabbitMQ sends its Close-Ok right before a reset.
 * **idle deadlines**: checked lazily when they fall due, from the kernel's
   last-receive times (TCP_INFO ``tcpi_last_data_recv``), not from reads.
 
@@ -71,6 +73,9 @@ _FLOWING, _WAIT_TARGET, _WAIT_WRITE, _WAIT_READ, _DONE = range(5)
 _DRAIN_POLL_FIRST = 0.001
 _DRAIN_POLL_MAX = 0.1
 _CHUNK = 256 * 1024
+# How long a reset waits for the bytes redirected before it to reach the
+# other socket's send queue (a kernel worker's job: microseconds, as a rule).
+_RESET_DRAIN = 0.1
 # Below this much room in the target's buffer, wait for it to drain rather
 # than wake up for every few bytes.
 _MIN_GRANT = 4096
@@ -279,7 +284,7 @@ class KernelLink:
     __slots__ = (
         "socks", "fds", "pair", "traffic", "written", "ways", "events", "queued", "notify",
         "timeouts", "idle_deadline", "deadline", "scheduled", "poller", "masks", "drain_at",
-        "ending", "closed", "quiet",
+        "ending", "closed", "quiet", "lost", "lost_until",
     )  # fmt: skip
 
     def __init__(self, client, server, pair: Pair, timeouts: Timeouts, written, notify, base=(0, 0)) -> None:
@@ -298,6 +303,8 @@ class KernelLink:
         self.idle_deadline = self.deadline = self.scheduled = self.drain_at = math.inf
         self.ending: Ending | None = None
         self.closed = False
+        self.lost: int | None = None  # a side that failed, its reset waiting for a drain (_lose)
+        self.lost_until = math.inf
         self.poller = poller = current_poller()
         sockmap = pair.sockmap
         if sockmap.ring_fd is None:
@@ -339,6 +346,9 @@ class KernelLink:
         events = self.events
         reported = (events[0], events[1])
         events[0] = events[1] = 0
+        if self.lost is not None:
+            self._lose(self.lost)
+            return False
         try:
             for side in (_CLIENT, _SERVER):
                 if reported[side] & (select.EPOLLERR | select.EPOLLHUP):
@@ -347,12 +357,15 @@ class KernelLink:
                     self.ways[side].eof = True
             self._advance()
         except SideLost as lost:
-            self._end(_ABORT[lost.side])
+            self._lose(lost.side)
         return False
 
     def expire(self) -> None:
         """A timer fell due: a drain to look at again, or an idle deadline."""
         now = self.poller.now()
+        if self.lost is not None:
+            self._lose(self.lost)
+            return
         try:
             if self.drain_at <= now:
                 self.drain_at = math.inf
@@ -363,7 +376,7 @@ class KernelLink:
                     self._end(_TIMEOUT[blamed])
                     return
         except SideLost as lost:
-            self._end(_ABORT[lost.side])
+            self._lose(lost.side)
             return
         if self.notify is not None:
             self._schedule(now)
@@ -390,6 +403,24 @@ class KernelLink:
     def _end(self, ending: Ending) -> None:
         self.ending = ending
         self.finish(outcome.Value(ending))
+
+    def _lose(self, side: int) -> None:
+        """`side` failed: end with its abort (which resets the other side)
+        once the kernel has put every byte it redirected from `side` in the
+        other's send queue, or after _RESET_DRAIN. Until then nothing else
+        is done for this connection."""
+        now = self.poller.now()
+        if self.lost is None:
+            self.lost, self.lost_until = side, now + _RESET_DRAIN
+        try:
+            drained = self._target_drained(self.ways[side])
+        except SideLost:
+            drained = True  # the other side is gone too: nothing to wait for
+        if drained or now >= self.lost_until:
+            self._end(_ABORT[side])
+            return
+        self.drain_at = min(now + _DRAIN_POLL_FIRST, self.lost_until)
+        self._schedule(now)
 
     def _check_error(self, side: int) -> None:
         error = self.socks[side].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

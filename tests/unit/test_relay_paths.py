@@ -248,6 +248,27 @@ async def test_a_reset_is_propagated_to_the_other_side(path, side, expected):
             assert closed(link)
 
 
+@pytest.mark.parametrize("side", ["client", "server"])
+async def test_the_last_bytes_before_a_reset_arrive_before_it(path, side):
+    """RabbitMQ sends its Close-Ok and resets at once (linger 0): the other
+    side gets the bytes, then the reset, never the reset alone."""
+    close_ok = b"\x01\x00\x00\x00\x00\x00\x04\x00\x0a\x00\x33\xce"
+    for _ in range(10):
+        with trio.fail_after(IO_BOUND):
+            async with proxied(path) as link:
+                await send_all(link.client, b"hello")
+                await recv_exactly(link.server, 5)
+                await send_all(link.server, b"hello")
+                await recv_exactly(link.client, 5)
+                resetting, other = (link.server, link.client) if side == "server" else (link.client, link.server)
+                await send_all(resetting, close_ok)
+                reset(resetting)
+                assert await recv_exactly(other, len(close_ok)) == close_ok
+                with pytest.raises(ConnectionResetError):
+                    while await other.recv(1 << 16):
+                        pass
+
+
 async def test_a_kill_ends_the_relay_and_closes_both_sockets(path):
     with trio.fail_after(IO_BOUND):
         async with proxied(path) as link:
