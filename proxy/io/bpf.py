@@ -59,6 +59,7 @@ ANY = 0
 
 # Helper functions (enum bpf_func_id) used by Warren's program.
 FUNC_MAP_LOOKUP_ELEM = 1
+FUNC_SKB_LOAD_BYTES = 26
 FUNC_GET_SOCKET_COOKIE = 46
 FUNC_SK_REDIRECT_HASH = 72
 FUNC_RINGBUF_OUTPUT = 130  # kernel 5.8+
@@ -126,8 +127,8 @@ _LD, _LDX, _STX, _ALU64, _JMP = 0x00, 0x01, 0x03, 0x07, 0x05
 _W, _DW = 0x00, 0x18
 _IMM, _MEM, _ATOMIC = 0x00, 0x60, 0xC0
 _K, _X = 0x00, 0x08
-_ADD, _MOV = 0x00, 0xB0
-_JEQ, _JGE, _JNE, _CALL, _EXIT = 0x10, 0x30, 0x50, 0x80, 0x90
+_ADD, _SUB, _MOV = 0x00, 0x10, 0xB0
+_JEQ, _JGE, _JNE, _CALL, _EXIT, _JLE = 0x10, 0x30, 0x50, 0x80, 0x90, 0xB0
 _PSEUDO_MAP_FD = 1
 
 
@@ -148,6 +149,11 @@ def mov_imm(dst: int, imm: int) -> bytes:
 def add_imm(dst: int, imm: int) -> bytes:
     """dst += imm (64 bits)."""
     return insn(_ALU64 | _ADD | _K, dst, imm=imm)
+
+
+def sub_reg(dst: int, src: int) -> bytes:
+    """dst -= src (64 bits)."""
+    return insn(_ALU64 | _SUB | _X, dst, src)
 
 
 def load_map_fd(dst: int, map_fd: int) -> bytes:
@@ -237,7 +243,7 @@ def exit_() -> bytes:
 
 
 U32, U64 = _W, _DW
-JEQ, JGE, JNE = _JEQ, _JGE, _JNE
+JEQ, JGE, JNE, JLE = _JEQ, _JGE, _JNE, _JLE  # JLE: kernel 4.14+
 
 
 # --- maps and programs ---------------------------------------------------------

@@ -57,14 +57,18 @@ from dataclasses import dataclass
 from ..privileges import KERNEL_RELAY_NEEDS, effective_capabilities, has, parse_effective
 from . import bpf
 from .bpf import (
-    R0, R1, R2, R3, R4, R6, R7, R8, R10, U32, U64, JEQ, JGE, JNE,
+    R0, R1, R2, R3, R4, R6, R7, R8, R10, U32, U64, JEQ, JGE, JLE, JNE,
     Label, add_imm, assemble, atomic_add64, call, exit_, jump_if_imm, jump_if_reg, load_map_fd,
-    load_mem, mov_imm, mov_reg, store_mem,
+    load_mem, mov_imm, mov_reg, store_mem, sub_reg,
 )  # fmt: skip
 
-# Words of a socket's state in the shared array (u64 each).
-_REDIRECTED, _PASSED, _LIMIT, _FORWARDED = range(4)
-_STATE_WORDS = 4
+# Words of a socket's state in the shared array (u64 each): the counters,
+# then the last bytes it received (the program copies the end of each skb,
+# at most TAIL_BYTES, and their length): read once when an AMQP connection
+# ends, to tell a completed Connection.Close from an abort (proxy.amqp.closing).
+_REDIRECTED, _PASSED, _LIMIT, _FORWARDED, _TAIL_LENGTH, _TAIL = range(6)
+TAIL_BYTES = 128  # a Close-Ok (12 bytes); a broker's Close with a reply text of up to 114
+_STATE_WORDS = _TAIL + TAIL_BYTES // 8
 _STATE_SIZE = 8 * _STATE_WORDS
 
 # How many bytes a direction may redirect before Warren looks at it again:
@@ -106,7 +110,7 @@ def build_program(slots_fd: int, state_fd: int, socks_fd: int, ring_fd: int | No
             # An empty skb carries only a FIN: drop it (the FIN itself is
             # handled by TCP; redirecting an empty skb breaks the target).
             load_mem(U32, R2, R1, 0),                 # r2 = skb->len
-            jump_if_imm(JNE, R2, 0, "data"),          # if r2 != 0: go on
+            jump_if_imm(JGE, R2, 1, "data"),          # if r2 >= 1: go on (the verifier learns len >= 1)
             mov_imm(R0, bpf.SK_DROP),                 # return SK_DROP
             exit_(),
             Label("data"),
@@ -128,6 +132,7 @@ def build_program(slots_fd: int, state_fd: int, socks_fd: int, ring_fd: int | No
             call(bpf.FUNC_MAP_LOOKUP_ELEM),           # r0 = &state[slot] or NULL
             jump_if_imm(JEQ, R0, 0, "pass_quiet"),    # (cannot happen)
             mov_reg(R7, R0),                          # r7 = state
+            *_keep_tail(),
             # Bytes passed earlier are still with Warren: keep passing, or
             # this skb would overtake them.
             load_mem(U64, R1, R7, 8 * _PASSED),       # r1 = passed
@@ -157,6 +162,29 @@ def build_program(slots_fd: int, state_fd: int, socks_fd: int, ring_fd: int | No
             exit_(),
         ]
     )  # fmt: skip
+
+
+def _keep_tail() -> list:
+    """The last bytes of this skb (at most TAIL_BYTES) into the socket's
+    state, with their length: after the last skb, the end of what the socket
+    received. r6 = skb, r7 = state, r8 = skb->len (>= 1)."""
+    return [
+        mov_reg(R4, R8),                              # r4 = len
+        jump_if_imm(JLE, R4, TAIL_BYTES, "sized"),    # if r4 <= TAIL_BYTES: keep it
+        mov_imm(R4, TAIL_BYTES),                      # else r4 = TAIL_BYTES
+        Label("sized"),
+        store_mem(U64, R7, 8 * _TAIL_LENGTH, R4),     # tail length = r4
+        mov_reg(R1, R6),                              # r1 = skb
+        mov_reg(R2, R8),
+        sub_reg(R2, R4),                              # r2 = len - r4: where the tail starts
+        mov_reg(R3, R7),
+        add_imm(R3, 8 * _TAIL),                       # r3 = &state.tail
+        call(bpf.FUNC_SKB_LOAD_BYTES),                # r0 = 0, or < 0 if it failed
+        jump_if_imm(JEQ, R0, 0, "tailed"),
+        mov_imm(R1, 0),
+        store_mem(U64, R7, 8 * _TAIL_LENGTH, R1),     # failed: tail length = 0 (unknown)
+        Label("tailed"),
+    ]  # fmt: skip
 
 
 def _notify(ring_fd: int, state_fd: int, capacity: int) -> list:
@@ -365,6 +393,7 @@ class Sockmap:
         for slot in slots:
             base = slot * _STATE_WORDS
             words[base + _REDIRECTED] = words[base + _PASSED] = words[base + _FORWARDED] = 0
+            words[base + _TAIL_LENGTH] = 0
             words[base + _LIMIT] = credit
         cookies = (client_cookie, server_cookie)
         try:
@@ -457,6 +486,13 @@ class Pair:
         """Bytes received on `side` and handled by the program so far."""
         words, base = self.words, self.bases[side]
         return words[base + _REDIRECTED] + words[base + _PASSED]
+
+    def tail(self, side: int) -> bytes:
+        """The last bytes `side` received (the end of its last skb, at most
+        TAIL_BYTES); empty before the first byte since the pair entered the map."""
+        words, base = self.words, self.bases[side]
+        length = words[base + _TAIL_LENGTH]
+        return words[base + _TAIL : base + _TAIL + TAIL_BYTES // 8].tobytes()[:length]
 
     def redirected(self, side: int) -> int:
         return self.words[self.bases[side] + _REDIRECTED]
