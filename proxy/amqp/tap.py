@@ -12,6 +12,11 @@ small reads); the relay writes exactly the bytes it read. Then:
 - from then on each direction keeps only its last :data:`~proxy.io.directions.TAIL`
   bytes of reads that pass through user space (one slice per read), read once
   at the end to tell a completed AMQP close from an abort (proxy.amqp.closing);
+- where the kernel relays (a socket map), the link's quiet rounds are counted
+  from then on and the connection moves to the kernel path as a TCP one does
+  (``kernel_after``); the socket map's program keeps the end of the last skb
+  each socket received (:meth:`proxy.io.sockmap.Pair.tail`), which replaces
+  a direction's tail once that side received anything on the kernel path;
 - the idle timeouts follow the phase: ``timeout.handshake`` until the client's
   protocol header, the configured (fallback) ones during the handshake, and
   with ``timeout.client = "heartbeat"`` the limits of the negotiated heartbeat
@@ -79,7 +84,7 @@ class AmqpConnection:
     """
 
     __slots__ = ("inspector", "policy", "counts", "limits", "link", "counted", "to_server", "tails",
-                 "opened", "backend_name", "timeouts")
+                 "opened", "backend_name", "timeouts", "kernel_after")
 
     def __init__(self, policy: AmqpPolicy, backend: Any) -> None:
         self.policy = policy
@@ -93,6 +98,7 @@ class AmqpConnection:
         self.tails: tuple[bytes | None, bytes | None] = (None, None)
         self.opened: float | None = None  # monotonic time of the broker's Open-Ok
         self.timeouts = policy.before_header  # the link's timeouts, as last set
+        self.kernel_after = 0  # quiet rounds after the handshake before the kernel relays it (0: never)
 
     @property
     def identity(self) -> Identity:
@@ -100,8 +106,12 @@ class AmqpConnection:
 
     # -- the tap ---------------------------------------------------------------------
 
-    def attach(self, link: Any) -> None:
+    def attach(self, link: Any, kernel_after: int = 0) -> None:
+        """Tap `link`'s directions; with `kernel_after`, the link's ``trial``
+        starts with that many quiet rounds once the handshake is over (its
+        ``promote`` then hands it to the kernel path, ``handed_over``)."""
         self.link = link
+        self.kernel_after = kernel_after
         link.ways[0].tap = self._from_client
         link.ways[1].tap = self._from_server
 
@@ -145,6 +155,8 @@ class AmqpConnection:
             self._retime(self.policy.established(self.inspector.identity.heartbeat))
         elif phase is Phase.PASSED and not self.inspector.header_seen:
             self._retime(self.policy.fallback)
+        if phase is not Phase.REFUSED:  # a refused connection ends now: not worth the map
+            self.link.trial = self.kernel_after
 
     # -- admission ---------------------------------------------------------------------
 
@@ -170,6 +182,20 @@ class AmqpConnection:
         if self.counted is not None:
             self.counts.remove(*self.counted)
             self.counted = None
+
+    def handed_over(self, tails: tuple[bytes | None, bytes | None]) -> None:
+        """The link moved to the kernel path with these tails (None: not kept)."""
+        self.tails = tails
+
+    def finish_kernel(self, pair: Any) -> None:
+        """The kernel relay ended (its pair not yet released): a side that
+        received anything since the hand-over has the program's tail
+        (:meth:`proxy.io.sockmap.Pair.tail`), the other keeps its tail from
+        before; uncount. Once."""
+        self.tails = tuple(
+            None if tail is None else (pair.tail(side) or tail) for side, tail in enumerate(self.tails)
+        )  # fmt: skip
+        self.finish(None)
 
     def ending(self, ending: Ending | None, termination: str) -> tuple[str, str | None]:
         """(termination, reason) for the log line, AMQP-aware.

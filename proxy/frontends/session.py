@@ -374,14 +374,16 @@ class _Session(Link):
         frontend = self.frontend
         amqp = frontend.config.mode is FrontendMode.AMQP
         tls = self.client_tls is not None or self.server_tls is not None
-        # An AMQP frontend's connections stay on the splice/copy path, whose
-        # reads the AMQP tap sees (a hand-over to the kernel path after the
-        # handshake is not built yet); TLS is decrypted in user space: never
-        # the kernel's relay.
+        # An AMQP frontend's connection starts on splice/copy, whose reads
+        # the AMQP tap sees, and its quiet rounds are counted once the
+        # handshake is over (proxy.amqp.tap). TLS is decrypted in user
+        # space: never the kernel's relay.
         kernel_after = 0
-        if sessions.sockmap is not None and not frontend.config.bulk and not amqp and not tls:
+        if sessions.sockmap is not None and not frontend.config.bulk and not tls:
             kernel_after = sessions.runtime.config.global_.kernel_after
-            if not kernel_after:
+            if amqp:  # counted from the end of the handshake: "at once" is its first quiet round
+                kernel_after = max(kernel_after, 1)
+            elif not kernel_after:
                 try:
                     self.kernel = start_kernel_relay(
                         client, sock, sessions.sockmap, sessions.timeouts(frontend, self.backend),
@@ -403,20 +405,24 @@ class _Session(Link):
             self.ways = None
             _close(sessions.poller, sock)
             raise
-        if self.conn.amqp is not None:
-            self.conn.amqp.attach(self)
         self.conn.interrupt = self.interrupt
-        if kernel_after:
-            self.header = written
+        self.header = written
+        if self.conn.amqp is not None:
+            self.conn.amqp.attach(self, kernel_after)  # the trial starts after the handshake
+        elif kernel_after:
             self.trial = kernel_after
 
     def promote(self) -> None:
         """The connection proved long-lived (``trial`` quiet rounds): the
-        kernel relays it from now on, unless the kernel refuses the pair."""
+        kernel relays it from now on, unless the kernel refuses the pair.
+        An AMQP connection's tails so far go with it (``handed_over``)."""
+        tails = (self.ways[0].tail, self.ways[1].tail)
         kernel = hand_over(self, self.sessions.sockmap, self._kernel_ended, (0, self.header))
         if kernel is None:
             log.debug("relay.kernel_refused", conn=self.conn.id, reason="hand-over refused")
             return
+        if self.conn.amqp is not None:
+            self.conn.amqp.handed_over(tails)
         self.kernel = kernel
         self.conn.traffic = kernel.traffic
         self.conn.interrupt = kernel.interrupt
@@ -458,14 +464,24 @@ class _Session(Link):
     def _kernel_ended(self, result: outcome.Outcome) -> None:
         """The kernel relay's outcome: an Ending, None (a kill) or an error
         (a failure here ends this session only: PD)."""
+        conn, kernel = self.conn, self.kernel
         try:
-            self.kernel.stop()
+            if conn.amqp is not None:
+                conn.amqp.finish_kernel(kernel.pair)  # its tails, before the pair's slots go
             ending = result.unwrap()
-            termination = self._killed() if ending is None else _ENDINGS[ending]
+            if ending is None and conn.kill_note is not None:
+                _drain(kernel.socks)  # a polite kill: FIN both ways, no reset
+            kernel.stop()
+            if ending is None:
+                termination, reason = self._killed(), conn.kill_note
+            elif conn.amqp is not None:
+                termination, reason = conn.amqp.ending(ending, _ENDINGS[ending])
+            else:
+                termination, reason = _ENDINGS[ending], None
         except Exception as error:
             self._crashed(error)
             return
-        self._end(termination, self.conn.kill_note if ending is None else None)
+        self._end(termination, reason)
 
     def _interrupt_connect(self) -> None:
         if self.waiter is not None:

@@ -23,7 +23,7 @@ from proxy.stats_ui.control import ControlService
 from proxy.stats_ui.service import StatsService
 from tests.integration.test_stats_ctl import ctl
 from tests.integration.test_stats_http import CREDENTIALS, http
-from tests.proxyutil import front, make_config, server, start_warren, use_service
+from tests.proxyutil import front, kernel_availability, make_config, server, start_warren, use_service
 
 pytestmark = pytest.mark.rabbit
 PASSWORD = "Pw-" + uuid.uuid4().hex  # appears nowhere but in the broker and the clients
@@ -280,6 +280,61 @@ async def test_the_page_json_ctl_and_metrics_show_who_is_connected_and_never_the
     for name, text in outputs.items():
         assert PASSWORD not in text, name
     assert PASSWORD not in json.dumps(logs, default=str)
+
+
+@pytest.mark.skipif(not kernel_availability().available, reason="the kernel relay path is unavailable here")
+async def test_a_publisher_with_confirms_moves_to_the_kernel_path_after_its_handshake_and_loses_nothing(
+        healthy_cluster, accounts):
+    """Warren's defaults: once the handshake is over and the connection proved
+    long-lived (kernel_after quiet rounds), the kernel relays it; it is still
+    known by name, counted whole, and its clean close is still "--"."""
+    (alice, _), (orders, _) = accounts
+    queue, batch = f"kernel-{uuid.uuid4().hex[:8]}", 200
+    with structlog.testing.capture_logs() as logs, trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            app = await start_warren(nursery, cluster_config(healthy_cluster.nodes[:1]))
+            assert app.relay.path == "kernel"
+            address = front(app)
+
+            def open_publisher():
+                connection = pika.BlockingConnection(pika_params(address, alice, orders, "kernel-publisher"))
+                channel = connection.channel()
+                channel.confirm_delivery()
+                channel.queue_declare(queue, durable=True)
+                return connection, channel
+
+            def publish(channel, first):
+                for number in range(first, first + batch):  # each waits for its confirm: raises if nacked
+                    channel.basic_publish("", queue, b"%d:" % number + b"x" * 1000,
+                                          pika.BasicProperties(delivery_mode=2), mandatory=True)
+
+            connection, channel = await trio.to_thread.run_sync(open_publisher)
+            await trio.to_thread.run_sync(publish, channel, 0)
+            assert app.relay.sockmap.pairs == 1  # in the map, its handshake seen in user space
+            (row,) = app.runtime.connection_stats()
+            assert (row.name, row.user, row.vhost, row.phase) == ("kernel-publisher", alice, orders, "open")
+            before = row.bytes_in
+            await trio.to_thread.run_sync(publish, channel, batch)  # on the kernel path
+            (row,) = app.runtime.connection_stats()
+            assert row.bytes_in >= before + batch * 1000  # counted by the kernel
+            await trio.to_thread.run_sync(connection.close)
+            (line,) = await wait_closed(logs, 1)
+            assert app.relay.sockmap.pairs == 0
+
+            def drain():
+                received = []
+                with pika.BlockingConnection(pika_params(address, alice, orders, "kernel-consumer")) as consumer:
+                    consuming = consumer.channel()
+                    while (message := consuming.basic_get(queue, auto_ack=True))[0] is not None:
+                        received.append(int(message[2].split(b":")[0]))
+                    consuming.queue_delete(queue)
+                return received
+
+            received = await trio.to_thread.run_sync(drain)
+            nursery.cancel_scope.cancel()
+    assert sorted(received) == list(range(2 * batch))  # every confirmed message, once
+    assert (line["amqp_name"], line["termination"]) == ("kernel-publisher", "--")
+    assert line["bytes_in"] >= 2 * batch * 1000 and "reason" not in line
 
 
 # -- rebalancing after a broker returns ---------------------------------------------------

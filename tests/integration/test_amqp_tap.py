@@ -25,6 +25,7 @@ from proxy.health.amqp_methods import (
     ConnectionTuneOk,
 )
 from proxy.health.amqp_wire import HEARTBEAT_FRAME, PROTOCOL_HEADER, FrameBuffer
+from lab import wait_until
 from tests.proxyutil import front, make_config, serve_named, server, start_warren
 
 
@@ -36,6 +37,18 @@ def amqp_config(port: int, **frontend_changes):
 
 def closed_lines(logs):
     return [line for line in logs if line["event"] == "connection.closed"]
+
+
+# After the handshake: the user-space path (splice/copy, the tap's tails), or
+# the kernel's socket map from the first quiet round on ("handover").
+after_the_handshake = pytest.mark.parametrize("relay", ["splice", "handover"])
+
+
+async def on_its_path(app, relay: str) -> None:
+    """The connection just opened is on `relay`'s path (the kernel's: in the map)."""
+    pairs = 1 if relay == "handover" else 0
+    sockmap = app.relay.sockmap
+    await wait_until(lambda: (sockmap.pairs if sockmap is not None else 0) == pairs, timeout=10, interval=0.005)
 
 
 async def wait_for_closed(logs, count=1, timeout=20):
@@ -200,13 +213,15 @@ class AmqpClient:
         await self.stream.aclose()
 
 
-async def test_a_completed_close_ended_by_the_brokers_reset_is_normal():
+@after_the_handshake
+async def test_a_completed_close_ended_by_the_brokers_reset_is_normal(relay):
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(fake_broker, FakeBroker())
-            app = await start_warren(nursery, amqp_config(port))
+            app = await start_warren(nursery, amqp_config(port), relay=relay)
             client = AmqpClient(await trio.open_tcp_stream(*front(app)))
             assert isinstance(await client.handshake(), ConnectionOpenOk)
+            await on_its_path(app, relay)
             await client.close()
             (line,) = await wait_for_closed(logs)
             assert line["termination"] == "--" and "reason" not in line
@@ -215,14 +230,16 @@ async def test_a_completed_close_ended_by_the_brokers_reset_is_normal():
             nursery.cancel_scope.cancel()
 
 
-async def test_a_broker_close_is_normal_and_says_why():
+@after_the_handshake
+async def test_a_broker_close_is_normal_and_says_why(relay):
     broker = FakeBroker(close_first=(320, "CONNECTION_FORCED - broker forced connection closure"))
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(fake_broker, broker)
-            app = await start_warren(nursery, amqp_config(port))
+            app = await start_warren(nursery, amqp_config(port), relay=relay)
             client = AmqpClient(await trio.open_tcp_stream(*front(app)))
             await client.handshake()
+            await on_its_path(app, relay)
             assert isinstance(await next_method(client.stream, client.frames), ConnectionClose)
             await client.stream.send_all(ConnectionCloseOk().frame())
             (line,) = await wait_for_closed(logs)
@@ -231,7 +248,8 @@ async def test_a_broker_close_is_normal_and_says_why():
             nursery.cancel_scope.cancel()
 
 
-async def test_a_reset_without_a_close_is_still_a_server_abort():
+@after_the_handshake
+async def test_a_reset_without_a_close_is_still_a_server_abort(relay):
     async def resetting_broker(*, task_status=trio.TASK_STATUS_IGNORED):
         async def handler(stream):
             frames = FrameBuffer()
@@ -253,23 +271,26 @@ async def test_a_reset_without_a_close_is_still_a_server_abort():
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(resetting_broker)
-            app = await start_warren(nursery, amqp_config(port))
+            app = await start_warren(nursery, amqp_config(port), relay=relay)
             client = AmqpClient(await trio.open_tcp_stream(*front(app)))
             await client.handshake()
+            await on_its_path(app, relay)
             (line,) = await wait_for_closed(logs)
             assert line["termination"] == "SD"
             nursery.cancel_scope.cancel()
 
 
-async def test_a_client_that_stops_sending_heartbeats_is_closed_after_twice_the_interval():
+@after_the_handshake
+async def test_a_client_that_stops_sending_heartbeats_is_closed_after_twice_the_interval(relay):
     """The broker keeps sending heartbeats; the client falls silent (as a frozen
     or vanished client does): Warren closes it about 2h later, cD."""
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(fake_broker, FakeBroker(heartbeat=1))
-            app = await start_warren(nursery, amqp_config(port, timeout=FrontendTimeouts(client="heartbeat")))
+            app = await start_warren(nursery, amqp_config(port, timeout=FrontendTimeouts(client="heartbeat")), relay=relay)
             client = AmqpClient(await trio.open_tcp_stream(*front(app)), heartbeat=1)
             await client.handshake()
+            await on_its_path(app, relay)
             opened = trio.current_time()
             (line,) = await wait_for_closed(logs)
             assert line["termination"] == "cD"
@@ -278,13 +299,15 @@ async def test_a_client_that_stops_sending_heartbeats_is_closed_after_twice_the_
             nursery.cancel_scope.cancel()
 
 
-async def test_a_client_sending_heartbeats_is_never_cut():
+@after_the_handshake
+async def test_a_client_sending_heartbeats_is_never_cut(relay):
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(fake_broker, FakeBroker(heartbeat=1))
-            app = await start_warren(nursery, amqp_config(port, timeout=FrontendTimeouts(client="heartbeat")))
+            app = await start_warren(nursery, amqp_config(port, timeout=FrontendTimeouts(client="heartbeat")), relay=relay)
             client = AmqpClient(await trio.open_tcp_stream(*front(app)), heartbeat=1)
             await client.handshake()
+            await on_its_path(app, relay)
             async with trio.open_nursery() as beats:
                 beats.start_soon(beat, client.stream, 0.5)
                 await trio.sleep(6)  # six heartbeat intervals
@@ -378,7 +401,8 @@ while True:
 """
 
 
-async def test_a_frozen_real_client_is_closed_after_twice_its_heartbeat():
+@after_the_handshake
+async def test_a_frozen_real_client_is_closed_after_twice_its_heartbeat(relay):
     """pika negotiates a 1 s heartbeat and is then SIGSTOPped (as a frozen or
     vanished host falls silent without a FIN): Warren closes it after about 2 s."""
     import signal
@@ -388,11 +412,12 @@ async def test_a_frozen_real_client_is_closed_after_twice_its_heartbeat():
     with structlog.testing.capture_logs() as logs, trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(fake_broker, FakeBroker(heartbeat=1))
-            app = await start_warren(nursery, amqp_config(port, timeout=FrontendTimeouts(client="heartbeat")))
+            app = await start_warren(nursery, amqp_config(port, timeout=FrontendTimeouts(client="heartbeat")), relay=relay)
             process = subprocess.Popen([sys.executable, "-c", PIKA_CLIENT, str(front(app)[1])],
                                        stdout=subprocess.PIPE, text=True)
             try:
                 assert await trio.to_thread.run_sync(process.stdout.readline) == "open\n"
+                await on_its_path(app, relay)
                 await trio.sleep(3)  # alive: heartbeats both ways
                 assert not closed_lines(logs)
                 process.send_signal(signal.SIGSTOP)
