@@ -21,8 +21,9 @@ all in the instance's nursery:
 - *notify*: the :class:`proxy.vip.notify.Notifier` worker.
 - *peer link* (with a :class:`proxy.vip.links.LinkServer`): the instance
   accepts links from backups on its source address, and as a backup holds
-  one to the master the machine follows (:class:`proxy.vip.links.MasterLink`);
-  a master confirmed gone becomes the machine's ``master_link_lost``.
+  one to the master the machine follows (:class:`proxy.vip.links.MasterLink`),
+  reporting its priority on it; the successor its master names becomes the
+  machine's ``successor_designated``, a master confirmed gone its ``master_link_lost``.
 
 Adverts are sent synchronously from whichever task produced them: the raw
 socket never blocks and ordering with the machine's state stays exact.
@@ -284,7 +285,8 @@ class VipInstance:
         if self._links is not None:
             self._master_link = MasterLink(
                 config.name, config.vrid, self._link_key(), config.peer_link.port, self._source,
-                self._master_gone, ifindex=self._ifindex(), counters=self.counters,
+                self._master_gone, priority=self.machine.priority, on_successor=self._successor_named,
+                ifindex=self._ifindex(), counters=self.counters,
             )  # fmt: skip
             self._serve_links()
         if not self._link_up:
@@ -420,6 +422,15 @@ class VipInstance:
         if self.machine is not None and not self._stopped:
             self._apply(self.machine.master_link_lost(trio.current_time(), master))
 
+    def _successor_named(self, master: IPAddress, successor: IPAddress | None) -> None:
+        """The followed ``master`` named its successor over the link."""
+        if self.machine is None or self._stopped:
+            return
+        was = self.machine.designated
+        self._apply(self.machine.successor_designated(trio.current_time(), master, successor))
+        if self.machine.designated != was:
+            log.info("vip.successor", instance=self.config.name, master=str(master), designated=self.machine.designated)
+
     def _link_changed(self, link: LinkInfo) -> None:
         assert self.machine is not None
         if link.up and (self._channel is None or link.index != self._channel.ifindex):
@@ -507,6 +518,8 @@ class VipInstance:
                 self._master_link.follow(self._nursery, action.address)
         for change in changes:
             self._state_changed(change)
+        if self._master_link is not None and self.machine is not None:
+            self._master_link.report_priority(self.machine.priority)
         self._timer_wake.set()  # the deadline may have moved
 
     def _send_advert(self, action: SendAdvert) -> None:

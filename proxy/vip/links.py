@@ -12,7 +12,9 @@ moves bytes:
   per socket and MAX_LINKS_PER_PEER per source address (beyond that a
   proven BUSY answer), and in unicast mode only the instance's peers get a
   link. An established link is held until the backup closes it or the
-  instance ends; nothing is ever sent on it.
+  instance ends. On it the backup reports its priority and the master names
+  its successor (:func:`proxy.vip.peerlink.designate` over the instance's
+  linked backups), to every linked backup, whenever that choice changes.
 - The links and their listening sockets sit at the top of the process's
   descriptor table (:func:`closed_first`): a killed process's kernel
   releases its descriptors highest first, so a killed master's backups see
@@ -25,6 +27,8 @@ moves bytes:
   and ``on_gone(master)`` is called; a proven answer means it is alive (a
   spurious reset) and that connection becomes the link; no answer (a
   timeout, an unreachable host) decides nothing and the RFC timers apply.
+  While the link is up it reports the instance's priority (:meth:`MasterLink.report_priority`)
+  and hands each successor the master names to ``on_successor(master, successor)``.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ import trio
 
 from proxy.vip.packet import IPAddress
 from proxy.vip.peerlink import (
-    ACCEPTED, GREETING_SIZE, HELLO_SIZE, PROOF_SIZE, BackupHandshake, LinkError, MasterHandshake, Status,
-    decode_hello,
+    ACCEPTED, GREETING_SIZE, HELLO_SIZE, PROOF_SIZE, BackupHandshake, LinkError, MasterHandshake, MessageReader,
+    PriorityReport, Status, Successor, decode_hello, designate,
 )  # fmt: skip
 
 log = structlog.get_logger("warren.vip")
@@ -79,6 +83,24 @@ class Registration:
     peers: frozenset[IPAddress]  # empty: anybody (multicast mode)
     counters: collections.Counter
     scopes: set[trio.CancelScope] = field(default_factory=set)
+    backups: dict[object, tuple[IPAddress, int]] = field(default_factory=dict)  # per established link
+    successor: IPAddress | None = None
+    changed: trio.Event = field(default_factory=trio.Event)  # set (and replaced) when successor changes
+
+    def report(self, link: object, backup: tuple[IPAddress, int] | None) -> None:
+        """A linked backup's (address, priority), or None when its link ended: the successor
+        is chosen again, and the links are woken to tell it when it changed."""
+        if backup is None:
+            self.backups.pop(link, None)
+        else:
+            self.backups[link] = backup
+        successor = designate(self.backups.values())
+        if successor != self.successor:
+            self.successor = successor
+            self.counters["successor_changes"] += 1
+            log.info("vip.successor_named", vrid=self.vrid, successor=str(successor) if successor else None)
+            self.changed.set()
+            self.changed = trio.Event()
 
 
 @dataclass(eq=False)
@@ -169,8 +191,7 @@ class LinkServer:
                     registration = await self._handshake(entry, stream, peer, scope)
                     if registration is not None:
                         registration.counters["links_accepted"] += 1
-                        # Held until the backup closes it; anything it sends breaks the protocol.
-                        await stream.receive_some(1)
+                        await self._hold(registration, stream, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, LinkError, OSError):
             pass  # that one link ends
         except Exception:  # a bug: it ends this link only, never the service
@@ -205,6 +226,18 @@ class LinkServer:
         return registration
 
     @staticmethod
+    async def _hold(registration: Registration, stream: trio.SocketStream, peer: IPAddress | None) -> None:
+        """Until the backup closes the link: take its priority reports, tell it the successor.
+        Returns (the link ends) on its end, its violation or a failed send."""
+        link = object()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_ending(nursery.cancel_scope, _tell_successor), registration, stream)
+                await _ending(nursery.cancel_scope, _take_reports)(registration, stream, peer, link)
+        finally:
+            registration.report(link, None)
+
+    @staticmethod
     def _status(entry: _Listener, registration: Registration | None, peer: IPAddress | None) -> Status:
         if registration is None:
             return Status.UNKNOWN_VRID
@@ -213,6 +246,43 @@ class LinkServer:
         if entry.links > MAX_LINKS or entry.per_peer[peer] > MAX_LINKS_PER_PEER:
             return Status.BUSY
         return Status.OK
+
+
+_LINK_ENDS = (trio.BrokenResourceError, trio.ClosedResourceError, LinkError, OSError)
+
+
+def _ending(scope: trio.CancelScope, task):
+    """``task`` whose end, or the link's (an error in ``_LINK_ENDS``), ends ``scope``: the
+    two halves of a held link stop together and nothing escapes into an exception group."""
+
+    async def run(*args) -> None:
+        try:
+            await task(*args)
+        except _LINK_ENDS:
+            pass
+        finally:
+            scope.cancel()
+
+    return run
+
+
+async def _take_reports(registration: Registration, stream: trio.SocketStream, peer: IPAddress | None,
+                        link: object) -> None:
+    reader = MessageReader(PriorityReport)
+    while data := await stream.receive_some():
+        for report in reader.feed(data):
+            if peer is not None:
+                registration.report(link, (peer, report.priority))
+
+
+async def _tell_successor(registration: Registration, stream: trio.SocketStream) -> None:
+    told: object = ()  # nothing yet: the first successor is always said
+    while True:
+        changed = registration.changed
+        if registration.successor != told:
+            told = registration.successor
+            await stream.send_all(Successor(registration.successor).encode())
+        await changed.wait()
 
 
 # -- the backup's side --------------------------------------------------------------------------
@@ -230,16 +300,22 @@ class MasterLink:
 
     :meth:`follow` (from the instance's FollowMaster action) replaces the
     link; ``on_gone(master)`` is called on the trio thread when the followed
-    master's Warren is confirmed gone.
+    master's Warren is confirmed gone, ``on_successor(master, successor)``
+    whenever that master names its successor. ``priority`` is reported to
+    the master on every link, and again on :meth:`report_priority`.
     """
 
     def __init__(self, name: str, vrid: int, key: bytes | None, port: int, source: IPAddress,
-                 on_gone: Callable[[IPAddress], None], *, ifindex: int = 0,
+                 on_gone: Callable[[IPAddress], None], *, priority: int = 100,
+                 on_successor: Callable[[IPAddress, IPAddress | None], None] | None = None, ifindex: int = 0,
                  counters: collections.Counter | None = None) -> None:
         self.name, self.vrid, self.key, self.port = name, vrid, key, port
         self.source, self.ifindex = source, ifindex
         self.counters = counters if counters is not None else collections.Counter()
         self._on_gone = on_gone
+        self._on_successor = on_successor
+        self.priority = priority
+        self._priority_changed = trio.Event()
         self._scope = trio.CancelScope()
         self.master: IPAddress | None = None
         self.up = False
@@ -250,6 +326,13 @@ class MasterLink:
         if master is not None:
             self._scope = trio.CancelScope()
             nursery.start_soon(self._follow, master, self._scope)
+
+    def report_priority(self, priority: int) -> None:
+        """The instance's effective priority; sent to the master if it changed."""
+        if priority != self.priority:
+            self.priority = priority
+            self._priority_changed.set()
+            self._priority_changed = trio.Event()
 
     def stop(self) -> None:
         self._scope.cancel()
@@ -273,7 +356,7 @@ class MasterLink:
                 self.up = True
                 self.counters["links_established"] += 1
                 log.info("vip.peer_link_up", instance=self.name, master=str(master))
-                ended = await _held_until_ended(stream)
+                ended = await self._hold(stream, master)
                 self.up = False
                 if not ended:  # no FIN or RST (keepalive timeout, garbage): link again
                     outcome, stream = await self.connect(master)
@@ -286,6 +369,40 @@ class MasterLink:
                     return
                 self.counters["links_lost"] += 1
                 log.info("vip.peer_link_lost", instance=self.name, master=str(master), confirmed=outcome)
+
+    async def _hold(self, stream: trio.SocketStream, master: IPAddress) -> bool:
+        """Holds the link until it ends: True for FIN or RST (the peer's kernel closed it),
+        False for anything else (a protocol violation, a failed send)."""
+        ended = False
+
+        async def take_successors() -> None:
+            nonlocal ended
+            reader = MessageReader(Successor)
+            try:
+                while data := await stream.receive_some():
+                    for message in reader.feed(data):
+                        if self._on_successor is not None:
+                            self._on_successor(master, message.address)
+            except trio.BrokenResourceError as error:
+                ended = _errno(error) in _ENDED
+                return
+            ended = True  # b"": FIN
+
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_priorities, stream)
+            await _ending(nursery.cancel_scope, take_successors)()
+        return ended
+
+    async def _report_priorities(self, stream: trio.SocketStream) -> None:
+        # A failed send ends only this task: how the link ended (FIN, RST: the master's
+        # death?) is for the reading side to find out.
+        try:
+            while True:
+                changed = self._priority_changed
+                await stream.send_all(PriorityReport(self.priority).encode())
+                await changed.wait()
+        except _LINK_ENDS:
+            pass
 
     async def connect(self, master: IPAddress) -> tuple[str, trio.SocketStream | None]:
         """One attempt at a link; the stream only when ESTABLISHED (then the caller owns it)."""
@@ -324,14 +441,6 @@ class MasterLink:
         return Outcome.ESTABLISHED
 
 
-async def _held_until_ended(stream: trio.SocketStream) -> bool:
-    """Waits for the link's end: True for FIN or RST (the peer's kernel closed it)."""
-    async with stream:
-        try:
-            data = await stream.receive_some(1)
-        except trio.BrokenResourceError as error:
-            return _errno(error) in _ENDED
-        return not data  # b"": FIN; data: a protocol violation, not an end
 
 
 # -- plumbing ----------------------------------------------------------------------------------

@@ -42,6 +42,17 @@ Deviations from, and additions to, the RFC (all deliberate):
   acts as the master's priority-0 advert would: the takeover comes after the
   skew (computed from HANDOVER_INTERVAL) instead of Master_Down_Interval. A
   master that is frozen or cut off sends no FIN: the RFC timers still apply.
+- Designated successor (peer link). The master names, over the links, the
+  linked backup that should replace it (highest priority, then highest
+  address: :func:`proxy.vip.peerlink.designate`); :meth:`successor_designated`
+  tells the machine. That backup, unless resigned, takes over at once,
+  without skew, when its master's link is lost; the others keep their skew.
+  A designation counts only while its master is the one followed: any other
+  master, or none, forgets it. A stale or wrong one (the master died before
+  its update arrived) at worst starts a lower backup first: a higher one that
+  preempts takes over at its own skew as without designation, and two
+  designated backups (impossible from one master's messages) would settle
+  like any two masters, on the first advert.
 """
 
 from __future__ import annotations
@@ -158,6 +169,7 @@ class Counters:
     address_mismatch: int = 0  # RFC 5798 7.1: logged, still processed
     stalls: int = 0
     master_link_lost: int = 0  # the followed master's Warren went away (acted upon)
+    successor_takeovers: int = 0  # of those, taken over at once as the designated successor
 
 
 def _input(method: Callable[..., list[Action]]) -> Callable[..., list[Action]]:
@@ -165,7 +177,10 @@ def _input(method: Callable[..., list[Action]]) -> Callable[..., list[Action]]:
 
     @functools.wraps(method)
     def handled(self: VrrpMachine, *args: object, **kwargs: object) -> list[Action]:
-        return method(self, *args, **kwargs) + self._follow_changes()
+        actions = method(self, *args, **kwargs) + self._follow_changes()
+        if self._designated_by != self.master_ip:
+            self._designated_by = None  # a designation is only good for the master that made it
+        return actions
 
     return handled
 
@@ -188,6 +203,7 @@ class VrrpMachine:
         self._down_reason = "master_down"
         self._stall_deferred = False
         self._followed: IPAddress | None = None
+        self._designated_by: IPAddress | None = None  # the master that named us its successor
 
     # -- derived timers (RFC 5798 6.1) -------------------------------------
 
@@ -195,6 +211,11 @@ class VrrpMachine:
     def skew(self) -> float:
         """Skew_Time = ((256 - Priority) * Master_Adver_Interval) / 256."""
         return ((256 - self.priority) * self.master_adver_interval) / 256
+
+    @property
+    def designated(self) -> bool:
+        """Whether the master followed now named this backup its successor."""
+        return self._designated_by is not None
 
     @property
     def master_down_interval(self) -> float:
@@ -318,12 +339,25 @@ class VrrpMachine:
         """The peer link to ``master`` ended (FIN or RST) and its Warren is gone (the shell
         confirmed it: a new connection was refused). A backup following that master acts as
         on its priority-0 advert: it takes over after the skew, computed from
-        HANDOVER_INTERVAL. Any other case (another master by now, not a backup) is ignored.
+        HANDOVER_INTERVAL; at once if that master designated it (:meth:`successor_designated`)
+        and it is not resigned. Any other case (another master by now, not a backup) is ignored.
         """
-        if self.state is not State.BACKUP or self.master_ip is None or ipaddress.ip_address(master) != self.master_ip:
+        if not self._following(master):
             return []
         self.counters.master_link_lost += 1
+        if self._designated_by == self.master_ip and not self.resigned:
+            self.counters.successor_takeovers += 1
+            return self._become_master(now, "master_link_lost")
         self._master_leaving(now, HANDOVER_INTERVAL, "master_link_lost")
+        return []
+
+    @_input
+    def successor_designated(self, now: float, master: IPAddress | str, successor: IPAddress | None) -> list[Action]:
+        """``master`` named ``successor`` (None: nobody) over the peer link. Recorded only by a
+        backup following that master, and only until it follows another (or none): with
+        it, :meth:`master_link_lost` takes over at once, without skew."""
+        if self._following(master):
+            self._designated_by = self.master_ip if successor == self.config.primary_ip else None
         return []
 
     def note_error(self) -> None:
@@ -427,6 +461,9 @@ class VrrpMachine:
         self._down_reason = reason
         self.master_ip = None
         self._lower_master_since = None
+
+    def _following(self, master: IPAddress | str) -> bool:
+        return self.state is State.BACKUP and self.master_ip is not None and ipaddress.ip_address(master) == self.master_ip
 
     def _follow_changes(self) -> list[Action]:
         wanted = self.master_ip if self.config.peer_link and self.state is State.BACKUP else None

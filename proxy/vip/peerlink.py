@@ -1,7 +1,6 @@
 """The peer link between Warren VRRP peers: wire format and handshake (sans-I/O).
 
-A backup keeps one TCP connection to the master it follows. The link
-carries nothing once it is up; its only message is its end. A process that
+A backup keeps one TCP connection to the master it follows. A process that
 dies has its sockets closed by its kernel, so the backup learns of the
 death at once (FIN or RST) instead of after 3 advert intervals. See
 :mod:`proxy.vip.links` for the trio shell and docs/vip.md for the security
@@ -30,9 +29,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from proxy.vip.packet import IPAddress
 
 MAGIC = b"WPL1"
 DEFAULT_PORT = 5798
@@ -135,6 +138,94 @@ def decode_greeting(data: bytes) -> Greeting:
     except ValueError:
         raise LinkError("bad_status", str(status)) from None
     return Greeting(vrid, status, nonce, proof)
+
+
+# -- messages on an established link -------------------------------------------------------
+
+
+class Kind(enum.IntEnum):
+    PRIORITY = 1  # backup -> master
+    SUCCESSOR = 2  # master -> backup
+
+
+_FRAME = struct.Struct("!BB")  # kind, payload length
+FRAME_MAX = _FRAME.size + 16
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityReport:
+    """A backup's effective priority (1..255), as its machine has it."""
+
+    priority: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.priority <= 255:
+            raise ValueError("priority must be 1..255")
+
+    def encode(self) -> bytes:
+        return _FRAME.pack(Kind.PRIORITY, 1) + bytes([self.priority])
+
+
+@dataclass(frozen=True, slots=True)
+class Successor:
+    """The backup the master designates to replace it (None: no linked backup)."""
+
+    address: IPAddress | None
+
+    def encode(self) -> bytes:
+        packed = self.address.packed if self.address is not None else b""
+        return _FRAME.pack(Kind.SUCCESSOR, len(packed)) + packed
+
+
+Message = PriorityReport | Successor
+_EXPECTED = {PriorityReport: Kind.PRIORITY, Successor: Kind.SUCCESSOR}
+
+
+class MessageReader:
+    """Incremental decoder of one direction's messages: :meth:`feed` bytes as they come.
+
+    ``expect`` is the one message class this side may receive. Anything else
+    (an unknown or unexpected kind, a wrong length or value) raises
+    :class:`LinkError`; at most one frame (FRAME_MAX bytes) is ever buffered.
+    """
+
+    def __init__(self, expect: type[PriorityReport] | type[Successor]) -> None:
+        self._kind = _EXPECTED[expect]
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= _FRAME.size:
+            kind, length = _FRAME.unpack_from(self._buffer)
+            if kind != self._kind:
+                raise LinkError("unexpected_kind", str(kind))
+            if length not in _LENGTHS[kind]:
+                raise LinkError("bad_length", f"{Kind(kind).name.lower()} of {length} bytes")
+            end = _FRAME.size + length
+            if len(self._buffer) < end:
+                break
+            payload, self._buffer = self._buffer[_FRAME.size : end], self._buffer[end:]
+            messages.append(_decode(kind, payload))
+        return messages
+
+
+_LENGTHS = {Kind.PRIORITY: (1,), Kind.SUCCESSOR: (0, 4, 16)}
+
+
+def _decode(kind: int, payload: bytes) -> Message:
+    if kind == Kind.PRIORITY:
+        if payload[0] == 0:
+            raise LinkError("bad_priority", "0")
+        return PriorityReport(payload[0])
+    return Successor(ipaddress.ip_address(payload) if payload else None)
+
+
+def designate(backups: Iterable[tuple[IPAddress, int]]) -> IPAddress | None:
+    """The successor among ``(address, priority)`` pairs: the highest priority, then the
+    highest address, as VRRP itself breaks ties (RFC 5798 6.4.3); None when there is none."""
+    best = max(backups, key=lambda backup: (backup[1], backup[0].version, int(backup[0])), default=None)
+    return best[0] if best is not None else None
 
 
 # -- proofs --------------------------------------------------------------------------------

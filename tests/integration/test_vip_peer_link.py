@@ -1,7 +1,8 @@
 """The VIP peer link end to end: real `warren run` processes (and keepalived) in network namespaces.
 
-A backup holds a TCP link to its Warren master. A killed master's kernel ends
-it: the backup takes over after its skew (reason `master_link_lost`). No FIN
+A backup holds a TCP link to its Warren master, which names it its
+successor over that link. A killed master's kernel ends it: the designated
+backup takes over at once (reason `master_link_lost`). No FIN
 (a frozen master, a blocked port) leaves the RFC timers in charge (reason
 `master_down`), and keepalived on either side neither serves nor needs the
 link. Times are printed (run with -s), asserted only through the reason that
@@ -50,6 +51,8 @@ async def test_a_killed_master_is_replaced_through_the_peer_link(lab, interval, 
         async with trio.open_nursery() as nursery:
             w1, w2 = await two_hosts(lab, nursery, config(lab, 150, interval, extra), config(lab, 100, interval, extra))
             await w2.wait_for("vip.peer_link_up", instance="front", master=lab.hosts["h1"].ip)
+            # h1 names its only linked backup its successor: h2 will not wait for its skew
+            await w2.wait_for("vip.successor", instance="front", master=lab.hosts["h1"].ip, designated=True)
             agent = await lab.start_agent([lab.vip()])
             assert await agent.served_by(lab.vip(), "h1")
             killed = time.time()

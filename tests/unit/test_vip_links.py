@@ -14,7 +14,7 @@ import trio
 from lab import wait_until
 from proxy.vip import links as links_module
 from proxy.vip.links import MAX_LINKS_PER_PEER, LinkServer, MasterLink, Outcome
-from proxy.vip.peerlink import GREETING_SIZE, BackupHandshake, Status, link_key
+from proxy.vip.peerlink import GREETING_SIZE, BackupHandshake, Status, Successor, link_key
 
 LOCAL = ipaddress.IPv4Address("127.0.0.1")
 KEY = link_key("0123456789abcdef-secret")
@@ -31,15 +31,23 @@ async def closed_by_peer(stream) -> bool:
 class Backup:
     """A MasterLink with what it reported."""
 
-    def __init__(self, port: int, *, vrid: int = 51, key: bytes | None = None) -> None:
+    def __init__(self, port: int, *, vrid: int = 51, key: bytes | None = None, source=LOCAL, priority=100) -> None:
         self.gone: list = []
         self.gone_event = trio.Event()
+        self.successors: list = []  # (master, successor) as named
         self.counters: collections.Counter = collections.Counter()
-        self.link = MasterLink("vip1", vrid, key, port, LOCAL, self._on_gone, counters=self.counters)
+        self.link = MasterLink("vip1", vrid, key, port, source, self._on_gone, priority=priority,
+                               on_successor=self._on_successor, counters=self.counters)
 
     def _on_gone(self, master) -> None:
         self.gone.append(master)
         self.gone_event.set()
+
+    def _on_successor(self, master, successor) -> None:
+        self.successors.append((master, successor))
+
+    def told(self):
+        return self.successors[-1][1] if self.successors else "nothing"
 
 
 async def serving(nursery, *, vrid=51, key=None, peers=frozenset()):
@@ -259,3 +267,55 @@ def test_without_room_at_the_top_a_socket_stays_where_it_is(monkeypatch):
     monkeypatch.setattr(links_module, "TOP_SLOTS", 0)  # the floor is the limit itself: no descriptor fits
     with socket.socket() as sock:
         assert links_module.closed_first(sock) is sock and sock.fileno() >= 0
+
+
+async def test_the_master_names_its_best_linked_backup_to_all_of_them_and_keeps_that_current():
+    low_ip, high_ip = ipaddress.IPv4Address("127.0.0.2"), ipaddress.IPv4Address("127.0.0.3")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery)
+            low = Backup(registration.port, source=low_ip, priority=150)
+            low.link.follow(nursery, LOCAL)
+            await wait_until(lambda: low.told() == low_ip, what="the only backup named")
+            high = Backup(registration.port, source=high_ip, priority=100)
+            high.link.follow(nursery, LOCAL)
+            await wait_until(lambda: high.told() == low_ip, what="the second backup told the first is the successor")
+            high.link.report_priority(200)  # its tracking restored, say
+            await wait_until(lambda: low.told() == high.told() == high_ip, what="both told of the new successor")
+            assert registration.successor == high_ip and all(m == LOCAL for m, _ in low.successors + high.successors)
+            high.link.stop()  # its link ends: the master names the one left
+            await wait_until(lambda: low.told() == low_ip, what="the remaining backup named again")
+            low.link.stop()
+            await wait_until(lambda: registration.successor is None and not registration.backups, what="no backups")
+            assert served["successor_changes"] == 4
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_backup_that_breaks_the_message_protocol_loses_its_link_not_the_master():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery)
+            backup = Backup(registration.port, source=ipaddress.IPv4Address("127.0.0.2"))
+            backup.link.follow(nursery, LOCAL)
+            await wait_until(lambda: registration.successor is not None, what="backup named")
+            stream = await trio.open_tcp_stream("127.0.0.1", registration.port)
+            handshake = BackupHandshake(51, None)
+            await stream.send_all(handshake.hello())
+            greeted = handshake.greeted(await links_module._receive_exactly(stream, GREETING_SIZE))
+            await stream.send_all(greeted.reply)
+            assert await links_module._receive_exactly(stream, 1) == b"\x01"
+            await stream.send_all(b"\x02\x00")  # a successor, which only a master may send
+            assert await closed_by_peer_after_successor(stream)
+            assert registration.successor == ipaddress.IPv4Address("127.0.0.2") and backup.link.up
+            nursery.cancel_scope.cancel()
+
+
+async def closed_by_peer_after_successor(stream) -> bool:
+    """Skips the successor the master says to every link, then expects its end."""
+    data = b""
+    try:
+        while chunk := await stream.receive_some(100):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
+    return data in (b"", Successor(ipaddress.IPv4Address("127.0.0.2")).encode())

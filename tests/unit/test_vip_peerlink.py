@@ -2,14 +2,15 @@
 
 import hashlib
 import hmac
+import ipaddress
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.vip.peerlink import (
-    GREETING_SIZE, HELLO_SIZE, NO_PROOF, BackupHandshake, Greeting, Hello, LinkError, MasterHandshake, Status,
-    backup_proof, decode_greeting, decode_hello, link_key,
+    FRAME_MAX, GREETING_SIZE, HELLO_SIZE, NO_PROOF, BackupHandshake, Greeting, Hello, LinkError, MasterHandshake,
+    MessageReader, PriorityReport, Status, Successor, backup_proof, decode_greeting, decode_hello, designate, link_key,
 )  # fmt: skip
 
 KEY = link_key("0123456789abcdef-secret")
@@ -149,3 +150,97 @@ def test_a_random_greeting_never_passes_for_a_keyed_ok(data, key):
 def test_hellos_round_trip(vrid, authenticated, nonce):
     hello = Hello(vrid, authenticated, nonce)
     assert decode_hello(hello.encode()) == hello
+
+
+# -- messages on an established link ---------------------------------------------------------
+
+V4, V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
+
+
+@pytest.mark.parametrize("message, wire", [
+    (PriorityReport(100), b"\x01\x01\x64"),
+    (Successor(V4("10.0.0.2")), b"\x02\x04\x0a\x00\x00\x02"),
+    (Successor(V6("fe80::2")), b"\x02\x10" + V6("fe80::2").packed),
+    (Successor(None), b"\x02\x00"),
+])
+def test_link_messages_have_a_small_fixed_wire_form(message, wire):
+    assert message.encode() == wire
+    assert MessageReader(type(message)).feed(wire) == [message]
+
+
+def test_messages_split_anywhere_or_glued_together_are_read_in_order():
+    wire = Successor(V4("10.0.0.2")).encode() + Successor(None).encode() + Successor(V6("::1")).encode()
+    reader = MessageReader(Successor)
+    read = [message for byte in wire for message in reader.feed(bytes([byte]))]
+    assert read == [Successor(V4("10.0.0.2")), Successor(None), Successor(V6("::1"))]
+
+
+@pytest.mark.parametrize("expect, data, reason", [
+    (PriorityReport, Successor(None).encode(), "unexpected_kind"),  # a master never reports a priority...
+    (Successor, PriorityReport(7).encode(), "unexpected_kind"),  # ...nor a backup names a successor
+    (Successor, b"\x09\x00", "unexpected_kind"),
+    (PriorityReport, b"\x01\x02\x64\x64", "bad_length"),
+    (PriorityReport, b"\x01\x01\x00", "bad_priority"),
+    (Successor, b"\x02\x05" + bytes(5), "bad_length"),
+])
+def test_a_broken_message_names_its_fault(expect, data, reason):
+    with pytest.raises(LinkError) as caught:
+        MessageReader(expect).feed(data)
+    assert caught.value.reason == reason
+
+
+def test_a_bad_frame_is_refused_from_its_header_before_its_payload_arrives():
+    with pytest.raises(LinkError, match="bad_length"):
+        MessageReader(Successor).feed(b"\x02\xff")
+
+
+def test_the_successor_is_the_highest_priority_then_the_highest_address():
+    a, b, c = V4("10.0.0.1"), V4("10.0.0.2"), V4("10.0.0.3")
+    assert designate([(a, 100), (b, 200), (c, 150)]) == b
+    assert designate([(a, 100), (c, 100), (b, 100)]) == c  # RFC 5798 6.4.3: the higher address
+    assert designate([(V6("fe80::1"), 90), (V6("fe80::9"), 90)]) == V6("fe80::9")
+    assert designate([]) is None
+
+
+@st.composite
+def link_messages(draw):
+    if draw(st.booleans()):
+        return PriorityReport(draw(st.integers(1, 255)))
+    return Successor(draw(st.one_of(st.none(), st.ip_addresses())))
+
+
+@given(st.lists(link_messages(), max_size=8), st.data())
+def test_any_messages_in_any_chunks_are_read_back(messages, data):
+    for kind in (PriorityReport, Successor):
+        sent = [message for message in messages if isinstance(message, kind)]
+        wire = b"".join(message.encode() for message in sent)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+        reader = MessageReader(kind)
+        chunks = [wire[i:j] for i, j in zip([0, *cuts], [*cuts, len(wire)])]
+        assert [message for chunk in chunks for message in reader.feed(chunk)] == sent
+
+
+@given(st.sampled_from([PriorityReport, Successor]), st.lists(st.binary(max_size=24), max_size=6))
+def test_any_bytes_read_as_messages_or_a_link_error_never_more_than_a_frame_held(expect, chunks):
+    reader = MessageReader(expect)
+    read = []
+    try:
+        for chunk in chunks:
+            read += reader.feed(chunk)
+            assert len(reader._buffer) < FRAME_MAX
+    except LinkError:
+        return
+    assert all(isinstance(message, expect) for message in read)
+    # what was read is exactly what was sent, up to the unfinished frame
+    wire = b"".join(message.encode() for message in read)
+    assert b"".join(chunks).startswith(wire)
+
+
+@given(st.lists(st.tuples(st.ip_addresses(v=4), st.integers(1, 255)), max_size=8))
+def test_the_successor_is_one_of_the_backups_and_none_ranks_above_it(backups):
+    chosen = designate(backups)
+    if not backups:
+        assert chosen is None
+        return
+    best = max(priority for address, priority in backups if address == chosen)
+    assert all((priority, int(address)) <= (best, int(chosen)) for address, priority in backups)
