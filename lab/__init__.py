@@ -24,8 +24,11 @@ imports the other; it is not part of the installed `warren` package.
   (`wait_until_blocking`: the same outside trio).
 - `start_nodes`, `unique_node_name` (lab/brokers.py): RabbitMQ nodes with
   names unique to this run.
+- `backend_argv` (lab/backend.py): the small TCP backend started in the
+  namespaces (answer and close, or hold every connection).
 """
 
+from .backend import backend_argv
 from .brokers import start_nodes, unique_node_name
 from .netns import (
     Drop, Host, Lan, LabError, NetLab, Pair, Side, in_ns, ip, kill_child, netns_missing, nft_missing, sysctl,
@@ -33,7 +36,7 @@ from .netns import (
 from .polling import wait_until, wait_until_blocking
 
 __all__ = [
-    "Drop", "Host", "LabError", "Lan", "NetLab", "Pair", "Side", "in_ns", "ip", "kill_child",
+    "Drop", "Host", "LabError", "Lan", "NetLab", "Pair", "Side", "backend_argv", "in_ns", "ip", "kill_child",
     "netns_missing", "nft_missing", "start_nodes", "sysctl", "unique_node_name", "wait_until",
     "wait_until_blocking",
 ]

@@ -27,6 +27,7 @@ from pathlib import Path
 import trio
 
 from lab import Host, NetLab, in_ns, wait_until, wait_until_blocking
+from lab.backend import READY, backend_argv
 from tests.warrenproc import WarrenProcess, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,22 +36,6 @@ BACKEND_PORT = 9000
 FRONT_PORT = 5672
 
 __all__ = ["BACKEND_PORT", "FRONT_PORT", "REPO", "Agent", "NsWarren", "User", "VipLab", "unprivileged_user", "write"]
-
-BACKEND = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", {port}))
-server.listen(64)
-print("ready", flush=True)
-while True:
-    conn, _ = server.accept()
-    try:
-        conn.sendall(b"{name}")
-    except OSError:
-        pass
-    conn.close()
-"""
 
 AGENT = r"""
 import json, socket, sys, threading, time
@@ -193,15 +178,14 @@ class VipLab:
         return await self.net.open_process(ns, argv, cwd=REPO, **options)
 
     async def start_backend(self, host: Host) -> trio.Process:
-        code = BACKEND.format(port=BACKEND_PORT, name=host.name)
-        process = await self.open_process(host.ns, [PYTHON, "-c", code], stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL)
-        # Read the whole line: print() may write "ready" and its newline separately, and
+        process = await self.open_process(host.ns, backend_argv(BACKEND_PORT, answer=host.name, close=True),
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        # Read the whole line: print() may write it and its newline separately, and
         # a pipe closed in between would end the backend with BrokenPipeError. The
         # process is held (pipes open) until the lab is destroyed.
         output = b""
         with trio.fail_after(10):
-            while b"ready\n" not in output:
+            while READY.encode() + b"\n" not in output:
                 output += await process.stdout.receive_some()
         return process
 

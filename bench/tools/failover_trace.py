@@ -39,29 +39,17 @@ import sys
 import time
 from pathlib import Path
 
-from lab import NetLab
+from lab import NetLab, backend_argv
 
 from bench.procs import read_event, rss_kb, send_line
 from bench.suites.failover import (
-    BACKEND_PORT, CASES, CRASH_PHASE, CRASHER, FRONT_PORT, PROBE_PERIOD, PROBE_TIMEOUT, PROBER, REPO, RESPONDER,
-    SUBNET, VIP_LAST, _last_served, _spawn, _wait, warren_config,
+    BACKEND_PORT, CASES, CRASH_PHASE, CRASHER, FRONT_PORT, PROBE_PERIOD, PROBE_TIMEOUT, PROBER, REPO, SUBNET,
+    VIP_LAST, _last_served, _spawn, _wait, warren_config,
 )  # fmt: skip
 
 LINK_PORT = 5798
 
 HOLD_PORT, IDLE_FRONT_PORT = BACKEND_PORT + 1, FRONT_PORT + 1
-# The idle connections' backend: accepts and holds (the responder answers and closes).
-HOLDER = r"""
-import json, socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen(4096)
-print(json.dumps({"event": "ready"}), flush=True)
-held = []
-while True:
-    held.append(server.accept()[0])
-"""
 IDLE_FRONTEND = """
 [frontends.idle]
 bind = "{vip}:{port}"
@@ -167,14 +155,15 @@ def one_round(advert: float, idle: int, workdir: Path,
         sides = {}
         for host, priority in zip((h1, h2), priorities):
             responder = _spawn(lan, host.ns, f"responder-{host.name}",
-                               [sys.executable, "-c", RESPONDER, str(BACKEND_PORT), host.name],
+                               backend_argv(BACKEND_PORT, answer=host.name, close=True),
                                workdir / f"responder-{host.name}.log", pipe_stdio=True)
             read_event(responder, "ready", 10)
             config = workdir / f"warren-{host.name}.toml"
             extra = ""
             if idle and host is h1:
-                holder = _spawn(lan, host.ns, "holder", [sys.executable, "-c", HOLDER, str(HOLD_PORT)],
-                                workdir / "holder.log", pipe_stdio=True)
+                # the idle connections' backend: accepts and holds
+                holder = _spawn(lan, host.ns, "holder", backend_argv(HOLD_PORT), workdir / "holder.log",
+                                pipe_stdio=True)
                 read_event(holder, "ready", 10)
                 extra = IDLE_FRONTEND.format(vip=vip, port=IDLE_FRONT_PORT, hold=HOLD_PORT)
             config.write_text(warren_config(vip, priority, case) + extra)

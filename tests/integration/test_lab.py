@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from lab import LabError, NetLab, ip, netns_missing, nft_missing, wait_until, wait_until_blocking
+from lab.backend import READY, backend_argv
 
 # A TCP client run inside a namespace: "ok <reply>", "timeout" or "refused".
 CONNECT = """
@@ -28,30 +29,15 @@ except ConnectionRefusedError:
     print("refused")
 """
 
-# A TCP server answering "hi" to every client and keeping the connection open.
-SERVE = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
-server.listen(16)
-print("ready", flush=True)
-kept = []
-while True:
-    conn, _ = server.accept()
-    conn.sendall(b"hi")
-    kept.append(conn)
-"""
-
-
 def connect(net: NetLab, ns: str, host: str, port: int, timeout: float = 1.0) -> str:
     argv = net.command(ns, [sys.executable, "-c", CONNECT, host, str(port), str(timeout)])
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10).stdout.strip()
 
 
 async def serve(net: NetLab, ns: str, port: int) -> trio.Process:
-    process = await net.open_process(ns, [sys.executable, "-c", SERVE, str(port)], stdout=subprocess.PIPE)
-    assert await read_line(process) == "ready"
+    """A TCP server answering "hi" to every client and keeping the connection open."""
+    process = await net.open_process(ns, backend_argv(port, answer="hi", bind="0.0.0.0"), stdout=subprocess.PIPE)
+    assert await read_line(process) == READY
     return process
 
 

@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from lab import nft_missing, wait_until
+from lab.backend import READY, backend_argv
 from lab.netns import signal_pid
 from tests.integration.test_vip_failover import VipLab, logged_at, report, two_hosts, warren_config
 from tests.viplab import BACKEND_PORT, FRONT_PORT
@@ -110,19 +111,6 @@ async def test_a_master_that_hands_over_on_purpose_is_not_mistaken_for_a_dead_on
             nursery.cancel_scope.cancel()
 
 
-# A backend that accepts and holds every connection (the usual one answers and closes).
-HOLDER = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen(16)
-print("ready", flush=True)
-held = []
-while True:
-    held.append(server.accept()[0])
-"""
-
 # A client that opens one connection and holds it (prints "held" once it is relayed).
 CLIENT = """
 import socket, sys
@@ -171,9 +159,8 @@ async def test_a_killed_masters_kernel_ends_its_links_before_its_other_connectio
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             h1, h2 = lab.add_host("h1"), lab.add_host("h2")
-            holder = await lab.open_process(h1.ns, [sys.executable, "-c", HOLDER, str(BACKEND_PORT)],
-                                            stdout=subprocess.PIPE)
-            assert await line_from(holder) == b"ready"
+            holder = await lab.open_process(h1.ns, backend_argv(BACKEND_PORT), stdout=subprocess.PIPE)
+            assert await line_from(holder) == READY.encode()  # accepts and holds every connection
             await lab.start_backend(h2)
             w1 = await lab.start_warren(nursery, h1, config(lab, 150))
             await w1.wait_for("vip.master", instance="front", timeout=15)
