@@ -761,10 +761,18 @@ class Segment:
             if followed == ip and self.alive[follower]:
                 heapq.heappush(self.deliveries, (self.now + self.latency, next(self.seq), follower, LINK_LOST, ip))
 
-    def start_all(self, at: float = 0.0) -> None:
+    def start_all(self, at: float = 0.0, *, later: tuple[int, ...] = ()) -> None:
+        """Starts every machine but those ``later`` (absent until :meth:`join`)."""
         self.now = at
         for index, vrrp in enumerate(self.machines):
-            self.apply(index, vrrp.start(at))
+            if index in later:
+                self.alive[index] = False
+            else:
+                self.apply(index, vrrp.start(at))
+
+    def join(self, index: int) -> None:
+        self.alive[index] = True
+        self.apply(index, self.machines[index].start(self.now))
 
     def do(self, index: int, method: str, *args) -> None:
         self.apply(index, getattr(self.machines[index], method)(self.now, *args))
@@ -798,6 +806,12 @@ class Segment:
 
     def masters(self) -> list[int]:
         return [i for i, vrrp in enumerate(self.machines) if self.alive[i] and vrrp.state is State.MASTER]
+
+
+def three_linked_hosts(*priorities: int, **changes) -> Segment:
+    """Warren hosts 10.0.0.1-3 with these priorities and the peer link."""
+    return Segment(*(machine(priority=priority, primary_ip=V4(f"10.0.0.{n}"), peer_link=True, **changes)
+                     for n, priority in enumerate(priorities, 1)))
 
 
 def pair(**changes) -> Segment:
@@ -955,12 +969,9 @@ class TestElectionsWithPeerLinks:
         c = machine(priority=200, primary_ip=V4("10.0.0.3"))  # keepalived, started later
         segment = Segment(a, b, c)
         segment.serves_links[2] = False
-        segment.alive[2] = False
-        segment.apply(0, a.start(0.0))
-        segment.apply(1, b.start(0.0))
+        segment.start_all(later=(2,))
         segment.run_until(10.0)
-        segment.alive[2] = True
-        segment.apply(2, c.start(segment.now))
+        segment.join(2)
         segment.run_until(30.0)
         assert segment.masters() == [2]  # keepalived preempted (priority 200)
         last_advert = c.next_deadline - 1.0
@@ -970,10 +981,7 @@ class TestElectionsWithPeerLinks:
         assert segment.took_vip[0][-1] - last_advert == pytest.approx(3 + 106 / 256, abs=0.01)
 
     def test_three_warren_hosts_end_with_the_best_survivor_as_the_only_master(self):
-        a = machine(priority=200, primary_ip=V4("10.0.0.1"), peer_link=True)
-        b = machine(priority=150, primary_ip=V4("10.0.0.2"), peer_link=True)
-        c = machine(priority=100, primary_ip=V4("10.0.0.3"), peer_link=True)
-        segment = Segment(a, b, c)
+        segment = three_linked_hosts(200, 150, 100)
         segment.start_all()
         segment.run_until(10.0)
         segment.crash(0)
@@ -984,10 +992,7 @@ class TestElectionsWithPeerLinks:
         assert segment.follows[2] == V4("10.0.0.2")  # c follows the new master
 
     def test_of_two_backups_the_designated_one_goes_first_and_the_other_follows_it(self):
-        a = machine(priority=200, primary_ip=V4("10.0.0.1"), peer_link=True)
-        b = machine(priority=150, primary_ip=V4("10.0.0.2"), peer_link=True)
-        c = machine(priority=150, primary_ip=V4("10.0.0.3"), peer_link=True)  # ties b: the higher address
-        segment = Segment(a, b, c)
+        segment = three_linked_hosts(200, 150, 150)  # c ties b: the higher address wins
         segment.start_all()
         segment.run_until(10.0)
         segment.crash(0)
@@ -998,10 +1003,7 @@ class TestElectionsWithPeerLinks:
         assert segment.follows[1] == V4("10.0.0.3")
 
     def test_a_dead_designated_backup_is_replaced_in_the_designation(self):
-        a = machine(priority=200, primary_ip=V4("10.0.0.1"), peer_link=True)
-        b = machine(priority=150, primary_ip=V4("10.0.0.2"), peer_link=True)
-        c = machine(priority=100, primary_ip=V4("10.0.0.3"), peer_link=True)
-        segment = Segment(a, b, c)
+        segment = three_linked_hosts(200, 150, 100)
         segment.start_all()
         segment.run_until(10.0)
         segment.crash(1)  # the designated backup dies; a names c once b's link is gone
@@ -1012,10 +1014,7 @@ class TestElectionsWithPeerLinks:
         assert segment.took_vip[2] == [pytest.approx(crashed + 0.001)] and segment.masters() == [2]
 
     def test_designated_backup_and_master_dying_together_leave_the_others_their_skew(self):
-        a = machine(priority=200, primary_ip=V4("10.0.0.1"), peer_link=True)
-        b = machine(priority=150, primary_ip=V4("10.0.0.2"), peer_link=True)
-        c = machine(priority=100, primary_ip=V4("10.0.0.3"), peer_link=True)
-        segment = Segment(a, b, c)
+        segment = three_linked_hosts(200, 150, 100)
         segment.start_all()
         segment.run_until(10.0)
         segment.crash(1)
@@ -1032,12 +1031,9 @@ class TestElectionsWithPeerLinks:
         b = machine(priority=100, primary_ip=V4("10.0.0.2"), peer_link=True, preempt=preempt)
         c = machine(priority=150, primary_ip=V4("10.0.0.3"), peer_link=True, preempt=preempt)  # joins late
         segment = Segment(a, b, c)
-        segment.alive[2] = False
-        segment.apply(0, a.start(0.0))
-        segment.apply(1, b.start(0.0))
+        segment.start_all(later=(2,))
         segment.run_until(10.0)
-        segment.alive[2] = True
-        segment.apply(2, c.start(segment.now))
+        segment.join(2)
         segment.run_until(a.next_deadline + 0.0015)  # c hears a's next advert and links to it...
         assert segment.follows[2] == V4("10.0.0.1")
         segment.lose_designations(0)  # ...but a dies before telling anyone that c is now its successor
@@ -1058,13 +1054,10 @@ class TestElectionsWithPeerLinks:
 
     def test_two_designated_backups_settle_on_the_first_advert(self):
         """Impossible from one master's messages; forced here to bound the worst case."""
-        a = machine(priority=200, primary_ip=V4("10.0.0.1"), peer_link=True)
-        b = machine(priority=150, primary_ip=V4("10.0.0.2"), peer_link=True)
-        c = machine(priority=100, primary_ip=V4("10.0.0.3"), peer_link=True)
-        segment = Segment(a, b, c)
+        segment = three_linked_hosts(200, 150, 100)
         segment.start_all()
         segment.run_until(10.0)
-        c.successor_designated(segment.now, V4("10.0.0.1"), V4("10.0.0.3"))  # c believes it, wrongly
+        segment.machines[2].successor_designated(segment.now, V4("10.0.0.1"), V4("10.0.0.3"))  # c believes it, wrongly
         segment.crash(0)
         crashed = segment.now
         segment.run_until(30.0)
