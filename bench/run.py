@@ -105,9 +105,9 @@ def run_benchmark(bench: Benchmark, progress: Progress) -> BenchResult:
     return result
 
 
-# The benchmarks whose contenders are started by contenders.start() alone
-# (the others start Warren their own way: in namespaces, with extra services).
-_BASELINE_READY = ("requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp")
+# The benchmarks that can run a baseline Warren: those whose contenders are started by
+# contenders.start() alone, and failover (its own start in namespaces knows "baseline").
+_BASELINE_READY = ("requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp", "failover")
 
 
 def with_baseline(benches: list[Benchmark], checkout: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import signal
 import sys
 import time
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from lab import Host, Lan, NetLab, in_ns, netns_missing, sysctl
+from lab import Host, Lan, NetLab, backend_argv, in_ns, netns_missing, sysctl
 
+from .. import contenders as C
 from ..contenders import REPO
 from ..model import Metric, Target
 from ..procs import Managed, read_event, send_line, spawn
@@ -43,22 +45,6 @@ SUBNET = "10.216.1"  # inside the namespaces only
 VIP_LAST = 100
 PROBE_PERIOD = 0.005
 PROBE_TIMEOUT = 0.2
-
-RESPONDER = """
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen(256)
-print('{"event": "ready"}', flush=True)
-while True:
-    conn, _ = server.accept()
-    try:
-        conn.sendall(sys.argv[2].encode())
-    except OSError:
-        pass
-    conn.close()
-"""
 
 # Starts a connection every PERIOD whatever the others do, so the resolution
 # does not depend on the timeout. Lines on stdin: "status" -> the last
@@ -302,8 +288,8 @@ class Failover(Benchmark):
     metrics = tuple(Metric(c.key, c.label, "s", False, 3) for c in CASES) + (LINGER,)
     smoke_metrics = tuple(Metric(c.key, c.label, "s", False, 3) for c in SMOKE_CASES) + (LINGER,)
     targets = (
-        # A killed Warren master's kernel ends the peer link: the backup takes over after
-        # its skew (~6 ms), whatever the advert interval.
+        # A killed Warren master's kernel ends the peer link: the backup it designated its
+        # successor takes over at once, whatever the advert interval.
         Target("crash_1s", "<=", 0.02, baseline=None),
         Target("crash_100ms", "<=", 0.02, baseline=None),
         Target("stop_100ms", "<=", 0.05, baseline=None),
@@ -371,11 +357,11 @@ class Failover(Benchmark):
             send_line(prober, "stop")
             done = read_event(prober, "done", 10)
             values = {case.key: longest_gap([t for t, _ in done["ok"]], event)}
-            if contender == "warren" and case.event == "crash":
+            if contender in WARRENS and case.event == "crash":
                 if PROFILE_HEADING not in self.notes:
                     self.notes += ["", PROFILE_HEADING, ""]
                 served = min((t for t, name in done["ok"] if name == "h2" and t >= event), default=None)
-                self.notes.append(_takeover_profile(case, values[case.key], backup.log, wall,
+                self.notes.append(_takeover_profile(contender, case, values[case.key], backup.log, wall,
                                                     None if served is None else served - event))
             if case.check_linger:
                 time.sleep(max(0.0, event + self.linger_wait() - time.monotonic()))
@@ -385,15 +371,19 @@ class Failover(Benchmark):
     def _start_side(self, lan: Lan, contender: str, host: Host, priority: int, case: Case, vip: str,
                     workdir: Path) -> Side:
         responder = _spawn(lan, host.ns, f"responder-{host.name}",
-                           [sys.executable, "-c", RESPONDER, str(BACKEND_PORT), host.name],
+                           backend_argv(BACKEND_PORT, answer=host.name, close=True),
                            workdir / f"responder-{host.name}.log", pipe_stdio=True)
         read_event(responder, "ready", 10)
         log = workdir / f"{contender}-{host.name}.log"
-        if contender == "warren":
+        if contender in WARRENS:
             path = workdir / f"warren-{host.name}.toml"
             path.write_text(warren_config(vip, priority, case))
-            main = _spawn(lan, host.ns, f"warren-{host.name}", [sys.executable, "-m", "proxy", "run", str(path)],
-                          log, cwd=REPO)
+            cwd, env = REPO, None
+            if contender == "baseline":  # --baseline DIR: the Warren of that checkout
+                assert C.BASELINE is not None
+                cwd, env = C.BASELINE, {**os.environ, "PYTHONPATH": str(C.BASELINE)}
+            main = _spawn(lan, host.ns, f"{contender}-{host.name}", [sys.executable, "-m", "proxy", "run", str(path)],
+                          log, cwd=cwd, env=env)
             self.remember("warren", ["warren", "run", path.name])
         else:
             sysctl(host.ns, "net.ipv4.ip_nonlocal_bind=1")  # HAProxy binds the VIP before it has it
@@ -447,16 +437,19 @@ class Failover(Benchmark):
                   "graceful stop is SIGTERM to Warren or to keepalived (HAProxy keeps running). Warren "
                   "logs at info level (its VRRP state is read from the log). Warren runs with its default "
                   "peer link (TCP port 5798 on each host's LAN address): its backup learns of a killed "
-                  "master's death from the link's end and takes over after its skew; keepalived waits "
+                  "master's death from the link's end and, as the successor the master designated over "
+                  "the link, takes over at once; keepalived waits "
                   "3 advert intervals plus its skew."]
         return "\n".join(parts)
 
 
-_BACKUP_LINE = {"warren": '"vip.backup"', "keepalived": "Entering BACKUP STATE"}
+WARRENS = ("warren", "baseline")
+_BACKUP_LINE = {"warren": '"vip.backup"', "baseline": '"vip.backup"', "keepalived": "Entering BACKUP STATE"}
 
 PROFILE_HEADING = ("Where each Warren crash round's gap went (the peer link: the killed master's kernel "
                    "tears down its memory, then ends the link; the backup confirms with one refused "
-                   "connection, waits its skew, adds the address and sends the first gratuitous ARP, then "
+                   "connection, adds the address (as the designated successor: without its skew) and sends "
+                   "the first gratuitous ARP, then "
                    "logs `vip.master`; the client's next probe, every 5 ms, reaches it). Times from the "
                    "SIGKILL; the gap also counts the time from the last success before it, up to one "
                    "probe period (bench/tools/failover_trace.py breaks a round down with kernel tracepoints):")
@@ -465,7 +458,8 @@ _TAKEOVER_EVENTS = (("vip.master_gone", "link end confirmed"),
                     ("vip.master", "address added and announced"))
 
 
-def _takeover_profile(case: Case, gap: float, log: Path, crashed: float, served: float | None) -> str:
+def _takeover_profile(contender: str, case: Case, gap: float, log: Path, crashed: float,
+                      served: float | None) -> str:
     """Where a Warren crash round's gap went: ms from the crash to each step of the
     backup's takeover, read from its log, and to the client's first success after it
     (``served``, on the crash's own clock, seconds after it). One line per round, for the notes."""
@@ -483,7 +477,8 @@ def _takeover_profile(case: Case, gap: float, log: Path, crashed: float, served:
     steps = [f"{label} +{(seen[name] - crashed) * 1000:.0f}" if name in seen else f"{label} not logged"
              for name, label in _TAKEOVER_EVENTS]
     steps.append(f"client served +{served * 1000:.0f}" if served is not None else "client never served")
-    return (f"- Warren, {case.label} {gap * 1000:.0f} ms; ms after the SIGKILL: {', '.join(steps)} "
+    who = "Warren" if contender == "warren" else f"Warren ({contender})"
+    return (f"- {who}, {case.label} {gap * 1000:.0f} ms; ms after the SIGKILL: {', '.join(steps)} "
             f"(reason `{reason}`).")
 
 

@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--idle", type=int, default=0, help="idle client connections held through the master")
     parser.add_argument("--priorities", type=int, nargs=2, default=(150, 100), metavar=("MASTER", "BACKUP"),
-                        help="the hosts' priorities (the benchmark's: 150 100); the backup's sets its skew")
+                        help="the hosts' priorities (the benchmark's: 150 100); the backup is the designated successor")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp") / f"failover-trace-{os.getpid()}")
     args = parser.parse_args()
     for index in range(args.rounds):

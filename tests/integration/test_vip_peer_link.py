@@ -69,6 +69,26 @@ async def test_a_killed_master_is_replaced_through_the_peer_link(lab, interval, 
             nursery.cancel_scope.cancel()
 
 
+async def test_of_two_backups_the_one_the_master_designated_takes_over_and_the_other_follows_it(lab):
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            w1, w2 = await two_hosts(lab, nursery, config(lab, 150), config(lab, 100))
+            h1, h3 = lab.hosts["h1"], lab.add_host("h3")
+            await w2.wait_for("vip.successor", instance="front", master=h1.ip, designated=True)  # the only one
+            await lab.start_backend(h3)
+            w3 = await lab.start_warren(nursery, h3, config(lab, 120))
+            # h3 outranks h2: h1 names it, and tells h2 that it is no longer the successor
+            await w3.wait_for("vip.successor", instance="front", master=h1.ip, designated=True)
+            await w2.wait_for("vip.successor", instance="front", master=h1.ip, designated=False)
+            w1.process.kill()
+            took_over = await w3.wait_for("vip.master", instance="front", timeout=10)
+            assert took_over["reason"] == "master_link_lost"
+            # h2 kept its skew and follows h3 (on a starved host it may first have taken over
+            # for as long as h3's advert took to reach it: that is VRRP's own settling)
+            await w2.wait_for("vip.peer_link_up", instance="front", master=h3.ip)
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_frozen_master_sends_no_fin_and_the_rfc_timers_apply(lab):
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

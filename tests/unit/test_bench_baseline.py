@@ -12,7 +12,7 @@ from bench.run import with_baseline
 from bench.suites import ALL
 
 
-def test_the_baseline_joins_the_benchmarks_that_start_warren_as_a_plain_process(tmp_path, monkeypatch):
+def test_the_baseline_joins_the_benchmarks_that_know_how_to_start_it(tmp_path, monkeypatch):
     checkout = tmp_path / "base"
     (checkout / "proxy").mkdir(parents=True)
     (checkout / "proxy" / "__main__.py").write_text("")
@@ -24,7 +24,7 @@ def test_the_baseline_joins_the_benchmarks_that_start_warren_as_a_plain_process(
     finally:
         lab.close(keep_workdir=False)
     with_it = {b.name for b in benches if "baseline" in b.contenders}
-    assert with_it == {"requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp"}
+    assert with_it == {"requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp", "failover"}
     assert all(b.contenders[-1] == "baseline" for b in benches if b.name in with_it)
     assert C.BASELINE == checkout.resolve()
 
