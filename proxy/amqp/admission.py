@@ -6,10 +6,11 @@ Two independent mechanisms against reconnect storms and runaway clients:
   client source address (:class:`SourceBuckets`, bounded in size). A client
   that finds no token is queued (its token reserved in the future, so a storm
   is spread at exactly the rate, first come first served) as long as its wait
-  stays under the queue bound, else rejected. A queued frontend-wide limit
-  also meters the moments clients really go on (:meth:`RateGate.release`):
-  a promised moment is only kept if the event loop is free at it, and after
-  a stall (a busy machine) every overdue client would go at once;
+  stays under the queue bound, else rejected. Under a queued frontend-wide
+  limit the clients then wait in one :class:`StartLine`, which lets them go
+  on in order at the metered rate: a promised moment alone is only kept if
+  the event loop is free at it, and after a stall (a busy machine) every
+  overdue client would go at once;
 - counts: :class:`ConnectionCounts` of live connections per vhost and per
   user, checked when the client's Connection.Open is seen.
 
@@ -20,10 +21,10 @@ Each check has an action (:class:`~proxy.config.model.RateAction`,
 
 from __future__ import annotations
 
-import math
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ..config.model import ConnectionLimits, Frontend, RateAction, RateLimit
 
@@ -44,7 +45,7 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = now
 
-    def _refill(self, now: float) -> None:
+    def refill(self, now: float) -> None:
         if now > self.stamp:
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
@@ -52,7 +53,7 @@ class TokenBucket:
     def reserve(self, now: float, max_wait: float) -> float | None:
         """Takes a token: the seconds to wait for it (0: now), or None (and
         nothing taken) when that wait would exceed `max_wait`."""
-        self._refill(now)
+        self.refill(now)
         if self.tokens >= 1:
             self.tokens -= 1
             return 0.0
@@ -64,7 +65,7 @@ class TokenBucket:
 
     def full(self, now: float) -> bool:
         """True when it is as if this bucket had never been used."""
-        self._refill(now)
+        self.refill(now)
         return self.tokens >= self.burst
 
 
@@ -128,12 +129,95 @@ class RateMeter:
         self._second = second
 
 
+T = TypeVar("T")
+
+# A token counts as there within this much (float rounding at the moment
+# next_at() names must not leave the releaser spinning a hair short of it).
+_EPSILON = 1e-9
+
+
+class StartLine(Generic[T]):
+    """The clients a frontend's queued rate limit holds, let go on in order,
+    at `rate` per second and at most `burst` at once. Clock-free: every call
+    says what time it is; one releaser drives it (asks :meth:`next_at` when
+    to call :meth:`due` next, and lets those clients go on at once).
+
+    Its bucket gives a token only at the moment a client really goes on and
+    never lends one ahead, so whatever the releaser's timing (late wake-ups,
+    an event loop stalled for seconds) the clients let go within any T
+    seconds number at most `burst` + `rate` x T. A stall only delays the
+    line: nobody overtakes, nobody is skipped, nobody goes twice.
+    """
+
+    __slots__ = ("bucket", "driven", "_waiting", "_gone")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.bucket = TokenBucket(rate, burst, now)
+        self.driven = False  # the shell's: whether a releaser runs for this line
+        self._waiting: deque[T] = deque()
+        self._gone: set[T] = set()  # withdrawn, still in _waiting until they reach its head
+
+    def __len__(self) -> int:
+        return len(self._waiting) - len(self._gone)
+
+    def enter(self, client: T, now: float) -> bool:
+        """True: `client` goes on now (its token taken); False: it waits at the end of the line."""
+        if not self._waiting and self._take(now):
+            return True
+        self._waiting.append(client)
+        return False
+
+    def withdraw(self, client: T) -> None:
+        """A waiting client is gone (killed, closed): it will not be let go."""
+        self._gone.add(client)
+
+    def due(self, now: float) -> list[T]:
+        """The clients that go on now, first come first, each with its token taken."""
+        waiting, gone, going = self._waiting, self._gone, []
+        while waiting:
+            if waiting[0] in gone:
+                gone.discard(waiting.popleft())
+            elif self._take(now):
+                going.append(waiting.popleft())
+            else:
+                break
+        return going
+
+    def next_at(self) -> float | None:
+        """When the first waiting client may go; None: nobody waits."""
+        waiting, gone = self._waiting, self._gone
+        while waiting and waiting[0] in gone:
+            gone.discard(waiting.popleft())
+        if not waiting:
+            return None
+        bucket = self.bucket
+        return bucket.stamp + max(0.0, 1 - bucket.tokens) / bucket.rate
+
+    def drain(self) -> list[T]:
+        """Everyone still waiting, in order, out of the line (its releaser stops)."""
+        waiting = [client for client in self._waiting if client not in self._gone]
+        self._waiting.clear()
+        self._gone.clear()
+        return waiting
+
+    def _take(self, now: float) -> bool:
+        bucket = self.bucket
+        bucket.refill(now)
+        if bucket.tokens < 1 - _EPSILON:
+            return False
+        bucket.tokens -= 1
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A rate gate's answer: wait `wait` seconds (0: go now), or `wait` None: rejected."""
+    """A rate gate's answer: the client's expected wait (0: none), or `wait`
+    None: rejected. `hold`: how long it waits before it lines up in the
+    gate's :class:`StartLine` (all of `wait` when the gate has none)."""
 
     wait: float | None
     limit: str | None = None  # which limit decided (for the log line), None: none was hit
+    hold: float = 0.0
 
 
 _GO = Admitted(0.0)
@@ -143,16 +227,18 @@ class RateGate:
     """A frontend's new-connection rate limits (global and per source), its meters.
 
     Built from the frontend's config; rebuilt (state reset) when a reload
-    changes those limits.
+    changes those limits (clients already in the old gate's line go on at
+    the old rate).
     """
 
     def __init__(self, frontend: Frontend, now: float) -> None:
         self.name = frontend.name
         self.global_limit, self.source_limit = frontend.rate_limit, frontend.source_rate_limit
-        self.bucket = _bucket(self.global_limit, now)
-        # The moments clients really go on, metered again (see release()).
-        queued = self.global_limit is not None and self.global_limit.action is RateAction.QUEUE
-        self.starts = _bucket(self.global_limit, now) if queued else None
+        self.bucket = _bucket(self.global_limit, now)  # promises moments: who is rejected
+        limit = self.global_limit
+        # Under a queued frontend-wide limit every client goes on through the line.
+        queued = limit is not None and limit.action is RateAction.QUEUE
+        self.line: StartLine | None = StartLine(limit.rate, limit.bucket_size, now) if queued else None
         source = self.source_limit
         self.sources = SourceBuckets(source.rate, source.bucket_size) if source is not None else None
         self.accepted = RateMeter()
@@ -164,7 +250,9 @@ class RateGate:
         return (frontend.rate_limit, frontend.source_rate_limit) == (self.global_limit, self.source_limit)
 
     def admit(self, source: str, now: float, max_wait: float) -> Admitted:
-        """Whether a new client from `source` may go on now, later, or not at all."""
+        """Whether a new client from `source` may go on now, later, or not at
+        all. With a :attr:`line`, a client not rejected then lines up in it
+        after its `hold` (its source's wait), even one that may go now."""
         self.accepted.add(now)
         answer = _GO
         if self.sources is not None:
@@ -172,29 +260,19 @@ class RateGate:
                 self.source_limit, max_wait)), f"source {source}")
             if answer.wait is None:
                 return answer
+        hold = answer.wait
         if self.bucket is not None:
             wait = self.bucket.reserve(now, self._wait_bound(self.global_limit, max_wait))
             answer2 = self._decide(self.global_limit, wait, f"frontend {self.name}")
             if answer2.wait is None or answer2.wait > answer.wait:
                 answer = answer2
+        if answer.wait is None:
+            return answer
         if answer.wait:
             self.queued += 1
-        return answer
-
-    def release(self, now: float) -> float:
-        """A client goes on now (admitted at once, or its promised moment came):
-        0, or how much longer it must wait, its turn reserved.
-
-        The admission bucket promises moments; this one meters the starts
-        themselves against the frontend's queued limit, so that at most
-        `burst` plus `rate` per second really start whatever the event loop
-        did: after a stall of D seconds, the rate x D clients whose moments
-        passed meanwhile are spread out again instead of all connecting to
-        the brokers at once (the storm benchmark saw 289 connects in 0.25 s
-        behind a 500/s limit on a machine at load 15). Without stalls both
-        buckets agree and this never delays anyone.
-        """
-        return 0.0 if self.starts is None else self.starts.reserve(now, math.inf)
+        if self.line is None:
+            hold = answer.wait
+        return answer if answer.hold == hold else Admitted(answer.wait, answer.limit, hold)
 
     @staticmethod
     def _wait_bound(limit: RateLimit, max_wait: float) -> float:
@@ -210,7 +288,7 @@ class RateGate:
         if wait is None:
             self.rejected += 1
             return Admitted(None, text)
-        return Admitted(wait, text)
+        return Admitted(wait, text, wait)
 
 
 def _bucket(limit: RateLimit | None, now: float) -> TokenBucket | None:

@@ -63,6 +63,7 @@ from ..io.kernel_relay import KernelLink, Refused, hand_over, start_kernel_relay
 from ..io.poller import Poller, Writable, current_poller
 from ..io.relay import Ending, Link, Timeouts, Traffic
 from ..io.sockmap import Sockmap
+from ..amqp.admission import StartLine
 from ..amqp.inspect import describe_identity
 from ..amqp.refuse import refuse
 from ..amqp.tap import AmqpConnection, AmqpPolicy
@@ -169,6 +170,7 @@ class _Session(Link):
     __slots__ = (
         "sessions", "client", "frontend", "conn", "started", "backend", "dispatch",
         "server_sock", "waiter", "done", "kernel", "client_tls", "server_tls", "peer", "header",
+        "line", "queued_at",
     )  # fmt: skip
 
     def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
@@ -189,6 +191,8 @@ class _Session(Link):
         self.client_tls: TlsEnd | None = None
         self.server_tls: TlsEnd | None = None
         self.peer: TlsPeer | None = None  # the client's TLS session, once established
+        self.line: StartLine | None = None  # the rate limit's start line it waits in
+        self.queued_at = 0.0  # when it lined up
 
     def begin(self) -> None:
         self.sessions.live.add(self.conn)
@@ -213,20 +217,44 @@ class _Session(Link):
             self._crashed(error)
 
     def _admitted(self, backend: BackendRuntime) -> bool:
-        """The frontend's rate limits: go on now (True), later (in a task) or never."""
+        """The frontend's rate limits: go on now (True), later or never."""
         gate, now = self.frontend.gate, self.sessions.poller.now()
         answer = gate.admit(self.conn.client[0], now, backend.config.timeout.queue)
         if answer.wait is None:
             self._end("PR", answer.limit)
             return False
-        if answer.wait > 0:
-            self.sessions.nursery.start_soon(self._held_back, answer.wait, False)
+        if answer.hold > 0:
+            self.sessions.nursery.start_soon(self._held_back, answer.hold)
             return False
-        late = gate.release(now)
-        if late > 0:  # behind clients whose turn a stall delayed
-            self.sessions.nursery.start_soon(self._held_back, late, True)
-            return False
-        return True
+        return gate.line is None or self._line_up(gate.line, now)
+
+    def _line_up(self, line: StartLine, now: float) -> bool:
+        """Into the frontend's start line: go on now (True), or wait in it
+        until its releaser lets this session go (:func:`_release_line`)."""
+        if line.enter(self, now):
+            return True
+        self.line, self.queued_at = line, now
+        self.conn.interrupt = self._leave_line
+        if not line.driven:
+            line.driven = True
+            self.sessions.nursery.start_soon(_release_line, line, self.sessions.poller)
+        return False
+
+    def _leave_line(self) -> None:
+        """Killed while waiting in the start line."""
+        self.line.withdraw(self)
+        self.line = None
+        self._end(self._killed(), self.conn.kill_note)
+
+    def go_on(self, now: float) -> None:
+        """The start line's releaser lets this session go on now. Never raises."""
+        self.line = None
+        self.conn.interrupt = None
+        try:
+            self.dispatch.timing.queue += now - self.queued_at
+            self._carry_out(self.dispatch.start(now))
+        except Exception as error:
+            self._crashed(error)
 
     # -- carrying out the dispatch's actions -----------------------------------------------
 
@@ -519,28 +547,25 @@ class _Session(Link):
         except Exception as error:  # one connection's failure never stops the others
             self._crashed(error)
 
-    async def _held_back(self, delay: float, released: bool) -> None:
-        """A rate limit's queue: this client's turn comes `delay` seconds from
-        now (reserved in the token bucket), then, unless `released` already,
-        its start is metered (RateGate.release: after a stall it may wait a
-        little longer); then it goes on in callbacks."""
+    async def _held_back(self, delay: float) -> None:
+        """A source rate limit's queue (or a frontend limit's, without a start
+        line): this client's turn comes `delay` seconds from now (reserved in
+        the token bucket); then it lines up in the frontend's start line, if
+        any, or goes on in callbacks."""
         conn = self.conn
         try:
             with trio.CancelScope() as scope:
                 conn.interrupt = scope.cancel
                 await trio.sleep(delay)
-                gate = self.frontend.gate  # None if a reload removed the limit meanwhile
-                if not released and gate is not None:
-                    late = gate.release(self.sessions.poller.now())
-                    if late > 0:
-                        await trio.sleep(late)
-                        delay += late
             conn.interrupt = None
             if scope.cancelled_caught:
                 self._end(self._killed(), conn.kill_note)
                 return
             self.dispatch.timing.queue += delay
-            self._carry_out(self.dispatch.start(self.sessions.poller.now()))
+            now = self.sessions.poller.now()
+            gate = self.frontend.gate  # None if a reload removed the limit meanwhile
+            if gate is None or gate.line is None or self._line_up(gate.line, now):
+                self._carry_out(self.dispatch.start(now))
         except trio.Cancelled:  # the stop grace period is over
             self._end(KillReason.KILLED.value + "D", None)
             raise
@@ -709,3 +734,24 @@ _NO_TIMING = Timing()  # a session that failed before its dispatch began
 def _addr(address: tuple[str, int]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _release_line(line: StartLine, poller: Poller) -> None:
+    """A frontend's start line's releaser, while anyone waits in it: lets
+    the sessions go on in order, each at the moment the line allows, read on
+    the clock at that moment (so a stall of the event loop delays them and
+    never bunches them). At the end of the stop grace period the sessions
+    still waiting end (``KD``)."""
+    try:
+        while (at := line.next_at()) is not None:
+            await trio.sleep_until(at)
+            now = poller.now()
+            for session in line.due(now):
+                session.go_on(now)
+    except trio.Cancelled:
+        for session in line.drain():
+            session.line = None
+            session._end(KillReason.KILLED.value + "D", None)
+        raise
+    finally:
+        line.driven = False

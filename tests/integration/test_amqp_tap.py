@@ -26,6 +26,7 @@ from proxy.health.amqp_methods import (
 )
 from proxy.health.amqp_wire import HEARTBEAT_FRAME, PROTOCOL_HEADER, FrameBuffer
 from lab import wait_until
+from proxy.runtime import KillReason
 from tests.proxyutil import front, make_config, serve_named, server, start_warren
 
 
@@ -388,6 +389,32 @@ async def test_a_storm_reaches_the_broker_no_faster_than_the_rate_limit():
             assert app.runtime.frontends["fe"].gate.queued == count - burst
             for stream in greeted:
                 await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+
+async def test_a_client_killed_in_the_start_line_ends_with_kd_and_the_line_goes_on():
+    """One per 4 s, queued: the first client goes at once, three
+    wait in the frontend's start line. The second one killed there ends at
+    once (KD, its slot freed) and takes no turn: the third goes next."""
+    limit = RateLimit(rate=0.25, burst=1, action=RateAction.QUEUE)
+    with structlog.testing.capture_logs() as logs, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_named, "echo")
+            app = await start_warren(nursery, amqp_config(port, rate_limit=limit))
+            fe = app.runtime.frontends["fe"]
+            first = await trio.open_tcp_stream(*front(app))
+            assert await first.receive_some(5) == b"echo\n"
+            waiting = [await trio.open_tcp_stream(*front(app)) for _ in range(3)]
+            await wait_until(lambda: len(fe.gate.line) == 3, timeout=15)
+            (victim,) = [c for c in app.sessions.live if c.client[1] == waiting[0].socket.getsockname()[1]]
+            victim.kill(KillReason.KILLED)
+            assert await waiting[0].receive_some(5) == b""
+            (line,) = await wait_for_closed(logs)
+            assert (line["termination"], line["server"]) == ("KD", None)
+            assert len(fe.gate.line) == 2 and fe.current == 3
+            assert await waiting[1].receive_some(5) == b"echo\n"  # next in line, about 4 s after the first
+            assert len(fe.gate.line) == 1
             nursery.cancel_scope.cancel()
 
 
