@@ -107,7 +107,8 @@ def run_benchmark(bench: Benchmark, progress: Progress) -> BenchResult:
 
 # The benchmarks that can run a baseline Warren: those whose contenders are started by
 # contenders.start() alone, and failover (its own start in namespaces knows "baseline").
-_BASELINE_READY = ("requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp", "failover")
+_BASELINE_READY = ("requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp", "storm", "storm_limited",
+                   "failover")
 
 
 def with_baseline(benches: list[Benchmark], checkout: Path) -> None:
