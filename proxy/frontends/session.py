@@ -33,8 +33,10 @@ out) and as its relay ends (a trio task, a cancel scope and three task
 switches per connection cost as much as everything else Warren does for
 it). Only a session that must wait in the backend's queue for a server slot
 does so in a task of the session nursery, and goes on in callbacks after;
-so does one that a rate limit holds back, or that an AMQP connection limit
-refuses (the refusal is a short conversation with both peers).
+so does one that a source rate limit holds back, or that an AMQP connection
+limit refuses (the refusal is a short conversation with both peers). One
+held by a frontend's queued rate limit waits in the frontend's start line,
+whose one releaser task calls it back (``_release_line``).
 
 TLS (:mod:`proxy.tls.pump`) adds two steps, in poller callbacks too: a TLS
 frontend's session starts with the client's handshake; a server reached over
