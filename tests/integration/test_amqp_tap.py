@@ -30,8 +30,8 @@ from proxy.runtime import KillReason
 from tests.proxyutil import front, make_config, serve_named, server, start_warren
 
 
-def amqp_config(port: int, **frontend_changes):
-    config = make_config([server("fake", port)])
+def amqp_config(port: int, *, queue: float = 5.0, **frontend_changes):
+    config = make_config([server("fake", port)], queue=queue)
     frontend = dataclasses.replace(config.frontends[0], mode=FrontendMode.AMQP, **frontend_changes)
     return dataclasses.replace(config, frontends=(frontend,))
 
@@ -401,7 +401,7 @@ async def test_a_client_killed_in_the_start_line_ends_with_kd_and_the_line_goes_
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_named, "echo")
-            app = await start_warren(nursery, amqp_config(port, rate_limit=limit))
+            app = await start_warren(nursery, amqp_config(port, queue=30.0, rate_limit=limit))
             fe = app.runtime.frontends["fe"]
             first = await trio.open_tcp_stream(*front(app))
             assert await first.receive_some(5) == b"echo\n"
