@@ -24,7 +24,8 @@ def test_the_baseline_joins_the_benchmarks_that_know_how_to_start_it(tmp_path, m
     finally:
         lab.close(keep_workdir=False)
     with_it = {b.name for b in benches if "baseline" in b.contenders}
-    assert with_it == {"requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp", "failover"}
+    assert with_it == {"requests", "connrate", "bulk", "amqp_connrate", "amqp", "tls_amqp", "storm", "storm_limited",
+                       "failover"}
     assert all(b.contenders[-1] == "baseline" for b in benches if b.name in with_it)
     assert C.BASELINE == checkout.resolve()
 
