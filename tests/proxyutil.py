@@ -139,6 +139,17 @@ async def read_line(stream) -> str:
     return data.decode().strip()
 
 
+async def read_to_end(stream) -> bytes:
+    """Everything the peer sends until it closes; a reset after its last byte ends it too."""
+    data = b""
+    try:
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
+    return data
+
+
 def with_servers(config: Config, servers) -> Config:
     backend = replace(config.backends[0], servers=tuple(servers))
     return replace(config, backends=(backend,))

@@ -24,7 +24,7 @@ from proxy.lograte import RateLimitedLog
 from proxy.stats_ui.control import (
     LINE_TIMEOUT, LOG_RATES, MAX_CONNECTIONS, ControlService, ControlSocketError, bind_control_socket, ctl_main,
 )
-from tests.proxyutil import use_service, connect_and_greet, make_config, read_line, serve_named, server
+from tests.proxyutil import use_service, connect_and_greet, make_config, read_line, read_to_end, serve_named, server
 
 
 async def start_with_ctl(nursery, path, names=("a", "b"), brokers_nursery=None, log_clock=None) -> App:
@@ -206,12 +206,7 @@ async def test_idle_connections_cannot_lock_an_operator_out(tmp_path):
             # The idle ones are closed: evicted at once, or told off after the line timeout.
             for stream in idle:
                 with trio.fail_after(LINE_TIMEOUT + 5):
-                    answer = b""
-                    try:
-                        while chunk := await stream.receive_some(4096):
-                            answer += chunk
-                    except trio.BrokenResourceError:
-                        pass
+                    answer = await read_to_end(stream)
                 assert answer in (b"", f"error: no command line within {LINE_TIMEOUT:g}s\n\n".encode())
                 await stream.aclose()
             nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from lab import wait_until
 from proxy.vip import links as links_module
 from proxy.vip.links import MAX_LINKS_PER_PEER, LinkServer, MasterLink, Outcome
 from proxy.vip.peerlink import GREETING_SIZE, BackupHandshake, Status, Successor, link_key
+from tests.proxyutil import read_to_end
 
 LOCAL = ipaddress.IPv4Address("127.0.0.1")
 KEY = link_key("0123456789abcdef-secret")
@@ -312,10 +313,4 @@ async def test_a_backup_that_breaks_the_message_protocol_loses_its_link_not_the_
 
 async def closed_by_peer_after_successor(stream) -> bool:
     """Skips the successor the master says to every link, then expects its end."""
-    data = b""
-    try:
-        while chunk := await stream.receive_some(100):
-            data += chunk
-    except trio.BrokenResourceError:
-        pass
-    return data in (b"", Successor(ipaddress.IPv4Address("127.0.0.2")).encode())
+    return await read_to_end(stream) in (b"", Successor(ipaddress.IPv4Address("127.0.0.2")).encode())
