@@ -21,6 +21,8 @@ is woken only for what the kernel leaves to it:
   propagated, once the kernel has put the bytes redirected before it in the
   other socket's send queue (as the splice and copy paths write every byte
   read before the reset): RabbitMQ sends its Close-Ok right before a reset.
+  A reset after that side's FIN, once both ways were done with everything
+  delivered, lost nothing and is not an abort (``_ended_before_reset``).
 * **idle deadlines**: checked lazily when they fall due, from the kernel's
   last-receive times (TCP_INFO ``tcpi_last_data_recv``), not from reads.
 
@@ -47,7 +49,7 @@ import structlog
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller
 from .relay import Ending, Link, Timeouts, reset_on_close
-from .sockmap import Full, Pair, Sockmap, queued_into, send_room, since_last_receive
+from .sockmap import Full, Pair, Sockmap, acknowledged, queued_into, send_room, since_last_receive
 
 log = structlog.get_logger("warren.relay")
 
@@ -423,9 +425,36 @@ class KernelLink:
         self._schedule(now)
 
     def _check_error(self, side: int) -> None:
-        error = self.socks[side].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
+        """Raise SideLost if `side` failed, unless its reset lost nothing."""
+        sock = self.socks[side]
+        harmless = self._ended_before_reset(side)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # read, hence cleared
+        if error and not harmless:
             raise lost_or_raise(OSError(error, os.strerror(error)), side)
+
+    def _ended_before_reset(self, side: int) -> bool:
+        """Had `side`'s connection ended before its reset? Its FIN came
+        first, the way towards it had ended (Warren's FIN sent) with every
+        byte acknowledged, the way from it had forwarded every passed byte.
+        Such a reset answers the FIN Warren passed on, from a host that had
+        already forgotten its closed socket (a full TIME_WAIT table drops
+        the FIN_WAIT2 state: tcp_max_tw_buckets, TCPTimeWaitOverflow). The
+        copy and splice paths read that FIN before the error (it is queued
+        first) and end normally; so does this one."""
+        towards, away = self.ways[1 - side], self.ways[side]
+        if towards.state != _DONE or away.pending or not self.pair.caught_up(side):
+            return False
+        sock = self.socks[side]
+        try:
+            if acknowledged(sock, connected=side == _SERVER) < self._sent_into(towards):
+                return False
+            # A receive reports the FIN (SOCK_DONE) before the error, and the
+            # error (clearing it) where no FIN came.
+            return sock.recv(1, _PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise lost_or_raise(exc, side) from exc
 
     def _advance(self) -> None:
         for way in self.ways:
@@ -521,8 +550,7 @@ class KernelLink:
         queue? A kernel worker sends them after the redirect, usually within
         microseconds: a FIN that follows a reply closely finds it still at
         work, so it gets one yield of the CPU before a timer is needed."""
-        target = way.target
-        expected = self.written[target] + self.pair.redirected(way.source) + self.pair.forwarded(way.source)
+        target, expected = way.target, self._sent_into(way)
         for attempt in range(2):
             try:
                 queued = queued_into(self.socks[target], connected=target == _SERVER)
@@ -534,6 +562,11 @@ class KernelLink:
             if attempt == 0:
                 os.sched_yield()
         return False
+
+    def _sent_into(self, way: _Way) -> int:
+        """Bytes Warren and the kernel handed to `way`'s target: all that
+        its send queue ever had, once drained."""
+        return self.written[way.target] + self.pair.redirected(way.source) + self.pair.forwarded(way.source)
 
     def _room(self, way: _Way) -> int:
         try:

@@ -714,12 +714,18 @@ def _wait_events(epoll: select.epoll, sock: socket.socket, mask: int) -> bool:
 
 def queued_into(sock: socket.socket, connected: bool) -> int:
     """Bytes ever put in `sock`'s send queue (by Warren or by the kernel's
-    redirects): acknowledged plus still queued. The SYN of a connection this
-    side opened counts as one acknowledged byte (tcp_ack in SYN-SENT)."""
+    redirects): acknowledged plus still queued. Read in that order: an
+    acknowledgment in between makes it seem less, never more."""
+    acked = acknowledged(sock, connected)
+    return acked + struct.unpack("=i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def acknowledged(sock: socket.socket, connected: bool) -> int:
+    """Bytes of `sock`'s send queue its peer acknowledged. The SYN of a
+    connection this side opened counts as one acknowledged byte (tcp_ack in
+    SYN-SENT), a FIN acknowledged as another."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-    acked = struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
-    outq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
-    return acked + outq - (1 if connected else 0)
+    return struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0] - (1 if connected else 0)
 
 
 def since_last_receive(sock: socket.socket) -> float:

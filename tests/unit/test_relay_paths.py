@@ -15,11 +15,13 @@ import functools
 import gc
 import os
 import resource
+import select
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -132,10 +134,9 @@ class Proxied:
         return self.ending
 
 
-@asynccontextmanager
-async def proxied(path: Path, *, before=(b"", b""), header=b"", timeouts=Timeouts()):
-    """client <-> near ==relay== far <-> server. `before` is sent by client
-    and server before the relay starts; `header` is written to far first."""
+async def proxy_sockets():
+    """(client, near, far, server): client <-> near, far <-> server, the
+    near sockets plain and non-blocking, for a relay between them."""
     with trio.socket.socket() as listener:
         await listener.bind(("127.0.0.1", 0))
         listener.listen(4)
@@ -144,6 +145,14 @@ async def proxied(path: Path, *, before=(b"", b""), header=b"", timeouts=Timeout
         far = socket.create_connection(listener.getsockname())
         far.setblocking(False)
         server, _ = await listener.accept()
+    return client, near, far, server
+
+
+@asynccontextmanager
+async def proxied(path: Path, *, before=(b"", b""), header=b"", timeouts=Timeouts()):
+    """client <-> near ==relay== far <-> server. `before` is sent by client
+    and server before the relay starts; `header` is written to far first."""
+    client, near, far, server = await proxy_sockets()
     link = Proxied(client, server, near, far)
     for sock, data in ((client, before[0]), (server, before[1])):
         await send_all(sock, data)
@@ -267,6 +276,57 @@ async def test_the_last_bytes_before_a_reset_arrive_before_it(path, side):
                 with pytest.raises(ConnectionResetError):
                     while await other.recv(1 << 16):
                         pass
+
+
+_TCP_REPAIR = 19  # linux/tcp.h; a socket in repair mode closes without a word
+
+
+async def test_a_reset_answering_the_fin_passed_on_after_the_peers_own_is_a_normal_end(path):
+    """Both ends closed (the client first); the server's host has already
+    forgotten its side when the client's FIN, passed on, reaches it, and
+    answers with a reset. Nothing was lost: a normal end, as the copy path
+    reads it (the server's FIN, then the error). A host forgets a closed
+    socket at once when its TIME_WAIT table is full (`tcp_max_tw_buckets`:
+    its FIN_WAIT2 state is dropped, TCPTimeWaitOverflow), here forgotten on
+    purpose (TCP_REPAIR). The relay serves the client's FIN alone, as when
+    thousands of connections close at once and a connection's two FINs come
+    in different epoll batches (at most 1,023 events each): it passes it on
+    before it has seen the server's, and the reset comes in the next batch."""
+    with trio.fail_after(IO_BOUND):
+        client, near, far, server = await proxy_sockets()
+        endings = []
+        link = path.start(near, far, lambda result: endings.append(result.unwrap()))
+        try:
+            await send_all(client, b"ping")
+            assert await recv_exactly(server, 4) == b"ping"
+            if path.name == "handover":
+                await wait_until(lambda: link.kernel is not None, timeout=IO_BOUND, interval=0.001)
+            try:
+                server.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 1)
+            except PermissionError:
+                pytest.skip("TCP_REPAIR needs CAP_NET_ADMIN")
+            server.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 0)
+            client.close()
+            server.shutdown(socket.SHUT_WR)
+            # Both FINs in, and the server forgotten, before the relay runs:
+            # no trio checkpoint (wait_until's) until it has served the
+            # client's FIN alone, so the kernel's poll() waits here.
+            arrived, deadline = select.poll(), time.monotonic() + IO_BOUND
+            for sock in (near, far):
+                arrived.register(sock, select.POLLRDHUP)
+            while len(arrived.poll(100)) < 2:
+                assert time.monotonic() < deadline, "the FINs did not arrive"
+            server.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 1)
+            server.close()
+            served = link.kernel if path.name == "handover" else link
+            served.events[0] |= select.EPOLLRDHUP
+            served.serve()
+            await wait_until(lambda: endings, timeout=IO_BOUND, interval=0.001)
+        finally:
+            link.stop()
+            client.close()
+            server.close()
+        assert endings == [Ending.NORMAL]
 
 
 async def test_a_kill_ends_the_relay_and_closes_both_sockets(path):
