@@ -46,12 +46,14 @@ import socket
 import outcome
 import structlog
 
+from ..lograte import Rate, RateLimitedLog
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller
 from .relay import Ending, Link, Timeouts, reset_on_close
 from .sockmap import Full, Pair, Sockmap, acknowledged, queued_into, send_room, since_last_receive
 
 log = structlog.get_logger("warren.relay")
+LOG_RATES = {"relay.notifications_lost": Rate(burst=1, interval=10.0)}
 
 _CLIENT, _SERVER = 0, 1
 _ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
@@ -232,7 +234,7 @@ class RingWatch:
     link served. Registered level-triggered: a record still being written
     when the ring is read keeps the fd readable until it is read."""
 
-    __slots__ = ("sockmap", "poller", "fds", "events", "queued", "notify", "scheduled", "deadline")
+    __slots__ = ("sockmap", "poller", "fds", "events", "queued", "notify", "scheduled", "deadline", "log")
 
     def __init__(self, sockmap: Sockmap, poller) -> None:
         self.sockmap, self.poller = sockmap, poller
@@ -240,7 +242,9 @@ class RingWatch:
         self.events = [0, 0]
         self.queued = False
         self.notify = True  # never finished: served as long as the poller runs
-        self.scheduled = self.deadline = math.inf
+        self.scheduled = self.deadline = math.inf  # when the losses logged are summed up
+        # A full ring comes with a load that fills it again at once.
+        self.log = RateLimitedLog(log, LOG_RATES, clock=lambda: poller.now())
         poller.watch(sockmap.ring_fd, self, select.EPOLLIN)
 
     def serve(self) -> bool:
@@ -248,7 +252,7 @@ class RingWatch:
         slots, lost = self.sockmap.notified()
         pair_of, poke = self.sockmap.pair_of, self.poller.poke
         if lost:
-            log.warning("relay.notifications_lost", pairs=self.sockmap.pairs)
+            self._log_lost()
             slots = range(len(pair_of))
         for slot in slots:
             pair = pair_of[slot]
@@ -256,8 +260,17 @@ class RingWatch:
                 poke(pair.owner)
         return False
 
+    def _log_lost(self) -> None:
+        self.log.warning("relay.notifications_lost", pairs=self.sockmap.pairs)
+        if self.deadline == math.inf:
+            # The summary of the losses left out is due when the interval
+            # ends, even if none follows.
+            self.deadline = self.scheduled = self.poller.now() + LOG_RATES["relay.notifications_lost"].interval
+            self.poller.wake_at(self, self.deadline)
+
     def expire(self) -> None:
-        pass
+        self.deadline = math.inf
+        self.log.flush()
 
     def fail(self, error: Exception) -> None:
         # A bug here must not stop notifications: logged, and served again.

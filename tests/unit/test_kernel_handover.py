@@ -12,6 +12,7 @@ import os
 import hypothesis
 import hypothesis.strategies as st
 import pytest
+import structlog.testing
 import trio
 
 from proxy.io import bpf
@@ -177,13 +178,19 @@ def test_a_pair_torn_by_a_refusal_after_the_client_received_bytes_is_not_relayed
 
 class _Poller:
     def __init__(self):
-        self.poked = []
+        self.poked, self.timers, self.time = [], [], 0.0
 
     def watch(self, fd, link, mask):
         pass
 
     def poke(self, link):
         self.poked.append(link)
+
+    def now(self):
+        return self.time
+
+    def wake_at(self, link, when):
+        self.timers.append(when)
 
 
 def test_the_ring_watcher_serves_the_notified_links_and_all_of_them_after_a_loss():
@@ -217,3 +224,34 @@ def test_the_ring_watcher_serves_the_notified_links_and_all_of_them_after_a_loss
     poller = _Poller()
     RingWatch(lost, poller).serve()
     assert set(poller.poked) == {"link a", "link b"}
+
+
+def test_lost_notifications_are_logged_once_then_summed_up_per_interval():
+    """A full ring comes with a load that fills it again at once: one
+    warning in full, then one summary when the interval ends, even if no
+    loss follows to write it."""
+    from proxy.io.kernel_relay import LOG_RATES, RingWatch
+
+    class Map:
+        ring_fd, pairs, pair_of = 99, 3, [None] * 4
+
+        def notified(self):
+            return [], True
+
+    poller = _Poller()
+    watch = RingWatch(Map(), poller)
+    interval = LOG_RATES["relay.notifications_lost"].interval
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(500):
+            watch.serve()
+        assert [entry.get("summary") for entry in logs] == [None]
+        assert poller.timers == [interval]  # one timer for the summary, not one per loss
+        poller.time = interval
+        watch.expire()
+    assert [entry["event"] for entry in logs] == ["relay.notifications_lost"] * 2
+    assert logs[0]["pairs"] == 3 and logs[0]["log_level"] == "warning"
+    assert logs[1]["summary"] is True and logs[1]["suppressed"] == 499
+    with structlog.testing.capture_logs() as logs:
+        watch.serve()  # a new interval: in full again, and summed up at its end
+    assert len(logs) == 1 and "summary" not in logs[0]
+    assert poller.timers == [interval, 2 * interval]
