@@ -93,16 +93,34 @@ def tcp_pair(listener) -> tuple[socket.socket, socket.socket]:
     return outer, inner
 
 
+def connected_pairs(count: int) -> list[socket.socket]:
+    """`count` connected loopback pairs, flat: [outer, inner, outer, inner...]."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(count)
+        return [sock for _ in range(count) for sock in tcp_pair(listener)]
+
+
+@pytest.fixture
+def pairs():
+    """pairs(count): connected_pairs(count), every socket closed after the test."""
+    made = []
+
+    def make(count: int) -> list[socket.socket]:
+        socks = connected_pairs(count)
+        made.extend(socks)
+        return socks
+
+    yield make
+    for sock in made:
+        sock.close()
+
+
 @contextmanager
 def relayed_by_the_kernel(*, before=(b"", b""), credit=1 << 20, attach="verdict", **options):
     """(client, server, pair, near, far): client <-> near ... far <-> server,
     near and far in the map; `before` is sent by client and server first."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        client, near = tcp_pair(listener)
-        far, server = tcp_pair(listener)
-    socks = [client, near, far, server]
+    client, near, far, server = socks = connected_pairs(2)
     smap = Sockmap(16, first_credit=credit, attach=attach, **options)
     try:
         if before[0]:
@@ -216,12 +234,8 @@ def test_each_socket_keeps_the_end_of_what_it_received_last(attach):
 
 
 @needs_bpf
-def test_a_reused_slot_starts_with_an_empty_tail():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        socks = [s for _ in range(2) for s in tcp_pair(listener)]
-        socks += [s for _ in range(2) for s in tcp_pair(listener)]
+def test_a_reused_slot_starts_with_an_empty_tail(pairs):
+    socks = pairs(4)
     smap = Sockmap(2)  # one pair: the second reuses its slots
     try:
         client, near, far, server = socks[:4]
@@ -236,8 +250,6 @@ def test_a_reused_slot_starts_with_an_empty_tail():
         second = smap.add(socks[5], socks[6])
         assert second.slots == first.slots and (second.tail(0), second.tail(1)) == (b"", b"")
     finally:
-        for sock in socks:
-            sock.close()
         smap.close()
 
 
@@ -346,11 +358,8 @@ def test_send_queue_accounting_counts_what_was_put_in_either_way():
 
 
 @needs_bpf
-def test_a_full_map_refuses_a_pair_until_one_is_released():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        socks = [s for _ in range(3) for s in tcp_pair(listener)]
+def test_a_full_map_refuses_a_pair_until_one_is_released(pairs):
+    socks = pairs(3)
     smap = Sockmap(4)
     try:
         first = smap.add(socks[0], socks[1])
@@ -364,17 +373,12 @@ def test_a_full_map_refuses_a_pair_until_one_is_released():
         smap.add(socks[4], socks[5])
         assert smap.pairs == 2
     finally:
-        for sock in socks:
-            sock.close()
         smap.close()
 
 
 @needs_bpf
-def test_a_socket_the_kernel_refuses_leaves_nothing_behind():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
-        client, near = tcp_pair(listener)
+def test_a_socket_the_kernel_refuses_leaves_nothing_behind(pairs):
+    client, near = pairs(1)
     unconnected = socket.socket()
     smap = Sockmap(2)
     try:
@@ -382,15 +386,9 @@ def test_a_socket_the_kernel_refuses_leaves_nothing_behind():
             smap.add(near, unconnected)
         assert smap.pairs == 0
         # Its slots are free again: a good pair still fits.
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(4)
-            a, b = tcp_pair(listener)
-        with a, b:
-            smap.add(a, b)
+        smap.add(*pairs(1))
     finally:
-        for sock in (client, near, unconnected):
-            sock.close()
+        unconnected.close()
         smap.close()
 
 
