@@ -157,8 +157,10 @@ def new_connections_peak(node, since: float, window: float = 1.0) -> tuple[int, 
     """(the most connections `node` accepted within any `window` seconds
     since `since` (time.time()), how many it accepted since then), from its
     own record: RabbitMQ stamps each connection's `connected_at` (ms, the
-    system clock) when its reader starts, right after accepting the socket,
-    before any AMQP byte. Only connections still open are listed (health
+    system clock) when its reader starts on an accepted socket, before any
+    AMQP byte: later than the connection reached its listener by however
+    long the broker was starved of CPU, and bunched by its catching up
+    (bench.syns has the listener's side). Only connections still open are listed (health
     checks and probes have closed theirs), which after a storm are the
     clients that reconnected."""
     out = node.ctl("list_connections", "connected_at", "--formatter", "json", "--quiet", timeout=120)
