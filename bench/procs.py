@@ -5,7 +5,9 @@ only the driver, which then stops them in order), with RLIMIT_NOFILE raised to
 the hard limit (8,000 proxied connections need 16,000 descriptors in the
 proxy), and its output in a log file. Each is registered until it has been
 reaped; `stop_all()` (also run at interpreter exit) ends whatever is left,
-by PID, never by name.
+by PID, never by name. If this process is killed outright (SIGKILL: pytest's
+timeout, an OOM kill), the devcluster reaper SIGKILLs their process groups
+(each is its session's leader), as it does the RabbitMQ nodes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterator, Sequence
 
-from proxy.devcluster import free_ports
+from proxy.devcluster import forget, free_ports, reap_if_we_die
 
 __all__ = [
     "Managed", "ProcessFailed", "cpu_seconds", "free_ports", "raise_nofile_limit", "read_event",
@@ -109,6 +111,8 @@ class Managed:
                     self.popen.kill()
                     self.popen.wait(10)
         finally:
+            if self in _live and self.popen.returncode is not None:
+                forget(self.pid)  # reaped: nothing left for the reaper
             _live.discard(self)
             for stream in (self.popen.stdin, self.popen.stdout):
                 if stream is not None:
@@ -154,6 +158,7 @@ def spawn(name: str, argv: Sequence[str], *, log_path: Path | None, cwd: Path | 
     finally:
         if log_path is not None:
             log.close()
+    reap_if_we_die(popen.pid)  # its own session: its PID is its process group
     managed = Managed(name, popen, log_path)
     _live.add(managed)
     return managed

@@ -21,6 +21,7 @@ work inside runs in short-lived threads.
 
 from ._cluster import RabbitCluster, in_parallel, join_cluster
 from ._node import NodeSpec, NodeTls, RabbitNode, render_conf
+from ._reaper import forget, reap_if_we_die
 from ._system import (
     CtlError, DevClusterError, epmd_names, epmd_pids, free_ports, port_accepts, run_ctl,
     unavailable_reason,
@@ -28,6 +29,6 @@ from ._system import (
 
 __all__ = [
     "CtlError", "DevClusterError", "NodeSpec", "NodeTls", "RabbitCluster", "RabbitNode", "epmd_names",
-    "epmd_pids", "free_ports", "in_parallel", "join_cluster", "port_accepts", "render_conf",
-    "run_ctl", "unavailable_reason",
+    "epmd_pids", "forget", "free_ports", "in_parallel", "join_cluster", "port_accepts",
+    "reap_if_we_die", "render_conf", "run_ctl", "unavailable_reason",
 ]

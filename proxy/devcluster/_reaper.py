@@ -1,4 +1,5 @@
-"""Nodes that die with the process that started them, however it ends.
+"""Nodes (and the benchmarks' proxies and clients) that die with the process
+that started them, however it ends.
 
 A node runs in its own session (a terminal's Ctrl-C reaches only us, and we
 stop it gracefully). If the starting process is killed outright (SIGKILL:
@@ -13,8 +14,12 @@ So each process that starts nodes has one reaper: a small Python child in a
 session of its own, reading a pipe whose write end only the starting process
 holds (os.pipe() is close-on-exec, so no other child inherits it). The
 kernel closes that end however the process ends; at end of file the reaper
-SIGKILLs every node process group still registered and removes the node's
-directory. A node stopped in the ordinary way is unregistered.
+SIGKILLs every process group still registered and removes its directory,
+if it has one. A process stopped in the ordinary way is unregistered.
+
+Nodes register here (devcluster), and so does every process the benchmarks
+spawn in a session of its own (bench.procs.spawn: Warren, HAProxy,
+keepalived, the load clients), since they hold the same ports and names.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
-# Lines "+PGID DIR" (register) and "-PGID" (forget), then end of file.
+# Lines "+PGID DIR" (register; DIR may be empty) and "-PGID" (forget), then end of file.
 _REAPER = r"""
 import os, shutil, signal, sys, time
 groups = {}
@@ -73,9 +78,10 @@ def _pipe() -> int:
         return _owner[1]
 
 
-def reap_if_we_die(pgid: int, directory: Path) -> None:
-    """Have process group ``pgid`` SIGKILLed and ``directory`` removed if this process ends first."""
-    os.write(_pipe(), f"+{pgid} {directory}\n".encode())
+def reap_if_we_die(pgid: int, directory: Path | None = None) -> None:
+    """Have process group ``pgid`` SIGKILLed (and ``directory``, if any,
+    removed) if this process ends first."""
+    os.write(_pipe(), f"+{pgid} {directory or ''}\n".encode())
 
 
 def forget(pgid: int) -> None:
