@@ -22,7 +22,7 @@ Each check has an action (:class:`~proxy.config.model.RateAction`,
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -171,12 +171,19 @@ class StartLine(Generic[T]):
         """A waiting client is gone (killed, closed): it will not be let go."""
         self._gone.add(client)
 
-    def due(self, now: float) -> list[T]:
-        """The clients that go on now, first come first, each with its token taken."""
+    def due(self, now: float, gave_up: Callable[[T], bool] | None = None) -> list[T]:
+        """The clients that go on now, first come first, each with its token taken.
+
+        `gave_up`, if given, is asked of each client at its turn, before a
+        token is taken: one that gave up while waiting (True) leaves the line
+        and takes no token (what it means, and what becomes of the client,
+        is the caller's)."""
         waiting, gone, going = self._waiting, self._gone, []
         while waiting:
             if waiting[0] in gone:
                 gone.discard(waiting.popleft())
+            elif gave_up is not None and self._has_token(now) and gave_up(waiting[0]):
+                waiting.popleft()
             elif self._take(now):
                 going.append(waiting.popleft())
             else:
@@ -200,12 +207,15 @@ class StartLine(Generic[T]):
         self._gone.clear()
         return waiting
 
-    def _take(self, now: float) -> bool:
+    def _has_token(self, now: float) -> bool:
         bucket = self.bucket
         bucket.refill(now)
-        if bucket.tokens < 1 - _EPSILON:
+        return bucket.tokens >= 1 - _EPSILON
+
+    def _take(self, now: float) -> bool:
+        if not self._has_token(now):
             return False
-        bucket.tokens -= 1
+        self.bucket.tokens -= 1
         return True
 
 

@@ -8,6 +8,7 @@ or what ended the connection, the second in which phase.
     cD  client idle / tunnel / client-fin timeout   sD  server idle / server-fin timeout
     SC  no server, or connect refused by the server
     sC  connect timeout                             sQ  queue timeout
+    CQ  the client went away while waiting for its turn in a rate limit's start line
     RC  Warren itself is out of descriptors or memory (no socket for the server)
     CR  the client's TLS handshake failed (garbage, plaintext, a refused
         certificate; logged as tls.handshake_failed)
@@ -48,6 +49,7 @@ redispatch as for a refused connect). The relay then runs TLS directions.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import time
 
@@ -247,6 +249,20 @@ class _Session(Link):
         self.line.withdraw(self)
         self.line = None
         self._end(self._killed(), self.conn.kill_note)
+
+    def gave_up_waiting(self) -> bool:
+        """Asked by the start line's releaser at this session's turn: True
+        (and the session ended, ``CQ``) when the client went away while it
+        waited, so that no broker gets a connection for nobody and the
+        turn goes to the next client. A reset always counts; a FIN only on
+        an AMQP frontend (AMQP clients never half-close, so a FIN is a
+        client that closed), while a TCP client that half-closed may still
+        want its answer, and goes on."""
+        gone = _client_gone(self.client, amqp=self.frontend.config.mode is FrontendMode.AMQP)
+        if gone:
+            self.line = None
+            self._end("CQ", "client closed while waiting in the start line")
+        return gone
 
     def go_on(self, now: float) -> None:
         """The start line's releaser lets this session go on now. Never raises."""
@@ -722,6 +738,19 @@ def _drain(socks) -> None:
                 break
 
 
+_RESET = select.POLLERR | select.POLLHUP
+
+
+def _client_gone(client: socket.socket, *, amqp: bool) -> bool:
+    """Whether `client` reset (or, with `amqp`, closed) its connection: one
+    poll(2) with no wait, nothing read."""
+    poll = select.poll()
+    poll.register(client, select.POLLRDHUP)
+    ready = poll.poll(0)
+    events = ready[0][1] if ready else 0
+    return bool(events & _RESET or (amqp and events & select.POLLRDHUP))
+
+
 def _close(poller: Poller, sock: socket.socket) -> None:
     """Closes a socket the relay did not (the poller may still know its fd)."""
     fd = sock.fileno()
@@ -738,6 +767,10 @@ def _addr(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _gave_up(session: _Session) -> bool:
+    return session.gave_up_waiting()
+
+
 async def _release_line(line: StartLine, poller: Poller) -> None:
     """A frontend's start line's releaser, while anyone waits in it: lets
     the sessions go on in order, each at the moment the line allows, read on
@@ -748,7 +781,7 @@ async def _release_line(line: StartLine, poller: Poller) -> None:
         while (at := line.next_at()) is not None:
             await trio.sleep_until(at)
             now = poller.now()
-            for session in line.due(now):
+            for session in line.due(now, _gave_up):
                 session.go_on(now)
     except trio.Cancelled:
         for session in line.drain():

@@ -393,20 +393,28 @@ async def test_a_storm_reaches_the_broker_no_faster_than_the_rate_limit():
 
 
 
+async def behind_a_start_line(nursery, *, rate: float, waiting: int):
+    """Warren on an AMQP frontend queued at `rate`/s (burst 1, a 30 s queue
+    timeout) in front of an echo server: one client through at once, then
+    `waiting` clients in its start line. Returns (app, that first client, those waiting)."""
+    port = await nursery.start(serve_named, "echo")
+    limit = RateLimit(rate=rate, burst=1, action=RateAction.QUEUE)
+    app = await start_warren(nursery, amqp_config(port, queue=30.0, rate_limit=limit))
+    first = await trio.open_tcp_stream(*front(app))
+    assert await first.receive_some(5) == b"echo\n"
+    held = [await trio.open_tcp_stream(*front(app)) for _ in range(waiting)]
+    await wait_until(lambda: len(app.runtime.frontends["fe"].gate.line) == waiting, timeout=15)
+    return app, first, held
+
+
 async def test_a_client_killed_in_the_start_line_ends_with_kd_and_the_line_goes_on():
     """One per 4 s, queued: the first client goes at once, three
     wait in the frontend's start line. The second one killed there ends at
     once (KD, its slot freed) and takes no turn: the third goes next."""
-    limit = RateLimit(rate=0.25, burst=1, action=RateAction.QUEUE)
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve_named, "echo")
-            app = await start_warren(nursery, amqp_config(port, queue=30.0, rate_limit=limit))
+            app, _first, waiting = await behind_a_start_line(nursery, rate=0.25, waiting=3)
             fe = app.runtime.frontends["fe"]
-            first = await trio.open_tcp_stream(*front(app))
-            assert await first.receive_some(5) == b"echo\n"
-            waiting = [await trio.open_tcp_stream(*front(app)) for _ in range(3)]
-            await wait_until(lambda: len(fe.gate.line) == 3, timeout=15)
             (victim,) = [c for c in app.sessions.live if c.client[1] == waiting[0].socket.getsockname()[1]]
             victim.kill(KillReason.KILLED)
             assert await waiting[0].receive_some(5) == b""
@@ -415,6 +423,27 @@ async def test_a_client_killed_in_the_start_line_ends_with_kd_and_the_line_goes_
             assert len(fe.gate.line) == 2 and fe.current == 3
             assert await waiting[1].receive_some(5) == b"echo\n"  # next in line, about 4 s after the first
             assert len(fe.gate.line) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_gave_up_in_the_start_line_ends_cq_at_its_turn_and_the_next_goes():
+    """One per 4 s, queued: the first client goes at once, two wait in the
+    start line. The first of them closes its socket while it waits: at its
+    turn Warren connects to no broker for it (CQ, no server) and the turn
+    goes to the next client, which goes on then, not a turn later."""
+    with structlog.testing.capture_logs() as logs, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            began = trio.current_time()
+            app, first, (quitter, patient) = await behind_a_start_line(nursery, rate=0.25, waiting=2)
+            await quitter.aclose()  # a FIN: an AMQP client that closed
+            assert await patient.receive_some(5) == b"echo\n"
+            waited = trio.current_time() - began
+            (line,) = await wait_for_closed(logs)
+            assert (line["termination"], line["server"]) == ("CQ", None)
+            assert 3.0 <= waited < 7.5  # the quitter's turn (4 s after the first), not the next (8 s)
+            assert app.runtime.backends["be"].servers["fake"].total_sessions == 2
+            await first.aclose()
+            await patient.aclose()
             nursery.cancel_scope.cancel()
 
 

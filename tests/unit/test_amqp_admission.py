@@ -185,6 +185,23 @@ def test_a_withdrawn_client_is_skipped_and_takes_no_token():
     assert line.next_at() is None and line.drain() == []
 
 
+def test_a_client_that_gave_up_is_asked_at_its_turn_and_takes_no_token():
+    line = StartLine(rate=10, burst=1, now=0.0)
+    line.enter("a", 0.0)
+    for client in "bcd":
+        line.enter(client, 0.0)
+    asked = []
+
+    def gave_up(client):
+        asked.append(client)
+        return client == "b"
+
+    assert line.due(0.05, gave_up) == [] and asked == []  # nobody's turn yet: nobody asked
+    assert line.due(0.1, gave_up) == ["c"]  # b's turn, b gone: c takes the token
+    assert asked == ["b", "c"]
+    assert line.due(0.2, gave_up) == ["d"] and line.next_at() is None
+
+
 def test_draining_the_line_returns_those_still_waiting_in_order():
     line = StartLine(rate=1, burst=1, now=0.0)
     for client in "abcd":
@@ -248,6 +265,9 @@ class _Waiting:
     def go_on(self, now):
         self.starts.append(now)
 
+    def gave_up_waiting(self):
+        return False
+
 
 async def test_the_releaser_spreads_clients_again_after_the_event_loop_stalls(mock_clock):
     """200 clients in a 20/s line with a burst of 2; twice the event loop
@@ -302,3 +322,48 @@ def test_only_a_queued_frontend_limit_has_a_line():
     held = _gate(action=RateAction.REJECT, source=RateLimit(1, 1, RateAction.QUEUE))
     held.admit("10.0.0.1", 0.0, max_wait=10)
     assert held.admit("10.0.0.1", 0.0, max_wait=10).hold == pytest.approx(1.0)  # no line: it sleeps it all
+
+
+def _tcp_pair():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname(), timeout=5)
+        accepted, _ = server.accept()
+    return client, accepted
+
+
+@pytest.mark.parametrize(
+    ("client_does", "gone_on_amqp", "gone_on_tcp"),
+    [
+        ("waits", False, False),
+        ("sends its header and waits", False, False),
+        ("closes (FIN)", True, False),  # a TCP client may only have half-closed: it goes on
+        ("sends its header and closes", True, False),
+        ("resets", True, True),
+    ],
+)
+def test_which_waiting_clients_gave_up(client_does, gone_on_amqp, gone_on_tcp):
+    """The releaser's check at a client's turn (one poll, nothing read)."""
+    import socket
+    import struct
+
+    from lab import wait_until_blocking
+    from proxy.frontends.session import _client_gone
+
+    client, accepted = _tcp_pair()
+    try:
+        if "header" in client_does:
+            client.sendall(b"AMQP\x00\x00\x09\x01")
+        if client_does == "resets":
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if "close" in client_does or client_does == "resets":
+            client.close()
+            wait_until_blocking(lambda: _client_gone(accepted, amqp=True), timeout=5, what="the close seen")
+        assert _client_gone(accepted, amqp=True) is gone_on_amqp
+        assert _client_gone(accepted, amqp=False) is gone_on_tcp
+        if "header" in client_does:
+            assert accepted.recv(64, socket.MSG_PEEK) == b"AMQP\x00\x00\x09\x01"  # nothing consumed
+    finally:
+        client.close()
+        accepted.close()
