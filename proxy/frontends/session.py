@@ -261,6 +261,7 @@ class _Session(Link):
         gone = _client_gone(self.client, amqp=self.frontend.config.mode is FrontendMode.AMQP)
         if gone:
             self.line = None
+            self.dispatch.timing.queue += self.sessions.poller.now() - self.queued_at
             self._end("CQ", "client closed while waiting in the start line")
         return gone
 

@@ -440,6 +440,7 @@ async def test_a_client_that_gave_up_in_the_start_line_ends_cq_at_its_turn_and_t
             waited = trio.current_time() - began
             (line,) = await wait_for_closed(logs)
             assert (line["termination"], line["server"]) == ("CQ", None)
+            assert line["tw_ms"] >= 2500  # it waited for its turn, about 4 s
             assert 3.0 <= waited < 7.5  # the quitter's turn (4 s after the first), not the next (8 s)
             assert app.runtime.backends["be"].servers["fake"].total_sessions == 2
             await first.aclose()
