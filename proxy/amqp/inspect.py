@@ -477,12 +477,14 @@ class HandshakeInspector:
         self.release()
 
     def release(self) -> None:
-        """Frees the buffers once inspection is over (the identity stays);
-        the inspector then only counts what it is shown."""
+        """Frees the buffers once inspection is over (the identity stays)
+        and lets go of `admit` (no Open is asked about any more); the
+        inspector then only counts what it is shown."""
         for stream in (self._client, self._server):
             if stream is not None:
                 stream.consume(stream.size)
         self._client = self._server = None
+        self._admit = None
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -176,9 +176,15 @@ class AmqpConnection:
     # -- the end -------------------------------------------------------------------------
 
     def finish(self, link: Any) -> None:
-        """The relay ended (its link not yet stopped): keep the tails, uncount. Once."""
+        """The relay ended (its link not yet stopped): keep the tails, uncount. Once.
+
+        Lets go of the link and the inspector's `admit`: both point back
+        here (the session holds this), and a cycle would leave every ended
+        connection to the cyclic collector instead of reference counting."""
         if link is not None and link.ways is not None:
             self.tails = (link.ways[0].tail, link.ways[1].tail)
+        self.link = None
+        self.inspector.release()
         if self.counted is not None:
             self.counts.remove(*self.counted)
             self.counted = None

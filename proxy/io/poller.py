@@ -44,6 +44,32 @@ _CONNECT_ENDED = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _SWEEP_MIN = 4096  # no sweep of the timer heap below this many entries
 
 
+class _Retired:
+    """What a timer entry points to once its link let go of it (``retire``):
+    never due (no time equals None), never served."""
+
+    __slots__ = ()
+    scheduled = None
+    notify = None
+
+
+_RETIRED = _Retired()
+
+
+def retire(entry: list | None) -> None:
+    """The timer `entry` (from :meth:`Poller.wake_at`) is stale: it lets go
+    of its link at once instead of holding it until due or swept.
+
+    A relay retires its entry when it stops or pushes an earlier one: an
+    entry stays in the heap until its deadline (or a sweep, once the heap
+    doubled) and held the link, that is a session and everything it refers
+    to, for that long. Under a stream of short connections a few thousand
+    ended sessions were alive at any time, walked again by every collection
+    of the cyclic collector's older generations (bench/OPTIMISATIONS.md)."""
+    if entry is not None:
+        entry[2] = _RETIRED
+
+
 class Poller:
     """One epoll instance and one timer heap for every relay of a trio run.
 
@@ -73,7 +99,7 @@ class Poller:
         self._epoll = select.epoll()
         self._links: dict[int, Link] = {}
         self._busy: list[Link] = []  # links with more to move at once
-        self._timers: list[tuple[float, int, Link]] = []
+        self._timers: list[list] = []  # [when, tie-breaker, link] (lists: ``retire`` clears the link)
         self._sweep_at = _SWEEP_MIN  # heap size at which stale entries are swept
         self._sleep: trio.CancelScope | None = None
         self._order = itertools.count()  # heap tie-breaker: links don't compare
@@ -164,26 +190,32 @@ class Poller:
             link.queued = True
             self._busy.append(link)
 
-    def wake_at(self, link: Link, when: float) -> None:
+    def wake_at(self, link: Link, when: float) -> list | None:
+        """Call `link`'s ``expire`` at `when` if its ``deadline`` has passed
+        then (else look again at its deadline then). Returns the timer
+        entry, which the link may ``retire`` once it no longer needs it."""
         if when == math.inf:
             # Never due: an entry would only keep the link (and everything
             # it holds) alive after it ended, as entries leave the heap
             # only when due. The link's ``scheduled`` stays inf, so a finite
             # deadline later is pushed again.
-            return
+            return None
         timers = self._timers
-        heapq.heappush(timers, (when, next(self._order), link))
+        entry = [when, next(self._order), link]
+        heapq.heappush(timers, entry)
         if len(timers) >= self._sweep_at:
             self._sweep_timers()
         if self._sleep is not None and when < self._sleep.deadline:
             self._sleep.deadline = when
+        return entry
 
     def _sweep_timers(self) -> None:
         """Drops the heap's stale entries: those of ended links and those
         superseded by an earlier deadline. Entries otherwise leave only when
-        due, and each holds its link (a session and all it refers to): with
-        an idle timeout of hours, every connection closed meanwhile would stay
-        in memory until then. Swept in place (``_fire_timers`` holds the
+        due, and each holds its link (a session and all it refers to) unless
+        the link retired it (``retire``: relays do): with an idle timeout of
+        hours, every connection closed meanwhile would stay in memory until
+        then, and the heap itself grows. Swept in place (``_fire_timers`` holds the
         list) when the heap doubles since the last sweep: amortised O(1)
         per entry."""
         timers = self._timers
@@ -290,7 +322,8 @@ class Poller:
     def _fire_timers(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            when, _, link = heapq.heappop(timers)
+            entry = heapq.heappop(timers)
+            when, _, link = entry
             if when != link.scheduled or link.notify is None:
                 continue  # superseded by an earlier timer, or the relay ended
             if link.deadline <= now:
@@ -304,7 +337,9 @@ class Poller:
                 # timeouts were retimed away): look again then.
                 link.scheduled = link.deadline
                 if link.deadline != math.inf:
-                    heapq.heappush(timers, (link.deadline, next(self._order), link))
+                    # The same entry again: a link that keeps it can still retire it.
+                    entry[0], entry[1] = link.deadline, next(self._order)
+                    heapq.heappush(timers, entry)
 
 
     def _contain(self, link: Link, error: Exception) -> None:

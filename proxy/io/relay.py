@@ -46,7 +46,7 @@ import trio
 
 from .directions import DONE, NO_PIPE, READ, WRITE, YIELD, CopyDirection, Hold, SideLost, SpliceDirection
 from .pipes import PipePool
-from .poller import EDGE_MASK, current_poller
+from .poller import EDGE_MASK, current_poller, retire
 
 
 class Ending(enum.Enum):
@@ -233,7 +233,8 @@ class Link:
 
     __slots__ = (
         "socks", "fds", "traffic", "poller", "ways", "want", "events",
-        "notify", "queued", "timeouts", "waits", "deadlines", "deadline", "scheduled", "owned", "aborted", "trial",
+        "notify", "queued", "timeouts", "waits", "deadlines", "deadline", "scheduled", "timer", "owned", "aborted",
+        "trial",
     )  # fmt: skip
 
     def __init__(self, client, server, traffic, timeouts, pipes, poller, owned, notify, ways=None) -> None:
@@ -261,6 +262,7 @@ class Link:
         self.deadlines = [math.inf, math.inf]  # per direction
         self.deadline = math.inf  # the earlier of the two
         self.scheduled = math.inf  # when the poller will next look at us
+        self.timer = None  # that timer entry, retired when superseded or stopped (poller.retire)
         self.owned = owned  # close the sockets at the end
         self.aborted = False  # a side failed: the close resets the other
         # Quiet rounds left before ``promote()`` (0: never): a subclass sets
@@ -355,10 +357,16 @@ class Link:
         this link holds nothing any more and is never served again. Only
         in a quiet round (nothing read and not yet written)."""
         self.notify = None
-        self.scheduled = math.inf  # makes any pending timer entry stale
+        self._unschedule()
         for way in self.ways:
             way.give_back()
         self.ways = None
+
+    def _unschedule(self) -> None:
+        """No timer any more: the pending entry lets go of this link."""
+        self.scheduled = math.inf
+        retire(self.timer)
+        self.timer = None
 
     def ended(self, ending: Ending | None) -> None:
         """The relay ended so (None: interrupted); the poller serves it no more."""
@@ -392,7 +400,7 @@ class Link:
         if self.ways is None:
             return  # stopped already
         self.notify = None
-        self.scheduled = math.inf  # makes any pending timer entry stale
+        self._unschedule()
         for way in self.ways:
             way.give_back()
         self.ways = None
@@ -449,7 +457,8 @@ class Link:
         self.deadline = deadline = d0 if d0 < d1 else d1
         if deadline < self.scheduled:
             self.scheduled = deadline
-            self.poller.wake_at(self, deadline)
+            retire(self.timer)  # superseded
+            self.timer = self.poller.wake_at(self, deadline)
 
     def _waited_side(self, index: int) -> int:
         return 1 - index if self.want[index] == WRITE else index

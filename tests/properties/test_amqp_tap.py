@@ -12,8 +12,10 @@ counts of admission as it found them once the connection is finished.
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -169,3 +171,30 @@ def test_the_tap_never_changes_a_byte_raises_only_hold_and_leaves_the_counts_as_
     connection.finish(link)
     connection.finish(link)  # once only: a second call uncounts nothing
     assert (dict(counts.vhosts), dict(counts.users)) == before
+
+
+@pytest.mark.parametrize("cut", ["open", "in the handshake"])
+def test_a_finished_connection_is_freed_by_reference_counting_alone(cut):
+    # The session holds its AmqpConnection, which held the session (its link)
+    # and itself (the inspector's admit): every ended connection was left to
+    # the cyclic collector, whose collections then walked each of them.
+    client = client_stream("app", "/", 60, b"")
+    server = SERVER_HEAD + server_end(refuse=False)
+    if cut != "open":
+        client = client[:len(PROTOCOL_HEADER)]
+        server = server[:len(SERVER_HEAD)]
+    gc.collect()
+    gc.disable()
+    try:
+        connection = AmqpConnection(POLICIES[0], backend_with(ConnectionCounts(), None, LimitAction.REFUSE))
+        link = FakeLink()
+        connection.attach(link)
+        for way, data in ((0, client), (1, server)):
+            if link.ways[way].tap is not None:
+                link.ways[way].tap(memoryview(bytearray(data)), len(data))
+        assert (connection.inspector.phase is Phase.OPEN) == (cut == "open")
+        connection.finish(link)
+        del connection, link
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -391,6 +391,36 @@ async def test_relays_ended_long_before_their_idle_deadline_do_not_pile_up_in_th
             live.stop()
 
 
+class _WatchedLink(RelayLink):
+    __slots__ = ("__weakref__",)
+
+
+async def test_a_stopped_relay_is_not_kept_alive_by_its_timer_entries(autojump_clock):
+    # Entries leave the heap when due (or in a sweep, once the heap doubled):
+    # an ended relay (a session: its connection, dispatch, AMQP identity)
+    # lived on in its entry until then, and in any entry an earlier deadline
+    # superseded; under a stream of short connections thousands of ended
+    # sessions were alive, walked by every older-generation collection.
+    poller = current_poller()
+    client, proxy_client = await socket_pair("unix")
+    proxy_server, server = await socket_pair("unix")
+    try:
+        link = _WatchedLink(proxy_client, proxy_server, Traffic(), Timeouts(client=3600), None, poller, False,
+                            lambda result: None)  # fmt: skip
+        link.retime(Timeouts(client=60))  # an earlier deadline: the first entry is superseded
+        entries = len(poller._timers)
+        link.stop()
+        alive = weakref.ref(link)
+        del link
+        assert len(poller._timers) == entries >= 2  # both entries still in the heap...
+        assert alive() is None  # ...without the relay
+        await trio.sleep(3601)  # and they come due harmlessly
+        assert len(poller._timers) == 0
+    finally:
+        for sock in (client, proxy_client, proxy_server, server):
+            sock.close()
+
+
 @pytest.mark.parametrize("end", ["connected", "cancelled"])
 async def test_a_finished_connect_wait_keeps_nothing_of_its_caller_in_the_poller(end):
     # Its timer entry stays in the heap until the connect deadline (or a
