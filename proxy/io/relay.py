@@ -233,7 +233,7 @@ class Link:
 
     __slots__ = (
         "socks", "fds", "traffic", "poller", "ways", "want", "events",
-        "notify", "queued", "timeouts", "waits", "deadlines", "deadline", "scheduled", "timer", "owned", "aborted",
+        "notify", "queued", "timeouts", "waits", "deadlines", "deadline", "scheduled", "timer", "owned", "lost",
         "trial",
     )  # fmt: skip
 
@@ -264,7 +264,7 @@ class Link:
         self.scheduled = math.inf  # when the poller will next look at us
         self.timer = None  # that timer entry, retired when superseded or stopped (poller.retire)
         self.owned = owned  # close the sockets at the end
-        self.aborted = False  # a side failed: the close resets the other
+        self.lost = -1  # the side that failed (SideLost), if one did: the close resets the other
         # Quiet rounds left before ``promote()`` (0: never): a subclass sets
         # it to move a connection that proved long-lived to the kernel path.
         self.trial = 0
@@ -313,7 +313,7 @@ class Link:
                 wanted = self.ways[1].move()
                 want[1] = wanted if wanted != NO_PIPE else self._copy_instead(1)
         except SideLost as lost:
-            self.aborted = True
+            self.lost = lost.side
             self.ended(_ABORT[lost.side])
             return False
         except Hold:
@@ -406,11 +406,16 @@ class Link:
         self.ways = None
         if self.owned:
             # Closing removes them from the epoll set: no unregistering.
-            for fd, sock in zip(self.fds, self.socks):
-                self.poller.drop(fd)
-                if self.aborted:
-                    reset_on_close(sock)
-                sock.close()
+            # The side that failed is gone (its close sends nothing): only
+            # the other needs SO_LINGER 0 to hear of it as a reset (every
+            # RabbitMQ close: it resets after Close-Ok).
+            fds, socks, poller = self.fds, self.socks, self.poller
+            poller.drop(fds[0])
+            poller.drop(fds[1])
+            if self.lost >= 0:
+                reset_on_close(socks[1 - self.lost])
+            socks[0].close()
+            socks[1].close()
         else:
             self.poller.forget(self.fds[0])
             self.poller.forget(self.fds[1])
