@@ -27,6 +27,11 @@ moves bytes:
   and ``on_gone(master)`` is called; a proven answer means it is alive (a
   spurious reset) and that connection becomes the link; no answer (a
   timeout, an unreachable host) decides nothing and the RFC timers apply.
+  A master of another version of the link (a proven VERSION_MISMATCH, or
+  a connection closed before any greeting: the first link's Warren on a
+  hello with features) is alive and gets no link: the RFC timers apply,
+  one warning is logged (``vip.peer_link_version_mismatch``, on both sides
+  when the other is this version or newer) and the backup retries slowly.
   While the link is up it reports the instance's priority (:meth:`MasterLink.report_priority`)
   and hands each successor the master names to ``on_successor(master, successor)``.
 """
@@ -47,7 +52,7 @@ import trio
 
 from proxy.vip.packet import IPAddress
 from proxy.vip.peerlink import (
-    ACCEPTED, GREETING_SIZE, HELLO_SIZE, PROOF_SIZE, BackupHandshake, LinkError, MasterHandshake, MessageReader,
+    ACCEPTED, FEATURES, GREETING_SIZE, HELLO_SIZE, PROOF_SIZE, BackupHandshake, LinkError, MasterHandshake, MessageReader,
     PriorityReport, Status, Successor, decode_hello, designate,
 )  # fmt: skip
 
@@ -85,6 +90,7 @@ class Registration:
     scopes: set[trio.CancelScope] = field(default_factory=set)
     backups: dict[object, tuple[IPAddress, int]] = field(default_factory=dict)  # per established link
     successor: IPAddress | None = None
+    mismatched: set = field(default_factory=set)  # backups of another version, warned about once
     changed: trio.Event = field(default_factory=trio.Event)  # set (and replaced) when successor changes
 
     def report(self, link: object, backup: tuple[IPAddress, int] | None) -> None:
@@ -217,6 +223,10 @@ class LinkServer:
             if handshake.status is not Status.OK or registration is None:
                 if registration is not None:
                     registration.counters[f"links_refused_{handshake.status.name.lower()}"] += 1
+                    if handshake.status is Status.VERSION_MISMATCH and peer not in registration.mismatched:
+                        registration.mismatched.add(peer)
+                        log.warning("vip.peer_link_version_mismatch", vrid=hello.vrid, peer=str(peer),
+                                    features=hello.features, ours=FEATURES)
                 return None
             if not handshake.check(await _receive_exactly(stream, PROOF_SIZE)):
                 registration.counters["links_refused_bad_proof"] += 1
@@ -293,6 +303,7 @@ class Outcome:
     GONE = "gone"  # refused, reset, or answered by something that cannot prove it is that master
     ALIVE = "alive"  # a proven answer that turns the link down (BUSY...): the master runs
     UNKNOWN = "unknown"  # no answer in time, or the host is unreachable: proves nothing
+    MISMATCH = "version_mismatch"  # a master speaking another version of the link: alive, no link
 
 
 class MasterLink:
@@ -346,7 +357,12 @@ class MasterLink:
                 if outcome != Outcome.ESTABLISHED:
                     if outcome != reported:  # once per kind of failure, not every retry
                         reported = outcome
-                        log.info("vip.peer_link_unavailable", instance=self.name, master=str(master), outcome=outcome)
+                        if outcome == Outcome.MISMATCH:
+                            log.warning("vip.peer_link_version_mismatch", instance=self.name, master=str(master),
+                                        ours=FEATURES)
+                        else:
+                            log.info("vip.peer_link_unavailable", instance=self.name, master=str(master),
+                                     outcome=outcome)
                     await trio.sleep(delay)
                     delay = min(RETRY_MAX, delay * 2)
                     outcome, stream = await self.connect(master)
@@ -415,8 +431,8 @@ class MasterLink:
                 outcome = await self._handshake(stream)
         except trio.TooSlowError:
             outcome = Outcome.UNKNOWN
-        except LinkError:
-            outcome = Outcome.GONE
+        except LinkError as error:  # closed before the greeting: a live Warren of the first link
+            outcome = Outcome.MISMATCH if error.reason == "no_greeting" else Outcome.GONE
         except (trio.BrokenResourceError, OSError) as error:
             outcome = Outcome.GONE if _errno(error) in _ENDED else Outcome.UNKNOWN
         if outcome == Outcome.ESTABLISHED:
@@ -428,12 +444,19 @@ class MasterLink:
     async def _handshake(self, stream: trio.SocketStream) -> str:
         handshake = BackupHandshake(self.vrid, self.key)
         await stream.send_all(handshake.hello())
-        greeted = handshake.greeted(await _receive_exactly(stream, GREETING_SIZE))
+        # A dead process cannot read a hello: a connection closed (FIN) before any byte of
+        # the greeting was closed by a live one, the first link's Warren refusing features.
+        first = await stream.receive_some(GREETING_SIZE)
+        if not first:
+            raise LinkError("no_greeting")
+        greeted = handshake.greeted(first + await _receive_exactly(stream, GREETING_SIZE - len(first)))
         if greeted.status is not Status.OK:
             self.counters[f"link_refused_{greeted.status.name.lower()}"] += 1
             # No such instance there (any more) is as good as gone; other refusals come from
             # a running master, if it could prove it.
             alive = greeted.proven and greeted.status is not Status.UNKNOWN_VRID
+            if alive and greeted.status is Status.VERSION_MISMATCH:
+                return Outcome.MISMATCH
             return Outcome.ALIVE if alive else Outcome.GONE
         await stream.send_all(greeted.reply)
         if await _receive_exactly(stream, len(ACCEPTED)) != ACCEPTED:

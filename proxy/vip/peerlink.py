@@ -8,7 +8,7 @@ trade-off.
 
 The handshake, four fixed-size messages (backup = client, master = server)::
 
-    backup -> master   Hello     "WPL1" vrid flags(1: authenticated) nonce_b[16]
+    backup -> master   Hello     "WPL1" vrid flags nonce_b[16]
     master -> backup   Greeting  "WPL1" vrid status nonce_m[16] proof_m[32]
     backup -> master   proof_b[32]
     master -> backup   0x01      (accepted: the link is up)
@@ -20,8 +20,19 @@ never travels. Without one, proofs are 32 zero bytes: the link is then
 exactly as trustworthy as unauthenticated VRRP itself.
 
 The master proves itself first and answers every well-formed hello, even
-when it turns the link down (BUSY, UNKNOWN_VRID, AUTH_MISMATCH): a backup
-that gets a proven greeting knows the master's Warren is alive.
+when it turns the link down (BUSY, UNKNOWN_VRID, AUTH_MISMATCH,
+VERSION_MISMATCH): a backup that gets a proven greeting knows the master's
+Warren is alive.
+
+The hello's flags say what the backup speaks: bit 0 authenticated, the
+other bits its *features* (FEATURES: 0x02, the messages on an established
+link, since the designated successor). A master links only a backup with
+exactly its own features and answers any other with a proven
+VERSION_MISMATCH, so two Warren versions whose links carry different
+messages never hold a link that one of them breaks at once (re-linking in
+a loop): both keep the RFC timers. The first Warren with a peer link
+(features 0) closes the connection, without a greeting, on a hello with
+features; a backup takes that for a version mismatch too, never for a death.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ PROOF_SIZE = 32
 NO_PROOF = bytes(PROOF_SIZE)
 ACCEPTED = b"\x01"
 FLAG_AUTHENTICATED = 0x01
+FLAG_MESSAGES = 0x02  # priority reports and successor names travel on the established link
+FEATURES = FLAG_MESSAGES  # what this version speaks; change it with the link's messages
 
 _HELLO = struct.Struct("!4sBB16s")
 _GREETING = struct.Struct("!4sBB16s32s")
@@ -58,6 +71,7 @@ class Status(enum.IntEnum):
     UNKNOWN_VRID = 2  # no instance of that VRID here (any more)
     AUTH_MISMATCH = 3  # one side has a secret, the other not
     NOT_A_PEER = 4  # unicast mode: the backup is not in the master's peers
+    VERSION_MISMATCH = 5  # the backup's features are not the master's: no link, RFC timers
 
 
 class LinkError(ValueError):
@@ -85,13 +99,16 @@ class Hello:
     vrid: int
     authenticated: bool
     nonce: bytes = field(default_factory=new_nonce)
+    features: int = FEATURES  # the flags but FLAG_AUTHENTICATED: another version's may differ
 
     def __post_init__(self) -> None:
         _check_vrid(self.vrid)
         _check_size("nonce", self.nonce, NONCE_SIZE)
+        if not 0 <= self.features <= 0xFF or self.features & FLAG_AUTHENTICATED:
+            raise ValueError("features must be a flags byte without FLAG_AUTHENTICATED")
 
     def encode(self) -> bytes:
-        return _HELLO.pack(MAGIC, self.vrid, FLAG_AUTHENTICATED if self.authenticated else 0, self.nonce)
+        return _HELLO.pack(MAGIC, self.vrid, self.features | (FLAG_AUTHENTICATED if self.authenticated else 0), self.nonce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,17 +128,16 @@ class Greeting:
 
 
 def decode_hello(data: bytes) -> Hello:
-    """Exactly HELLO_SIZE bytes; :class:`LinkError` otherwise."""
+    """Exactly HELLO_SIZE bytes; :class:`LinkError` otherwise. Any features decode (the
+    master answers unknown ones with VERSION_MISMATCH, see :class:`MasterHandshake`)."""
     if len(data) != HELLO_SIZE:
         raise LinkError("bad_length", f"hello of {len(data)} bytes")
     magic, vrid, flags, nonce = _HELLO.unpack(data)
     if magic != MAGIC:
         raise LinkError("bad_magic")
-    if flags & ~FLAG_AUTHENTICATED:
-        raise LinkError("bad_flags", f"{flags:#x}")
     if not 1 <= vrid <= 255:
         raise LinkError("bad_vrid", str(vrid))
-    return Hello(vrid, bool(flags & FLAG_AUTHENTICATED), nonce)
+    return Hello(vrid, bool(flags & FLAG_AUTHENTICATED), nonce, flags & ~FLAG_AUTHENTICATED)
 
 
 def decode_greeting(data: bytes) -> Greeting:
@@ -274,9 +290,9 @@ class BackupHandshake:
     protocol or claims OK without the proof.
     """
 
-    def __init__(self, vrid: int, key: bytes | None, *, nonce: bytes | None = None) -> None:
+    def __init__(self, vrid: int, key: bytes | None, *, nonce: bytes | None = None, features: int = FEATURES) -> None:
         self.vrid, self.key = vrid, key
-        self._hello = Hello(vrid, key is not None, nonce or new_nonce())
+        self._hello = Hello(vrid, key is not None, nonce or new_nonce(), features)
 
     def hello(self) -> bytes:
         return self._hello.encode()
@@ -306,9 +322,12 @@ class MasterHandshake:
 
     def greet(self, hello: Hello, status: Status) -> bytes:
         """The greeting for ``hello``; the caller decided ``status`` (registration, limits,
-        peers). A hello whose authentication differs from ours gets AUTH_MISMATCH, unproven."""
+        peers). A hello whose authentication differs from ours gets AUTH_MISMATCH, unproven;
+        one with other features than ours VERSION_MISMATCH, proven."""
         if status is Status.OK and hello.authenticated != (self.key is not None):
             status = Status.AUTH_MISMATCH
+        elif status is Status.OK and hello.features != FEATURES:
+            status = Status.VERSION_MISMATCH
         key = None if status is Status.AUTH_MISMATCH else self.key
         self._hello, self.status = hello, status
         return Greeting(hello.vrid, status, self.nonce, master_proof(key, hello.vrid, hello.nonce, self.nonce, status)).encode()

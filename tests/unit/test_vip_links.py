@@ -9,12 +9,16 @@ import resource
 import socket
 
 import pytest
+import structlog
 import trio
 
 from lab import wait_until
 from proxy.vip import links as links_module
+from proxy.vip import peerlink as peerlink_module
 from proxy.vip.links import MAX_LINKS_PER_PEER, LinkServer, MasterLink, Outcome
-from proxy.vip.peerlink import GREETING_SIZE, BackupHandshake, Status, Successor, link_key
+from proxy.vip.peerlink import (
+    FEATURES, FLAG_AUTHENTICATED, GREETING_SIZE, HELLO_SIZE, BackupHandshake, Status, Successor, link_key,
+)
 from tests.proxyutil import read_to_end
 
 LOCAL = ipaddress.IPv4Address("127.0.0.1")
@@ -314,3 +318,73 @@ async def test_a_backup_that_breaks_the_message_protocol_loses_its_link_not_the_
 async def closed_by_peer_after_successor(stream) -> bool:
     """Skips the successor the master says to every link, then expects its end."""
     return await read_to_end(stream) in (b"", Successor(ipaddress.IPv4Address("127.0.0.2")).encode())
+
+
+# -- two versions of the link ----------------------------------------------------------------
+
+
+async def test_a_backup_of_another_version_is_refused_proven_and_warned_about_once():
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            _, registration, served = await serving(nursery, key=KEY)
+            for _ in range(2):  # the first peer link's backup (no features), retrying
+                client = await trio.open_tcp_stream("127.0.0.1", registration.port)
+                handshake = BackupHandshake(51, KEY, features=0)
+                await client.send_all(handshake.hello())
+                greeted = handshake.greeted(await receive_exactly(client, GREETING_SIZE))
+                assert greeted.status is Status.VERSION_MISMATCH and greeted.proven
+                assert await closed_by_peer(client)
+                await client.aclose()
+            assert served["links_refused_version_mismatch"] == 2 and served["links_accepted"] == 0
+            assert [entry["features"] for entry in logs if entry["event"] == "vip.peer_link_version_mismatch"] == [0]
+            backup = Backup(registration.port, key=KEY)  # this version still links
+            assert (await backup.link.connect(LOCAL))[0] == Outcome.ESTABLISHED
+            nursery.cancel_scope.cancel()
+
+
+async def first_link_master(listener: trio.SocketListener, attempts: list) -> None:
+    """The first peer link's master (before link messages): a hello with any flag but
+    'authenticated' breaks its protocol, and it closes the connection without a greeting."""
+    while True:
+        stream = await listener.accept()
+        attempts.append(trio.current_time())
+        async with stream:
+            hello = await receive_exactly(stream, HELLO_SIZE)
+            assert hello[5] & ~FLAG_AUTHENTICATED  # ours has features: refused as "bad_flags"
+
+
+async def test_a_master_of_the_first_link_version_is_alive_and_retried_slowly_not_gone(monkeypatch):
+    monkeypatch.setattr(links_module, "RETRY_MIN", 0.3)
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            attempts: list = []
+            nursery.start_soon(first_link_master, listeners[0], attempts)
+            backup = Backup(listeners[0].socket.getsockname()[1])
+            assert (await backup.link.connect(LOCAL))[0] == Outcome.MISMATCH
+            backup.link.follow(nursery, LOCAL)
+            await wait_until(lambda: len(attempts) >= 4, what="two retries after the first")
+            assert attempts[3] - attempts[2] >= 0.3  # backed off, not re-linking in a loop
+            assert backup.gone == [] and not backup.link.up
+            warned = [entry for entry in logs if entry["event"] == "vip.peer_link_version_mismatch"]
+            assert len(warned) == 1 and warned[0]["log_level"] == "warning"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_link_whose_end_is_confirmed_by_a_master_of_another_version_takes_nothing_over(monkeypatch):
+    monkeypatch.setattr(links_module, "RETRY_MIN", 0.3)
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            _, registration, served, backup = await linked(nursery)
+            # The master's Warren is replaced by another version between the link's end and the
+            # confirming connection (BackupHandshake's default features stay this version's).
+            monkeypatch.setattr(peerlink_module, "FEATURES", FEATURES << 1)
+            for scope in list(registration.scopes):
+                scope.cancel()
+            await wait_until(lambda: served["links_refused_version_mismatch"] >= 2, what="confirmed, then retried")
+            assert backup.gone == [] and backup.counters["links_lost"] == 1 and not backup.link.up
+            assert backup.counters["link_refused_version_mismatch"] >= 2
+            events = [entry["event"] for entry in logs]
+            assert events.count("vip.peer_link_version_mismatch") == 2  # one on each side
+            assert "vip.master_gone" not in events
+            nursery.cancel_scope.cancel()

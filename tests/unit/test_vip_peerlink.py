@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.vip.peerlink import (
-    FRAME_MAX, GREETING_SIZE, HELLO_SIZE, NO_PROOF, BackupHandshake, Greeting, Hello, LinkError, MasterHandshake,
+    FEATURES, FLAG_AUTHENTICATED, FLAG_MESSAGES, FRAME_MAX, GREETING_SIZE, HELLO_SIZE, NO_PROOF, BackupHandshake, Greeting, Hello, LinkError, MasterHandshake,
     MessageReader, PriorityReport, Status, Successor, backup_proof, decode_greeting, decode_hello, designate, link_key,
 )  # fmt: skip
 
@@ -108,7 +108,6 @@ def test_the_master_checks_nothing_before_it_greeted():
 @pytest.mark.parametrize("data, reason", [
     (b"WPL1\x33\x00" + bytes(15), "bad_length"),
     (b"XPL1\x33\x00" + bytes(16), "bad_magic"),
-    (b"WPL1\x33\x02" + bytes(16), "bad_flags"),
     (b"WPL1\x00\x00" + bytes(16), "bad_vrid"),
 ])
 def test_malformed_hellos_name_their_fault(data, reason):
@@ -146,10 +145,24 @@ def test_a_random_greeting_never_passes_for_a_keyed_ok(data, key):
         assert greeted.status is not Status.OK and not greeted.proven
 
 
-@given(st.integers(1, 255), st.booleans(), st.binary(min_size=16, max_size=16))
-def test_hellos_round_trip(vrid, authenticated, nonce):
-    hello = Hello(vrid, authenticated, nonce)
+@given(st.integers(1, 255), st.booleans(), st.binary(min_size=16, max_size=16), st.integers(0, 127))
+def test_hellos_round_trip(vrid, authenticated, nonce, features):
+    hello = Hello(vrid, authenticated, nonce, features << 1)
     assert decode_hello(hello.encode()) == hello
+
+
+def test_a_hello_says_this_versions_features_beside_its_authentication():
+    assert Hello(51, True, bytes(16)).encode()[5] == FLAG_AUTHENTICATED | FEATURES
+    assert FEATURES == FLAG_MESSAGES  # the first peer link's hellos had 0: it sent no messages
+
+
+@pytest.mark.parametrize("features", [0, FEATURES | 0x80])  # the first link's backup; a newer one
+@pytest.mark.parametrize("key", [None, KEY])
+def test_a_backup_of_another_version_gets_a_proven_version_mismatch_and_no_link(features, key):
+    backup, master = BackupHandshake(51, key, features=features), MasterHandshake(key)
+    greeted = backup.greeted(master.greet(decode_hello(backup.hello()), Status.OK))
+    assert greeted.status is Status.VERSION_MISMATCH and greeted.proven and greeted.reply == b""
+    assert master.check(backup_proof(key, 51, bytes(16), master.nonce)) is False
 
 
 # -- messages on an established link ---------------------------------------------------------
