@@ -28,7 +28,7 @@ from .backends.names import NamesService
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
 from .errors import StartupError
-from .memory import freeze_startup_objects, trim_after_waves
+from .memory import collapse_startup_memory, freeze_startup_objects, trim_after_waves
 from .frontends.listener import BindError, open_listener, serve_listener
 from .frontends.relay_path import choose_relay
 from .frontends.session import Sessions
@@ -51,9 +51,11 @@ class App:
         """Raises StartupError if the TLS files of `config` cannot all be used.
 
         `freeze_start_up`: once started, keep every object alive then out of
-        the cyclic collector (:func:`proxy.memory.freeze_startup_objects`), a
-        process-wide choice for the process that is Warren (`warren run`),
-        not for one that merely hosts an App (a test, a benchmark)."""
+        the cyclic collector (:func:`proxy.memory.freeze_startup_objects`) and,
+        with a VIP's peer link, move the start-up memory onto huge pages
+        (:func:`proxy.memory.collapse_startup_memory`): process-wide choices for
+        the process that is Warren (`warren run`), not for one that merely
+        hosts an App (a test, a benchmark)."""
         self.config = config
         self.runtime = Runtime(config)
         self.runtime.tls = _load_tls(config)
@@ -107,6 +109,8 @@ class App:
                 )
                 if self.freeze_start_up:
                     freeze_startup_objects()
+                    if any(vip.peer_link.enabled for vip in self.config.vip):
+                        collapse_startup_memory()  # a killed master's peer link ends sooner
                 self.systemd.ready(self.status_line())
                 session_nursery.start_soon(self.systemd.keep_alive, self.status_line)
                 task_status.started(self)

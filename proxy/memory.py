@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import gc
+import os
+import time
 
 import structlog
 import trio
@@ -40,6 +43,63 @@ def freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+MADV_COLLAPSE = 25  # Linux 6.1: make a range one transparent huge page, now
+HUGE_PAGE = 2 << 20
+PAGE = 4096
+DENSE = 0.75  # at least this share of a huge page's range resident: collapsing it adds little
+
+
+def collapse_startup_memory(*, dense: float = DENSE) -> int:
+    """Moves the densely used parts of the process's private anonymous memory (Python's
+    arenas, the malloc heap: mostly start-up objects) onto transparent huge pages;
+    returns how many 2 MiB ranges moved (0 where the kernel cannot).
+
+    Why: a killed process's kernel frees its whole address space before it closes
+    any socket (``exit_mm()`` runs before ``exit_files()``), so a killed VIP
+    master's peer link ends only after that teardown, and freeing 4 KiB pages
+    one by one is its cost: measured here, 48 MiB of anonymous memory took
+    12.5 ms on 4 KiB pages and 2.8 ms on huge pages (docs/vip.md, the peer
+    link). ``MADV_COLLAPSE`` works whatever the THP sysfs mode (but ``never``)
+    and leaves later allocations on ordinary pages, so only ranges already at
+    least ``dense`` resident move and the RSS grows by their holes only.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except (OSError, AttributeError, TypeError):
+        return 0
+    madvise = libc.madvise
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    started, collapsed = time.monotonic(), 0
+    try:
+        for start in _dense_huge_ranges(pagemap, dense):
+            if madvise(start, HUGE_PAGE, MADV_COLLAPSE) == 0:
+                collapsed += 1
+            elif ctypes.get_errno() in (errno.EINVAL, errno.EPERM):  # an older kernel, or THP off
+                break
+    finally:
+        os.close(pagemap)
+    log.info("memory.huge_pages", collapsed_mib=collapsed * HUGE_PAGE >> 20,
+             ms=round((time.monotonic() - started) * 1000, 1))
+    return collapsed
+
+
+def _dense_huge_ranges(pagemap: int, dense: float):
+    """Starts of the 2 MiB-aligned ranges inside private anonymous writable mappings
+    with at least ``dense`` of their pages present (the pagemap's bit 63)."""
+    with open("/proc/self/maps") as maps:
+        regions = [line.split() for line in maps]
+    for fields in regions:
+        if fields[1] != "rw-p" or fields[4] != "0" or (len(fields) > 5 and fields[5] != "[heap]"):
+            continue
+        low, high = (int(part, 16) for part in fields[0].split("-"))
+        for start in range(-(-low // HUGE_PAGE) * HUGE_PAGE, high - HUGE_PAGE + 1, HUGE_PAGE):
+            entries = os.pread(pagemap, HUGE_PAGE // PAGE * 8, start // PAGE * 8)
+            present = sum(entries[i + 7] >> 7 for i in range(0, len(entries), 8))
+            if present >= dense * (HUGE_PAGE // PAGE):
+                yield start
 
 
 def _malloc_trim():

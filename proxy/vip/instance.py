@@ -35,6 +35,7 @@ import collections
 import dataclasses
 import ipaddress
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,6 @@ from typing import Any
 
 import structlog
 import trio
-import trio.testing
 
 from proxy.config.model import Vip
 from proxy.errors import StartupError
@@ -354,8 +354,11 @@ class VipInstance:
 
     async def _run_timer(self) -> None:
         assert self.machine is not None
-        # Only on the real clock: under a test's mock clock a spin would never end.
-        precise = not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+        # Only on the real clock: under a test's mock clock a spin would never end. Not
+        # imported here: trio.testing pulls in pytest (11 MiB that a killed master's
+        # kernel would free before its peer link ends; docs/vip.md, the peer link).
+        testing = sys.modules.get("trio.testing")
+        precise = testing is None or not isinstance(trio.lowlevel.current_clock(), testing.MockClock)
         while True:
             self._timer_wake = trio.Event()
             deadline = self.machine.next_deadline

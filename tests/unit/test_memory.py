@@ -1,7 +1,14 @@
-"""proxy.memory.trim_after_waves: when Warren gives freed memory back (trio's mock clock)."""
+"""proxy.memory: when Warren gives freed memory back (trio's mock clock), and which memory it
+moves onto huge pages."""
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import trio
 
 from proxy.memory import trim_after_waves
@@ -38,3 +45,45 @@ async def test_the_tail_of_a_wave_spread_over_several_looks_is_trimmed_once_it_e
 
 async def test_a_wave_ending_at_a_look_costs_no_second_trim(autojump_clock):
     assert await trims_seen({1: 600}, until=60) == [5]
+
+
+
+# -- huge pages for the start-up memory (a killed VIP master's peer link ends sooner) ------------
+
+_COLLAPSE_PROBE = r"""
+import ctypes, mmap, re
+from proxy.memory import HUGE_PAGE, collapse_startup_memory
+
+def mapping(touch_every):
+    size = 4 * HUGE_PAGE  # whatever its alignment, it holds three whole huge pages' ranges
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for offset in range(0, size, 4096 * touch_every):
+        buffer[offset] = 1
+    return buffer, ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+def region(address):
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read()):
+        low, high = (int(part, 16) for part in block.split()[0].split("-"))
+        if low <= address < high:
+            return {key: int(value) for key, value in re.findall(r"^(Rss|AnonHugePages):\s+(\d+) kB", block, re.M)}
+
+(dense, at_dense), (sparse, at_sparse) = mapping(1), mapping(8)
+before = region(at_dense), region(at_sparse)
+collapsed = collapse_startup_memory()
+print((collapsed, before, (region(at_dense), region(at_sparse))))
+"""
+
+
+def test_densely_used_private_memory_moves_onto_huge_pages_and_sparse_memory_does_not_grow():
+    if "[madvise]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        pytest.skip("transparent huge pages are not in 'madvise' mode here (off, or on for everything)")
+    result = subprocess.run([sys.executable, "-c", _COLLAPSE_PROBE], capture_output=True, text=True,
+                            timeout=60, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr
+    collapsed, before, after = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    (dense_before, sparse_before), (dense_after, sparse_after) = before, after
+    assert dense_before["AnonHugePages"] == 0 and collapsed >= 3
+    assert dense_after["AnonHugePages"] >= 3 * 2048
+    # The kernel may have merged the two mappings into one region: either way no RSS grew,
+    # which collapsing the sparse one (an eighth resident) would have by 1.75 MiB a range.
+    assert dense_after["Rss"] == dense_before["Rss"] and sparse_after["Rss"] == sparse_before["Rss"]
