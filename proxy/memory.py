@@ -57,8 +57,8 @@ DENSE = 0.75  # at least this share of a huge page's range resident: collapsing 
 
 def collapse_startup_memory(*, dense: float = DENSE) -> int:
     """Moves the densely used parts of the process's private anonymous memory (the malloc
-    heap, Python's arenas where the kernel merged them: mostly start-up objects) onto transparent huge pages;
-    returns how many 2 MiB ranges moved (0 where the kernel cannot).
+    heap, Python's arenas where the kernel merged them: mostly start-up objects) onto
+    transparent huge pages; returns how many 2 MiB ranges moved (0 where the kernel cannot).
 
     Why: a killed process's kernel frees its whole address space before it closes
     any socket (``exit_mm()`` runs before ``exit_files()``), so a killed VIP

@@ -54,7 +54,8 @@ elif kind.startswith("warren"):
     if kind == "warren-huge":
         proxy.memory.collapse_startup_memory()
 link = socket.create_connection(("127.0.0.1", port))
-status = {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith(("VmRSS", "RssAnon", "RssFile"))}
+status = {line.split(":")[0]: line.split()[1] for line in open("/proc/self/status")
+          if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
 link.sendall(f"{status['VmRSS']}/{status['RssAnon']}/{status['RssFile']}".encode())
 while True:
     time.sleep(100)

@@ -355,7 +355,7 @@ class VipInstance:
     async def _run_timer(self) -> None:
         assert self.machine is not None
         # Only on the real clock: under a test's mock clock a spin would never end. Not
-        # imported here: trio.testing pulls in pytest (11 MiB that a killed master's
+        # imported here: trio.testing pulls in pytest (6 MiB that a killed master's
         # kernel would free before its peer link ends; docs/vip.md, the peer link).
         testing = sys.modules.get("trio.testing")
         precise = testing is None or not isinstance(trio.lowlevel.current_clock(), testing.MockClock)

@@ -52,8 +52,8 @@ import trio
 
 from proxy.vip.packet import IPAddress
 from proxy.vip.peerlink import (
-    ACCEPTED, FEATURES, GREETING_SIZE, HELLO_SIZE, PROOF_SIZE, BackupHandshake, LinkError, MasterHandshake, MessageReader,
-    PriorityReport, Status, Successor, decode_hello, designate,
+    ACCEPTED, FEATURES, GREETING_SIZE, HELLO_SIZE, PROOF_SIZE, BackupHandshake, LinkError, MasterHandshake,
+    MessageReader, PriorityReport, Status, Successor, decode_hello, designate,
 )  # fmt: skip
 
 log = structlog.get_logger("warren.vip")

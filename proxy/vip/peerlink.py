@@ -108,7 +108,8 @@ class Hello:
             raise ValueError("features must be a flags byte without FLAG_AUTHENTICATED")
 
     def encode(self) -> bytes:
-        return _HELLO.pack(MAGIC, self.vrid, self.features | (FLAG_AUTHENTICATED if self.authenticated else 0), self.nonce)
+        flags = self.features | (FLAG_AUTHENTICATED if self.authenticated else 0)
+        return _HELLO.pack(MAGIC, self.vrid, flags, self.nonce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +291,8 @@ class BackupHandshake:
     protocol or claims OK without the proof.
     """
 
-    def __init__(self, vrid: int, key: bytes | None, *, nonce: bytes | None = None, features: int = FEATURES) -> None:
+    def __init__(self, vrid: int, key: bytes | None, *, nonce: bytes | None = None,
+                 features: int = FEATURES) -> None:
         self.vrid, self.key = vrid, key
         self._hello = Hello(vrid, key is not None, nonce or new_nonce(), features)
 
