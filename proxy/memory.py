@@ -67,8 +67,9 @@ def collapse_startup_memory(*, dense: float = DENSE) -> int:
     12.5 ms on 4 KiB pages and 2.8 ms on huge pages (docs/vip.md, the peer
     link). ``MADV_COLLAPSE`` works whatever the THP sysfs mode (but ``never``)
     and leaves later allocations on ordinary pages, so only ranges already at
-    least ``dense`` resident move and the RSS grows by their holes only. It runs
-    on the caller's thread (10-90 ms measured, once, before Warren reports ready).
+    least ``dense`` resident move and the RSS grows by their holes only. It blocks
+    for 10-140 ms (measured under load): Warren runs it once, in a worker thread (the
+    ``madvise`` calls release the GIL), before it reports ready.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
