@@ -5,7 +5,9 @@ Usage: python -m bench.tools.amqp_connrate HOST PORT [--workers N] [--seconds S]
 Each worker loops: TCP connect, the full AMQP 0-9-1 handshake up to
 Connection.Open-Ok (bench.amqpwire, with client properties and a PLAIN login,
 as a library sends them), then Connection.Close, Close-Ok, close. Prints one
-JSON line: {"event": "done", "handshakes": N, "seconds": S, "errors": E}.
+JSON line: {"event": "done", "handshakes": N, "seconds": S, "errors": E,
+"cpu_seconds": C} (C: this process's CPU time over those S seconds, start-up
+excluded).
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ async def worker(host: str, port: int, until: float, counts: dict) -> None:
 
 async def main(args: argparse.Namespace) -> None:
     counts = {"handshakes": 0, "errors": 0}
-    began = time.monotonic()
+    began, cpu_began = time.monotonic(), time.process_time()
     await asyncio.gather(*(worker(args.host, args.port, began + args.seconds, counts) for _ in range(args.workers)))
-    print(json.dumps({"event": "done", **counts, "seconds": round(time.monotonic() - began, 3)}), flush=True)
+    print(json.dumps({"event": "done", **counts, "seconds": round(time.monotonic() - began, 3),
+                      "cpu_seconds": round(time.process_time() - cpu_began, 4)}), flush=True)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
