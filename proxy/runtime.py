@@ -247,6 +247,7 @@ class BackendRuntime:
         self.retired: dict[str, ServerRuntime] = {}  # removed by a reload, connections still open
         self.balancer = make_balancer(config.balance)
         self.queue = trio.lowlevel.ParkingLot()
+        self.queued = 0  # sessions waiting in the queue now
         self.queue_max = 0
         self.total_sessions = 0
         self.no_server = 0
@@ -259,7 +260,8 @@ class BackendRuntime:
         return self.config.name
 
     def slot_freed(self) -> None:
-        self.queue.unpark()
+        if self.queued:  # nobody waits, the common case: no ParkingLot calls
+            self.queue.unpark()
 
     def reconfigure(self, config: Backend, now: float) -> tuple[list[str], list[str]]:
         """Applies a reloaded backend; servers keep their live state by name.
@@ -351,10 +353,14 @@ class BackendRuntime:
         """Waits in the backend's queue until a slot may have freed (True)
         or the trio clock reaches `until` (False)."""
         self.queue_max = max(self.queue_max, self.queue.statistics().tasks_waiting + 1)
-        with trio.move_on_at(until):
-            await self.queue.park()
-            return True
-        return False
+        self.queued += 1
+        try:
+            with trio.move_on_at(until):
+                await self.queue.park()
+                return True
+            return False
+        finally:
+            self.queued -= 1
 
 
 class FrontendRuntime:

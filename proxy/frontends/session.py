@@ -126,7 +126,7 @@ class Sessions:
     def timeouts(self, frontend: FrontendRuntime, backend: BackendRuntime) -> Timeouts:
         """The relay timeouts for this frontend and backend, made once per config."""
         fconfig, bconfig = frontend.config, backend.config
-        cached = self._relay_timeouts.get(frontend.name)
+        cached = self._relay_timeouts.get(fconfig.name)
         if cached is None or cached[0] is not fconfig or cached[1] is not bconfig:
             timeouts = Timeouts(
                 client=fconfig.timeout.client,
@@ -135,15 +135,15 @@ class Sessions:
                 tunnel=bconfig.timeout.tunnel,
                 server_fin=bconfig.timeout.server_fin,
             )
-            cached = self._relay_timeouts[frontend.name] = (fconfig, bconfig, timeouts)
+            cached = self._relay_timeouts[fconfig.name] = (fconfig, bconfig, timeouts)
         return cached[2]
 
     def amqp_policy(self, frontend: FrontendRuntime, backend: BackendRuntime) -> AmqpPolicy:
         """The AMQP timeouts by phase for this frontend and backend, made once per config."""
         fconfig, bconfig = frontend.config, backend.config
-        cached = self._amqp_policies.get(frontend.name)
+        cached = self._amqp_policies.get(fconfig.name)
         if cached is None or cached[0] is not fconfig or cached[1] is not bconfig:
-            cached = self._amqp_policies[frontend.name] = (fconfig, bconfig, AmqpPolicy(fconfig, bconfig))
+            cached = self._amqp_policies[fconfig.name] = (fconfig, bconfig, AmqpPolicy(fconfig, bconfig))
         return cached[2]
 
     def closed_total(self) -> int:
@@ -172,7 +172,7 @@ class _Session(Link):
     """
 
     __slots__ = (
-        "sessions", "client", "frontend", "conn", "started", "backend", "dispatch",
+        "sessions", "client", "frontend", "conn", "backend", "dispatch",
         "server_sock", "waiter", "done", "kernel", "client_tls", "server_tls", "peer", "header",
         "line", "queued_at",
     )  # fmt: skip
@@ -183,8 +183,7 @@ class _Session(Link):
         self.sessions = sessions
         self.client = client
         self.frontend = frontend
-        self.started = time.monotonic()
-        self.conn = Connection(sessions.runtime.new_connection_id(), peer[:2], frontend.name, Traffic())
+        self.conn = Connection(sessions.runtime.new_connection_id(), peer[:2], frontend.config.name, Traffic())
         self.backend: BackendRuntime | None = None
         self.dispatch: Dispatch | None = None
         self.server_sock: socket.socket | None = None
@@ -201,7 +200,7 @@ class _Session(Link):
     def begin(self) -> None:
         self.sessions.live.add(self.conn)
         material = self.sessions.runtime.tls
-        bind = material.frontends.get(self.frontend.name) if material is not None else None
+        bind = material.frontends.get(self.conn.frontend) if material is not None else None
         if bind is not None:
             self._begin_handshake(bind)
         else:
@@ -332,10 +331,12 @@ class _Session(Link):
         context = self._server_context()
         if context is None:
             dispatch.connected(self.sessions.poller.now())
-        refused, written = _send_proxy_header(self.client, sock, dispatch.server, self.conn, self.peer)
-        if refused is not None:
-            self._end(*refused)
-            return
+        written = 0
+        if dispatch.server.config.send_proxy is not SendProxy.NONE:
+            refused, written = _send_proxy_header(self.client, sock, dispatch.server, self.conn, self.peer)
+            if refused is not None:
+                self._end(*refused)
+                return
         if context is not None:
             self._begin_server_handshake(context)
         else:
@@ -377,8 +378,9 @@ class _Session(Link):
 
     def _server_context(self):
         material = self.sessions.runtime.tls
-        server = self.dispatch.server
-        return material.server(self.backend.name, server.name) if material is not None else None
+        if material is None or not material.servers:  # no server reached over TLS: the common case
+            return None
+        return material.server(self.backend.name, self.dispatch.server.name)
 
     def _begin_server_handshake(self, context) -> None:
         """TLS with the broker, verifying it; the connect's time includes it."""
@@ -649,7 +651,8 @@ class _Session(Link):
                 conn.amqp.finish(None)  # uncounts, if nothing did yet
             if self.waiter is not None:
                 self.waiter.cancel()
-            self._drop_server_socket()
+            if self.server_sock is not None:
+                self._drop_server_socket()
             _close(self.sessions.poller, self.client)  # already closed if the relay had it
             if conn.server is not None:
                 conn.server.detach(conn)
@@ -672,7 +675,7 @@ class _Session(Link):
             server=conn.server.name if conn.server else None,
             tw_ms=round(timing.queue * 1000),
             tc_ms=round(timing.connect * 1000),
-            tt_ms=round((time.monotonic() - self.started) * 1000),
+            tt_ms=round((time.monotonic() - conn.started) * 1000),
             bytes_in=conn.traffic.bytes_in,
             bytes_out=conn.traffic.bytes_out,
             termination=termination,
@@ -698,15 +701,13 @@ def _send_proxy_header(
     client: socket.socket, server_sock: socket.socket, server: ServerRuntime, conn: Connection,
     peer: TlsPeer | None = None,
 ) -> tuple[tuple[str, str] | None, int]:
-    """Sends the PROXY header if `server` wants one, before any relayed byte
-    (and before the pair enters a socket map); returns ((termination,
-    reason) if that failed, else None; bytes written). A freshly connected
-    socket's buffer always takes the header (a few hundred bytes) at once.
-    A client that came over TLS (`peer`) is described in v2's SSL TLV, as
-    HAProxy's send-proxy-v2-ssl-cn does."""
+    """Sends the PROXY header `server` wants (its ``send_proxy`` is not
+    NONE), before any relayed byte (and before the pair enters a socket
+    map); returns ((termination, reason) if that failed, else None; bytes
+    written). A freshly connected socket's buffer always takes the header (a
+    few hundred bytes) at once. A client that came over TLS (`peer`) is
+    described in v2's SSL TLV, as HAProxy's send-proxy-v2-ssl-cn does."""
     version = server.config.send_proxy
-    if version is SendProxy.NONE:
-        return None, 0
     try:
         local = client.getsockname()[:2]
     except OSError:  # the client is already gone

@@ -38,7 +38,7 @@ import math
 import select
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import outcome
@@ -59,6 +59,11 @@ class Ending(enum.Enum):
     SERVER_TIMEOUT = "server_timeout"  # server idle / server-fin expired -> "sD"
     HELD = "held"  # a tap withheld bytes (Hold): the sockets are the caller's again
 
+    # Members are singletons compared by identity: hashed by identity too, in
+    # C, rather than by Enum's Python-level hash of the name (a session looks
+    # its termination code up by its Ending once per connection).
+    __hash__ = object.__hash__
+
 
 @dataclass(slots=True)
 class Traffic:
@@ -78,6 +83,12 @@ class Timeouts:
     ended, waiting for the other direction's sender is bounded by
     ``client_fin`` / ``server_fin`` when set, overriding the others (as
     HAProxy's timeout client-fin / server-fin override timeout tunnel).
+
+    ``enabled`` (at least one is set) and ``waits`` (``limit(0)``,
+    ``limit(1)``, ``limit(0, fin=True)``, ``limit(1, fin=True)``) are
+    worked out once, here: a link reads them as it starts, and ``waits`` on
+    every wake-up with traffic (bench/OPTIMISATIONS.md, TLS); there are a
+    few Timeouts per config, and a connection or more per millisecond.
     """
 
     client: float | None = None
@@ -85,12 +96,18 @@ class Timeouts:
     tunnel: float | None = None
     client_fin: float | None = None
     server_fin: float | None = None
+    enabled: bool = field(init=False, repr=False, compare=False)
+    waits: tuple[float, float, float, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in self.__slots__:
+        for name in _TIMEOUT_NAMES:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"timeout {name} must be > 0 or None, got {value!r}")
+        enabled = any(getattr(self, name) is not None for name in _TIMEOUT_NAMES)
+        object.__setattr__(self, "enabled", enabled)
+        waits = tuple(self.limit(side, fin=fin) for fin in (False, True) for side in (0, 1))
+        object.__setattr__(self, "waits", waits)
 
     def limit(self, side: int, *, fin: bool) -> float:
         """How long a direction may wait on `side` (0: the client, 1: the
@@ -105,28 +122,8 @@ class Timeouts:
         limit = self.client if side == 0 else self.server
         return math.inf if limit is None else limit
 
-    @property
-    def enabled(self) -> bool:
-        """True if at least one timeout is set (asked once per connection)."""
-        return not (
-            self.client is None and self.server is None and self.tunnel is None
-            and self.client_fin is None and self.server_fin is None
-        )
 
-
-_waits_of: dict[Timeouts, tuple[float, float, float, float]] = {}
-
-
-def _waits(timeouts: Timeouts) -> tuple[float, float, float, float]:
-    """``limit(0)``, ``limit(1)``, ``limit(0, fin=True)``, ``limit(1,
-    fin=True)`` of `timeouts`: what a link looks up on every wake-up with
-    traffic, worked out once per Timeouts (there are a few per config)."""
-    waits = _waits_of.get(timeouts)
-    if waits is None:
-        if len(_waits_of) >= 1024:
-            _waits_of.clear()
-        waits = _waits_of[timeouts] = tuple(timeouts.limit(side, fin=fin) for fin in (False, True) for side in (0, 1))
-    return waits
+_TIMEOUT_NAMES = ("client", "server", "tunnel", "client_fin", "server_fin")
 
 
 async def relay(
@@ -258,7 +255,7 @@ class Link:
         self.notify = notify  # gets the outcome; None once finished or cancelled
         self.queued = False  # in the poller's list of links to serve
         self.timeouts = timeouts if timeouts.enabled else None
-        self.waits = _waits(timeouts) if self.timeouts is not None else None
+        self.waits = timeouts.waits
         self.deadlines = [math.inf, math.inf]  # per direction
         self.deadline = math.inf  # the earlier of the two
         self.scheduled = math.inf  # when the poller will next look at us
@@ -365,8 +362,9 @@ class Link:
     def _unschedule(self) -> None:
         """No timer any more: the pending entry lets go of this link."""
         self.scheduled = math.inf
-        retire(self.timer)
-        self.timer = None
+        if self.timer is not None:  # none without timeouts
+            retire(self.timer)
+            self.timer = None
 
     def ended(self, ending: Ending | None) -> None:
         """The relay ended so (None: interrupted); the poller serves it no more."""
@@ -424,7 +422,7 @@ class Link:
         """Replaces the idle timeouts (a handshake learnt the heartbeat);
         both directions' deadlines restart from now."""
         self.timeouts = timeouts if timeouts.enabled else None
-        self.waits = _waits(timeouts) if self.timeouts is not None else None
+        self.waits = timeouts.waits
         if self.timeouts is None:
             self.deadlines = [math.inf, math.inf]
             self.deadline = math.inf
@@ -440,7 +438,7 @@ class Link:
     def _push_deadlines(self, moved0: bool, moved1: bool) -> None:
         # Run on every wake-up with traffic when timeouts are set (an AMQP
         # connection's heartbeat sets them): flat, with the limits looked up
-        # once per Timeouts (``_waits``; bench/OPTIMISATIONS.md, TLS).
+        # once per Timeouts (``Timeouts.waits``; bench/OPTIMISATIONS.md, TLS).
         timeouts = self.timeouts
         if timeouts.tunnel is not None and (moved0 or moved1):
             moved0 = moved1 = True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
+import math
 import os
 import random
 import select
@@ -577,7 +579,18 @@ async def test_server_fin_bounds_the_wait_for_the_server_after_the_client_ended(
 
 
 def _fields(timeouts: Timeouts) -> dict:
-    return {name: getattr(timeouts, name) for name in Timeouts.__slots__}
+    return {field.name: getattr(timeouts, field.name) for field in dataclasses.fields(Timeouts) if field.init}
+
+
+def test_timeouts_say_once_whether_any_is_set_and_what_each_side_may_wait():
+    assert not Timeouts().enabled
+    assert Timeouts().waits == (math.inf,) * 4
+    assert Timeouts(server_fin=3).enabled
+    timeouts = Timeouts(client=1, server=2, client_fin=3)
+    assert timeouts.waits == (1, 2, 3, 2)
+    assert timeouts.waits == tuple(timeouts.limit(side, fin=fin) for fin in (False, True) for side in (0, 1))
+    assert Timeouts(client=1, tunnel=7, server_fin=4).waits == (7, 7, 7, 4)
+    assert Timeouts(client=1) == Timeouts(client=1) and hash(Timeouts(client=1)) == hash(Timeouts(client=1))
 
 
 def test_timeouts_must_be_positive():

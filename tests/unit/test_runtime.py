@@ -207,3 +207,34 @@ async def test_a_reload_that_raises_maxconn_lets_a_waiting_listener_accept_again
             await trio.testing.wait_all_tasks_blocked()
             frontend.reconfigure(replace(config, maxconn=2))
     assert frontend.current == 1
+
+
+async def test_a_client_waiting_in_the_backend_queue_is_woken_when_a_slot_frees():
+    rt = runtime(Server(name="a", address="127.0.0.1", port=1, maxconn=1))
+    backend, server = rt.backends["be"], rt.backends["be"].servers["a"]
+    from proxy.io.relay import Traffic
+    from proxy.runtime import Connection
+
+    holder = Connection(1, ("127.0.0.1", 1), "fe", Traffic())
+    assert backend.acquire(holder, None, ()) is server
+    server.detach(Connection(9, ("127.0.0.1", 9), "fe", Traffic()))  # not attached: frees nothing
+    woken: list[bool] = []
+
+    async def waiter():
+        woken.append(await backend.wait_in_queue(until=trio.current_time() + 60))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (backend.queued, woken) == (1, [])
+            server.detach(holder)
+    assert (woken, backend.queued, backend.queue_max) == ([True], 0, 1)
+
+
+async def test_a_queue_wait_that_times_out_leaves_the_queue():
+    rt = runtime(Server(name="a", address="127.0.0.1", port=1, maxconn=1))
+    backend = rt.backends["be"]
+    with trio.fail_after(5):
+        assert await backend.wait_in_queue(until=trio.current_time() + 0.01) is False
+    assert backend.queued == 0
