@@ -77,19 +77,27 @@ class WarrenProcess:
                 self._new_event = trio.Event()
 
     async def wait_for(self, name: str, timeout: float = 20, **fields) -> dict:
-        """Waits for an event `name` whose fields include `fields`."""
-        with trio.fail_after(timeout):
-            seen = 0
-            while True:
-                for event in self.events[seen:]:
-                    if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
-                        return event
-                seen = len(self.events)
-                if self.process.returncode is not None and seen == len(self.events):
-                    raise AssertionError(f"warren exited ({self.process.returncode}) before {name}:\n"
-                                         + "\n".join(self.stderr_text[-20:]))
-                with trio.move_on_after(0.2):
-                    await self._new_event.wait()
+        """Waits for an event `name` whose fields include `fields`. Raises AssertionError
+        if Warren exits first or after `timeout` seconds, naming the `name` events it
+        did log (another reason, another instance) and its last lines."""
+        with trio.move_on_after(timeout):
+            return await self._wait_for(name, **fields)
+        others = [e for e in self.events if e.get("event") == name]
+        raise AssertionError(f"no {name} {fields} within {timeout} s; {name} events logged: {others}\n"
+                             + "\n".join(self.stderr_text[-20:]))
+
+    async def _wait_for(self, name: str, **fields) -> dict:
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
+                    return event
+            seen = len(self.events)
+            if self.process.returncode is not None and seen == len(self.events):
+                raise AssertionError(f"warren exited ({self.process.returncode}) before {name}:\n"
+                                     + "\n".join(self.stderr_text[-20:]))
+            with trio.move_on_after(0.2):
+                await self._new_event.wait()
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
