@@ -28,7 +28,7 @@ from .backends.names import NamesService
 from .config import ConfigError, load_config
 from .config.model import BindAddress, Config
 from .errors import StartupError
-from .memory import collapse_startup_memory, freeze_startup_objects, trim_after_waves
+from .memory import collapse_startup_memory, collect_startup_garbage, freeze_startup_objects, trim_after_waves
 from .frontends.listener import BindError, open_listener, serve_listener
 from .frontends.relay_path import choose_relay
 from .frontends.session import Sessions
@@ -100,6 +100,8 @@ class App:
                 self._services_nursery = services
                 await self._serve_listeners(opened, services)
                 services.start_soon(trim_after_waves, self.sessions.closed_total)
+                if self.freeze_start_up:
+                    collect_startup_garbage()  # before the VIP instances run (its docstring)
                 for service in self.services:
                     await services.start(self._supervise(service).run)
                 log.info(
@@ -108,7 +110,7 @@ class App:
                     relay=self.relay.path,
                 )
                 if self.freeze_start_up:
-                    freeze_startup_objects()
+                    freeze_startup_objects(collected=True)
                     if any(vip.peer_link.enabled for vip in self.config.vip):
                         # A killed master's peer link ends sooner. In a thread: the copy takes
                         # 10-140 ms under load, and the VIP instances already run (a backup's
