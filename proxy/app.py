@@ -101,7 +101,13 @@ class App:
                 await self._serve_listeners(opened, services)
                 services.start_soon(trim_after_waves, self.sessions.closed_total)
                 if self.freeze_start_up:
-                    collect_startup_garbage()  # before the VIP instances run (its docstring)
+                    # Both before the services start: each stalls the event loop, for hundreds of
+                    # ms under load, and a VIP instance already in its election reads no advert
+                    # meanwhile (a backup that joined took over from a live master; another missed
+                    # its master's priority-0 advert, which took the VIP back, resigned as it was).
+                    collect_startup_garbage()
+                    if any(vip.peer_link.enabled for vip in self.config.vip):
+                        await trio.to_thread.run_sync(collapse_startup_memory)  # (its docstring)
                 for service in self.services:
                     await services.start(self._supervise(service).run)
                 log.info(
@@ -111,11 +117,6 @@ class App:
                 )
                 if self.freeze_start_up:
                     freeze_startup_objects(collected=True)
-                    if any(vip.peer_link.enabled for vip in self.config.vip):
-                        # A killed master's peer link ends sooner. In a thread: the copy takes
-                        # 10-140 ms under load, and the VIP instances already run (a backup's
-                        # loop blocked that long took over with reason master_down).
-                        await trio.to_thread.run_sync(collapse_startup_memory)
                 self.systemd.ready(self.status_line())
                 session_nursery.start_soon(self.systemd.keep_alive, self.status_line)
                 task_status.started(self)
