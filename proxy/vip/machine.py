@@ -46,13 +46,19 @@ Deviations from, and additions to, the RFC (all deliberate):
   linked backup that should replace it (highest priority, then highest
   address: :func:`proxy.vip.peerlink.designate`); :meth:`successor_designated`
   tells the machine. That backup, unless resigned, takes over at once,
-  without skew, when its master's link is lost; the others keep their skew.
-  A designation counts only while its master is the one followed: any other
-  master, or none, forgets it. A stale or wrong one (the master died before
-  its update arrived) at worst starts a lower backup first: a higher one that
-  preempts takes over at its own skew as without designation, and two
-  designated backups (impossible from one master's messages) would settle
-  like any two masters, on the first advert.
+  without skew, when its master's link is lost. The others leave that loss
+  to the RFC timers: the successor's advert reaches them long before their
+  Master_Down_Interval ends, however starved its host (a skew of a few
+  milliseconds raced it and lost on a loaded host: two takeovers, the
+  address moved twice). A backup told that nobody is the successor (or told
+  nothing yet) keeps its skew. A designation counts only while its master is
+  the one followed: any other master, or none, forgets it. A stale or wrong
+  one (the master died before its update arrived) at worst starts a lower
+  backup first: a higher one that preempts takes over at its own skew as
+  without designation, and two designated backups (impossible from one
+  master's messages) would settle like any two masters, on the first advert.
+  If the designated successor dies with the master, the others take over by
+  the RFC timers, as without a peer link.
 """
 
 from __future__ import annotations
@@ -178,8 +184,8 @@ def _input(method: Callable[..., list[Action]]) -> Callable[..., list[Action]]:
     @functools.wraps(method)
     def handled(self: VrrpMachine, *args: object, **kwargs: object) -> list[Action]:
         actions = method(self, *args, **kwargs) + self._follow_changes()
-        if self._designated_by != self.master_ip:
-            self._designated_by = None  # a designation is only good for the master that made it
+        if self._designation is not None and self._designation[0] != self.master_ip:
+            self._designation = None  # a designation is only good for the master that made it
         return actions
 
     return handled
@@ -203,7 +209,8 @@ class VrrpMachine:
         self._down_reason = "master_down"
         self._stall_deferred = False
         self._followed: IPAddress | None = None
-        self._designated_by: IPAddress | None = None  # the master that named us its successor
+        # (the master followed, the successor it named): None while it named nobody
+        self._designation: tuple[IPAddress, IPAddress] | None = None
 
     # -- derived timers (RFC 5798 6.1) -------------------------------------
 
@@ -215,7 +222,7 @@ class VrrpMachine:
     @property
     def designated(self) -> bool:
         """Whether the master followed now named this backup its successor."""
-        return self._designated_by is not None
+        return self._designation is not None and self._designation[1] == self.config.primary_ip
 
     @property
     def master_down_interval(self) -> float:
@@ -340,12 +347,14 @@ class VrrpMachine:
         confirmed it: a new connection was refused). A backup following that master acts as
         on its priority-0 advert: it takes over after the skew, computed from
         HANDOVER_INTERVAL; at once if that master designated it (:meth:`successor_designated`)
-        and it is not resigned. Any other case (another master by now, not a backup) is ignored.
+        and it is not resigned. Ignored when the master designated another backup (that one's
+        advert is due; the down timer stands), and in any other case (another master by now,
+        not a backup).
         """
-        if not self._following(master):
+        if not self._following(master) or (self._designation is not None and not self.designated):
             return []
         self.counters.master_link_lost += 1
-        if self._designated_by == self.master_ip and not self.resigned:
+        if self.designated and not self.resigned:
             self.counters.successor_takeovers += 1
             return self._become_master(now, "master_link_lost")
         self._master_leaving(now, HANDOVER_INTERVAL, "master_link_lost")
@@ -354,10 +363,11 @@ class VrrpMachine:
     @_input
     def successor_designated(self, now: float, master: IPAddress | str, successor: IPAddress | None) -> list[Action]:
         """``master`` named ``successor`` (None: nobody) over the peer link. Recorded only by a
-        backup following that master, and only until it follows another (or none): with
-        it, :meth:`master_link_lost` takes over at once, without skew."""
+        backup following that master, and only until it follows another (or none): it decides
+        what :meth:`master_link_lost` does."""
         if self._following(master):
-            self._designated_by = self.master_ip if successor == self.config.primary_ip else None
+            assert self.master_ip is not None
+            self._designation = None if successor is None else (self.master_ip, ipaddress.ip_address(successor))
         return []
 
     def note_error(self) -> None:

@@ -616,14 +616,23 @@ class TestDesignatedSuccessor:
         assert actions[-1] == FollowMaster(None) and vrrp.state is State.MASTER
         assert (vrrp.counters.master_link_lost, vrrp.counters.successor_takeovers) == (1, 1)
 
-    @pytest.mark.parametrize("successor", [PEER_LOW_IP, None])
-    def test_a_backup_not_designated_keeps_its_skew(self, successor):
+    def test_a_backup_told_that_nobody_is_the_successor_keeps_its_skew(self):
         vrrp = self.following()
         vrrp.successor_designated(1.1, PEER_HIGH_IP, OWN_IP)
-        vrrp.successor_designated(1.2, PEER_HIGH_IP, successor)  # the master changed its mind
+        vrrp.successor_designated(1.2, PEER_HIGH_IP, None)  # the master changed its mind
         assert vrrp.master_link_lost(1.5, PEER_HIGH_IP) == [FollowMaster(None)]
         assert vrrp.next_deadline == pytest.approx(1.5 + TestPeerLink.LINK_SKEW)
         assert vrrp.counters.successor_takeovers == 0
+
+    def test_a_backup_not_designated_leaves_the_link_loss_to_the_rfc_timers(self):
+        vrrp = self.following()
+        vrrp.successor_designated(1.1, PEER_HIGH_IP, OWN_IP)
+        vrrp.successor_designated(1.2, PEER_HIGH_IP, PEER_LOW_IP)  # another backup is named now
+        down = vrrp.next_deadline
+        assert vrrp.master_link_lost(1.5, PEER_HIGH_IP) == []
+        assert vrrp.next_deadline == down == pytest.approx(1.0 + 3 + 156 / 256)  # from the last advert
+        assert vrrp.master_ip == PEER_HIGH_IP and vrrp.counters.master_link_lost == 0
+        assert vrrp.on_timer(down)[0] == StateChanged(State.BACKUP, State.MASTER, "master_down")  # if nobody came
 
     def test_only_the_followed_master_can_designate(self):
         vrrp = self.following()
@@ -734,6 +743,11 @@ class Segment:
     def lose_designations(self, index: int) -> None:
         """The successors ``index`` named but that have not arrived are never sent (it died first)."""
         self.deliveries = [d for d in self.deliveries if not (isinstance(d[3], tuple) and d[4] == self.machines[index].config.primary_ip)]
+        heapq.heapify(self.deliveries)
+
+    def delay(self, index: int, by: float) -> None:
+        """``index`` is starved of CPU: what is on its way to it is read ``by`` seconds later."""
+        self.deliveries = [(at + by, *rest) if rest[1] == index else (at, *rest) for at, *rest in self.deliveries]
         heapq.heapify(self.deliveries)
 
     def broadcast(self, sender: int, message: Advert) -> None:
@@ -1013,17 +1027,30 @@ class TestElectionsWithPeerLinks:
         segment.run_until(30.0)
         assert segment.took_vip[2] == [pytest.approx(crashed + 0.001)] and segment.masters() == [2]
 
-    def test_designated_backup_and_master_dying_together_leave_the_others_their_skew(self):
+    def test_designated_backup_and_master_dying_together_leave_the_others_the_rfc_timers(self):
         segment = three_linked_hosts(200, 150, 100)
         segment.start_all()
         segment.run_until(10.0)
+        last_advert = segment.machines[0].next_deadline - 1.0
         segment.crash(1)
         segment.lose_designations(0)
         segment.crash(0)  # before a could name anyone else: c was told b
-        crashed = segment.now
         segment.run_until(30.0)
-        assert segment.took_vip[2] == [pytest.approx(crashed + 0.001 + 156 / 256 * 0.01, abs=1e-6)]
-        assert segment.masters() == [2] and segment.machines[2].counters.successor_takeovers == 0
+        assert segment.took_vip[2] == [pytest.approx(last_advert + 0.001 + 3 + 156 / 256, abs=1e-6)]
+        assert segment.masters() == [2] and segment.machines[2].counters.master_link_lost == 0
+
+    @pytest.mark.parametrize("starved_for", [0.05, 2.0])
+    def test_a_starved_designated_successor_is_not_raced_by_the_other_backups(self, starved_for):
+        segment = three_linked_hosts(200, 150, 100)
+        segment.start_all()
+        segment.run_until(10.0)
+        segment.crash(0)
+        crashed = segment.now
+        segment.delay(1, starved_for)  # b reads the link's end long after c's skew (6 ms) ended
+        segment.run_until(30.0)
+        assert segment.took_vip[1] == [pytest.approx(crashed + 0.001 + starved_for)]
+        assert segment.took_vip[2] == [] and segment.longest_double == 0.0
+        assert segment.masters() == [1] and segment.follows[2] == V4("10.0.0.2")
 
     @pytest.mark.parametrize("preempt", [True, False])
     def test_a_stale_designation_never_makes_two_masters_for_longer_than_an_advert_takes(self, preempt):
