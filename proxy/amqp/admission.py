@@ -182,12 +182,13 @@ class StartLine(Generic[T]):
         while waiting:
             if waiting[0] in gone:
                 gone.discard(waiting.popleft())
-            elif gave_up is not None and self._has_token(now) and gave_up(waiting[0]):
-                waiting.popleft()
-            elif self._take(now):
-                going.append(waiting.popleft())
-            else:
+                continue
+            if not self._has_token(now):
                 break
+            client = waiting.popleft()
+            if gave_up is None or not gave_up(client):
+                self.bucket.tokens -= 1
+                going.append(client)
         return going
 
     def next_at(self) -> float | None:
