@@ -48,7 +48,7 @@ import structlog
 
 from ..lograte import Rate, RateLimitedLog
 from .directions import SideLost, lost_or_raise
-from .poller import current_poller
+from .poller import current_poller, retire
 from .relay import Ending, Link, Timeouts, reset_on_close
 from .sockmap import Full, Pair, Sockmap, acknowledged, queued_into, send_room, since_last_receive
 
@@ -299,7 +299,7 @@ class KernelLink:
     __slots__ = (
         "socks", "fds", "pair", "traffic", "written", "ways", "events", "queued", "notify",
         "timeouts", "idle_deadline", "deadline", "scheduled", "poller", "masks", "drain_at",
-        "ending", "closed", "quiet", "lost", "lost_until",
+        "ending", "closed", "quiet", "lost", "lost_until", "timer",
     )  # fmt: skip
 
     def __init__(self, client, server, pair: Pair, timeouts: Timeouts, written, notify, base=(0, 0)) -> None:
@@ -316,6 +316,7 @@ class KernelLink:
         # The poller calls expire() once `deadline` has passed: the earlier of
         # the idle deadline and the next look at a draining direction.
         self.idle_deadline = self.deadline = self.scheduled = self.drain_at = math.inf
+        self.timer: list | None = None  # that timer entry, retired when superseded or closed (poller.retire)
         self.ending: Ending | None = None
         self.closed = False
         self.lost: int | None = None  # a side that failed, its reset waiting for a drain (_lose)
@@ -404,6 +405,8 @@ class KernelLink:
         self.closed = True
         self.notify = None
         self.scheduled = math.inf
+        retire(self.timer)
+        self.timer = None
         self.traffic.freeze()
         self.pair.release()
         reset = self.ending in _ABORT
@@ -620,7 +623,8 @@ class KernelLink:
         self.deadline = when = min(self.idle_deadline, self.drain_at)
         if when < self.scheduled:
             self.scheduled = when
-            self.poller.wake_at(self, when)
+            retire(self.timer)  # superseded
+            self.timer = self.poller.wake_at(self, when)
 
     def _deadline(self, way: _Way, now: float) -> float:
         if way.state == _DONE:

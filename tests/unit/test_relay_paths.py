@@ -33,6 +33,7 @@ import trio
 
 from lab import wait_until
 from proxy.io.pipes import PipePool, splice_supported
+from proxy.io.poller import current_poller
 from proxy.io.relay import Ending, Timeouts, Traffic, start_relay
 from proxy.io.kernel_relay import KernelTraffic, TrialLink, start_kernel_relay
 from proxy.io.sockmap import Sockmap, probe
@@ -338,6 +339,24 @@ async def test_a_kill_ends_the_relay_and_closes_both_sockets(path):
             await link.done.wait()
             assert link.ending is None and closed(link)
             assert await recv_to_eof(link.client) == b""
+
+
+async def test_a_stopped_relay_leaves_no_timer_entry_holding_it(path):
+    # An entry stays in the poller's heap until due (or a sweep, once the heap
+    # doubled): one that still held an ended relay kept its session alive for
+    # up to the idle timeout (poller.retire).
+    poller = current_poller()
+    with trio.fail_after(IO_BOUND):
+        client, near, far, server = await proxy_sockets()
+        try:
+            link = path.start(near, far, lambda result: None, Timeouts(client=3600))
+            due = [entry[0] for entry in poller._timers if entry[2] is link]
+            assert due == [pytest.approx(trio.current_time() + 3600, abs=5)]
+            link.stop()
+            assert [entry for entry in poller._timers if entry[2] is link] == []
+        finally:
+            client.close()
+            server.close()
 
 
 # --- bulk and backpressure -------------------------------------------------------------
