@@ -70,13 +70,15 @@ async def test_a_killed_master_is_replaced_through_the_peer_link(lab, interval, 
 
 
 async def test_of_two_backups_the_one_the_master_designated_takes_over_and_the_other_follows_it(lab):
+    # Adverts every second: a backup's RFC timers (3 intervals) are then far longer than
+    # a loaded host can delay the successor's takeover (at 100 ms, a CI run saw h2's fire).
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            w1, w2 = await two_hosts(lab, nursery, config(lab, 150), config(lab, 100))
+            w1, w2 = await two_hosts(lab, nursery, config(lab, 150, "1s"), config(lab, 100, "1s"))
             h1, h3 = lab.hosts["h1"], lab.add_host("h3")
             await w2.wait_for("vip.successor", instance="front", master=h1.ip, designated=True)  # the only one
             await lab.start_backend(h3)
-            w3 = await lab.start_warren(nursery, h3, config(lab, 120))
+            w3 = await lab.start_warren(nursery, h3, config(lab, 120, "1s"))
             # h3 outranks h2: h1 names it, and tells h2 that it is no longer the successor
             await w3.wait_for("vip.successor", instance="front", master=h1.ip, designated=True)
             await w2.wait_for("vip.successor", instance="front", master=h1.ip, designated=False)
