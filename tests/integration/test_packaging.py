@@ -120,11 +120,13 @@ def deb_lock():
 
 
 def _processes_from(prefix: str) -> list[int]:
+    """Processes whose program (argv[0]) lies under ``prefix``; not those that merely name
+    it (a package being built elsewhere on the machine runs .../staging/opt/warren/bin/pip)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if prefix.encode() in (entry / "cmdline").read_bytes():
+                if (entry / "cmdline").read_bytes().startswith(prefix.encode()):
                     found.append(int(entry.name))
             except OSError:
                 continue
