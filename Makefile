@@ -1,7 +1,11 @@
 # Warren: two commands on a fresh Debian machine (as root).
 #   make run   - three local RabbitMQ nodes, clustered, with Warren in front
 #   make test  - installs what the tests need and runs the whole suite
-PYTHON ?= python3
+# The interpreter Warren runs on: Debian's python3, as in the package
+# (packaging/deb/build), so that tests and benchmarks measure what users run
+# (a self-built CPython without PGO/LTO, such as pyenv's default, costs Warren
+# ~10 % more CPU per connection: bench/OPTIMISATIONS.md).
+PYTHON ?= /usr/bin/python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
@@ -14,8 +18,13 @@ FUZZ_EXAMPLES ?= 2000
 
 .PHONY: run test fuzz check venv debs-run debs-test clean wheel deb
 
+# Made again when pyproject.toml changes, or when .venv was made by another interpreter.
+ifneq ($(shell readlink -f $(VENV)/bin/python 2>/dev/null),$(shell readlink -f $(PYTHON) 2>/dev/null))
+.PHONY: $(VENV)/.installed
+endif
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@./scripts/ensure-debs python3 python3-venv
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
 	touch $@
