@@ -36,7 +36,7 @@ import trio
 from lab import Host, Lan, NetLab, netns_missing, nft_missing, start_nodes, wait_until
 from proxy.devcluster import RabbitCluster, unavailable_reason
 from tests.canary import Canary
-from tests.warrenproc import WarrenProcess, write
+from tests.warrenproc import OWN_SESSION, WarrenProcess, write
 
 pytestmark = [pytest.mark.netns, pytest.mark.rabbit, pytest.mark.timeout(240)]
 
@@ -139,7 +139,7 @@ class NsWarren(WarrenProcess):
     async def start(self, nursery: trio.Nursery, timeout: float = 30) -> dict:
         self.process = await self.chaos.net.open_process(
             self.host.ns, [sys.executable, "-m", "proxy", "run", str(self.config_path)],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO,
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO, **OWN_SESSION,
         )  # fmt: skip
         nursery.start_soon(self._read_log)
         return await self.wait_for("warren.started", timeout=timeout)

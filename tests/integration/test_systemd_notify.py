@@ -11,16 +11,8 @@ import trio
 
 from proxy.sdnotify import monotonic_usec
 from tests.proxyutil import dead_port
-from tests.warrenproc import WarrenProcess, json_global, write
+from tests.warrenproc import WarrenProcess, one_server_config, write
 
-CONFIG = """
-[frontends.fe]
-bind = "127.0.0.1:0"
-backend = "be"
-
-[backends.be]
-servers = [{{ name = "a", address = "127.0.0.1", port = {port} }}]
-"""
 
 
 class NotifySocket:
@@ -49,7 +41,7 @@ async def notified_warren(tmp_path, watchdog_usec: int) -> tuple[NotifySocket, W
     """A notify socket owned by the test, and a Warren (not started yet) told to use it."""
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     await notify.bind()
-    warren = WarrenProcess(write(tmp_path / "warren.toml", json_global() + CONFIG.format(port=dead_port())))
+    warren = WarrenProcess(write(tmp_path / "warren.toml", one_server_config(dead_port())))
     warren.env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(watchdog_usec)}
     return notify, warren
 
@@ -111,7 +103,7 @@ async def test_a_stopped_event_loop_stops_the_watchdog_pings(tmp_path):
 
 
 async def test_without_a_notify_socket_nothing_is_sent_and_warren_runs(tmp_path):
-    config = write(tmp_path / "warren.toml", json_global() + CONFIG.format(port=dead_port()))
+    config = write(tmp_path / "warren.toml", one_server_config(dead_port()))
     environment = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
     with trio.fail_after(60):
         async with WarrenProcess(config) as warren, trio.open_nursery() as nursery:
