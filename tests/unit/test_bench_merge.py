@@ -31,7 +31,7 @@ def meta(command: str, date: str) -> dict:
     return {"command": command, "mode": "full", "date": date, "seconds": 600.0,
             "machine": {"cores": 2, "load average at the start (1, 5, 15 min)": "0.5 0.4 0.3",
                         "load average at the end (1, 5, 15 min)": "1.5 0.9 0.5"},
-            "versions": {"haproxy": "2.6", "warren": "abc1234"}}
+            "versions": {"haproxy": "2.6", "warren": "abc1234", "python": "3.11.2 (/usr/bin/python3.11)"}}
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_a_merge_replaces_only_the_benchmarks_re_run(full_run: Path):
     assert list(after.sections) == ["bulk", "requests", "failover"]  # the suites' order
     assert after.reruns == ["- requests: `python -m bench.run --only requests --merge` on 2026-12-06 16:50 UTC "
                             "(full mode, 10.0 minutes; load average at the start 0.5 0.4 0.3, at the end "
-                            "1.5 0.9 0.5; Warren abc1234)"]
+                            "1.5 0.9 0.5; Warren abc1234 on Python 3.11.2 (/usr/bin/python3.11))"]
     assert "Produced by `make bench` on 2026-12-06 13:12 UTC" in "\n".join(after.head)
     document = json.loads((full_run / "results.json").read_text())
     by_name = {r["name"]: r for r in document["results"]}
