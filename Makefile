@@ -18,13 +18,14 @@ FUZZ_EXAMPLES ?= 2000
 
 .PHONY: run test fuzz check venv debs-run debs-test clean wheel deb
 
-# Made again when pyproject.toml changes, or when .venv was made by another interpreter.
+# Updated when pyproject.toml changes; made anew when .venv was made by another interpreter.
 ifneq ($(shell readlink -f $(VENV)/bin/python 2>/dev/null),$(shell readlink -f $(PYTHON) 2>/dev/null))
+VENV_CLEAR := --clear
 .PHONY: $(VENV)/.installed
 endif
 $(VENV)/.installed: pyproject.toml
 	@./scripts/ensure-debs python3 python3-venv
-	$(PYTHON) -m venv --clear $(VENV)
+	$(PYTHON) -m venv $(VENV_CLEAR) $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
 	touch $@

@@ -82,8 +82,8 @@ def _rerun_line(names: list[str], meta: dict) -> str:
     load_start = meta["machine"].get("load average at the start (1, 5, 15 min)", "?")
     return (f"- {', '.join(names)}: `{meta['command']}` on {meta['date']} ({meta['mode']} mode, "
             f"{meta['seconds'] / 60:.1f} minutes; load average at the start {load_start}, "
-            f"at the end {load_end}; Warren {meta['versions'].get('warren', '?')}"
-            + (f" on Python {meta['versions']['python']}" if "python" in meta["versions"] else "") + ")")
+            f"at the end {load_end}; Warren {meta['versions'].get('warren', '?')} "
+            f"on Python {meta['versions'].get('python', '?')})")
 
 
 def merge_markdown(previous: str, results: list[BenchResult], meta: dict) -> str:
