@@ -11,13 +11,16 @@ from tests.proxyutil import dead_port
 from tests.warrenproc import WarrenProcess, one_server_config, write
 
 
-
 def autogroup(pid: int | str) -> str | None:
-    """The kernel's scheduling autogroup of ``pid`` (None without CONFIG_SCHED_AUTOGROUP)."""
+    """The kernel's scheduling autogroup of ``pid``: ``/autogroup-N``, or "" for
+    none (the root group, where init and every process whose session was not
+    made by setsid since boot run, as a CI runner's may), or None without
+    CONFIG_SCHED_AUTOGROUP."""
     try:
-        return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+        fields = Path(f"/proc/{pid}/autogroup").read_text().split()
     except OSError:
         return None
+    return fields[0] if fields else ""
 
 
 async def test_a_warren_started_by_the_tests_has_a_session_and_a_scheduling_group_of_its_own(tmp_path):
