@@ -3,11 +3,17 @@
 The machine decides; this module feeds it and carries out its actions. Tasks,
 all in the instance's nursery:
 
-- *receive*: raw socket -> drop other VRIDs (RFC 5798 7.1: not ours, not an
-  error) -> in unicast mode, drop senders that are not peers -> optional HMAC
-  check and replay guard -> ``decode_advert`` -> ``on_advert``. Anything
-  dropped is counted under ``dropped_<reason>`` and ``errors``.
-- *timer*: ``on_timer`` at ``next_deadline``.
+- *receive*: raw socket (once readable, every queued packet, read without
+  waiting) -> drop other VRIDs (RFC 5798 7.1: not ours, not an error) -> in
+  unicast mode, drop senders that are not peers -> optional HMAC check and
+  replay guard -> ``decode_advert`` -> ``on_advert``. Anything dropped is
+  counted under ``dropped_<reason>`` and ``errors``.
+- *timer*: ``on_timer`` at ``next_deadline``, but first the packets already
+  queued on the socket: a process descheduled past its deadline (CPU
+  starvation, a GC pause, SIGSTOP) wakes with its master's adverts unread, and
+  trio may run the timer task before the receive task. Those adverts arrived
+  before the deadline took effect, so they come first (keepalived reads before
+  it times out, too).
 - *link*: polls the interface about once per advert interval (0.1-1 s).
   Down (or missing) is FAULT: the VIP is released. A recreated interface gets
   a new socket, since multicast membership goes with the old one.
@@ -68,6 +74,9 @@ class VipNotPermitted(StartupError, PermissionError):
 
 
 PRECISE_WINDOW = 0.002  # seconds of a backup's master-down timer spun rather than slept
+# Packets read in one go: about what the default receive buffer (rmem_default, 208 KiB)
+# holds of small ones, so all a stall queued, but a flood cannot hold the event loop long.
+READ_LIMIT = 256
 TRACK_POLL = 0.1  # the health checks' own inter x fall dominates the reaction time anyway
 CLEANUP_BUDGET = 3.0  # seconds to remove the addresses when the instance ends abnormally
 STATE_EVENTS = {
@@ -320,19 +329,30 @@ class VipInstance:
         with scope:
             while True:
                 try:
-                    received = await channel.receive()
-                    advert = self._accept(received)
-                except PacketError as error:
-                    self._drop(error)
-                    continue
+                    await channel.wait_readable()
                 except trio.ClosedResourceError:
                     return
-                except OSError as error:
-                    log.warning("vip.receive_failed", instance=self.config.name, error=str(error))
+                if not self._read_queued(channel):
                     await trio.sleep(RETRY_DELAY)
-                    continue
-                if advert is not None and self.machine is not None:
-                    self._apply(self.machine.on_advert(trio.current_time(), advert, received.src))
+
+    def _read_queued(self, channel: Channel) -> bool:
+        """Feeds the machine the packets queued on ``channel`` (up to READ_LIMIT) without
+        waiting; False if reading failed (logged)."""
+        for _ in range(READ_LIMIT):
+            try:
+                received = channel.receive_nowait()
+                advert = self._accept(received)
+            except trio.WouldBlock:
+                break
+            except PacketError as error:
+                self._drop(error)
+                continue
+            except OSError as error:
+                log.warning("vip.receive_failed", instance=self.config.name, error=str(error))
+                return False
+            if advert is not None and self.machine is not None:
+                self._apply(self.machine.on_advert(trio.current_time(), advert, received.src))
+        return True
 
     def _accept(self, received: Received) -> Advert | None:
         """The advert in ``received`` if it is for this instance; None if it belongs to another VRID."""
@@ -353,8 +373,13 @@ class VipInstance:
         log.debug("vip.packet_dropped", instance=self.config.name, reason=error.reason, detail=error.detail)
 
     def _run_due_timer(self) -> None:
-        if self.machine is not None:
-            self._apply(self.machine.on_timer(trio.current_time()))  # early: a no-op
+        """The machine's timer, if its deadline has passed: after the packets queued meanwhile."""
+        machine = self.machine
+        if machine is None or machine.next_deadline is None or trio.current_time() < machine.next_deadline:
+            return
+        if self._channel is not None:
+            self._read_queued(self._channel)
+        self._apply(machine.on_timer(trio.current_time()))  # a no-op if an advert moved the deadline
 
     async def _run_timer(self) -> None:
         assert self.machine is not None

@@ -1,7 +1,7 @@
 """The host side of one VRRP instance, for trio: raw socket, plumbing, address keeper.
 
 - :class:`VrrpChannel` wraps the raw IP protocol 112 socket of
-  :func:`proxy.vip.netlink.open_vrrp_socket`: ``receive()`` yields what
+  :func:`proxy.vip.netlink.open_vrrp_socket`: ``receive_nowait()`` reads what
   arrived with the addresses the checksum needs, ``send()`` transmits one advert.
 - :class:`LinuxPlumbing` is everything else done to the host (address leases,
   link state, announcement frames), each blocking rtnetlink call moved off the
@@ -55,10 +55,15 @@ class Received:
 class VrrpChannel:
     """A raw VRRP socket on one interface (see ``open_vrrp_socket`` for what it joins).
 
-    ``receive()`` raises :class:`PacketError` for a packet that must be dropped
-    before its VRRP content is even looked at (bad IP header, TTL / hop limit
-    other than 255); the caller counts it and reads on. ``send()`` never blocks:
-    ``OSError`` (ENETDOWN, ENOBUFS, EAGAIN) goes to the caller.
+    ``wait_readable()`` returns once a packet is queued (``trio.ClosedResourceError``
+    if the channel is closed meanwhile); ``receive_nowait()`` reads the next one
+    or raises ``trio.WouldBlock``. Reading never waits, so a packet is never held
+    across a checkpoint: whoever reads it (the receive task, or the timer task
+    draining the queue before a deadline takes effect) feeds it to the machine at
+    once, in arrival order. ``receive_nowait()`` raises :class:`PacketError` for a
+    packet that must be dropped before its VRRP content is even looked at (bad IP
+    header, TTL / hop limit other than 255); the caller counts it and reads on.
+    ``send()`` never blocks: ``OSError`` (ENETDOWN, ENOBUFS, EAGAIN) goes to the caller.
     """
 
     def __init__(self, ifname: str, version: int) -> None:
@@ -74,18 +79,22 @@ class VrrpChannel:
         self.ifname = ifname
         self.version = version
         self._raw = raw
-        self._sock = trio.socket.from_stdlib_socket(raw)
 
-    async def receive(self) -> Received:
-        if self.version == 4:
-            datagram = await self._sock.recv(_MAX_DATAGRAM)
-            src, dst, _, _, payload = parse_ipv4_packet(datagram)
-            return Received(src, dst, payload)
-        return await self._receive_v6()
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self._raw)
 
-    async def _receive_v6(self) -> Received:
+    def receive_nowait(self) -> Received:
+        try:
+            if self.version == 4:
+                src, dst, _, _, payload = parse_ipv4_packet(self._raw.recv(_MAX_DATAGRAM))
+                return Received(src, dst, payload)
+            return self._receive_v6()
+        except BlockingIOError:
+            raise trio.WouldBlock from None
+
+    def _receive_v6(self) -> Received:
         space = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_IPV6_PKTINFO.size)
-        payload, ancillary, _, address = await self._sock.recvmsg(_MAX_DATAGRAM, space)
+        payload, ancillary, _, address = self._raw.recvmsg(_MAX_DATAGRAM, space)
         check_hop_limit(netlink.hop_limit_from_ancillary(ancillary) or 0)
         dst = _destination_v6(ancillary)
         if dst is None:
@@ -97,7 +106,9 @@ class VrrpChannel:
         netlink.send_vrrp(self._raw, payload, src, dst, self.ifindex)
 
     def close(self) -> None:
-        self._sock.close()
+        if self._raw.fileno() != -1:
+            trio.lowlevel.notify_closing(self._raw)  # a task in wait_readable() gets ClosedResourceError
+            self._raw.close()
 
 
 def _destination_v6(ancillary: Iterable[tuple[int, int, bytes]]) -> ipaddress.IPv6Address | None:
@@ -182,7 +193,9 @@ def _remove_all_sync(ifname: str, addresses: list[str], *, ipr: Any = None) -> N
 class Channel(Protocol):
     ifindex: int
 
-    async def receive(self) -> Received: ...
+    async def wait_readable(self) -> None: ...
+
+    def receive_nowait(self) -> Received: ...
 
     def send(self, payload: bytes, src: IPAddress, dst: IPAddress) -> None: ...
 

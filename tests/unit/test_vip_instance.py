@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import ipaddress
-import math
 
 import pytest
 import trio
@@ -48,14 +47,26 @@ def vip_config(**changes) -> Vip:
 
 
 class FakeChannel:
+    """A raw socket: what is delivered waits in its receive queue until read."""
+
     def __init__(self, ifindex: int) -> None:
         self.ifindex = ifindex
         self.sent: list[tuple[float, bytes, V4, V4]] = []
         self.closed = False
-        self._send, self._receive = trio.open_memory_channel(math.inf)
+        self._queue: collections.deque[Received | Exception] = collections.deque()
+        self._readable = trio.Event()
 
-    async def receive(self) -> Received:
-        item = await self._receive.receive()
+    async def wait_readable(self) -> None:
+        if self._queue:
+            await trio.lowlevel.checkpoint()
+            return
+        self._readable = trio.Event()
+        await self._readable.wait()
+
+    def receive_nowait(self) -> Received:
+        if not self._queue:
+            raise trio.WouldBlock
+        item = self._queue.popleft()
         if isinstance(item, Exception):
             raise item
         return item
@@ -67,7 +78,8 @@ class FakeChannel:
         self.closed = True
 
     def deliver(self, item: Received | Exception) -> None:
-        self._send.send_nowait(item)
+        self._queue.append(item)
+        self._readable.set()
 
 
 class FakeHost:
@@ -419,6 +431,31 @@ async def test_a_higher_priority_master_keeps_it_backup_until_it_goes_silent(aut
         # RFC 5798: 3 x the master's interval + skew after its last advert
         assert host.adverts()[0][0] == pytest.approx(silent_since + MASTER_DOWN)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_backup_woken_past_its_deadline_hears_the_adverts_queued_meanwhile_before_taking_over(autojump_clock):
+    """Descheduled across its master-down deadline (CPU starvation, a GC pause, SIGSTOP), a
+    backup wakes with the timer expired and its master's advert unread in the socket. Late
+    by less than one interval, the machine's own stall rule does not defer the takeover:
+    the shell must feed it what is queued first, whichever task trio runs first."""
+    for _ in range(10):  # trio runs a batch of woken tasks in random order
+        host = FakeHost()
+        async with trio.open_nursery() as nursery:
+            instance = await start(nursery, host)
+            await heard_as_master_for(host, 3)
+            last_heard = trio.current_time() - 1
+            await trio.sleep_until(last_heard + 3.0)  # two adverts lost on the wire
+            # While the backup gets no CPU, another virtual router's advert and then its
+            # master's arrive; it runs again 0.2 s past its deadline.
+            host.channel.deliver(advert_from(STRANGER, 100, vrid=52))
+            host.channel.deliver(advert_from(PEER, 200))
+            autojump_clock.jump(0.8)
+            assert trio.current_time() > last_heard + MASTER_DOWN
+            await trio.sleep(0.5)
+            assert state(instance) is State.BACKUP and instance.machine.master_ip == PEER
+            assert host.adverts() == [] and host.configured == {}
+            assert instance.statistics().counters["became_master"] == 0
+            nursery.cancel_scope.cancel()
 
 
 async def test_adverts_of_other_virtual_routers_are_ignored_without_counting_errors(autojump_clock):
