@@ -27,13 +27,14 @@ class _StopRequested(BaseException):
 
 
 def demo_specs(nodes: int, base_port: int, mgmt_base_port: int | None,
-               dist_base_port: int | None = None) -> list[NodeSpec]:
-    """warren-a, warren-b, ... on consecutive AMQP ports from `base_port`,
-    distribution ports from `dist_base_port` (default: 20000 above the AMQP
-    ports), management ports from `mgmt_base_port`."""
+               dist_base_port: int | None = None, name_prefix: str = "warren") -> list[NodeSpec]:
+    """warren-a, warren-b, ... (`name_prefix`-a, ...) on consecutive AMQP
+    ports from `base_port`, distribution ports from `dist_base_port`
+    (default: 20000 above the AMQP ports), management ports from
+    `mgmt_base_port`."""
     dist = dist_base_port if dist_base_port else base_port + 20000
     return [
-        NodeSpec(f"warren-{chr(ord('a') + i)}", base_port + i, dist + i,
+        NodeSpec(f"{name_prefix}-{chr(ord('a') + i)}", base_port + i, dist + i,
                  mgmt_base_port + i if mgmt_base_port else None)
         for i in range(nodes)
     ]
@@ -48,6 +49,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dist-base-port", type=int, default=0,
                    help="Erlang distribution port of the first node (default: AMQP port + 20000)")
     p.add_argument("--mgmt-base-port", type=int, default=15681, help="management port of the first node (0: off)")
+    p.add_argument("--name-prefix", default="warren",
+                   help="nodes are PREFIX-a@localhost, PREFIX-b@localhost, ... (default warren); a node name "
+                        "is unique on a machine, so a second launcher needs another prefix (and other ports)")
     p.add_argument("--dir", default=None,
                    help="node directories (default: a new directory under /tmp, which the rabbitmq "
                         "user can enter even when the checkout is under a private home; removed at exit)")
@@ -63,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devcluster: {reason}", file=sys.stderr)
         return 2
     command = shlex.split(args.command) if args.command else [sys.executable, "-m", "proxy", "run", args.config]
-    cluster = RabbitCluster(demo_specs(args.nodes, args.base_port, args.mgmt_base_port, args.dist_base_port), args.dir,
-                            cluster=args.nodes > 1)
+    specs = demo_specs(args.nodes, args.base_port, args.mgmt_base_port, args.dist_base_port, args.name_prefix)
+    cluster = RabbitCluster(specs, args.dir, cluster=args.nodes > 1)
     _raise_on_stop_signals()
     try:
         cluster.start()

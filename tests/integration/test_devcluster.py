@@ -5,10 +5,12 @@ and leave nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,14 +18,16 @@ import urllib.request
 import uuid
 from base64 import b64encode
 from pathlib import Path
+from typing import Iterator
 
 import pika
 import pytest
 
-from lab import wait_until, wait_until_blocking
+from lab import unique_node_name, wait_until, wait_until_blocking
 from proxy.devcluster import (
-    DevClusterError, NodeSpec, RabbitCluster, free_ports, port_accepts, unavailable_reason,
+    DevClusterError, NodeSpec, RabbitCluster, epmd_names, epmd_pids, free_ports, port_accepts, unavailable_reason,
 )
+from proxy.devcluster._system import EPMD_PORT, stop_epmd_if_idle
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.timeout(180)]
 if reason := unavailable_reason():
@@ -253,10 +257,13 @@ def test_a_node_that_cannot_start_is_cleaned_up():
 # -- the `make run` launcher ----------------------------------------------------
 
 def launch_demo(base: Path, command: str) -> tuple[subprocess.Popen, int, int]:
+    """The `make run` launcher with one node, on free ports, named as no
+    other run on this machine names its nodes (not as `make run` does)."""
     amqp, mgmt, dist = free_ports(3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.devcluster", "--nodes", "1", "--base-port", str(amqp),
-         "--mgmt-base-port", str(mgmt), "--dist-base-port", str(dist), "--dir", str(base), "--command", command],
+         "--mgmt-base-port", str(mgmt), "--dist-base-port", str(dist), "--name-prefix", unique_node_name("demo"),
+         "--dir", str(base), "--command", command],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     return proc, amqp, mgmt
@@ -311,3 +318,54 @@ def test_the_launcher_exits_with_warrens_status_and_cleans_up():
             proc.kill()
         proc.wait()
         base.rmdir()
+
+
+MAKE_RUN_NODES = ["warren-a", "warren-b", "warren-c"]  # the nodes `make run` starts
+
+
+def alive2_request(name: str, port: int) -> bytes:
+    """EPMD's ALIVE2_REQ for a normal (77) TCP/IPv4 node `name` listening on
+    `port`, distribution protocol versions 5-6, no extra data."""
+    body = struct.pack(">BHBBHHH", 120, port, 77, 0, 6, 5, len(name)) + name.encode() + struct.pack(">H", 0)
+    return struct.pack(">H", len(body)) + body
+
+
+@contextlib.contextmanager
+def node_names_held(names: list[str]) -> Iterator[None]:
+    """Holds `names` in the local epmd as running nodes do, so no other node
+    can take them (each registration lasts as long as its connection); a
+    name a real node holds already stays with it. Starts epmd if none runs,
+    and then stops it at exit if no node is registered any more."""
+    epmd_started = not epmd_pids()
+    try:
+        if epmd_started:
+            subprocess.run(["epmd", "-daemon", "-address", "127.0.0.1"], check=True, timeout=10)
+            wait_until_blocking(lambda: epmd_names() is not None, timeout=10, what="epmd answering")
+        port, = free_ports(1)  # nothing listens there: a node that asks its holder gets no answer
+        with contextlib.ExitStack() as registrations:
+            for name in names:
+                sock = registrations.enter_context(socket.create_connection(("127.0.0.1", EPMD_PORT), timeout=5))
+                sock.sendall(alive2_request(name, port))
+                assert read_up_to(sock, 2)[:1] in (b"\x79", b"\x76")  # ALIVE2_RESP or ALIVE2_X_RESP
+            yield
+    finally:
+        if epmd_started:
+            stop_epmd_if_idle()
+
+
+def test_the_launcher_the_tests_run_starts_beside_a_make_run():
+    # A `make run` left running while the suite runs (or another suite's
+    # launcher test) holds its node names for as long as it runs.
+    base = reachable_temp_dir()
+    with node_names_held(MAKE_RUN_NODES):
+        proc, amqp, _ = launch_demo(base / "devcluster", "sh -c 'exit 3'")
+        try:
+            output, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 3, output
+            assert not any(f"{name}@localhost" in output for name in MAKE_RUN_NODES)
+            assert not port_accepts(amqp)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            shutil.rmtree(base, ignore_errors=True)
