@@ -124,6 +124,7 @@ class RabbitNode:
         """Spawns the node and returns at once; call wait_ready() next."""
         if self.is_running():
             raise DevClusterError(f"{self.nodename} is already running")
+        self._forget_processes()  # a wrapper that exited by itself (a crash) is still registered
         if not self.dir.exists():
             self.prepare()
         with open(self.dir / "startup.log", "ab") as out:

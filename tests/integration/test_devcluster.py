@@ -27,6 +27,7 @@ from lab import unique_node_name, wait_until, wait_until_blocking
 from proxy.devcluster import (
     DevClusterError, NodeSpec, RabbitCluster, epmd_names, epmd_pids, free_ports, port_accepts, unavailable_reason,
 )
+from proxy.devcluster import _node as devcluster_node, forget
 from proxy.devcluster._system import EPMD_PORT, stop_epmd_if_idle
 
 pytestmark = [pytest.mark.rabbit, pytest.mark.timeout(180)]
@@ -149,6 +150,25 @@ async def test_a_killed_node_refuses_connections_until_healed(healthy_cluster):
     assert node.beam_pid not in (None, crashed_vm)
     assert is_connection_start(first_reply(node.spec.amqp_port))
     assert node.nodename in healthy_cluster[0].cluster_status()["running_nodes"]
+
+
+def test_a_node_that_crashed_on_its_own_is_forgotten_by_the_reaper_when_healed(healthy_cluster, monkeypatch):
+    # Its wrapper's PID is free once reaped: left registered, the reaper would
+    # hold a PGID that the kernel may give to another program's group.
+    forgotten = []
+
+    def recording_forget(pgid: int) -> None:
+        forgotten.append(pgid)
+        forget(pgid)
+
+    monkeypatch.setattr(devcluster_node, "forget", recording_forget)
+    node = healthy_cluster[2]
+    crashed_wrapper = node.wrapper_pid
+    os.kill(node.beam_pid, signal.SIGKILL)  # not node.kill(): a crash nobody asked for
+    wait_until_blocking(lambda: not node.is_running(), timeout=30, what="the wrapper exited")
+
+    assert healthy_cluster.heal() == [node]
+    assert forgotten == [crashed_wrapper]
 
 
 def test_a_paused_node_accepts_tcp_but_stays_silent_until_healed(healthy_cluster):
