@@ -23,15 +23,31 @@ _FAILED = select.EPOLLERR | select.EPOLLHUP
 
 def start_connect(server: ServerRuntime) -> tuple[_socket.socket, int]:
     """A new non-blocking socket and the errno of its ``connect()`` to
-    `server`: 0, EINPROGRESS (wait until writable, then
+    `server`: 0 (connected), EINPROGRESS (wait until writable, then
     :func:`connect_error`) or a failure. Raises OSError when no socket can
-    be had (EMFILE, ENFILE, ENOBUFS, ENOMEM)."""
+    be had (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+
+    A non-blocking ``connect()`` says EINPROGRESS even when the handshake
+    completed inside the call, as it does with a server on this host: the
+    loopback device delivers the SYN, the SYN-ACK and the ACK in the
+    caller's own softirq, and the socket is established (or refused) by the
+    time the call returns. So a second ``connect()`` asks at once (0 once
+    established, EALREADY while still in progress, the failure if refused):
+    one system call, against a wait in the poller (a registration's report,
+    a timer entry and a callback) before the relay can start.
+    """
     address = server.addresses[0]
     # The C-level socket class: every method C, no Python-level wrapper.
     sock = _socket.socket(_INET6 if ":" in address else _INET, _STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, sock.connect_ex((address, server.config.port))
+        target = (address, server.config.port)
+        failure = sock.connect_ex(target)
+        if failure == errno.EINPROGRESS:
+            failure = sock.connect_ex(target)  # CPython reports EISCONN as 0
+            if failure == errno.EALREADY:
+                failure = errno.EINPROGRESS
+        return sock, failure
     except BaseException:
         sock.close()
         raise
