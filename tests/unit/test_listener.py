@@ -1,0 +1,91 @@
+"""The listener's acceptor (proxy.frontends.listener._Acceptor) on a real listening socket."""
+
+from __future__ import annotations
+
+import select
+import socket
+from contextlib import ExitStack
+from types import SimpleNamespace
+
+from proxy.frontends.listener import _ACCEPT_BATCH, _ACCEPT_MASK, _Acceptor
+
+
+class _Frontend(SimpleNamespace):
+    """What the acceptor uses of a FrontendRuntime: slots against maxconn."""
+
+    def __init__(self, maxconn: int = 1000) -> None:
+        super().__init__(current=0, config=SimpleNamespace(maxconn=maxconn))
+
+    def take_slot(self) -> None:
+        self.current += 1
+
+
+def _setup(stack: ExitStack, handler=None, maxconn: int = 1000):
+    listener = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=128))
+    listener.setblocking(False)
+    accepted = []
+
+    def keep(client, peer, frontend):
+        stack.callback(client.close)
+        accepted.append(peer)
+        if handler is not None:
+            handler()
+
+    acceptor = _Acceptor(listener, _Frontend(maxconn), keep)
+    return listener, acceptor, accepted
+
+
+def _connect(stack: ExitStack, listener: socket.socket) -> None:
+    stack.enter_context(socket.create_connection(listener.getsockname()))
+
+
+def test_the_clients_waiting_are_accepted_in_batches_and_the_last_batch_says_the_queue_is_empty():
+    with ExitStack() as stack:
+        listener, acceptor, accepted = _setup(stack)
+        for _ in range(2 * _ACCEPT_BATCH + 5):
+            _connect(stack, listener)
+        assert acceptor.serve() is True
+        assert len(accepted) == _ACCEPT_BATCH
+        assert acceptor.serve() is True
+        assert acceptor.serve() is False
+        assert len(accepted) == 2 * _ACCEPT_BATCH + 5
+
+
+def test_a_report_with_no_client_waiting_accepts_nothing():
+    with ExitStack() as stack:
+        listener, acceptor, accepted = _setup(stack)
+        assert acceptor.serve() is False
+        assert accepted == []
+        _connect(stack, listener)
+        assert acceptor.serve() is False
+        assert len(accepted) == 1
+
+
+def test_a_client_queued_while_others_are_accepted_is_a_new_edge_and_is_not_lost():
+    # The acceptor asks the queue's length and accepts that many, without
+    # draining until EAGAIN: a client queued after the question must wake an
+    # edge-triggered epoll again.
+    with ExitStack() as stack:
+        arrivals = []
+        listener, acceptor, accepted = _setup(stack, handler=lambda: arrivals and arrivals.pop()())
+        epoll = stack.enter_context(select.epoll())
+        epoll.register(listener.fileno(), _ACCEPT_MASK)
+        _connect(stack, listener)
+        arrivals.append(lambda: _connect(stack, listener))  # while the first is handled
+        assert epoll.poll(1) == [(listener.fileno(), select.EPOLLIN)]
+        assert acceptor.serve() is False
+        assert len(accepted) == 1
+        assert epoll.poll(1) == [(listener.fileno(), select.EPOLLIN)]
+        assert acceptor.serve() is False
+        assert len(accepted) == 2
+        assert epoll.poll(0) == []
+
+
+def test_a_full_frontend_pauses_the_acceptor_with_clients_left_waiting():
+    with ExitStack() as stack:
+        listener, acceptor, accepted = _setup(stack, maxconn=2)
+        for _ in range(3):
+            _connect(stack, listener)
+        assert acceptor.serve() is False
+        assert len(accepted) == 2
+        assert acceptor.paused.is_set()
