@@ -326,9 +326,11 @@ class Link:
             self._push_deadlines(
                 moved0 or (moved1 and want1 == DONE), moved1 or (moved0 and want0 == DONE)
             )
-        if self.trial and want0 == READ and want1 == READ:
+        if self.trial and (moved0 or moved1) and want0 == READ and want1 == READ:
             # Quiet: everything read is written (no byte in a buffer or a
-            # pipe) and both sides are waited for, no end announced.
+            # pipe) and both sides are waited for, no end announced. Only a
+            # round that moved something counts: the report of two sockets
+            # just registered (writable, nothing to read) is no traffic.
             ways = self.ways
             if not (ways[0].ending or ways[1].ending):
                 self.trial -= 1
