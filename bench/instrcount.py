@@ -28,63 +28,36 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.callcount import AMQP_BROKER, AMQP_CLIENT, CLIENT, ECHO, LOAD_ENV, config_text
+from bench.procs import free_ports, spawn, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 _TOTALS = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_listening(port: int, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"warren exited early ({process.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"warren did not listen on {port} within {timeout:g} s")
-
-
 def instructions(checkout: Path, config: str, client: str, connections: int, work: Path,
                  keep: Path | None = None) -> int:
     """Warren's user-space instructions over its whole run with `connections`
-    sequential clients (the connecting probe included: the same in every run)."""
-    port = _free_port()
+    sequential clients."""
+    (port,) = free_ports(1)
     path = work / "warren.toml"
     path.write_text(config.replace('bind = ["127.0.0.1:0"]', f'bind = ["127.0.0.1:{port}"]'))
     out = work / "callgrind.out"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
             sys.executable, "-m", "proxy", "run", str(path)]
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
-    warren = subprocess.Popen(argv, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    warren = spawn("warren-callgrind", argv, log_path=work / "warren.log", cwd=checkout,
+                   env={**os.environ, "PYTHONPATH": str(checkout)})
     try:
-        _wait_listening(port, warren, timeout=300)
+        wait_listening(port, warren, timeout=300)
         subprocess.run([sys.executable, "-c", client, "127.0.0.1", str(port), str(connections)],
                        env=LOAD_ENV, check=True, timeout=1800)
     finally:
-        warren.send_signal(signal.SIGTERM)
-        try:
-            warren.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            warren.kill()
-            warren.wait()
+        warren.stop(timeout=300)  # SIGTERM: callgrind writes its totals as Warren exits
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         out = Path(shutil.copy(out, keep / f"callgrind.{checkout.name}.{connections}"))

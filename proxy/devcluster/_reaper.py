@@ -19,11 +19,12 @@ if it has one. A process stopped in the ordinary way is unregistered.
 
 A registration names the group's leader by its PID and its start time. The
 kernel hands a PID out again once its process is gone (after at most
-/proc/sys/kernel/pid_max others: 32768 by default), so a group that ended without being unregistered (its starter
-killed between reaping it and saying so, a node whose wrapper exited by
-itself) leaves a PGID that may belong to another program's group by the
-time the reaper reads end of file: the reaper kills a group only while its
-leader is still the process that was registered.
+/proc/sys/kernel/pid_max others: 32768 by default), so a group that ended
+without being unregistered (its starter killed between reaping it and
+saying so, a node whose wrapper exited by itself) leaves a PGID that may
+belong to another program's group by the time the reaper reads end of
+file: the reaper kills a group only while its leader is still the process
+that was registered.
 
 Nodes register here (devcluster), and so does every process the benchmarks
 spawn in a session of its own (bench.procs.spawn: Warren, HAProxy,
