@@ -18,15 +18,20 @@ FUZZ_EXAMPLES ?= 2000
 
 .PHONY: run test fuzz check venv debs-run debs-test clean wheel deb
 
-# Updated when pyproject.toml changes; made anew when .venv was made by another interpreter.
+# The modules setup.py compiles with mypyc, whose extensions are built in place.
+NATIVE_SRC := $(shell $(PYTHON) proxy/_native.py)
+
+# Updated when pyproject.toml or a compiled module changes (pip builds the
+# extensions anew); made anew when .venv was made by another interpreter.
 ifneq ($(shell readlink -f $(VENV)/bin/python 2>/dev/null),$(shell readlink -f $(PYTHON) 2>/dev/null))
 VENV_CLEAR := --clear
 .PHONY: $(VENV)/.installed
 endif
-$(VENV)/.installed: pyproject.toml
-	@./scripts/ensure-debs python3 python3-venv
+$(VENV)/.installed: pyproject.toml setup.py proxy/_native.py $(NATIVE_SRC)
+	@./scripts/ensure-debs python3 python3-venv python3-dev gcc
 	$(PYTHON) -m venv $(VENV_CLEAR) $(VENV)
 	$(PIP) install -q --upgrade pip
+	find proxy -name "*.so" -delete; rm -f ./*__mypyc.*.so  # an earlier build's extensions
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
@@ -53,7 +58,7 @@ fuzz: venv
 check: venv
 	$(VENV)/bin/warren check conf/warren.toml
 
-# dist/warren-<version>-py3-none-any.whl and dist/warren-<version>.tar.gz
+# dist/warren-<version>-cp311-cp311-linux_<arch>.whl (compiled: proxy/_native.py) and dist/warren-<version>.tar.gz
 wheel: venv
 	rm -f dist/warren-*.whl dist/warren-*.tar.gz
 	$(PY) -m build --outdir dist .
@@ -64,6 +69,7 @@ deb: wheel
 	PIP=$(abspath $(PIP)) ./packaging/deb/build
 
 clean:
-	rm -rf $(VENV) run build dist *.egg-info
+	rm -rf $(VENV) run build dist *.egg-info .mypy_cache
+	find proxy -name "*.so" -delete; rm -f ./*__mypyc.*.so
 
 include bench/Makefile.inc

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import logs, privileges
+from . import _native as native, logs, privileges
 from .amqp.rebalancer import RebalanceService
 from .backends.names import NamesService
 from .config import ConfigError, load_config
@@ -114,6 +114,7 @@ class App:
                     "warren.started",
                     listeners={f: [_fmt(a) for a in addrs] for f, addrs in self.addresses.items()},
                     relay=self.relay.path,
+                    compiled=f"{len(native.compiled())}/{len(native.MODULES)}",  # proxy/_native.py
                 )
                 if self.freeze_start_up:
                     freeze_startup_objects(collected=True)

@@ -27,6 +27,7 @@ from .config.model import Backend, Config, Frontend, InitState, Server
 from .supervisor import ServiceStats, Supervisors
 
 if TYPE_CHECKING:
+    from .io.kernel_relay import KernelTraffic
     from .io.relay import Traffic
 
 
@@ -55,7 +56,7 @@ class Connection:
         "started", "interrupt", "kill_reason", "kill_note", "amqp",
     )
 
-    def __init__(self, conn_id: int, client: tuple[str, int], frontend: str, traffic: Traffic):
+    def __init__(self, conn_id: int, client: tuple[str, int], frontend: str, traffic: Traffic | KernelTraffic):
         self.id = conn_id
         self.client = client
         self.frontend = frontend

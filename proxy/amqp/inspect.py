@@ -181,7 +181,8 @@ class _TableCache:
     MAX_ENTRIES of them (forgotten all at once when full).
     """
 
-    MAX_BYTES, MAX_ENTRIES = 2048, 512
+    MAX_BYTES = 2048
+    MAX_ENTRIES = 512
     __slots__ = ("wanted", "tables")
 
     def __init__(self, wanted: frozenset[bytes]) -> None:
@@ -392,8 +393,10 @@ class HandshakeInspector:
                     self._start_ok(data, start + 11, end)
                 finally:
                     # The frame held the password: no copy of ours keeps it.
-                    if offset < 0:
-                        self._client.wipe(start, end + 1)
+                    if offset < 0:  # parsed in the client's stream (_spanning)
+                        stream = self._client
+                        assert stream is not None
+                        stream.wipe(start, end + 1)
                 self._client_step = TUNE_OK
             elif ids == TUNE_OK:
                 if end - start - 11 < _TUNE_OK.size:

@@ -14,6 +14,7 @@ both sides, at once and within :data:`REFUSE_TIMEOUT`:
 
 from __future__ import annotations
 
+import _socket
 import socket
 
 import trio
@@ -32,7 +33,7 @@ REFUSE_TIMEOUT = 5.0
 _CLOSE_TO_BROKER = "Warren: connection refused by a connection limit"
 
 
-async def refuse(client: socket.socket, server: socket.socket, to_server: bytes, text: str) -> None:
+async def refuse(client: _socket.socket, server: _socket.socket, to_server: bytes, text: str) -> None:
     """Ends both sides as described above; closes both sockets whatever happens."""
     client_sock, server_sock = _trio_socket(client), _trio_socket(server)
     try:
@@ -45,7 +46,7 @@ async def refuse(client: socket.socket, server: socket.socket, to_server: bytes,
         server_sock.close()
 
 
-def _trio_socket(sock: socket.socket) -> trio.socket.SocketType:
+def _trio_socket(sock: _socket.socket) -> trio.socket.SocketType:
     """trio's wrapper for `sock`, which may be a bare _socket.socket (the
     listener accepts those: no socket.socket per client); it takes the fd over."""
     if not isinstance(sock, socket.socket):

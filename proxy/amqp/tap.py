@@ -54,6 +54,7 @@ class AmqpPolicy:
         ftimeout, btimeout = frontend.timeout, backend.timeout
         self.heartbeat_mode = ftimeout.client == HEARTBEAT
         client = None if self.heartbeat_mode else ftimeout.client
+        assert not isinstance(client, str), "seconds or None unless HEARTBEAT (build_frontend settles AUTO)"
         self._base = dict(client_fin=ftimeout.client_fin, server=btimeout.server, tunnel=btimeout.tunnel,
                           server_fin=btimeout.server_fin)
         self._fallback_client = ftimeout.client_fallback if self.heartbeat_mode else client
@@ -198,9 +199,11 @@ class AmqpConnection:
         received anything since the hand-over has the program's tail
         (:meth:`proxy.io.sockmap.Pair.tail`), the other keeps its tail from
         before; uncount. Once."""
-        self.tails = tuple(
-            None if tail is None else (pair.tail(side) or tail) for side, tail in enumerate(self.tails)
-        )  # fmt: skip
+        client, server = self.tails
+        self.tails = (
+            None if client is None else (pair.tail(0) or client),
+            None if server is None else (pair.tail(1) or server),
+        )
         self.finish(None)
 
     def ending(self, ending: Ending | None, termination: str) -> tuple[str, str | None]:
@@ -216,7 +219,7 @@ class AmqpConnection:
             limit = self.policy.handshake_limit
             return "cR", f"no AMQP protocol header within {limit:g}s" if limit else "no AMQP protocol header"
         close = self.identity.broker_close
-        if inspector.phase is Phase.REFUSED and close is not None and termination in (*_ABORTS, "--"):
+        if inspector.phase is Phase.REFUSED and close is not None and (termination in _ABORTS or termination == "--"):
             return "SR", f"refused by broker: {reply_name(close[0])}"
         if termination in _ABORTS or termination == "--":
             clean = clean_close(*self.tails)

@@ -53,7 +53,7 @@ def start_connect(server: ServerRuntime) -> tuple[_socket.socket, int]:
         raise
 
 
-def connect_error(sock: socket.socket, events: int) -> int:
+def connect_error(sock: _socket.socket, events: int) -> int:
     """The errno of a connect in progress once the poller reported `events`
     for it (0: connected)."""
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & _FAILED else 0

@@ -8,7 +8,7 @@ import math
 import select
 import socket
 import struct
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 import trio
@@ -110,7 +110,7 @@ async def serve_listener(
             error = acceptor.error
             if error is None:
                 await frontend.wait_for_slot()
-            elif error.errno in _TRANSIENT_ACCEPT_ERRORS:
+            elif isinstance(error, OSError) and error.errno in _TRANSIENT_ACCEPT_ERRORS:
                 log.error(
                     "listener.accept_failed", frontend=frontend.name,
                     error=errno.errorcode.get(error.errno, str(error.errno)),
@@ -141,18 +141,20 @@ class _Acceptor:
         self.fds = (sock.fileno(),)
         self.events = [0]
         self.queued = False
-        self.notify = True  # never None: the poller serves it until the listener ends
+        self.notify: object = True  # never None: the poller serves it until the listener ends
         self.scheduled = self.deadline = math.inf  # no timer
         # socket.accept() converts the listener's family and type to enums
         # and wraps the new fd in a Python-level socket.socket for every
         # client; accept on the raw fd and wrap it in the C-level
         # _socket.socket (all its methods are C) with values taken once.
-        self.accept, self.family, self.kind, self.proto = sock._accept, int(sock.family), int(sock.type), sock.proto
+        # (_accept, CPython's, returns (fd, address); typeshed lacks it.)
+        self.accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
+        self.family, self.kind, self.proto = int(sock.family), int(sock.type), sock.proto
         self.info = sock.getsockopt
         self.frontend = frontend
         self.handler = handler
         self.paused = trio.Event()
-        self.error: OSError | None = None
+        self.error: Exception | None = None  # an OSError from accept(), else a bug (fail)
 
     def serve(self) -> bool:
         """Accepts clients until the backlog is empty, up to a batch; True

@@ -48,10 +48,12 @@ redispatch as for a refused connect). The relay then runs TLS directions.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import select
 import socket
 import time
+from typing import Any, Awaitable, Callable
 
 import outcome
 import structlog
@@ -67,7 +69,7 @@ from ..io.kernel_relay import KernelLink, Refused, hand_over, start_kernel_relay
 from ..io.poller import Poller, Writable, current_poller
 from ..io.relay import Ending, Link, Timeouts, Traffic
 from ..io.sockmap import Sockmap
-from ..amqp.admission import StartLine
+from ..amqp.admission import RateGate, StartLine
 from ..amqp.inspect import describe_identity
 from ..amqp.refuse import refuse
 from ..amqp.tap import AmqpConnection, AmqpPolicy
@@ -109,13 +111,14 @@ class Sessions:
         for conn in list(self.live):
             conn.kill(reason)
 
-    def start(self, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
+    def start(self, client: _socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
         """Serves an accepted client (non-blocking) that holds a frontend
         slot; always closes it and releases the slot in the end. Never raises."""
         try:
-            if self.poller is None:
-                self.poller = current_poller()
-            session = _Session(self, client, peer, frontend)
+            poller = self.poller
+            if poller is None:
+                poller = self.poller = current_poller()
+            session = _Session(self, client, peer, frontend, poller)
         except Exception:  # a bug: this client only, never the listener
             log.exception("session.failed", client=_addr(peer))
             client.close()
@@ -128,8 +131,10 @@ class Sessions:
         fconfig, bconfig = frontend.config, backend.config
         cached = self._relay_timeouts.get(fconfig.name)
         if cached is None or cached[0] is not fconfig or cached[1] is not bconfig:
+            client = fconfig.timeout.client
+            assert not isinstance(client, str), "a TCP frontend's: seconds or None (build_frontend)"
             timeouts = Timeouts(
-                client=fconfig.timeout.client,
+                client=client,
                 client_fin=fconfig.timeout.client_fin,
                 server=bconfig.timeout.server,
                 tunnel=bconfig.timeout.tunnel,
@@ -177,16 +182,19 @@ class _Session(Link):
         "line", "queued_at",
     )  # fmt: skip
 
-    def __init__(self, sessions: Sessions, client: socket.socket, peer: tuple, frontend: FrontendRuntime) -> None:
+    def __init__(
+        self, sessions: Sessions, client: _socket.socket, peer: tuple, frontend: FrontendRuntime, poller: Poller
+    ) -> None:
         # The relay's half (Link.__init__) runs once connected (_relay).
         self.ways = None  # not relaying (yet): Link.stop() does nothing
+        self.poller = poller  # the run's relay poller (Link.__init__ sets the same)
         self.sessions = sessions
         self.client = client
         self.frontend = frontend
         self.conn = Connection(sessions.runtime.new_connection_id(), peer[:2], frontend.config.name, Traffic())
         self.backend: BackendRuntime | None = None
         self.dispatch: Dispatch | None = None
-        self.server_sock: socket.socket | None = None
+        self.server_sock: _socket.socket | None = None
         self.waiter: Writable | Handshake | None = None
         self.done = False
         self.kernel: KernelLink | None = None  # the kernel's relay, on that path
@@ -213,21 +221,22 @@ class _Session(Link):
             conn.backend = backend
             backend.total_sessions += 1
             dispatch = self.dispatch = Dispatch(backend, conn)
-            if self.frontend.gate is not None and not self._admitted(backend):
+            gate = self.frontend.gate
+            if gate is not None and not self._admitted(gate, backend):
                 return
-            self._carry_out(dispatch.start(self.sessions.poller.now()))
+            self._carry_out(dispatch.start(self.poller.now()))
         except Exception as error:
             self._crashed(error)
 
-    def _admitted(self, backend: BackendRuntime) -> bool:
-        """The frontend's rate limits: go on now (True), later or never."""
-        gate, now = self.frontend.gate, self.sessions.poller.now()
+    def _admitted(self, gate: RateGate, backend: BackendRuntime) -> bool:
+        """The frontend's rate limits (`gate`): go on now (True), later or never."""
+        now = self.poller.now()
         answer = gate.admit(self.conn.client[0], now, backend.config.timeout.queue)
         if answer.wait is None:
             self._end("PR", answer.limit)
             return False
         if answer.hold > 0:
-            self.sessions.nursery.start_soon(self._held_back, answer.hold)
+            self._start_task(self._held_back, answer.hold)
             return False
         return gate.line is None or self._line_up(gate.line, now)
 
@@ -240,12 +249,14 @@ class _Session(Link):
         self.conn.interrupt = self._leave_line
         if not line.driven:
             line.driven = True
-            self.sessions.nursery.start_soon(_release_line, line, self.sessions.poller)
+            self._start_task(_release_line, line, self.poller)
         return False
 
     def _leave_line(self) -> None:
         """Killed while waiting in the start line."""
-        self.line.withdraw(self)
+        line = self.line
+        assert line is not None  # the interrupt while it waits in one
+        line.withdraw(self)
         self.line = None
         self._end(self._killed(), self.conn.kill_note)
 
@@ -260,7 +271,9 @@ class _Session(Link):
         gone = _client_gone(self.client, amqp=self.frontend.config.mode is FrontendMode.AMQP)
         if gone:
             self.line = None
-            self.dispatch.timing.queue += self.sessions.poller.now() - self.queued_at
+            dispatch = self.dispatch
+            assert dispatch is not None  # it lined up after its dispatch began
+            dispatch.timing.queue += self.poller.now() - self.queued_at
             self._end("CQ", "client closed while waiting in the start line")
         return gone
 
@@ -269,8 +282,10 @@ class _Session(Link):
         self.line = None
         self.conn.interrupt = None
         try:
-            self.dispatch.timing.queue += now - self.queued_at
-            self._carry_out(self.dispatch.start(now))
+            dispatch = self.dispatch
+            assert dispatch is not None  # it lined up after its dispatch began
+            dispatch.timing.queue += now - self.queued_at
+            self._carry_out(dispatch.start(now))
         except Exception as error:
             self._crashed(error)
 
@@ -280,17 +295,18 @@ class _Session(Link):
         """Does what the dispatch asks until something must be waited for
         (a connect in progress, the queue), the relay starts or the session ends."""
         dispatch = self.dispatch
+        assert dispatch is not None  # its actions come from it
         while True:
             kind = type(action)
             if kind is Connect:
                 try:
                     sock, failure = start_connect(action.server)
                 except OSError as error:
-                    action = dispatch.no_socket(self.sessions.poller.now(), error_name(error.errno or 0))
+                    action = dispatch.no_socket(self.poller.now(), error_name(error.errno or 0))
                     continue
                 self.server_sock = sock
                 if failure == errno.EINPROGRESS:
-                    self.waiter = self.sessions.poller.when_writable(
+                    self.waiter = self.poller.when_writable(
                         sock.fileno(), action.deadline, self._connect_done, self.fail
                     )
                     self.conn.interrupt = self._interrupt_connect
@@ -299,7 +315,7 @@ class _Session(Link):
                     self._connected()
                     return
                 self._drop_server_socket()
-                action = dispatch.connect_refused(self.sessions.poller.now(), error_name(failure))
+                action = dispatch.connect_refused(self.poller.now(), error_name(failure))
             elif kind is Queue:
                 self._continue_in_task(action)
                 return
@@ -313,24 +329,27 @@ class _Session(Link):
         self.waiter = None
         self.conn.interrupt = None
         try:
-            failure = connect_error(self.server_sock, reported) if reported else 0
+            sock, dispatch = self.server_sock, self.dispatch
+            assert sock is not None and dispatch is not None  # the connect it waited for
+            failure = connect_error(sock, reported) if reported else 0
             if reported and not failure:
                 self._connected()
                 return
             self._drop_server_socket()
-            now = self.sessions.poller.now()
+            now = self.poller.now()
             if reported:
-                self._carry_out(self.dispatch.connect_refused(now, error_name(failure)))
+                self._carry_out(dispatch.connect_refused(now, error_name(failure)))
             else:
-                self._carry_out(self.dispatch.connect_timed_out(now))
+                self._carry_out(dispatch.connect_timed_out(now))
         except Exception as error:
             self._crashed(error)
 
     def _connected(self) -> None:
         dispatch, sock = self.dispatch, self.server_sock
+        assert dispatch is not None and sock is not None  # its connect completed
         context = self._server_context()
         if context is None:
-            dispatch.connected(self.sessions.poller.now())
+            dispatch.connected(self.poller.now())
         written = 0
         if dispatch.server.config.send_proxy is not SendProxy.NONE:
             refused, written = _send_proxy_header(self.client, sock, dispatch.server, self.conn, self.peer)
@@ -348,8 +367,8 @@ class _Session(Link):
         """The client's TLS handshake, with the certificate set in force now (SIGHUP swaps it)."""
         try:
             end = self.client_tls = TlsEnd(self.client.fileno(), bind.context, server_side=True)
-            deadline = self.sessions.poller.now() + bind.settings.handshake_timeout
-            self.waiter = Handshake(end, self.sessions.poller, deadline, self._client_handshake_done, self.fail)
+            deadline = self.poller.now() + bind.settings.handshake_timeout
+            self.waiter = Handshake(end, self.poller, deadline, self._client_handshake_done, self.fail)
             self.conn.interrupt = self._interrupt_connect
             self.waiter.start()
         except Exception as error:
@@ -369,7 +388,9 @@ class _Session(Link):
                          frontend=self.frontend.name, reason=failed.description)
                 self._end("cR" if failed.key == tls_errors.TIMEOUT else "CR", failed.description)
                 return
-            peer = self.peer = self.client_tls.peer()
+            end = self.client_tls
+            assert end is not None  # its handshake reported
+            peer = self.peer = end.peer()
             self.frontend.tls.established(peer.version, peer.reused, peer.subject if peer.certificate else None)
         except Exception as error:
             self._crashed(error)
@@ -380,31 +401,37 @@ class _Session(Link):
         material = self.sessions.runtime.tls
         if material is None or not material.servers:  # no server reached over TLS: the common case
             return None
-        return material.server(self.backend.name, self.dispatch.server.name)
+        backend, dispatch = self.backend, self.dispatch
+        assert backend is not None and dispatch is not None  # connected
+        return material.server(backend.name, dispatch.server.name)
 
     def _begin_server_handshake(self, context) -> None:
         """TLS with the broker, verifying it; the connect's time includes it."""
-        config = self.dispatch.server.config
+        backend, dispatch, sock = self.backend, self.dispatch, self.server_sock
+        assert backend is not None and dispatch is not None and sock is not None  # connected
+        config = dispatch.server.config
         name = (config.tls.sni if config.tls is not None else None) or config.address
-        end = self.server_tls = TlsEnd(self.server_sock.fileno(), context, server_side=False, server_hostname=name)
-        deadline = self.sessions.poller.now() + self.backend.config.timeout.connect
-        self.waiter = Handshake(end, self.sessions.poller, deadline, self._server_handshake_done, self.fail)
+        end = self.server_tls = TlsEnd(sock.fileno(), context, server_side=False, server_hostname=name)
+        deadline = self.poller.now() + backend.config.timeout.connect
+        self.waiter = Handshake(end, self.poller, deadline, self._server_handshake_done, self.fail)
         self.conn.interrupt = self._interrupt_connect
         self.waiter.start()
 
     def _server_handshake_done(self, failed: HandshakeFailed | None) -> None:
         self._handshake_over()
         try:
-            now = self.sessions.poller.now()
+            backend, dispatch = self.backend, self.dispatch
+            assert backend is not None and dispatch is not None  # connected
+            now = self.poller.now()
             if failed is None:
-                self.dispatch.connected(now)
+                dispatch.connected(now)
                 self._relay()
                 return
-            log.warning("tls.server_handshake_failed", conn=self.conn.id, backend=self.backend.name,
-                        server=self.dispatch.server.name, reason=failed.description)
+            log.warning("tls.server_handshake_failed", conn=self.conn.id, backend=backend.name,
+                        server=dispatch.server.name, reason=failed.description)
             self.server_tls = None
             self._drop_server_socket()
-            self._carry_out(self.dispatch.connect_refused(now, failed.description))
+            self._carry_out(dispatch.connect_refused(now, failed.description))
         except Exception as error:
             self._crashed(error)
 
@@ -418,7 +445,8 @@ class _Session(Link):
         pair the kernel refuses (a client gone already, a full map) stays
         on splice/copy; a pair in the map never leaves it. `written`: bytes
         already sent to the server (a PROXY header), ahead of anything relayed."""
-        sessions, client, sock = self.sessions, self.client, self.server_sock
+        sessions, client, sock, backend = self.sessions, self.client, self.server_sock, self.backend
+        assert sock is not None and backend is not None  # connected
         self.server_sock = None
         frontend = self.frontend
         amqp = frontend.config.mode is FrontendMode.AMQP
@@ -434,25 +462,25 @@ class _Session(Link):
                 kernel_after = max(kernel_after, 1)
             elif not kernel_after:
                 try:
-                    self.kernel = start_kernel_relay(
-                        client, sock, sessions.sockmap, sessions.timeouts(frontend, self.backend),
+                    kernel = self.kernel = start_kernel_relay(
+                        client, sock, sessions.sockmap, sessions.timeouts(frontend, backend),
                         written=(0, written), notify=self._kernel_ended,
                     )  # fmt: skip
                 except Refused as refused:
                     log.debug("relay.kernel_refused", conn=self.conn.id, reason=str(refused))
                 else:
-                    self.conn.traffic = self.kernel.traffic
-                    self.conn.interrupt = self.kernel.interrupt
+                    self.conn.traffic = kernel.traffic
+                    self.conn.interrupt = kernel.interrupt
                     return
-        timeouts = self._amqp_timeouts() if amqp else sessions.timeouts(frontend, self.backend)
+        timeouts = self._amqp_timeouts(backend) if amqp else sessions.timeouts(frontend, backend)
         ways = tls_ways((self.client_tls, self.server_tls)) if tls else None
         try:
             Link.__init__(
-                self, client, sock, self.conn.traffic, timeouts, sessions.pipes, sessions.poller, True, self.fail, ways,
+                self, client, sock, self.conn.traffic, timeouts, sessions.pipes, self.poller, True, self.fail, ways,
             )  # fmt: skip
         except BaseException:
             self.ways = None
-            _close(sessions.poller, sock)
+            _close(self.poller, sock)
             raise
         self.conn.interrupt = self.interrupt
         self.header = written
@@ -466,7 +494,9 @@ class _Session(Link):
         kernel relays it from now on, unless the kernel refuses the pair.
         An AMQP connection's tails so far go with it (``handed_over``)."""
         tails = (self.ways[0].tail, self.ways[1].tail)
-        kernel = hand_over(self, self.sessions.sockmap, self._kernel_ended, (0, self.header))
+        sockmap = self.sessions.sockmap
+        assert sockmap is not None  # a trial is set only where the kernel path is in use (_relay)
+        kernel = hand_over(self, sockmap, self._kernel_ended, (0, self.header))
         if kernel is None:
             log.debug("relay.kernel_refused", conn=self.conn.id, reason="hand-over refused")
             return
@@ -476,10 +506,10 @@ class _Session(Link):
         self.conn.traffic = kernel.traffic
         self.conn.interrupt = kernel.interrupt
 
-    def _amqp_timeouts(self) -> Timeouts:
+    def _amqp_timeouts(self, backend: BackendRuntime) -> Timeouts:
         """An AMQP frontend's connection gets its AMQP state, and the relay's first timeouts."""
-        policy = self.sessions.amqp_policy(self.frontend, self.backend)
-        self.conn.amqp = AmqpConnection(policy, self.backend)
+        policy = self.sessions.amqp_policy(self.frontend, backend)
+        self.conn.amqp = AmqpConnection(policy, backend)
         return policy.before_header
 
     def ended(self, ending: Ending | None) -> None:
@@ -501,7 +531,7 @@ class _Session(Link):
             # is enforced by closing both sides instead of a 530 reply.
             self._end("PR", f"{conn.amqp.inspector.refusal} (closed: no 530 reply over TLS)")
         elif ending is Ending.HELD:  # the sockets are ours again: refuse in a task
-            self.sessions.nursery.start_soon(self._refuse)
+            self._start_task(self._refuse)
         else:
             self._end(*conn.amqp.ending(ending, _ENDINGS[ending]))
 
@@ -515,6 +545,7 @@ class _Session(Link):
         (a failure here ends this session only: PD)."""
         conn, kernel = self.conn, self.kernel
         try:
+            assert kernel is not None  # its relay reported
             if conn.amqp is not None:
                 conn.amqp.finish_kernel(kernel.pair)  # its tails, before the pair's slots go
             ending = result.unwrap()
@@ -541,27 +572,32 @@ class _Session(Link):
     # -- waiting in the queue ----------------------------------------------------------------
 
     def _continue_in_task(self, queued: Queue) -> None:
+        self._start_task(self._queued, queued)
+
+    def _start_task(self, async_fn: Callable[..., Awaitable[object]], *args: Any) -> None:
         nursery = self.sessions.nursery
         assert nursery is not None, "the App sets Sessions.nursery before accepting"
-        nursery.start_soon(self._queued, queued)
+        nursery.start_soon(async_fn, *args)
 
     async def _queued(self, action: Queue) -> None:
         """Waits in the backend's queue while the dispatch says so, then goes
         on in callbacks. A kill ends the wait (its termination); so does the
         end of the stop grace period (a cancellation)."""
         conn, dispatch, backend = self.conn, self.dispatch, self.backend
+        next_action: Connect | Queue | Fail = action
         try:
-            while type(action) is Queue:
+            assert dispatch is not None and backend is not None  # its dispatch queued it
+            while type(next_action) is Queue:
                 with trio.CancelScope() as scope:
                     conn.interrupt = scope.cancel
-                    woken = await backend.wait_in_queue(action.until)
+                    woken = await backend.wait_in_queue(next_action.until)
                 conn.interrupt = None
                 if scope.cancelled_caught:
                     self._end(self._killed(), None)
                     return
-                now = self.sessions.poller.now()
-                action = dispatch.slot_freed(now) if woken else dispatch.queue_expired(now)
-            self._carry_out(action)
+                now = self.poller.now()
+                next_action = dispatch.slot_freed(now) if woken else dispatch.queue_expired(now)
+            self._carry_out(next_action)
         except trio.Cancelled:  # the stop grace period is over
             self._end(KillReason.KILLED.value + "D", None)
             raise
@@ -582,11 +618,13 @@ class _Session(Link):
             if scope.cancelled_caught:
                 self._end(self._killed(), conn.kill_note)
                 return
-            self.dispatch.timing.queue += delay
-            now = self.sessions.poller.now()
+            dispatch = self.dispatch
+            assert dispatch is not None  # held back after its dispatch began
+            dispatch.timing.queue += delay
+            now = self.poller.now()
             gate = self.frontend.gate  # None if a reload removed the limit meanwhile
             if gate is None or gate.line is None or self._line_up(gate.line, now):
-                self._carry_out(self.dispatch.start(now))
+                self._carry_out(dispatch.start(now))
         except trio.Cancelled:  # the stop grace period is over
             self._end(KillReason.KILLED.value + "D", None)
             raise
@@ -619,9 +657,11 @@ class _Session(Link):
 
     def _failed(self, failure: Fail) -> None:
         if failure.server is None and failure.code == "SC":
+            backend = self.backend
+            assert backend is not None  # set with the dispatch
             log.warning(
-                "backend.no_server", backend=self.backend.name, client=_addr(self.conn.client),
-                servers=len(self.backend.servers),
+                "backend.no_server", backend=backend.name, client=_addr(self.conn.client),
+                servers=len(backend.servers),
             )  # fmt: skip
         self._end(failure.code, failure.reason)
 
@@ -635,7 +675,7 @@ class _Session(Link):
     def _drop_server_socket(self) -> None:
         sock, self.server_sock = self.server_sock, None
         if sock is not None:
-            _close(self.sessions.poller, sock)
+            _close(self.poller, sock)
 
     def _end(self, termination: str, reason: str | None) -> None:
         """Closes what is left, frees the slots and logs; once. No checkpoint.
@@ -653,7 +693,7 @@ class _Session(Link):
                 self.waiter.cancel()
             if self.server_sock is not None:
                 self._drop_server_socket()
-            _close(self.sessions.poller, self.client)  # already closed if the relay had it
+            _close(self.poller, self.client)  # already closed if the relay had it
             if conn.server is not None:
                 conn.server.detach(conn)
             if self.peer is not None:
@@ -698,7 +738,7 @@ class _Session(Link):
 
 
 def _send_proxy_header(
-    client: socket.socket, server_sock: socket.socket, server: ServerRuntime, conn: Connection,
+    client: _socket.socket, server_sock: _socket.socket, server: ServerRuntime, conn: Connection,
     peer: TlsPeer | None = None,
 ) -> tuple[tuple[str, str] | None, int]:
     """Sends the PROXY header `server` wants (its ``send_proxy`` is not
@@ -743,7 +783,7 @@ def _drain(socks) -> None:
 _RESET = select.POLLERR | select.POLLHUP
 
 
-def _client_gone(client: socket.socket, *, amqp: bool) -> bool:
+def _client_gone(client: _socket.socket, *, amqp: bool) -> bool:
     """Whether `client` reset (or, with `amqp`, closed) its connection: one
     poll(2) with no wait, nothing read."""
     poll = select.poll()
@@ -753,7 +793,7 @@ def _client_gone(client: socket.socket, *, amqp: bool) -> bool:
     return bool(events & _RESET or (amqp and events & select.POLLRDHUP))
 
 
-def _close(poller: Poller, sock: socket.socket) -> None:
+def _close(poller: Poller, sock: _socket.socket) -> None:
     """Closes a socket the relay did not (the poller may still know its fd)."""
     fd = sock.fileno()
     if fd != -1:
@@ -769,7 +809,9 @@ def _addr(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _gave_up(session: _Session) -> bool:
+def _gave_up(session: Any) -> bool:
+    """Asked of each client of a start line at its turn: a session (any
+    client with its methods: the line holds what entered it)."""
     return session.gave_up_waiting()
 
 

@@ -14,6 +14,7 @@ import socket
 from typing import Any, Callable
 
 import structlog
+from mypy_extensions import mypyc_attr
 
 from .pipes import Pipe, PipePool
 
@@ -94,6 +95,7 @@ def lost_or_raise(exc: OSError, side: int) -> SideLost:
     raise exc
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # proxy.tls.pump.TlsDirection
 class Direction:
     """Moves bytes from one socket to the other; ``move`` never blocks."""
 
@@ -101,11 +103,19 @@ class Direction:
     # Subclasses set these in their __init__ (one call per direction, on
     # every connection): link, index, src = link.fds[index], dst = the other
     # fd, eof (the source's end of stream has been read) and ending (... is
-    # announced: the epoll bits that said so, 0/False if none), tap (None, or shown every read before
+    # announced: the epoll bits that said so, 0 if none), tap (None, or shown every read before
     # it is written: tap(buffer, length), which may raise Hold; set during an
     # AMQP handshake only, proxy.amqp.tap) and tail (None, or the last TAIL
     # bytes read through user space, b"" once a splice moved bytes past
     # them: how the connection ended, read once).
+    link: Link
+    index: int
+    src: int
+    dst: int
+    eof: bool
+    ending: int
+    tap: Callable[[memoryview, int], None] | None
+    tail: bytes | None
 
     def move(self) -> int:
         """Move bytes until blocked or the round's budget is spent; say what next.
@@ -147,9 +157,10 @@ class CopyDirection(Direction):
         self.index = index
         self.src = link.fds[index]
         self.dst = link.fds[1 - index]
-        self.eof = self.ending = False
-        self.tap: Callable[[memoryview, int], None] | None = None
-        self.tail: bytes | None = None
+        self.eof = False
+        self.ending = 0
+        self.tap = None
+        self.tail = None
         self.view: memoryview | None = None
         self.start = 0
         self.pending = 0  # bytes read but not yet written, at view[start:]
@@ -166,13 +177,13 @@ class CopyDirection(Direction):
                     try:
                         pending = readv(src, (view,))
                     except BlockingIOError:
-                        self._return_buffer()
+                        self._return_buffer(view)
                         return READ
                     except OSError as exc:
                         raise lost_or_raise(exc, self.index) from exc
                     if not pending:
                         self.eof = True
-                        self._return_buffer()
+                        self._return_buffer(view)
                         return self.forward_eof()
                     if self.index:
                         self.link.traffic.bytes_out += pending
@@ -205,7 +216,7 @@ class CopyDirection(Direction):
                         # and a short read took all that was queued. So
                         # this is the end, without a read returning 0.
                         self.eof = True
-                        self._return_buffer()
+                        self._return_buffer(view)
                         return self.forward_eof()
                     # A stream socket's recv stops short only once its queue
                     # is empty (tcp_recvmsg takes every queued skb up to the
@@ -216,23 +227,25 @@ class CopyDirection(Direction):
                     self.view = None
                     return READ
                 if self.hands_bulk_over:
-                    self._return_buffer()
+                    self._return_buffer(view)
                     return BULK
                 if moved >= _ROUND_BUDGET:
                     return YIELD
         finally:
             self.start, self.pending = start, pending
 
-    def _return_buffer(self) -> None:
+    def _return_buffer(self, view: memoryview) -> None:
+        """Hands `view` (this direction's buffer) back to the shared pool."""
         if len(_spare_buffers) < _SPARE_BUFFERS_MAX:
-            _spare_buffers.append(self.view)
+            _spare_buffers.append(view)
         self.view = None
 
     def give_back(self) -> None:
         # A buffer with unsent bytes is simply dropped: unlike a pipe it is
         # reclaimed by the garbage collector, never reused with stale bytes.
-        if self.view is not None and not self.pending:
-            self._return_buffer()
+        view = self.view
+        if view is not None and not self.pending:
+            self._return_buffer(view)
         self.view = None
 
 
@@ -327,13 +340,13 @@ class SpliceDirection(CopyDirection):
                     if pending:
                         continue
                 if self.eof:
-                    self._return_pipe()
+                    self._return_pipe(pipe)
                     return self.forward_eof()
                 if drained:
-                    self._return_pipe()
+                    self._return_pipe(pipe)
                     return READ
                 if trickle:
-                    self._return_pipe()
+                    self._return_pipe(pipe)
                     self.bulk = False
                     return _TRICKLE
                 if moved >= _ROUND_BUDGET:
@@ -341,8 +354,9 @@ class SpliceDirection(CopyDirection):
         finally:
             self.in_pipe = pending
 
-    def _return_pipe(self) -> None:
-        self.pool.release(self.pipe)
+    def _return_pipe(self, pipe: Pipe) -> None:
+        """Hands `pipe` (this direction's, empty) back to the pool."""
+        self.pool.release(pipe)
         self.pipe = None
 
     def give_back(self) -> None:

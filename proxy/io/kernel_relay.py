@@ -38,6 +38,7 @@ proved long-lived, or at once (:func:`start_kernel_relay`).
 
 from __future__ import annotations
 
+import _socket
 import math
 import os
 import select
@@ -45,11 +46,12 @@ import socket
 
 import outcome
 import structlog
+import trio
 
 from ..lograte import Rate, RateLimitedLog
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller, retire
-from .relay import Ending, Link, Timeouts, reset_on_close
+from .relay import Ending, Handover, Link, Timeouts, reset_on_close
 from .sockmap import Full, Pair, Sockmap, acknowledged, queued_into, send_room, since_last_receive
 
 log = structlog.get_logger("warren.relay")
@@ -121,8 +123,8 @@ class Refused(Exception):
 
 
 def start_kernel_relay(
-    client: socket.socket,
-    server: socket.socket,
+    client: _socket.socket,
+    server: _socket.socket,
     sockmap: Sockmap,
     timeouts: Timeouts,
     *,
@@ -293,11 +295,12 @@ class _Way:
         self.active = 0.0  # when this direction last made progress (trio time)
 
 
-class KernelLink:
-    """One kernel-relayed connection, as a link of the relays' poller."""
+class KernelLink(Handover):
+    """One kernel-relayed connection, as a link of the relays' poller
+    (handing its outcome over as the splice/copy relay's link does)."""
 
     __slots__ = (
-        "socks", "fds", "pair", "traffic", "written", "ways", "events", "queued", "notify",
+        "socks", "fds", "pair", "traffic", "written", "ways", "events", "queued",
         "timeouts", "idle_deadline", "deadline", "scheduled", "poller", "masks", "drain_at",
         "ending", "closed", "quiet", "lost", "lost_until", "timer",
     )  # fmt: skip
@@ -347,14 +350,6 @@ class KernelLink:
             self._schedule(now)
         # Anything already announced (a FIN, a reset) is reported by the
         # registrations above; the poller serves us then.
-
-    # How the outcome is handed over (``notify`` gets it once; nothing after
-    # ``stop`` or a cancelled wait): as the splice and copy relay's link.
-    ended = Link.ended
-    fail = Link.fail
-    finish = Link.finish
-    interrupt = Link.interrupt
-    abort = Link.abort
 
     # --- the poller's side ----------------------------------------------------------
 

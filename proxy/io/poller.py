@@ -390,7 +390,7 @@ class Writable:
         self.events = [0]
         self.queued = False
         self.notify: Callable[[int], Any] | None = notify
-        self.on_error = fail
+        self.on_error: Callable[[Exception], Any] | None = fail
         self.scheduled = self.deadline = deadline
         self.connected = False  # the wait ended with the fd's readiness
 
@@ -409,7 +409,7 @@ class Writable:
 
     def fail(self, error: Exception) -> None:
         on_error = self.on_error
-        if self.notify is not None:
+        if on_error is not None:  # None together with notify
             self.notify = self.on_error = None
             on_error(error)
 

@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import outcome
 import trio
+from mypy_extensions import mypyc_attr
 
 from .directions import DONE, NO_PIPE, READ, WRITE, YIELD, CopyDirection, Hold, SideLost, SpliceDirection
 from .pipes import PipePool
@@ -160,8 +161,8 @@ async def relay(
 
 
 def start_relay(
-    client: socket.socket,
-    server: socket.socket,
+    client: socket.socket | trio.socket.SocketType,
+    server: socket.socket | trio.socket.SocketType,
     traffic: Traffic,
     timeouts: Timeouts,
     *,
@@ -216,7 +217,44 @@ def reset_on_close(sock: socket.socket) -> None:
         pass  # already gone
 
 
-class Link:
+@mypyc_attr(allow_interpreted_subclasses=True)  # proxy.io.kernel_relay.KernelLink
+class Handover:
+    """How a link of the relays' poller hands its outcome over, once: to
+    ``notify`` (a sleeping task's reschedule, or a callback) as an
+    ``outcome.Value`` or ``outcome.Error``; nothing after ``stop`` or a
+    cancelled wait. The splice/copy :class:`Link` and the kernel's
+    (:class:`proxy.io.kernel_relay.KernelLink`) set ``notify``."""
+
+    __slots__ = ("notify",)
+    notify: Callable[[outcome.Outcome], object] | None
+
+    def ended(self, ending: Ending | None) -> None:
+        """The relay ended so (None: interrupted); the poller serves it no more."""
+        self.finish(outcome.Value(ending))
+
+    def fail(self, error: Exception) -> None:
+        """The poller's call when serving raised: a bug or an unexpected OS
+        error, which belongs to the relay's owner."""
+        self.finish(outcome.Error(error))
+
+    def finish(self, result: outcome.Outcome) -> None:
+        """Hand the result over; the poller serves us no more."""
+        notify = self.notify
+        if notify is not None:
+            self.notify = None
+            notify(result)
+
+    def interrupt(self) -> None:
+        """End the relay from outside (a kill): the outcome is None."""
+        self.ended(None)
+
+    def abort(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        self.notify = None  # cancelled: the poller must not touch us any more
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)  # proxy.io.kernel_relay.TrialLink, tests' links
+class Link(Handover):
     """One connection being relayed: both directions, readiness and deadlines.
 
     Served by the poller (``serve`` runs the directions that can move); the
@@ -230,7 +268,7 @@ class Link:
 
     __slots__ = (
         "socks", "fds", "traffic", "poller", "ways", "want", "events",
-        "notify", "queued", "timeouts", "waits", "deadlines", "deadline", "scheduled", "timer", "owned", "lost",
+        "queued", "timeouts", "waits", "deadlines", "deadline", "scheduled", "timer", "owned", "lost",
         "trial",
     )  # fmt: skip
 
@@ -259,7 +297,7 @@ class Link:
         self.deadlines = [math.inf, math.inf]  # per direction
         self.deadline = math.inf  # the earlier of the two
         self.scheduled = math.inf  # when the poller will next look at us
-        self.timer = None  # that timer entry, retired when superseded or stopped (poller.retire)
+        self.timer: list | None = None  # that timer entry, retired when superseded or stopped (poller.retire)
         self.owned = owned  # close the sockets at the end
         self.lost = -1  # the side that failed (SideLost), if one did: the close resets the other
         # Quiet rounds left before ``promote()`` (0: never): a subclass sets
@@ -368,33 +406,9 @@ class Link:
             retire(self.timer)
             self.timer = None
 
-    def ended(self, ending: Ending | None) -> None:
-        """The relay ended so (None: interrupted); the poller serves it no more."""
-        self.finish(outcome.Value(ending))
-
-    def fail(self, error: Exception) -> None:
-        """The poller's call when serving raised: a bug or an unexpected OS
-        error, which belongs to the relay's owner."""
-        self.finish(outcome.Error(error))
-
-    def finish(self, result: outcome.Outcome) -> None:
-        """Hand the result over; the poller serves us no more."""
-        notify = self.notify
-        if notify is not None:
-            self.notify = None
-            notify(result)
-
-    def interrupt(self) -> None:
-        """End the relay from outside (a kill): the outcome is None."""
-        self.ended(None)
-
     def expire(self) -> None:
         """Called by the poller once ``deadline`` has passed."""
         self.ended(self._blame())
-
-    def abort(self, raise_cancel) -> trio.lowlevel.Abort:
-        self.notify = None  # cancelled: the poller must not touch us any more
-        return trio.lowlevel.Abort.SUCCEEDED
 
     def stop(self) -> None:
         if self.ways is None:
@@ -442,6 +456,7 @@ class Link:
         # connection's heartbeat sets them): flat, with the limits looked up
         # once per Timeouts (``Timeouts.waits``; bench/OPTIMISATIONS.md, TLS).
         timeouts = self.timeouts
+        assert timeouts is not None  # called only with timeouts set
         if timeouts.tunnel is not None and (moved0 or moved1):
             moved0 = moved1 = True
         want0, want1 = self.want

@@ -42,6 +42,7 @@ A hash map gives each socket's cookie its slot in that array.
 
 from __future__ import annotations
 
+import _socket
 import collections
 import errno
 import fcntl
@@ -371,7 +372,7 @@ class Sockmap:
 
     # --- pairs ------------------------------------------------------------------
 
-    def add(self, client: socket.socket, server: socket.socket) -> Pair:
+    def add(self, client: _socket.socket, server: _socket.socket) -> Pair:
         """Put a pair in the map: from now on bytes arriving on either socket
         are redirected to the other. Both must be connected TCP sockets.
         Call :meth:`Pair.flush` next, for bytes queued before. Raises Full

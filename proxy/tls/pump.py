@@ -261,7 +261,7 @@ class TlsDirection(Direction):
         self.src = link.fds[index]
         self.dst = link.fds[1 - index]
         self.eof = False
-        self.ending = False
+        self.ending = 0
         self.tap = self.tail = None  # the AMQP tap sees the plaintext, as on the copy path
         self.src_end = ends[index]
         self.dst_end = ends[1 - index]

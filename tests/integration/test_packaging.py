@@ -65,8 +65,14 @@ def deb(dist, tmp_path_factory) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+def the_wheel(dist: Path) -> Path:
+    """The session's wheel: compiled for this interpreter (proxy/_native.py)."""
+    (wheel,) = dist.glob(f"warren-{VERSION}-*.whl")
+    return wheel
+
+
 def test_the_wheel_and_sdist_declare_exactly_the_dependencies(dist):
-    wheel = dist / f"warren-{VERSION}-py3-none-any.whl"
+    wheel = the_wheel(dist)
     with zipfile.ZipFile(wheel) as archive:
         metadata = archive.read(f"warren-{VERSION}.dist-info/METADATA").decode()
         names = archive.namelist()
@@ -82,7 +88,7 @@ def test_the_wheel_and_sdist_declare_exactly_the_dependencies(dist):
 def test_the_wheel_installs_into_a_clean_virtualenv_with_a_working_warren(dist, tmp_path):
     venv = tmp_path / "venv"
     run([PYTHON, "-m", "venv", str(venv)])
-    run([str(venv / "bin/pip"), "install", "-q", str(dist / f"warren-{VERSION}-py3-none-any.whl")])
+    run([str(venv / "bin/pip"), "install", "-q", str(the_wheel(dist))])
     warren = str(venv / "bin/warren")
     assert run([warren, "version"]).stdout.strip() == f"warren {VERSION}"
     run([warren, "check", str(REPO / "conf/warren.toml")], cwd=tmp_path)
@@ -94,6 +100,11 @@ def test_the_wheel_installs_into_a_clean_virtualenv_with_a_working_warren(dist, 
     installed = run([str(venv / "bin/python"), "-c", "import proxy.app, proxy.importer, proxy.vip.service, "
                      "proxy.backends.resolve, proxy.stats_ui; print('ok')"], cwd=tmp_path)
     assert installed.stdout.strip() == "ok"  # every module imports with only the declared dependencies
+    # The connection path runs compiled, from the wheel alone (no source checkout beside it).
+    native = run([str(venv / "bin/python"), "-c", "import proxy.app, proxy._native as n; "
+                  "print(len(n.compiled()), len(n.MODULES))"], cwd=tmp_path)
+    compiled, listed = native.stdout.split()
+    assert compiled == listed != "0"
 
 
 def test_the_debian_package_holds_the_venv_unit_user_runtime_dir_conffile_and_certs_dir(deb):

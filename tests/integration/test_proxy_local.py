@@ -318,25 +318,25 @@ async def _refused(address) -> bool:
 
 
 async def test_a_failing_session_is_closed_alone(relay_path, monkeypatch):
-    import proxy.frontends.session as session_module
+    # The session is compiled (proxy/_native.py): its own methods cannot be
+    # patched, so the bug is in what it calls as its connect completes.
+    from proxy.backends.dispatch import Dispatch
 
-    real_relay = session_module._Session._relay
-
-    def broken_relay(self):
+    def broken_connected(self, now):
         raise RuntimeError("a bug in one connection")
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
             app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
-            monkeypatch.setattr(session_module._Session, "_relay", broken_relay)
+            monkeypatch.setattr(Dispatch, "connected", broken_connected)
             with structlog.testing.capture_logs() as logs:
                 victim = await trio.open_tcp_stream(*front(app))
                 assert await victim.receive_some(10) in (b"", b"a\n")
                 await wait_until(lambda: _closed(logs), timeout=15)
             assert any(e["event"] == "session.failed" for e in logs)
             assert _closed(logs)[0]["termination"] == "PD"
-            monkeypatch.setattr(session_module._Session, "_relay", real_relay)
+            monkeypatch.undo()
             stream, name = await connect_and_greet(app)  # the proxy still serves
             assert name == "a"
             nursery.cancel_scope.cancel()
@@ -412,8 +412,7 @@ async def test_a_session_failing_as_its_relay_ends_is_closed_alone_and_frees_its
 
 
 async def test_a_failing_idle_timeout_ends_that_session_alone_and_frees_its_slot(relay_path, monkeypatch):
-    from proxy.io.relay import Link
-
+    import proxy.frontends.session as session_module
     from proxy.io.kernel_relay import KernelLink
 
     def broken_blame(self, *args):
@@ -423,7 +422,9 @@ async def test_a_failing_idle_timeout_ends_that_session_alone_and_frees_its_slot
         async with trio.open_nursery() as nursery:
             app = await _one_slot_app(nursery, relay_path, tunnel=0.2)
             with structlog.testing.capture_logs() as logs:
-                monkeypatch.setattr(Link, "_blame", broken_blame)
+                # The compiled session's expiry fails on its termination code (its
+                # methods cannot be patched); the kernel's relay fails in its blame.
+                monkeypatch.setattr(session_module, "_ENDINGS", {})
                 monkeypatch.setattr(KernelLink, "_idle_blame", broken_blame)
                 victim, _ = await connect_and_greet(app)
                 assert await victim.receive_some(10) == b""  # closed when its timer fired
@@ -432,7 +433,8 @@ async def test_a_failing_idle_timeout_ends_that_session_alone_and_frees_its_slot
                 stream, name = await connect_and_greet(app)
                 assert name == "a"
             failed = [e for e in logs if e["event"] == "session.failed"]
-            assert failed and "a bug in one relay's timeout" in repr(failed[0]["exc_info"])
+            error = failed[0]["exc_info"] if failed else None
+            assert "a bug in one relay's timeout" in repr(error) or isinstance(error, KeyError)
             assert _closed(logs)[0]["termination"] == "PD"
             await stream.aclose()
             nursery.cancel_scope.cancel()
