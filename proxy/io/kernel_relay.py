@@ -46,7 +46,6 @@ import socket
 
 import outcome
 import structlog
-import trio
 
 from ..lograte import Rate, RateLimitedLog
 from .directions import SideLost, lost_or_raise
