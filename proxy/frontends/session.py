@@ -317,7 +317,7 @@ class _Session(Link):
                 self._drop_server_socket()
                 action = dispatch.connect_refused(self.poller.now(), error_name(failure))
             elif kind is Queue:
-                self._continue_in_task(action)
+                self._start_task(self._queued, action)
                 return
             else:
                 self._failed(action)
@@ -570,9 +570,6 @@ class _Session(Link):
         self._end(self._killed(), None)
 
     # -- waiting in the queue ----------------------------------------------------------------
-
-    def _continue_in_task(self, queued: Queue) -> None:
-        self._start_task(self._queued, queued)
 
     def _start_task(self, async_fn: Callable[..., Awaitable[object]], *args: Any) -> None:
         nursery = self.sessions.nursery
