@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from ..health.amqp_methods import ConnectionCloseOk
 from .inspect import reply_name
 
-TAIL = 512  # a Close frame is at most 7 + 4 + 2 + 256 + 4 + 1 = 274 bytes
-CLOSE_OK_FRAME = ConnectionCloseOk().frame()
-_FRAME_HEAD = struct.Struct("!BHI")
-_CLOSE_HEAD = b"\x00\x0a\x00\x32"  # class 10, method 50
+TAIL: Final = 512  # a Close frame is at most 7 + 4 + 2 + 256 + 4 + 1 = 274 bytes
+CLOSE_OK_FRAME: Final = ConnectionCloseOk().frame()
+_FRAME_HEAD: Final = struct.Struct("!BHI")
+_CLOSE_HEAD: Final = b"\x00\x0a\x00\x32"  # class 10, method 50
 
 
 @dataclass(frozen=True, slots=True)

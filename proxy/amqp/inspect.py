@@ -41,7 +41,7 @@ import enum
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from ..health.amqp_methods import ReplyCode
 from ..health.amqp_wire import (
@@ -58,21 +58,26 @@ from ..health.amqp_wire import (
     skip_value,
 )
 
-HANDSHAKE_BUDGET = 64 * 1024  # bytes per direction; real handshakes take 0.3-2 KiB
-MAX_TEXT = 128  # characters kept of any property, user or vhost
+HANDSHAKE_BUDGET: Final = 64 * 1024  # bytes per direction; real handshakes take 0.3-2 KiB
+MAX_TEXT: Final = 128  # characters kept of any property, user or vhost
 
-_FRAME_HEAD = struct.Struct("!BHI")  # type, channel, payload size
-_FRAME_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
-_METHOD_HEAD = struct.Struct("!HH")
-_TUNE_OK = struct.Struct("!HIH")  # channel-max, frame-max, heartbeat
-_CLOSE_CODE = struct.Struct("!H")
-_LONG = struct.Struct("!I")
-START, SECURE, TUNE, OPEN, OPEN_OK, CLOSE, CLOSE_OK = (
-    (10, 10), (10, 20), (10, 30), (10, 40), (10, 41), (10, 50), (10, 51),
-)  # fmt: skip
-START_OK, SECURE_OK, TUNE_OK = (10, 11), (10, 21), (10, 31)
-CLIENT_PROPERTY_KEYS = frozenset((b"connection_name", b"product", b"version", b"platform"))
-SERVER_PROPERTY_KEYS = frozenset((b"cluster_name", b"version", b"product"))
+_FRAME_HEAD: Final = struct.Struct("!BHI")  # type, channel, payload size
+_FRAME_TYPES: Final = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
+_METHOD_HEAD: Final = struct.Struct("!HH")
+_TUNE_OK: Final = struct.Struct("!HIH")  # channel-max, frame-max, heartbeat
+_CLOSE_CODE: Final = struct.Struct("!H")
+_LONG: Final = struct.Struct("!I")
+# Connection methods: (class id, method id).
+START: Final = (10, 10)
+START_OK: Final = (10, 11)
+SECURE: Final = (10, 20)
+SECURE_OK: Final = (10, 21)
+TUNE: Final = (10, 30)
+TUNE_OK: Final = (10, 31)
+OPEN: Final = (10, 40)
+OPEN_OK: Final = (10, 41)
+CLOSE: Final = (10, 50)
+CLOSE_OK: Final = (10, 51)
 
 
 class Phase(enum.Enum):
@@ -209,9 +214,10 @@ class _TableCache:
         return found, stop
 
 
-_CLIENT_TABLES = _TableCache(frozenset((b"connection_name", b"product", b"version", b"platform")))
-_SERVER_TABLES = _TableCache(frozenset((b"cluster_name", b"version", b"product")))
-CLIENT_PROPERTY_KEYS, SERVER_PROPERTY_KEYS = _CLIENT_TABLES.wanted, _SERVER_TABLES.wanted
+_CLIENT_TABLES: Final = _TableCache(frozenset((b"connection_name", b"product", b"version", b"platform")))
+_SERVER_TABLES: Final = _TableCache(frozenset((b"cluster_name", b"version", b"product")))
+CLIENT_PROPERTY_KEYS: Final = _CLIENT_TABLES.wanted
+SERVER_PROPERTY_KEYS: Final = _SERVER_TABLES.wanted
 
 
 class HandshakeInspector:

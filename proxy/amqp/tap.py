@@ -30,7 +30,7 @@ small reads); the relay writes exactly the bytes it read. Then:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -44,7 +44,7 @@ from .inspect import HandshakeInspector, Identity, Phase, reply_name
 
 log = structlog.get_logger("warren.amqp")
 
-_ABORTS = ("SD", "CD")
+_ABORTS: Final = ("SD", "CD")
 
 
 class AmqpPolicy:

@@ -12,13 +12,15 @@ import _socket
 import errno
 import select
 import socket
+from typing import Final
 
 from ..runtime import ServerRuntime
 
-_INET, _INET6 = int(socket.AF_INET), int(socket.AF_INET6)
-_STREAM = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+_INET: Final = int(socket.AF_INET)
+_INET6: Final = int(socket.AF_INET6)
+_STREAM: Final = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 # A failed connect reports EPOLLERR (and EPOLLHUP) besides EPOLLOUT.
-_FAILED = select.EPOLLERR | select.EPOLLHUP
+_FAILED: Final = select.EPOLLERR | select.EPOLLHUP
 
 
 def start_connect(server: ServerRuntime) -> tuple[_socket.socket, int]:

@@ -8,7 +8,7 @@ import math
 import select
 import socket
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 import structlog
 import trio
@@ -21,22 +21,22 @@ log = structlog.get_logger("warren.listener")
 
 # Linux: lets a standby host bind a floating address it does not own yet
 # (the alternative is the system-wide net.ipv4.ip_nonlocal_bind sysctl).
-IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+IP_FREEBIND: Final = getattr(socket, "IP_FREEBIND", 15)
 
 # Out of descriptors or kernel memory: transient, back off and accept again
 # (trio's own serve_listeners does the same).
-_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_ACCEPT_BACKOFF = 0.1
+_TRANSIENT_ACCEPT_ERRORS: Final = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_BACKOFF: Final = 0.1
 
 # Clients accepted in a row before other tasks get a turn.
-_ACCEPT_BATCH = 16
+_ACCEPT_BATCH: Final = 16
 # How many clients wait in a listening socket's accept queue: TCP_INFO's
 # tcpi_unacked, which tcp_get_info() fills with the accept queue's length for
 # a socket in LISTEN, a u32 at offset 24 (after eight one-byte fields and
 # rto, ato, snd_mss, rcv_mss): the first 28 bytes are asked for.
-_QUEUED = struct.Struct("=24xI")
+_QUEUED: Final = struct.Struct("=24xI")
 # The listening socket in the relays' epoll: a new client is an edge.
-_ACCEPT_MASK = select.EPOLLIN | select.EPOLLET
+_ACCEPT_MASK: Final = select.EPOLLIN | select.EPOLLET
 
 # Starts serving one accepted client without blocking (and never raises);
 # the client holds one of the frontend's slots until the handler releases it.

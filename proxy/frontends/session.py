@@ -53,7 +53,7 @@ import errno
 import select
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Final
 
 import outcome
 import structlog
@@ -777,7 +777,7 @@ def _drain(socks) -> None:
                 break
 
 
-_RESET = select.POLLERR | select.POLLHUP
+_RESET: Final = select.POLLERR | select.POLLHUP
 
 
 def _client_gone(client: _socket.socket, *, amqp: bool) -> bool:
@@ -798,7 +798,7 @@ def _close(poller: Poller, sock: _socket.socket) -> None:
         sock.close()
 
 
-_NO_TIMING = Timing()  # a session that failed before its dispatch began
+_NO_TIMING: Final = Timing()  # a session that failed before its dispatch began
 
 
 def _addr(address: tuple[str, int]) -> str:

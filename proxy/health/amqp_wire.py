@@ -24,13 +24,16 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from proxy.health.results import CheckCode, CheckFailed
 
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
-FRAME_END = 0xCE
+PROTOCOL_HEADER: Final = b"AMQP\x00\x00\x09\x01"
+FRAME_METHOD: Final = 1
+FRAME_HEADER: Final = 2
+FRAME_BODY: Final = 3
+FRAME_HEARTBEAT: Final = 8
+FRAME_END: Final = 0xCE
 FRAME_MIN_SIZE = 4096  # spec 4.2.3: every peer accepts frames this large
 DEFAULT_MAX_FRAME = 128 * 1024  # before Tune, and what we offer in Tune-Ok
 MAX_TABLE_DEPTH = 8

@@ -11,7 +11,7 @@ import errno
 import os
 import select
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 import structlog
 from mypy_extensions import mypyc_attr
@@ -22,12 +22,19 @@ Link = Any  # proxy.io.relay.Link: its fds, socks, traffic, want and owned
 
 log = structlog.get_logger("warren.relay")
 
-# What a direction waits for after a round of moving bytes.
-READ, WRITE, YIELD, DONE, NO_PIPE, BULK = range(6)
+# What a direction waits for after a round of moving bytes. (Final: the
+# compiled modules read a Final module constant as a C constant, or a C
+# static for a computed one, instead of a lookup in the module's dict.)
+READ: Final = 0
+WRITE: Final = 1
+YIELD: Final = 2
+DONE: Final = 3
+NO_PIPE: Final = 4
+BULK: Final = 5
 
 # errnos meaning "this connection is gone", charged to the socket that
 # reported them; anything else is a bug or a resource problem and propagates.
-_CONNECTION_LOST = frozenset(
+_CONNECTION_LOST: Final = frozenset(
     {
         errno.ECONNRESET,
         errno.EPIPE,
@@ -44,12 +51,12 @@ _CONNECTION_LOST = frozenset(
     }
 )
 # No pipe could be created: this connection continues by copying.
-_OUT_OF_PIPES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+_OUT_OF_PIPES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 # A direction yields to other tasks after moving this much in one wake-up, so
 # a sender that never lets its socket run dry cannot starve the other
 # connections (trio has no preemption).
-_ROUND_BUDGET = 1024 * 1024
+_ROUND_BUDGET: Final = 1024 * 1024
 # A splice into an empty pipe that returns less than this is a trickle: the
 # direction goes back to copying. It does NOT prove the socket drained:
 # tcp_splice_read also stops when the pipe's slots are full, one per
@@ -58,24 +65,24 @@ _ROUND_BUDGET = 1024 * 1024
 # with far less than this while the socket holds more. With edge-triggered
 # epoll no further event would come for what is left, so a copy read
 # follows, whose short read is the proof (see CopyDirection.move).
-_SMALL_SPLICE = 16 * 1024
+_SMALL_SPLICE: Final = 16 * 1024
 # Announced ends (proxy.io.relay: a direction's ``ending`` holds the epoll
 # bits) after which the copy path reads once more: an error to pick up, or a
 # hang-up, which need not follow a FIN. EPOLLRDHUP alone is the peer's FIN.
-_FAILURE_ANNOUNCED = select.EPOLLERR | select.EPOLLHUP
+_FAILURE_ANNOUNCED: Final = select.EPOLLERR | select.EPOLLHUP
 # Internal: the splice path handing over to the copy path (a trickle).
-_TRICKLE = -1
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
-_COPY_BUFFER_SIZE = 128 * 1024
-_SPARE_BUFFERS_MAX = 16
+_TRICKLE: Final = -1
+_SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
+_COPY_BUFFER_SIZE: Final = 128 * 1024
+_SPARE_BUFFERS_MAX: Final = 16
 # Copy buffers shared by all connections: a direction holds one only while
 # its bytes are in flight, like a pipe. Plain list: trio runs on one thread.
-_spare_buffers: list[memoryview] = []
+_spare_buffers: Final[list[memoryview]] = []
 
 
 # How many of the last bytes a direction keeps once told to (``tail``): enough
 # for an AMQP Connection.Close frame (proxy.amqp.closing).
-TAIL = 512
+TAIL: Final = 512
 
 
 class Hold(Exception):

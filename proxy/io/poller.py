@@ -21,7 +21,7 @@ import heapq
 import itertools
 import math
 import select
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 import outcome
 import structlog
@@ -36,12 +36,12 @@ Link = Any  # proxy.io.relay.Link, Writable (typed loosely to avoid an import cy
 # How relay sockets are registered: once, edge-triggered, for reading and
 # writing (see ``Poller``). A connect waits on the same registration, so the
 # relay that follows takes the socket over without a system call.
-EDGE_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+EDGE_MASK: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 # What ends a connect wait: the socket is writable (connected) or failed.
-_CONNECT_ENDED = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_CONNECT_ENDED: Final = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
-_SWEEP_MIN = 4096  # no sweep of the timer heap below this many entries
+_SWEEP_MIN: Final = 4096  # no sweep of the timer heap below this many entries
 
 
 class _Retired:
@@ -53,7 +53,7 @@ class _Retired:
     notify = None
 
 
-_RETIRED = _Retired()
+_RETIRED: Final = _Retired()
 
 
 def retire(entry: list | None) -> None:
@@ -358,7 +358,7 @@ class Poller:
                     del self._links[fd]
 
 
-_POLLER: trio.lowlevel.RunVar[Poller] = trio.lowlevel.RunVar("warren_relay_poller")
+_POLLER: Final[trio.lowlevel.RunVar[Poller]] = trio.lowlevel.RunVar("warren_relay_poller")
 
 
 def current_poller() -> Poller:

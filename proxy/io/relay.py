@@ -39,7 +39,7 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 import outcome
 import trio
@@ -124,7 +124,7 @@ class Timeouts:
         return math.inf if limit is None else limit
 
 
-_TIMEOUT_NAMES = ("client", "server", "tunnel", "client_fin", "server_fin")
+_TIMEOUT_NAMES: Final = ("client", "server", "tunnel", "client_fin", "server_fin")
 
 
 async def relay(
@@ -186,13 +186,14 @@ def start_relay(
         raise
 
 
-_CLIENT = 0  # side index; the server is side 1
+_CLIENT: Final = 0  # side index; the server is side 1
 # Directions share the index of the side they read from: direction 0 reads
 # the client and writes the server, direction 1 the reverse.
-_ABORT = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
-_TIMEOUT = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
+_ABORT: Final = (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
+_TIMEOUT: Final = (Ending.CLIENT_TIMEOUT, Ending.SERVER_TIMEOUT)
 
-_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_IN: Final = select.EPOLLIN
+_OUT: Final = select.EPOLLOUT
 # Both sockets stay registered for both events, edge-triggered (EDGE_MASK):
 # an event says "something changed", and a direction that waits has always
 # drained its source (EAGAIN, or a short read with no end of stream
@@ -200,12 +201,12 @@ _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 # an edge that reaches us. Nothing to re-arm per event.
 # The peer has sent its FIN, or the connection failed: after the data still
 # queued, a read returns the end (or the error) without a further edge.
-_ENDING = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_ENDING: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # As in trio and selectors: EPOLLHUP/EPOLLERR wake readers and writers alike.
-_WAKES_READER = ~_OUT
-_WAKES_WRITER = ~_IN
+_WAKES_READER: Final = ~_OUT
+_WAKES_WRITER: Final = ~_IN
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 def reset_on_close(sock: socket.socket) -> None:
