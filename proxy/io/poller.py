@@ -21,6 +21,7 @@ import heapq
 import itertools
 import math
 import select
+import time
 from typing import Any, Callable, Final
 
 import outcome
@@ -30,6 +31,7 @@ import trio
 from . import trio_nesting
 
 log = structlog.get_logger("warren.poller")
+_perf_counter: Final = time.perf_counter
 
 Link = Any  # proxy.io.relay.Link, Writable (typed loosely to avoid an import cycle)
 
@@ -93,7 +95,9 @@ class Poller:
     timer (``"portable"``, ``_run_in_trio``).
     """
 
-    __slots__ = ("_epoll", "_links", "_busy", "_timers", "_sweep_at", "_sleep", "_order", "_nested", "mode", "now")
+    __slots__ = (
+        "_epoll", "_links", "_busy", "_timers", "_sweep_at", "_sleep", "_order", "_nested", "mode", "_offset",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -106,9 +110,8 @@ class Poller:
         # Decided once, in the run that creates it (see run).
         self._nested = trio_nesting.probe()
         self.mode = "portable" if isinstance(self._nested, str) else "nested"
-        # The run's clock (trio.current_time); the nested way reads trio's
-        # clock object directly, without trio's three layers of calls.
-        self.now: Callable[[], float] = trio.current_time
+        # The nested way reads trio's system clock itself (``now``).
+        self._offset = math.nan
 
     def watch(self, fd: int, link: Link, mask: int) -> None:
         """Serve `link` when `fd` reports events of the epoll `mask`.
@@ -263,12 +266,34 @@ class Poller:
 
     # -- for the nested way (proxy.io.trio_nesting) -----------------------------------
 
-    def nest(self, fd: int, clock: Callable[[], float]) -> None:
+    def nest(self, fd: int, offset: float) -> None:
         """Watch `fd` (trio's own epoll) without a link: its readiness is
-        what :meth:`serve_once` returns. `clock`: the run's clock, read
-        directly (``now``)."""
+        what :meth:`serve_once` returns. `offset`: that of the run's clock,
+        trio's system clock (``now``)."""
         self._epoll.register(fd, select.EPOLLIN)
-        self.now = clock
+        self._offset = offset
+
+    def now(self) -> float:
+        """The run's clock (``trio.current_time()``). Nested, it is trio's
+        system clock, read here as that clock reads itself (its offset plus
+        ``time.perf_counter()``): a compiled call, where trio's takes three
+        Python calls (some ten per connection)."""
+        offset = self._offset
+        if offset == offset:  # not NaN: nested
+            return offset + _perf_counter()
+        return trio.current_time()
+
+    def serve_until(self, end: float, now: float, nested_fd: int, runq: Any) -> bool:
+        """Serve (:meth:`serve_once`) until `nested_fd` is ready (True), or
+        `runq` (trio's run queue) has a task or `end` has passed (False).
+        Here rather than in its caller (:mod:`proxy.io.trio_nesting`) so
+        that the loop runs compiled."""
+        while True:
+            nested_ready, now = self.serve_once(end, now, nested_fd)
+            if nested_ready:
+                return True
+            if runq or now >= end:
+                return False
 
     def serve_once(self, until: float, now: float, nested_fd: int) -> tuple[bool, float]:
         """Wait for events until `until` at the latest (not at all while

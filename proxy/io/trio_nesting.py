@@ -13,8 +13,10 @@ own wait finds it. When serving made a task runnable, or trio's timeout is
 over, the hook cuts trio's pending wait short (its timeout was fixed before
 the hook ran).
 
-This needs three things trio does not promise: its runner's run queue
-(``runq``), its ``waiting_for_idle`` set and its epoll I/O manager's fd.
+This needs four things trio does not promise: its runner's run queue
+(``runq``, one deque for the whole run), its ``waiting_for_idle`` set, its
+epoll I/O manager's fd and its system clock's ``offset`` (the poller reads
+the clock as the clock does: ``Poller.now``).
 :func:`probe` decides, once per run, whether they can be used:
 
 * the installed trio must lie in :data:`TESTED_TRIO`, the releases this
@@ -58,6 +60,7 @@ def probe(version: str | None = None) -> tuple[int, Any] | str:
         runner = GLOBAL_RUN_CONTEXT.runner
         if type(runner.clock) is not SystemClock:
             return TEST_CLOCK
+        float(runner.clock.offset)  # read by the poller (Poller.now)
         if runner.is_guest:
             return "trio runs in guest mode"
         len(runner.runq), len(runner.waiting_for_idle)
@@ -85,7 +88,7 @@ async def serve_from_io_wait(poller: Poller, trio_fd: int, runner: Any) -> None:
     """Serve `poller`'s links from trio's ``before_io_wait`` hook until
     cancelled; the calling task only holds the hook's lifetime. A failure in
     the hook is raised here (as one in a poller loop would be)."""
-    poller.nest(trio_fd, runner.clock.current_time)
+    poller.nest(trio_fd, runner.clock.offset)
     hook = _BeforeIoWait(poller, trio_fd, runner, trio.lowlevel.current_task())
     trio.lowlevel.add_instrument(hook)
     try:
@@ -131,14 +134,8 @@ class _BeforeIoWait(trio.abc.Instrument):
             # without blocking, then trio's wait does not block either.
             poller.serve_once(now, now, trio_fd)
             return
-        end = now + timeout
-        while True:
-            trio_ready, now = poller.serve_once(end, now, trio_fd)
-            if trio_ready:
-                return  # trio's own wait returns at once
-            if runner.runq or now >= end:
-                cut_trio_wait_short()
-                return
+        if not poller.serve_until(now + timeout, now, trio_fd, runner.runq):
+            cut_trio_wait_short()  # else trio's own wait returns at once
 
 
 def cut_trio_wait_short() -> None:
