@@ -180,7 +180,8 @@ def markdown(results: list[BenchResult], meta: dict) -> str:
         "",
         f"Produced by `{meta['command']}` on {meta['date']} ({meta['mode']} mode, "
         f"{meta['seconds'] / 60:.1f} minutes). Every benchmark runs its contenders alternately "
-        "(the order rotates each round) for several rounds in one run; the tables show medians over "
+        "(the order changes each round: each contender is measured after each other one about equally often) "
+        "for several rounds in one run; the tables show medians over "
         "rounds, so a slow spell of this shared machine hits every contender alike.",
         "",
         "Contenders: **direct** (the client talks to the backend itself), **HAProxy** "

@@ -2,7 +2,7 @@
 
 Runs every benchmark (bench.suites.ALL) with a progress display: per
 benchmark, its environment once, then rounds in which every contender is
-measured in turn (the order rotates each round), then writes RESULTS.md,
+measured in turn (the order changes each round: round_order), then writes RESULTS.md,
 results.json and ratios.png. A failed measurement is reported and the run
 goes on; every process started is stopped by PID on the way out, also on
 Ctrl-C or SIGTERM. Exit status: 0 when every benchmark that could run
@@ -67,6 +67,25 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def round_order(contenders: tuple[str, ...], r: int) -> list[str]:
+    """The order of the contenders in round `r` (from 0): rotated by one every
+    other round, and every other round reversed, so that over 2 x n rounds
+    each of n contenders is measured in each place, and after each other
+    contender, equally often (for n <= 3; about as often above).
+
+    Why: a measurement inherits some of the load of the one before it (the
+    broker cleaning up after its closed connections, its sockets in
+    TIME_WAIT). With a plain rotation each contender always followed the
+    same one, and that was worth ~5 % of AMQP handshake rate: the same
+    Warren measured once as "warren" (after HAProxy) and once as
+    "baseline" (after Warren) differed by that much (bench/OPTIMISATIONS.md,
+    session 10)."""
+    n = len(contenders)
+    shift = (r // 2) % n
+    order = list(contenders[shift:] + contenders[:shift])
+    return order[::-1] if r % 2 else order
+
+
 def run_benchmark(bench: Benchmark, progress: Progress) -> BenchResult:
     """All rounds of one benchmark; errors are recorded in the result."""
     result = bench.new_result()
@@ -81,8 +100,7 @@ def run_benchmark(bench: Benchmark, progress: Progress) -> BenchResult:
     try:
         with bench.environment() as env:
             for r in range(rounds):
-                shift = r % len(bench.contenders)
-                for contender in bench.contenders[shift:] + bench.contenders[:shift]:
+                for contender in round_order(bench.contenders, r):
                     label = f"{bench.name} round {r + 1}/{rounds} {contender}"
                     progress.begin(label)
                     measured += 1
