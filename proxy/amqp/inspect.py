@@ -63,21 +63,21 @@ MAX_TEXT: Final = 128  # characters kept of any property, user or vhost
 
 _FRAME_HEAD: Final = struct.Struct("!BHI")  # type, channel, payload size
 _FRAME_TYPES: Final = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
-_METHOD_HEAD: Final = struct.Struct("!HH")
 _TUNE_OK: Final = struct.Struct("!HIH")  # channel-max, frame-max, heartbeat
 _CLOSE_CODE: Final = struct.Struct("!H")
 _LONG: Final = struct.Struct("!I")
-# Connection methods: (class id, method id).
-START: Final = (10, 10)
-START_OK: Final = (10, 11)
-SECURE: Final = (10, 20)
-SECURE_OK: Final = (10, 21)
-TUNE: Final = (10, 30)
-TUNE_OK: Final = (10, 31)
-OPEN: Final = (10, 40)
-OPEN_OK: Final = (10, 41)
-CLOSE: Final = (10, 50)
-CLOSE_OK: Final = (10, 51)
+# Connection methods, as the method frame's first four bytes read as one
+# big-endian number (class id << 16 | method id): an int compares in C.
+START: Final = 10 << 16 | 10
+START_OK: Final = 10 << 16 | 11
+SECURE: Final = 10 << 16 | 20
+SECURE_OK: Final = 10 << 16 | 21
+TUNE: Final = 10 << 16 | 30
+TUNE_OK: Final = 10 << 16 | 31
+OPEN: Final = 10 << 16 | 40
+OPEN_OK: Final = 10 << 16 | 41
+CLOSE: Final = 10 << 16 | 50
+CLOSE_OK: Final = 10 << 16 | 51
 
 
 class Phase(enum.Enum):
@@ -339,7 +339,6 @@ class HandshakeInspector:
         `offset` is where `data` starts relative to the current chunk (negative
         when it begins with bytes kept from earlier reads).
         """
-        on_frame = self._client_frame if client else self._server_frame
         size_all, budget = len(data), self.budget
         while self.phase is Phase.INSPECTING:
             if size_all - pos < 7:
@@ -360,9 +359,13 @@ class HandshakeInspector:
                     raise _Passed(f"frame type {kind} on channel {channel} during the handshake")
                 if size < 4:
                     raise _Passed("method frame shorter than its class and method ids")
-                forward = on_frame(data, _METHOD_HEAD.unpack_from(data, pos + 7), pos, end, offset)
-                if forward is not None:
-                    return end + 1, forward
+                method = _LONG.unpack_from(data, pos + 7)[0]
+                if client:
+                    forward = self._client_frame(data, method, pos, end, offset)
+                    if forward is not None:
+                        return end + 1, forward
+                else:
+                    self._server_frame(data, method, pos, end)
             pos = end + 1
             if client and self.client_done:
                 break
@@ -379,22 +382,21 @@ class HandshakeInspector:
         return len(PROTOCOL_HEADER)
 
     # -- the client's side -------------------------------------------------------------
-    # A frame handler gets the method's ids, where its frame starts (`start`)
-    # and where its frame-end octet is (`end`): the arguments are
-    # data[start + 11 : end]. It returns None, or for a HELD Open how many
-    # bytes of the chunk may be forwarded.
+    # A frame handler gets the method (class id << 16 | method id), where its
+    # frame starts (`start`) and where its frame-end octet is (`end`): the
+    # arguments are data[start + 11 : end]. The client's returns None, or
+    # for a HELD Open how many bytes of the chunk may be forwarded.
 
-    def _client_frame(self, data: memoryview, ids: tuple[int, int], start: int, end: int,
-                      offset: int) -> int | None:
-        if ids == CLOSE:
+    def _client_frame(self, data: memoryview, method: int, start: int, end: int, offset: int) -> int | None:
+        if method == CLOSE:
             raise _Passed("the client closed during the handshake")
         step = self._client_step
-        if ids == SECURE_OK and step == TUNE_OK:
+        if method == SECURE_OK and step == TUNE_OK:
             return None  # a SASL exchange round: nothing we read
-        if ids != step:
-            raise _Passed(f"client sent method {ids[0]}.{ids[1]} where {step} was expected")
+        if method != step:
+            raise _Passed(f"client sent method {_method_name(method)} where {_method_name(step)} was expected")
         try:
-            if ids == START_OK:
+            if method == START_OK:
                 try:
                     self._start_ok(data, start + 11, end)
                 finally:
@@ -404,7 +406,7 @@ class HandshakeInspector:
                         assert stream is not None
                         stream.wipe(start, end + 1)
                 self._client_step = TUNE_OK
-            elif ids == TUNE_OK:
+            elif method == TUNE_OK:
                 if end - start - 11 < _TUNE_OK.size:
                     raise Truncated
                 identity = self.identity
@@ -413,7 +415,7 @@ class HandshakeInspector:
             else:
                 return self._open(data, start, end, offset)
         except (Truncated, ValueError, struct.error) as error:
-            raise _Passed(f"malformed method {ids[0]}.{ids[1]} from the client: {error or 'truncated'}") from None
+            raise _Passed(f"malformed method {_method_name(method)} from the client: {error or 'truncated'}") from None
         return None
 
     def _start_ok(self, data: memoryview, pos: int, end: int) -> None:
@@ -451,10 +453,9 @@ class HandshakeInspector:
 
     # -- the broker's side --------------------------------------------------------------
 
-    def _server_frame(self, data: memoryview, ids: tuple[int, int], start: int, end: int,
-                      offset: int) -> None:
+    def _server_frame(self, data: memoryview, method: int, start: int, end: int) -> None:
         try:
-            if ids == CLOSE:
+            if method == CLOSE:
                 if end - start - 11 < 2:
                     raise Truncated
                 code = _CLOSE_CODE.unpack_from(data, start + 11)[0]
@@ -462,23 +463,23 @@ class HandshakeInspector:
                 self.phase = Phase.REFUSED
                 return None
             step = self._server_step
-            if ids == SECURE and step == TUNE:
+            if method == SECURE and step == TUNE:
                 return None
-            if ids != step:
-                raise _Passed(f"broker sent method {ids[0]}.{ids[1]} where {step} was expected")
-            if ids == START:
+            if method != step:
+                raise _Passed(f"broker sent method {_method_name(method)} where {_method_name(step)} was expected")
+            if method == START:
                 properties, _ = _SERVER_TABLES.pick(data, start + 13, end)  # after version major, minor
                 identity = self.identity
                 identity.server_cluster = properties.get(b"cluster_name")
                 identity.server_version = properties.get(b"version")
                 identity.server_product = properties.get(b"product")
                 self._server_step = TUNE
-            elif ids == TUNE:
+            elif method == TUNE:
                 self._server_step = OPEN_OK
             else:
                 self.phase = Phase.OPEN
         except (Truncated, ValueError, struct.error) as error:
-            raise _Passed(f"malformed method {ids[0]}.{ids[1]} from the broker: {error or 'truncated'}") from None
+            raise _Passed(f"malformed method {_method_name(method)} from the broker: {error or 'truncated'}") from None
         return None
 
     def _pass(self, reason: str) -> None:
@@ -497,6 +498,11 @@ class HandshakeInspector:
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+def _method_name(method: int) -> str:
+    """"10.11" for Connection.Start-Ok: class id, method id."""
+    return f"{method >> 16}.{method & 0xFFFF}"
 
 
 def _cut(text: str) -> str:
