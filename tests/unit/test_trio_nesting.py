@@ -33,6 +33,24 @@ async def test_with_a_mock_clock_the_poller_waits_through_trio(autojump_clock):
     assert trio_nesting.probe() == trio_nesting.TEST_CLOCK
 
 
+async def test_the_nested_pollers_clock_is_trios_clock():
+    # Poller.now reads trio's system clock itself (offset + perf_counter):
+    # its readings interleave with trio's own, never out of order.
+    poller = current_poller()
+    await trio.sleep(0)
+    assert poller.mode == "nested"
+    first, mine, last = trio.current_time(), poller.now(), trio.current_time()
+    assert first <= mine <= last
+
+
+async def test_with_a_mock_clock_the_pollers_clock_is_the_mock(autojump_clock):
+    poller = current_poller()
+    await trio.sleep(0)
+    before = poller.now()
+    await trio.sleep(3600)  # jumps at once
+    assert poller.now() == trio.current_time() >= before + 3600
+
+
 @pytest.mark.parametrize("version", ["0.23.2", "0.36.0", "1.0.0", "0.40.0rc1", "unknown"])
 async def test_an_untested_trio_gets_the_portable_way_and_says_which(version):
     reason = trio_nesting.probe(version)
