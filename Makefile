@@ -20,6 +20,8 @@ FUZZ_EXAMPLES ?= 2000
 
 # The modules setup.py compiles with mypyc, whose extensions are built in place.
 NATIVE_SRC := $(shell $(PYTHON) proxy/_native.py)
+# Removes the extensions an earlier build left in place.
+REMOVE_NATIVE := find proxy -name "*.so" -delete; rm -f ./*__mypyc.*.so
 
 # Updated when pyproject.toml or a compiled module changes (pip builds the
 # extensions anew); made anew when .venv was made by another interpreter.
@@ -31,7 +33,7 @@ $(VENV)/.installed: pyproject.toml setup.py proxy/_native.py $(NATIVE_SRC)
 	@./scripts/ensure-debs python3 python3-venv python3-dev gcc
 	$(PYTHON) -m venv $(VENV_CLEAR) $(VENV)
 	$(PIP) install -q --upgrade pip
-	find proxy -name "*.so" -delete; rm -f ./*__mypyc.*.so  # an earlier build's extensions
+	$(REMOVE_NATIVE)
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
@@ -70,6 +72,6 @@ deb: wheel
 
 clean:
 	rm -rf $(VENV) run build dist *.egg-info .mypy_cache
-	find proxy -name "*.so" -delete; rm -f ./*__mypyc.*.so
+	$(REMOVE_NATIVE)
 
 include bench/Makefile.inc
