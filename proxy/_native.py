@@ -29,6 +29,8 @@ MODULES = (
     "proxy.frontends.listener",
     "proxy.frontends.session",
     "proxy.backends.connect",
+    "proxy.backends.dispatch",
+    "proxy.backends.lb",
     "proxy.amqp.inspect",
     "proxy.amqp.tap",
     "proxy.amqp.closing",

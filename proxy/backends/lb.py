@@ -119,9 +119,12 @@ class SourceHash:
 
 
 def make_balancer(balance: Balance) -> Balancer:
-    return {
-        Balance.ROUNDROBIN: SmoothRoundRobin,
-        Balance.LEASTCONN: LeastConn,
-        Balance.FIRST: First,
-        Balance.SOURCE: SourceHash,
-    }[balance]()
+    if balance is Balance.ROUNDROBIN:
+        return SmoothRoundRobin()
+    if balance is Balance.LEASTCONN:
+        return LeastConn()
+    if balance is Balance.FIRST:
+        return First()
+    if balance is Balance.SOURCE:
+        return SourceHash()
+    raise ValueError(f"unknown balance {balance!r}")

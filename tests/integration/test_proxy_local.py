@@ -318,18 +318,19 @@ async def _refused(address) -> bool:
 
 
 async def test_a_failing_session_is_closed_alone(relay_path, monkeypatch):
-    # The session is compiled (proxy/_native.py): its own methods cannot be
-    # patched, so the bug is in what it calls as its connect completes.
-    from proxy.backends.dispatch import Dispatch
+    # The session and the dispatch are compiled (proxy/_native.py): their
+    # methods cannot be patched, so the bug is in what the dispatch calls as
+    # the connect completes (the runtime model is Python).
+    from proxy.runtime import ServerRuntime
 
-    def broken_connected(self, now):
+    def broken_connect_ok(self):
         raise RuntimeError("a bug in one connection")
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
             app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
-            monkeypatch.setattr(Dispatch, "connected", broken_connected)
+            monkeypatch.setattr(ServerRuntime, "connect_ok", broken_connect_ok)
             with structlog.testing.capture_logs() as logs:
                 victim = await trio.open_tcp_stream(*front(app))
                 assert await victim.receive_some(10) in (b"", b"a\n")
