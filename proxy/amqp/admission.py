@@ -248,8 +248,8 @@ class RateGate:
         self.bucket = _bucket(self.global_limit, now)  # promises moments: who is rejected
         limit = self.global_limit
         # Under a queued frontend-wide limit every client goes on through the line.
-        queued = limit is not None and limit.action is RateAction.QUEUE
-        self.line: StartLine | None = StartLine(limit.rate, limit.bucket_size, now) if queued else None
+        self.line: StartLine | None = (StartLine(limit.rate, limit.bucket_size, now)
+                                       if limit is not None and limit.action is RateAction.QUEUE else None)
         source = self.source_limit
         self.sources = SourceBuckets(source.rate, source.bucket_size) if source is not None else None
         self.accepted = RateMeter()
@@ -266,24 +266,27 @@ class RateGate:
         after its `hold` (its source's wait), even one that may go now."""
         self.accepted.add(now)
         answer = _GO
-        if self.sources is not None:
-            answer = self._decide(self.source_limit, self.sources.reserve(source, now, self._wait_bound(
-                self.source_limit, max_wait)), f"source {source}")
-            if answer.wait is None:
-                return answer
+        sources, source_limit = self.sources, self.source_limit
+        if sources is not None and source_limit is not None:  # both or neither
+            answer = self._decide(source_limit, sources.reserve(source, now, self._wait_bound(
+                source_limit, max_wait)), f"source {source}")
         hold = answer.wait
-        if self.bucket is not None:
-            wait = self.bucket.reserve(now, self._wait_bound(self.global_limit, max_wait))
-            answer2 = self._decide(self.global_limit, wait, f"frontend {self.name}")
-            if answer2.wait is None or answer2.wait > answer.wait:
-                answer = answer2
-        if answer.wait is None:
+        if hold is None:
             return answer
-        if answer.wait:
+        wait: float | None = hold
+        bucket, global_limit = self.bucket, self.global_limit
+        if bucket is not None and global_limit is not None:  # both or neither
+            answer2 = self._decide(global_limit, bucket.reserve(now, self._wait_bound(global_limit, max_wait)),
+                                   f"frontend {self.name}")
+            if answer2.wait is None or answer2.wait > hold:
+                answer, wait = answer2, answer2.wait
+        if wait is None:
+            return answer
+        if wait:
             self.queued += 1
         if self.line is None:
-            hold = answer.wait
-        return answer if answer.hold == hold else Admitted(answer.wait, answer.limit, hold)
+            hold = wait
+        return answer if answer.hold == hold else Admitted(wait, answer.limit, hold)
 
     @staticmethod
     def _wait_bound(limit: RateLimit, max_wait: float) -> float:
@@ -330,13 +333,16 @@ class ConnectionCounts:
 
     def check(self, limits: ConnectionLimits, vhost: str | None, user: str | None) -> LimitHit | None:
         """The first limit one more connection would exceed (counted as a hit), or None."""
-        for kind, name, counts, limit in (
-            ("vhost", vhost, self.vhosts, limits.for_vhost(vhost) if vhost is not None else None),
-            ("user", user, self.users, limits.for_user(user) if user is not None else None),
-        ):
-            if limit is not None and counts.get(name, 0) >= limit:
-                self.hits[kind] += 1
-                return LimitHit(kind, name, limit)
+        if vhost is not None:
+            limit = limits.for_vhost(vhost)
+            if limit is not None and self.vhosts.get(vhost, 0) >= limit:
+                self.hits["vhost"] += 1
+                return LimitHit("vhost", vhost, limit)
+        if user is not None:
+            limit = limits.for_user(user)
+            if limit is not None and self.users.get(user, 0) >= limit:
+                self.hits["user"] += 1
+                return LimitHit("user", user, limit)
         return None
 
     def add(self, vhost: str | None, user: str | None) -> None:
@@ -346,13 +352,18 @@ class ConnectionCounts:
             self.users[user] = self.users.get(user, 0) + 1
 
     def remove(self, vhost: str | None, user: str | None) -> None:
-        for counts, name in ((self.vhosts, vhost), (self.users, user)):
-            if name is not None:
-                left = counts.get(name, 0) - 1
-                if left > 0:
-                    counts[name] = left
-                else:
-                    counts.pop(name, None)
+        if vhost is not None:
+            _count_down(self.vhosts, vhost)
+        if user is not None:
+            _count_down(self.users, user)
+
+
+def _count_down(counts: dict[str, int], name: str) -> None:
+    left = counts.get(name, 0) - 1
+    if left > 0:
+        counts[name] = left
+    else:
+        counts.pop(name, None)
 
 
 def top_labels(counts: Mapping[str, int], cap: int, other: str = "other") -> dict[str, int]:
