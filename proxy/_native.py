@@ -31,6 +31,7 @@ MODULES = (
     "proxy.backends.connect",
     "proxy.backends.dispatch",
     "proxy.backends.lb",
+    "proxy.runtime",
     "proxy.amqp.admission",
     "proxy.amqp.inspect",
     "proxy.amqp.tap",

@@ -11,11 +11,12 @@ Everything here runs on the trio thread; nothing is locked.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
 
 import trio
 
@@ -80,23 +81,6 @@ class Connection:
             self.interrupt()
 
 
-class _DecidesCandidacy:
-    """A server attribute that decides whether the server may take new
-    connections: setting it drops the backend's cached candidate list."""
-
-    __slots__ = ("private",)
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.private = "_" + name
-
-    def __get__(self, server: Any, owner: type | None = None) -> Any:
-        return self if server is None else getattr(server, self.private)
-
-    def __set__(self, server: Any, value: Any) -> None:
-        setattr(server, self.private, value)
-        server.backend.forget_candidates()
-
-
 class ServerRuntime:
     """A server's live state. Its config is replaced on reload; state stays.
 
@@ -106,23 +90,18 @@ class ServerRuntime:
     its name back revives it with its connections.
     """
 
-    up = _DecidesCandidacy()
-    admin = _DecidesCandidacy()
-    admin_weight = _DecidesCandidacy()
-    addresses = _DecidesCandidacy()
-
     def __init__(self, backend: BackendRuntime, config: Server, now: float):
         self.backend = backend
         self.config = config
         self.retired = False
-        self.addresses: tuple[str, ...] = (config.address,) if _is_ip(config.address) else ()
-        self.admin_weight = config.weight
+        self._addresses: tuple[str, ...] = (config.address,) if _is_ip(config.address) else ()
+        self._admin_weight = config.weight
         self.slowstart: tuple[float, float] | None = None  # (since, duration) while ramping up
-        self.admin = AdminState.READY
+        self._admin = AdminState.READY
         checked = config.check and bool(backend.config.health.kinds)
         self.checked = checked
-        self.up = (not checked) or backend.config.health.init_state is InitState.UP
-        self.status = ("UP" if self.up else "DOWN") if checked else "no check"
+        self._up = (not checked) or backend.config.health.init_state is InitState.UP
+        self.status = ("UP" if self._up else "DOWN") if checked else "no check"
         self.last_check: Any = None  # health.results.CheckResult once checked
         self.last_change = now
         self.downtime = 0.0
@@ -145,10 +124,49 @@ class ServerRuntime:
     def name(self) -> str:
         return self.config.name
 
+    # Whether the server may take new connections depends on these four:
+    # setting one drops the backend's cached candidate list.
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        self._up = value
+        self.backend.forget_candidates()
+
+    @property
+    def admin(self) -> AdminState:
+        return self._admin
+
+    @admin.setter
+    def admin(self, value: AdminState) -> None:
+        self._admin = value
+        self.backend.forget_candidates()
+
+    @property
+    def admin_weight(self) -> int:
+        return self._admin_weight
+
+    @admin_weight.setter
+    def admin_weight(self, value: int) -> None:
+        self._admin_weight = value
+        self.backend.forget_candidates()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self._addresses
+
+    @addresses.setter
+    def addresses(self, value: tuple[str, ...]) -> None:
+        self._addresses = value
+        self.backend.forget_candidates()
+
     @property
     def weight(self) -> int:
         """The weight balancing uses: the admin weight, ramped during slowstart."""
-        weight = self._admin_weight  # read on every pick: past the descriptor
+        weight = self._admin_weight
         if self.slowstart is None or weight == 0:
             return weight
         since, duration = self.slowstart
@@ -345,7 +363,7 @@ class BackendRuntime:
             pool = ([s for s in free if s not in exclude] or free) if exclude else free
             if not pool:
                 return FULL
-            chosen = self.balancer.pick(pool, conn.client[0])
+            chosen = cast(ServerRuntime, self.balancer.pick(pool, conn.client[0]))
         chosen.attach(conn)
         conn.server = chosen
         return chosen
@@ -583,8 +601,8 @@ class Runtime:
 
     def server(self, backend: str, server: str) -> ServerRuntime:
         """Raises KeyError naming what is unknown. Retired servers are found too."""
-        found = self.backends.get(backend)
-        found = found and (found.servers.get(server) or found.retired.get(server))
+        owner = self.backends.get(backend)
+        found = None if owner is None else owner.servers.get(server) or owner.retired.get(server)
         if found is None:
             raise KeyError(f"no server {backend}/{server}")
         return found
@@ -674,15 +692,18 @@ class Runtime:
     def observe_activity(self) -> None:
         """Notes which connections moved bytes since the last look (the stats
         sampler calls this every few seconds); forgets the ones that ended."""
-        now, seen = time.monotonic(), {}
+        now = time.monotonic()
+        seen: dict[int, tuple[int, float]] = {}
         for server in self._all_servers():
             for conn in server.connections:
-                seen[conn.id] = self._activity.get(conn.id)
+                last = self._activity.get(conn.id)
+                if last is not None:
+                    seen[conn.id] = last
                 self._note_activity(conn, now, seen)
         self._activity = seen
 
     @staticmethod
-    def _note_activity(conn: Connection, now: float, into: dict[int, tuple[int, float] | None]) -> float:
+    def _note_activity(conn: Connection, now: float, into: dict[int, tuple[int, float]]) -> float:
         """Since when `conn` has moved no byte, as far as the looks saw; recorded in `into`."""
         moved = conn.traffic.bytes_in + conn.traffic.bytes_out
         last = into.get(conn.id)
@@ -814,18 +835,18 @@ def _amqp_count_stats(backend: BackendRuntime) -> AmqpCountStats:
 
 def _connection_stats(conn: Connection, backend: str, server: str, now: float, since: float) -> ConnectionStats:
     host, port = conn.client[0], conn.client[1]
-    stats = dict(
+    plain = ConnectionStats(
         id=conn.id, client=f"[{host}]:{port}" if ":" in host else f"{host}:{port}", frontend=conn.frontend,
         backend=backend, server=server, age=now - conn.started, idle=now - since,
         bytes_in=conn.traffic.bytes_in, bytes_out=conn.traffic.bytes_out,
     )
     amqp = conn.amqp
-    if amqp is not None:
-        identity = amqp.identity
-        stats.update(name=identity.name, product=identity.product, version=identity.version,
-                     user=identity.user, vhost=identity.vhost, heartbeat=identity.heartbeat,
-                     phase=amqp.inspector.phase.value)
-    return ConnectionStats(**stats)
+    if amqp is None:
+        return plain
+    identity = amqp.identity
+    return dataclasses.replace(plain, name=identity.name, product=identity.product, version=identity.version,
+                               user=identity.user, vhost=identity.vhost, heartbeat=identity.heartbeat,
+                               phase=amqp.inspector.phase.value)
 
 
 def _is_ip(address: str) -> bool:

@@ -317,27 +317,27 @@ async def _refused(address) -> bool:
     return False
 
 
-async def test_a_failing_session_is_closed_alone(relay_path, monkeypatch):
-    # The session and the dispatch are compiled (proxy/_native.py): their
-    # methods cannot be patched, so the bug is in what the dispatch calls as
-    # the connect completes (the runtime model is Python).
-    from proxy.runtime import ServerRuntime
-
-    def broken_connect_ok(self):
-        raise RuntimeError("a bug in one connection")
+async def test_a_failing_session_is_closed_alone(relay_path):
+    # The connection path and the live model are compiled (proxy/_native.py):
+    # their methods cannot be patched, so the bug is in the server's passive
+    # health observer, which the dispatch reaches as the connect completes.
+    class BrokenObserver:
+        def connect_ok(self, server):
+            raise RuntimeError("a bug in one connection")
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ports = await named_servers(nursery, "a")
             app = await start_warren(nursery, make_config([server("a", ports["a"])]), relay=relay_path)
-            monkeypatch.setattr(ServerRuntime, "connect_ok", broken_connect_ok)
+            target = app.runtime.server("be", "a")
+            observer, target.observer = target.observer, BrokenObserver()
             with structlog.testing.capture_logs() as logs:
                 victim = await trio.open_tcp_stream(*front(app))
                 assert await victim.receive_some(10) in (b"", b"a\n")
                 await wait_until(lambda: _closed(logs), timeout=15)
             assert any(e["event"] == "session.failed" for e in logs)
             assert _closed(logs)[0]["termination"] == "PD"
-            monkeypatch.undo()
+            target.observer = observer
             stream, name = await connect_and_greet(app)  # the proxy still serves
             assert name == "a"
             nursery.cancel_scope.cancel()

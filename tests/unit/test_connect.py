@@ -5,15 +5,15 @@ from __future__ import annotations
 import errno
 import socket
 from contextlib import closing
-from types import SimpleNamespace
-
 from proxy.backends.connect import start_connect
-from tests.proxyutil import dead_port, unanswered_port
+from proxy.runtime import Runtime, ServerRuntime
+from proxy.config.model import Server
+from tests.proxyutil import dead_port, make_config, unanswered_port
 
 
-def _server(port: int, address: str = "127.0.0.1") -> SimpleNamespace:
-    """The two things start_connect reads of a ServerRuntime."""
-    return SimpleNamespace(addresses=(address,), config=SimpleNamespace(port=port))
+def _server(port: int, address: str = "127.0.0.1") -> ServerRuntime:
+    """A server of a live model at `address`:`port` (start_connect reads its addresses and port)."""
+    return Runtime(make_config([Server(name="s", address=address, port=port)])).server("be", "s")
 
 
 def test_a_connect_to_a_listening_local_server_is_reported_done_at_once():

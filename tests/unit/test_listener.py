@@ -5,19 +5,14 @@ from __future__ import annotations
 import select
 import socket
 from contextlib import ExitStack
-from types import SimpleNamespace
-
 from proxy.frontends.listener import _ACCEPT_BATCH, _ACCEPT_MASK, _Acceptor
+from proxy.runtime import FrontendRuntime
+from tests.proxyutil import make_config
 
 
-class _Frontend(SimpleNamespace):
-    """What the acceptor uses of a FrontendRuntime: slots against maxconn."""
-
-    def __init__(self, maxconn: int = 1000) -> None:
-        super().__init__(current=0, config=SimpleNamespace(maxconn=maxconn))
-
-    def take_slot(self) -> None:
-        self.current += 1
+def _frontend(maxconn: int = 1000) -> FrontendRuntime:
+    """A frontend's live state: the acceptor takes its slots against maxconn."""
+    return FrontendRuntime(make_config([], maxconn=maxconn).frontends[0])
 
 
 def _setup(stack: ExitStack, handler=None, maxconn: int = 1000):
@@ -31,7 +26,7 @@ def _setup(stack: ExitStack, handler=None, maxconn: int = 1000):
         if handler is not None:
             handler()
 
-    acceptor = _Acceptor(listener, _Frontend(maxconn), keep)
+    acceptor = _Acceptor(listener, _frontend(maxconn), keep)
     return listener, acceptor, accepted
 
 

@@ -4,7 +4,8 @@ import pytest
 import structlog
 
 from proxy.config.model import Backend, Config, Server
-from proxy.runtime import AdminState, KillReason, Runtime
+from proxy.io.relay import Traffic
+from proxy.runtime import AdminState, Connection, KillReason, Runtime
 from proxy.stats_ui.admin import (
     Action, AdminRequest, BadRequest, CsrfTokens, Notices, apply_request, parse_form, request_from_form,
 )
@@ -121,15 +122,14 @@ def test_weight_action_sets_the_weight():
 
 def test_kill_action_kills_every_session_of_the_server():
     rt = runtime()
-    killed = []
-
-    class Conn:
-        def kill(self, reason):
-            killed.append(reason)
-
-    rt.server("rabbit", "c").connections.update({Conn(), Conn()})
+    interrupted = []
+    conns = [Connection(n, ("10.0.0.1", n), "fe", Traffic()) for n in (1, 2)]
+    for conn in conns:
+        conn.interrupt = lambda conn=conn: interrupted.append(conn)
+    rt.server("rabbit", "c").connections.update(conns)
     notice = apply_request(rt, AdminRequest("rabbit", "c", Action.KILL), 0.0, user="ops", source="http")
-    assert killed == [KillReason.KILLED, KillReason.KILLED]
+    assert [conn.kill_reason for conn in conns] == [KillReason.KILLED, KillReason.KILLED]
+    assert sorted(conn.id for conn in interrupted) == [1, 2]
     assert notice == "rabbit/c: 2 session(s) killed"
 
 
