@@ -11,18 +11,18 @@ Everything here runs on the trio thread; nothing is locked.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Final, Iterator, Sequence, cast
 
 import trio
 
 from . import __version__
 from .backends.dispatch import FULL, NO_SERVER
 from .amqp.admission import ConnectionCounts, RateGate
+from .amqp.inspect import Identity
 from .backends.lb import make_balancer
 from .config.model import Backend, Config, Frontend, InitState, Server
 from .supervisor import ServiceStats, Supervisors
@@ -833,20 +833,21 @@ def _amqp_count_stats(backend: BackendRuntime) -> AmqpCountStats:
     )
 
 
+_NO_IDENTITY: Final = Identity()  # a connection on a TCP frontend: no AMQP fields
+
+
 def _connection_stats(conn: Connection, backend: str, server: str, now: float, since: float) -> ConnectionStats:
     host, port = conn.client[0], conn.client[1]
-    plain = ConnectionStats(
+    amqp = conn.amqp
+    identity = _NO_IDENTITY if amqp is None else amqp.identity
+    return ConnectionStats(
         id=conn.id, client=f"[{host}]:{port}" if ":" in host else f"{host}:{port}", frontend=conn.frontend,
         backend=backend, server=server, age=now - conn.started, idle=now - since,
         bytes_in=conn.traffic.bytes_in, bytes_out=conn.traffic.bytes_out,
+        name=identity.name, product=identity.product, version=identity.version, user=identity.user,
+        vhost=identity.vhost, heartbeat=identity.heartbeat,
+        phase=None if amqp is None else amqp.inspector.phase.value,
     )
-    amqp = conn.amqp
-    if amqp is None:
-        return plain
-    identity = amqp.identity
-    return dataclasses.replace(plain, name=identity.name, product=identity.product, version=identity.version,
-                               user=identity.user, vhost=identity.vhost, heartbeat=identity.heartbeat,
-                               phase=amqp.inspector.phase.value)
 
 
 def _is_ip(address: str) -> bool:
