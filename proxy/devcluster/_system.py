@@ -19,6 +19,10 @@ EPMD_PORT = 4369
 # Ports come from below Linux's default ephemeral range (32768-60999), so an
 # outgoing connection cannot grab one between picking it and the node binding it.
 PORT_RANGE = (20000, 32000)
+# Never handed out: the distribution ports of the demo cluster (`make run`: AMQP
+# ports from 5681, distribution ports 20000 above them, __main__.demo_specs), so
+# that tests run beside it neither take its ports nor lose theirs to its restart.
+DEMO_PORTS = range(25672, 25700)
 BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
@@ -52,7 +56,7 @@ def free_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         port = random.randrange(*PORT_RANGE)
-        if port in _handed_out or not _port_is_free(port):
+        if port in _handed_out or port in DEMO_PORTS or not _port_is_free(port):
             continue
         _handed_out.add(port)
         ports.append(port)
