@@ -78,6 +78,9 @@ _FLOWING, _WAIT_TARGET, _WAIT_WRITE, _WAIT_READ, _DONE = range(5)
 _DRAIN_POLL_FIRST = 0.001
 _DRAIN_POLL_MAX = 0.1
 _CHUNK = 256 * 1024
+# queued_into counts an acknowledged FIN as a byte: the most it may exceed
+# the bytes a target was given.
+_FIN_BYTE = 1
 # How long a reset waits for the bytes redirected before it to reach the
 # other socket's send queue (a kernel worker's job: microseconds, as a rule).
 _RESET_DRAIN = 0.1
@@ -281,7 +284,7 @@ class RingWatch:
 class _Way:
     """One direction: bytes received on ``source`` go out on ``target``."""
 
-    __slots__ = ("source", "target", "state", "eof", "pending", "checked", "poll", "active")
+    __slots__ = ("source", "target", "state", "eof", "pending", "checked", "poll", "active", "excess")
 
     def __init__(self, source: int) -> None:
         self.source = source
@@ -292,6 +295,7 @@ class _Way:
         self.checked = False  # the target has sent every redirected byte
         self.poll = _DRAIN_POLL_FIRST
         self.active = 0.0  # when this direction last made progress (trio time)
+        self.excess = 0  # bytes the target's send queue got beyond what it was given (_target_drained)
 
 
 class KernelLink(Handover):
@@ -567,11 +571,23 @@ class KernelLink(Handover):
             except OSError as exc:
                 raise lost_or_raise(exc, target) from exc
             if queued >= expected:
+                if queued - expected > _FIN_BYTE and not way.excess:
+                    self._report_excess(way, queued - expected)
                 way.poll = _DRAIN_POLL_FIRST
                 return True
             if attempt == 0:
                 os.sched_yield()
         return False
+
+    def _report_excess(self, way: _Way, excess: int) -> None:
+        """The target's send queue holds more bytes than Warren wrote and the
+        program redirected into it: bytes delivered twice, or a count gone
+        wrong (docs/operations.md, the kernel path's known issue). Logged
+        once per direction; what was sent cannot be taken back, so the
+        relay goes on."""
+        way.excess = excess
+        log.error("relay.kernel_excess", towards="server" if way.target == _SERVER else "client",
+                  bytes=excess, expected=self._sent_into(way))
 
     def _sent_into(self, way: _Way) -> int:
         """Bytes Warren and the kernel handed to `way`'s target: all that
