@@ -8,6 +8,7 @@ the receiver counted (`end.sum_received`), in GB/s (10^9 bytes).
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -21,9 +22,12 @@ STREAMS = {"stream1": 1, "streams4": 4}
 # connect to it too (every 2 s, whichever contender is measured): a client
 # arriving while the server handles a check's connection is turned away
 # before a byte is measured ("the server is busy", or its control connection
-# reset). Such a run is tried again; any other failure is the contender's.
+# reset), or while it still finishes the previous contender's test. Such a
+# run is tried again after a pause, longer each time (the server tells no
+# one when it is free); any other failure is the contender's.
 _TURNED_AWAY = ("server is busy", "unable to receive control message")
-_ATTEMPTS = 3
+_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each new attempt
+_pause = time.sleep
 
 
 def parse_iperf3(stdout: str) -> float:
@@ -45,12 +49,13 @@ def parse_iperf3(stdout: str) -> float:
 
 def run_iperf3(argv: list[str], timeout: float) -> float:
     """GB/s of one iperf3 run, tried again when the server turned it away."""
-    for attempt in range(1, _ATTEMPTS + 1):
+    for pause in (*_PAUSES, None):
         try:
             return parse_iperf3(run_tool(argv, timeout=timeout))
         except (MeasureError, ProcessFailed) as error:
-            if attempt == _ATTEMPTS or not any(sign in str(error) for sign in _TURNED_AWAY):
+            if pause is None or not any(sign in str(error) for sign in _TURNED_AWAY):
                 raise
+        _pause(pause)
     raise AssertionError("unreachable")
 
 
