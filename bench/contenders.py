@@ -16,7 +16,7 @@ UP; Warren's default is DOWN until `rise` checks pass, so Warren gets
 passes through either proxy before measuring anyway). HAProxy runs with its
 default thread count (one per CPU), in TCP mode, without splicing (its
 default); Warren with its defaults (the kernel relay path where its start-up
-self-test passes, else splice; a `bulk` spec marks the frontend `bulk = true`,
+self-test passes and finds no hazard, else splice; a `bulk` spec marks the frontend `bulk = true`,
 which splices) and `log_level = "warning"`, which silences its per-connection
 log line as HAProxy without a `log` line logs nothing. The Warren variants
 `warren-splice` and `warren-kernel` pin `[global] relay` (the latter also
@@ -234,22 +234,33 @@ def missing(name: str) -> str | None:
 
 
 @functools.cache
-def kernel_path() -> str:
-    """"" if Warren's kernel relay path works here (as the bench runs), else why not."""
+def _kernel_availability():
     from proxy.io.sockmap import probe
 
-    availability = probe()
+    return probe()
+
+
+def kernel_path() -> str:
+    """"" if Warren's kernel relay path works here (as the bench runs), else why not."""
+    availability = _kernel_availability()
     return "" if availability.available else availability.reason
+
+
+def kernel_hazard() -> str:
+    """Why Warren's default (`relay = "auto"`) does not take a kernel path
+    that works here (proxy.io.sockmap.overlap_hazard), or ""."""
+    return _kernel_availability().hazard
 
 
 def with_warren_paths(contenders: tuple[str, ...], *, bulk: bool = False) -> tuple[str, ...]:
     """`contenders` plus a Warren row for the other relay path, where the
     kernel path works here (else Warren's default is splice already): for
     small messages Warren's default is the kernel path, so splice is added;
-    for bulk its default is splice (`bulk = true`), so the kernel is added."""
+    for bulk its default is splice (`bulk = true`), and so is it for small
+    messages on a kernel with a hazard: then the kernel is added."""
     if kernel_path():
         return contenders
-    return (*contenders, "warren-kernel" if bulk else "warren-splice")
+    return (*contenders, "warren-kernel" if bulk or kernel_hazard() else "warren-splice")
 
 
 def warren_path_note(*, bulk: bool = False) -> str:
@@ -260,6 +271,9 @@ def warren_path_note(*, bulk: bool = False) -> str:
         return ("Relay paths: **Warren** = splice (its frontend is marked `bulk = true`, as an operator "
                 "marks bulk frontends); **Warren (kernel)** = the kernel path (the same frontend "
                 "without `bulk`).")
+    if kernel_hazard():
+        return (f"Relay paths: **Warren** = splice (its default here: {kernel_hazard()}); "
+                "**Warren (kernel)** = `relay = \"kernel\"`.")
     return ("Relay paths: **Warren** = the kernel path (its default here: the self-test passed); "
             "**Warren (splice)** = `relay = \"splice\"`.")
 

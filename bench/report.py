@@ -187,7 +187,7 @@ def markdown(results: list[BenchResult], meta: dict) -> str:
         "Contenders: **direct** (the client talks to the backend itself), **HAProxy** "
         f"(Debian {meta['versions'].get('haproxy', '?')}, TCP mode, roundrobin, health checks on, default "
         "thread count, no splicing, no logging) and **Warren** (`warren run` with its defaults: the "
-        "kernel relay path where its start-up self-test passes, else splice; frontends carrying bulk "
+        "kernel relay path where its start-up self-test passes and finds no hazard, else splice; frontends carrying bulk "
         "streams marked `bulk = true`, which splices them; health checks on; plus "
         "`[global] log_level = \"warning\"`, which "
         "silences the per-connection `connection.closed` "

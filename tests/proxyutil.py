@@ -98,6 +98,16 @@ async def start_warren(nursery: trio.Nursery, config: Config, *, relay: str | No
     return app
 
 
+def on_the_kernel_path(config: Config) -> Config:
+    """`config` insisting on the kernel path (``relay = "kernel"``, its other
+    defaults kept): ``auto`` does not take it on a kernel with a hazard
+    (proxy.io.sockmap.overlap_hazard). Skipped where it is unavailable."""
+    availability = kernel_availability()
+    if not availability.available:
+        pytest.skip(f"kernel path unavailable: {availability.reason}")
+    return replace(config, global_=replace(config.global_, relay=RelayPath.KERNEL))
+
+
 def with_relay(config: Config, relay: str) -> Config:
     """`config` on relay path `relay`: "copy", "splice", "kernel" (TCP
     connections enter the socket map at once: kernel_after = 0) or

@@ -3,8 +3,11 @@
 ``[global] relay``: ``auto`` (the default) takes the kernel path where its
 self-test passes on this machine (:func:`proxy.io.sockmap.probe`: the
 capabilities, the kernel's support, and the behaviour Warren relies on,
-proven on a loopback pair), else splice with one warning saying why;
-``kernel`` insists (start-up fails with the reason); ``splice`` and
+proven on a loopback pair) and finds no hazard (a kernel that relays a
+retransmitted segment's overlap twice, :func:`proxy.io.sockmap.overlap_hazard`),
+else splice with one warning saying why; ``kernel`` insists (start-up
+fails with the reason; a hazard is logged, and shown with the path,
+``relay.kernel_hazard``); ``splice`` and
 ``copy`` are taken as asked (splice falls back to copy where the kernel
 cannot splice). A frontend with ``bulk = true`` is relayed with splice (or
 copy) even when the kernel path is in use. A connection's path is chosen
@@ -35,7 +38,8 @@ _MAX_CAPACITY = 1 << 20
 @dataclass
 class RelayChoice:
     """The path in use (``kernel``, ``splice`` or ``copy``), what it needs,
-    and why it is not the one asked for (empty when it is)."""
+    and why it is not the one asked for, or the hazard of the kernel path
+    taken where asked for (empty when neither)."""
 
     path: str
     pipes: PipePool | None
@@ -81,15 +85,21 @@ def choose_relay(config: Config, *, splice: bool | None = None) -> RelayChoice:
     fallback = "splice" if pipes is not None else "copy"
     if wanted in (RelayPath.AUTO, RelayPath.KERNEL):
         availability = _probe()
-        if availability.available:
+        if availability.available and (wanted is RelayPath.KERNEL or not availability.hazard):
             capacity = _capacity(config)
+            if availability.hazard:
+                log.warning("relay.kernel_hazard", hazard=availability.hazard)
             log.info("relay.path", path="kernel", attach=availability.attach, capacity=capacity)
-            return RelayChoice("kernel", pipes, sockmap.Sockmap(capacity))
-        if wanted is RelayPath.KERNEL:
+            return RelayChoice("kernel", pipes, sockmap.Sockmap(capacity), availability.hazard)
+        if not availability.available and wanted is RelayPath.KERNEL:
             return RelayChoice(fallback, pipes, None, f"kernel path unavailable: {availability.reason}",
                                required_but_unavailable=True)  # fmt: skip
-        log.warning("relay.fallback", path=fallback, reason=f"kernel path unavailable: {availability.reason}")
-        return RelayChoice(fallback, pipes, None, f"kernel path unavailable: {availability.reason}")
+        if availability.available:
+            reason = f"kernel path not chosen automatically: {availability.hazard}"
+        else:
+            reason = f"kernel path unavailable: {availability.reason}"
+        log.warning("relay.fallback", path=fallback, reason=reason)
+        return RelayChoice(fallback, pipes, None, reason)
     if wanted is RelayPath.SPLICE and pipes is None:
         log.warning("relay.fallback", path="copy", reason="splice(2) unavailable")
         return RelayChoice("copy", None, None, "splice(2) unavailable")

@@ -25,6 +25,11 @@ is woken only for what the kernel leaves to it:
   delivered, lost nothing and is not an abort (``_ended_before_reset``).
 * **idle deadlines**: checked lazily when they fall due, from the kernel's
   last-receive times (TCP_INFO ``tcpi_last_data_recv``), not from reads.
+* **bytes the program saw twice** (a kernel that relays a retransmitted
+  segment's overlap again, :func:`proxy.io.sockmap.overlap_hazard`): at
+  each credit grant and end of stream the program's count of a socket's
+  bytes is checked against TCP's own (TCP_INFO ``tcpi_bytes_received``);
+  more ends the connection as that side's abort (``relay.kernel_duplicate``).
 
 Byte counts come from the program's counters (:class:`KernelTraffic`).
 Sockets are registered for EPOLLRDHUP only, edge-triggered (and EPOLLIN
@@ -51,7 +56,7 @@ from ..lograte import Rate, RateLimitedLog
 from .directions import SideLost, lost_or_raise
 from .poller import current_poller, retire
 from .relay import Ending, Handover, Link, Timeouts, reset_on_close
-from .sockmap import Full, Pair, Sockmap, acknowledged, queued_into, send_room, since_last_receive
+from .sockmap import Full, Pair, Sockmap, acknowledged, queued_into, received_total, send_room, since_last_receive
 
 log = structlog.get_logger("warren.relay")
 LOG_RATES = {"relay.notifications_lost": Rate(burst=1, interval=10.0)}
@@ -284,7 +289,7 @@ class RingWatch:
 class _Way:
     """One direction: bytes received on ``source`` go out on ``target``."""
 
-    __slots__ = ("source", "target", "state", "eof", "pending", "checked", "poll", "active", "excess")
+    __slots__ = ("source", "target", "state", "eof", "pending", "checked", "poll", "active", "excess", "unseen")
 
     def __init__(self, source: int) -> None:
         self.source = source
@@ -296,6 +301,7 @@ class _Way:
         self.poll = _DRAIN_POLL_FIRST
         self.active = 0.0  # when this direction last made progress (trio time)
         self.excess = 0  # bytes the target's send queue got beyond what it was given (_target_drained)
+        self.unseen = 0  # bytes the source received that the program never saw (at most): read before the map
 
 
 class KernelLink(Handover):
@@ -346,6 +352,8 @@ class KernelLink(Handover):
         # What each socket had queued before the pair entered the map goes
         # through the program now, ahead of anything arriving later.
         pair.flush()
+        for way in self.ways:
+            way.unseen = self._unseen(way.source, base[way.source])
         now = self.poller.now()
         for way in self.ways:
             way.active = now
@@ -495,6 +503,7 @@ class KernelLink(Handover):
                 room = self._room(way)
                 if room < _MIN_GRANT:
                     return _WAIT_TARGET
+                self._check_seen_once(way)
                 pair.grant(way.source, min(room, self.pair.sockmap.credit))
                 way.checked = False
             if not way.eof:
@@ -513,6 +522,7 @@ class KernelLink(Handover):
             return _WAIT_READ  # passed bytes still on their way to the socket's queue
         if not self._target_drained(way):
             return _WAIT_TARGET
+        self._check_seen_once(way)
         if self.ways[way.target].state != _DONE:
             # The other way still flows: a half-close. (After both, closing
             # the sockets sends the last FIN.)
@@ -588,6 +598,34 @@ class KernelLink(Handover):
         way.excess = excess
         log.error("relay.kernel_excess", towards="server" if way.target == _SERVER else "client",
                   bytes=excess, expected=self._sent_into(way))
+
+    def _unseen(self, side: int, consumed: int) -> int:
+        """Bytes `side` received that the program will never see, at most:
+        those read before the pair entered the map (`consumed`, the other
+        path's count), and no more than TCP's count beyond the program's
+        now (read in that order, so a byte arriving meanwhile can only
+        make it less)."""
+        try:
+            total = received_total(self.socks[side])
+        except OSError as exc:
+            raise lost_or_raise(exc, side) from exc
+        return max(0, min(consumed, total - self.pair.received(side)))
+
+    def _check_seen_once(self, way: _Way) -> None:
+        """Has the program seen more bytes than TCP received on `way`'s
+        source? A kernel that relays a retransmitted segment's overlap
+        again (proxy.io.sockmap.overlap_hazard): the stream is corrupt
+        from there on, so the connection ends as an abort (both sides
+        reset) rather than normally, with ``relay.kernel_duplicate``."""
+        source = way.source
+        try:
+            total = received_total(self.socks[source]) - (_FIN_BYTE if way.eof else 0)
+        except OSError as exc:
+            raise lost_or_raise(exc, source) from exc
+        duplicated = self.pair.received(source) + way.unseen - total
+        if duplicated > 0:
+            log.error("relay.kernel_duplicate", side="client" if source == _CLIENT else "server", bytes=duplicated)
+            raise SideLost(source)
 
     def _sent_into(self, way: _Way) -> int:
         """Bytes Warren and the kernel handed to `way`'s target: all that

@@ -28,6 +28,13 @@ see docs/architecture.md):
 * **End of stream**: a FIN is not redirected (a zero-length FIN skb, if
   redirected, would break the target's psock with EPIPE: the program drops
   it); Warren sees EPOLLRDHUP and shuts the other side down.
+* **A retransmitted segment's overlap** (a segment starting before what the
+  socket has received and ending after it) is relayed again: the verdict
+  path hands whole skbs to the program (tcp_read_skb), where a read would
+  skip the part already received (6.18). :func:`overlap_hazard` finds out;
+  ``relay = "auto"`` does not take the path where it is so, and on the path
+  a connection whose program saw more bytes than TCP received ends as an
+  abort (:mod:`proxy.io.kernel_relay`).
 * ``FIONREAD`` reads 0 for sockets in a socket map on this kernel (2026
   stable change "bpf, sockmap: Fix FIONREAD for sockmap"), and sockets in a
   map *without* a verdict lose read wake-ups: Warren never relies on either.
@@ -548,6 +555,7 @@ _SIOCOUTQ = 0x5411
 # struct tcp_info (include/uapi/linux/tcp.h): where the fields Warren reads sit.
 _TCPI_LAST_DATA_RECV = 52
 _TCPI_BYTES_ACKED = 120
+_TCPI_BYTES_RECEIVED = 128
 _TCP_INFO_SIZE = 136  # up to bytes_received (Linux 4.1+)
 _PROBE_TIMEOUT = 2.0
 
@@ -555,11 +563,14 @@ _PROBE_TIMEOUT = 2.0
 @dataclass(frozen=True, slots=True)
 class Availability:
     """The outcome of :func:`probe`: ``available``, else ``reason`` says why
-    not; ``attach`` is how the program was attached ("verdict" or "stream")."""
+    not; ``attach`` is how the program was attached ("verdict" or "stream").
+    ``hazard``, where the path works: why it may corrupt a stream here
+    (:func:`overlap_hazard`), so that it is used only where asked for."""
 
     available: bool
     reason: str = ""
     attach: str = ""
+    hazard: str = ""
 
 
 def missing_capabilities(status: str | None = None) -> list[str]:
@@ -575,7 +586,9 @@ def probe(*, attach: str = "verdict") -> Availability:
     program, put a pair in the map, move bytes both ways (including bytes
     sent before the pair entered the map), pass bytes to Warren and take
     them back, half-close, and check the readiness reports and byte counts
-    Warren relies on. Synchronous, a few milliseconds. Never raises."""
+    Warren relies on; then look for the hazard of :func:`overlap_hazard`.
+    Synchronous, a few milliseconds (2 s where the hazard stalls the
+    stream). Never raises."""
     missing = missing_capabilities()
     if missing:
         return Availability(False, f"missing {' and '.join(missing)} (the kernel path needs CAP_BPF and CAP_NET_ADMIN)")
@@ -587,13 +600,14 @@ def probe(*, attach: str = "verdict") -> Availability:
         return Availability(False, _refusal(exc))
     try:
         _self_test(sockmap)
+        hazard = overlap_hazard(sockmap)
     except SelfTestFailed as exc:
         return Availability(False, f"self-test failed: {exc}")
     except OSError as exc:
         return Availability(False, f"self-test failed: {exc}")
     finally:
         sockmap.close()
-    return Availability(True, attach=sockmap.attach_mode)
+    return Availability(True, attach=sockmap.attach_mode, hazard=hazard)
 
 
 def _refusal(exc: bpf.BpfError) -> str:
@@ -613,8 +627,8 @@ class SelfTestFailed(Exception):
     pass
 
 
-def _self_test(sockmap: Sockmap) -> None:
-    # client <-> (near ... far) <-> server, as Warren relays a connection.
+def _loopback_connections() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    """client <-> (near ... far) <-> server, as Warren relays a connection."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(2)
@@ -623,10 +637,15 @@ def _self_test(sockmap: Sockmap) -> None:
         far = socket.create_connection(listener.getsockname(), timeout=_PROBE_TIMEOUT)
         server, _ = listener.accept()
     socks = (client, near, far, server)
+    for sock in socks:
+        sock.settimeout(_PROBE_TIMEOUT)
+    return socks
+
+
+def _self_test(sockmap: Sockmap) -> None:
+    socks = client, near, far, server = _loopback_connections()
     epoll = select.epoll()
     try:
-        for sock in socks:
-            sock.settimeout(_PROBE_TIMEOUT)
         client.sendall(b"client speaks first")
         server.sendall(b"server speaks first")
         _expect_queued(near, 19)
@@ -680,6 +699,99 @@ def _self_test(sockmap: Sockmap) -> None:
             sock.close()
 
 
+# A retransmitted segment that overlaps bytes already received.
+_TCP_REPAIR, _TCP_REPAIR_QUEUE, _TCP_QUEUE_SEQ = 19, 20, 21
+_TCP_RECV_QUEUE, _TCP_SEND_QUEUE = 1, 2
+OVERLAP_SENT, OVERLAP_NEW = bytes(range(200)) * 5, b"\xee" * 500
+_TCP_ACK_PSH = 0x18
+
+
+def overlap_hazard(sockmap: Sockmap) -> str:
+    """Does the kernel relay the part of a retransmitted segment it already
+    received a second time? A segment that starts before what the socket
+    has received and ends after it is queued whole (tcp_data_queue, "partial
+    packet"): a reader skips the part it has (tcp_recvmsg's offset), the
+    socket map's verdict path (tcp_read_skb) hands the whole skb to the
+    program, which relays the old part again: a duplicated run of bytes in
+    the stream (measured on 6.18: one 64 kB segment per ~70 GB relayed under
+    loss on loopback). Such segments come with retransmissions after loss.
+
+    Sent here on a loopback pair (:func:`retransmit_overlapping`); "" when
+    only the new bytes come through; else why the path may corrupt (or
+    stall) a stream here, also when the check cannot be made."""
+    socks = client, near, far, server = _loopback_connections()
+    pair = None
+    try:
+        pair = sockmap.add(near, far)
+        pair.flush()
+        client.sendall(OVERLAP_SENT)
+        _expect(server, OVERLAP_SENT, "bytes before a retransmission")
+        retransmit_overlapping(client)
+        got = _receive(server, len(OVERLAP_NEW), bytearray())
+    except PermissionError:
+        return ("unchecked: whether the kernel relays a retransmitted segment's overlap once is tested "
+                "with a raw socket (CAP_NET_RAW), which this process lacks")
+    except TimeoutError:
+        return "on this kernel a retransmitted segment that overlaps bytes already received stops the relayed stream"
+    finally:
+        if pair is not None:
+            pair.release()
+        for sock in socks:
+            sock.close()
+    if got == OVERLAP_NEW:
+        return ""
+    if got == OVERLAP_SENT[-len(OVERLAP_NEW) :]:
+        return ("this kernel relays bytes twice when a retransmitted segment overlaps bytes already received "
+                "(the socket map's tcp_read_skb does not skip them): a stream may be corrupted after packet loss")
+    raise SelfTestFailed("a retransmission that overlaps received bytes came out garbled")
+
+
+def retransmit_overlapping(client: socket.socket) -> None:
+    """Once `client` sent OVERLAP_SENT and its peer received it: send, as a
+    retransmission from `client` (a raw socket: CAP_NET_RAW; PermissionError
+    without), its last half again followed by OVERLAP_NEW. A receiver that
+    skips what it has gets OVERLAP_NEW next."""
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+        sent, acked = _sequence_numbers(client)
+        overlap = len(OVERLAP_SENT) - len(OVERLAP_NEW)
+        segment = _tcp_segment(client.getsockname(), client.getpeername(), (sent - overlap) & 0xFFFFFFFF, acked,
+                               OVERLAP_SENT[overlap:] + OVERLAP_NEW)  # fmt: skip
+        raw.sendto(segment, (client.getpeername()[0], 0))
+
+
+def _sequence_numbers(sock: socket.socket) -> tuple[int, int]:
+    """(next sequence number to send, next to receive) of a connected TCP
+    socket, read in repair mode (CAP_NET_ADMIN)."""
+    sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR_QUEUE, _TCP_SEND_QUEUE)
+        sent = sock.getsockopt(socket.IPPROTO_TCP, _TCP_QUEUE_SEQ)
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR_QUEUE, _TCP_RECV_QUEUE)
+        received = sock.getsockopt(socket.IPPROTO_TCP, _TCP_QUEUE_SEQ)
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_REPAIR, 0)
+    return sent & 0xFFFFFFFF, received & 0xFFFFFFFF
+
+
+def _tcp_segment(source: tuple, destination: tuple, seq: int, ack: int, payload: bytes) -> bytes:
+    """A TCP segment (header without options, ACK|PSH, checksummed over
+    the IPv4 pseudo-header) for a raw socket, which adds the IP header."""
+    header = struct.pack("!HHIIBBHHH", source[1], destination[1], seq, ack, 5 << 4, _TCP_ACK_PSH, 65535, 0, 0)
+    addresses = socket.inet_aton(source[0]) + socket.inet_aton(destination[0])
+    pseudo = addresses + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header) + len(payload))
+    checksum = _internet_checksum(pseudo + header + payload)
+    return header[:16] + struct.pack("!H", checksum) + header[18:] + payload
+
+
+def _internet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def _expect_queued(sock: socket.socket, size: int) -> None:
     deadline = time.monotonic() + _PROBE_TIMEOUT
     while len(sock.recv(size, socket.MSG_PEEK)) < size:
@@ -691,17 +803,23 @@ def _expect_queued(sock: socket.socket, size: int) -> None:
 def _expect(sock: socket.socket, wanted: bytes, what: str) -> None:
     got = bytearray()
     try:
-        while len(got) < len(wanted):
-            chunk = sock.recv(len(wanted) - len(got))
-            if not chunk:
-                break
-            got += chunk
+        _receive(sock, len(wanted), got)
         if not wanted and sock.recv(1) != b"":
             raise SelfTestFailed(f"{what}: no end of stream")
     except TimeoutError:
         raise SelfTestFailed(f"{what}: {len(got)} of {len(wanted)} bytes arrived") from None
     if got != wanted:
         raise SelfTestFailed(f"{what}: bytes differ")
+
+
+def _receive(sock: socket.socket, size: int, got: bytearray) -> bytearray:
+    """Read into `got` until it holds `size` bytes or the stream ended."""
+    while len(got) < size:
+        chunk = sock.recv(size - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def _wait_events(epoll: select.epoll, sock: socket.socket, mask: int) -> bool:
@@ -727,6 +845,13 @@ def acknowledged(sock: socket.socket, connected: bool) -> int:
     SYN-SENT), a FIN acknowledged as another."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
     return struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0] - (1 if connected else 0)
+
+
+def received_total(sock: socket.socket) -> int:
+    """Bytes `sock` ever received in order, by TCP's own count (each once,
+    however often it was sent; a FIN counts as one more)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    return struct.unpack_from("=Q", info, _TCPI_BYTES_RECEIVED)[0]
 
 
 def since_last_receive(sock: socket.socket) -> float:

@@ -23,7 +23,15 @@ from proxy.stats_ui.control import ControlService
 from proxy.stats_ui.service import StatsService
 from tests.integration.test_stats_ctl import ctl
 from tests.integration.test_stats_http import CREDENTIALS, http
-from tests.proxyutil import front, kernel_availability, make_config, server, start_warren, use_service
+from tests.proxyutil import (
+    front,
+    kernel_availability,
+    make_config,
+    on_the_kernel_path,
+    server,
+    start_warren,
+    use_service,
+)
 
 pytestmark = pytest.mark.rabbit
 PASSWORD = "Pw-" + uuid.uuid4().hex  # appears nowhere but in the broker and the clients
@@ -285,14 +293,14 @@ async def test_the_page_json_ctl_and_metrics_show_who_is_connected_and_never_the
 @pytest.mark.skipif(not kernel_availability().available, reason="the kernel relay path is unavailable here")
 async def test_a_publisher_with_confirms_moves_to_the_kernel_path_after_its_handshake_and_loses_nothing(
         healthy_cluster, accounts):
-    """Warren's defaults: once the handshake is over and the connection proved
-    long-lived (kernel_after quiet rounds), the kernel relays it; it is still
+    """On the kernel path with its defaults: once the handshake is over and the
+    connection proved long-lived (kernel_after quiet rounds), the kernel relays it; it is still
     known by name, counted whole, and its clean close is still "--"."""
     (alice, _), (orders, _) = accounts
     queue, batch = f"kernel-{uuid.uuid4().hex[:8]}", 200
     with structlog.testing.capture_logs() as logs, trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            app = await start_warren(nursery, cluster_config(healthy_cluster.nodes[:1]))
+            app = await start_warren(nursery, on_the_kernel_path(cluster_config(healthy_cluster.nodes[:1])))
             assert app.relay.path == "kernel"
             address = front(app)
 

@@ -15,7 +15,8 @@ import pytest
 import structlog.testing
 import trio
 
-from proxy.io import bpf
+from proxy.io import bpf, sockmap
+from proxy.io.relay import Ending
 from proxy.io.sockmap import Sockmap, Torn
 from tests.unit.test_relay import recv_exactly, send_all
 from tests.unit.test_relay_paths import IO_BOUND, close_path, kernel_available, make_path, proxied
@@ -280,5 +281,42 @@ async def test_bytes_the_target_got_beyond_what_it_was_given_are_reported_once(n
         excess = [entry for entry in logs if entry["event"] == "relay.kernel_excess"]
         assert excess == [{"event": "relay.kernel_excess", "log_level": "error", "towards": "server",
                            "bytes": 10, "expected": 100}]
+    finally:
+        close_path(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a raw socket and TCP repair mode need root")
+@pytest.mark.parametrize("name", ["kernel", "kernel-epoll"])
+async def test_a_retransmission_the_kernel_relays_twice_ends_the_connection_as_an_abort(name):
+    """On a kernel that relays the overlap of a retransmitted segment again
+    (proxy.io.sockmap.overlap_hazard), the program has seen more bytes than
+    TCP received: at the next look (here the client's FIN) the connection
+    ends as the client's abort, both sides reset, with
+    `relay.kernel_duplicate`. Where the kernel skips the overlap, it ends
+    normally."""
+    path = make_path(name)
+    try:
+        with trio.fail_after(IO_BOUND), structlog.testing.capture_logs() as logs:
+            async with proxied(path) as link:
+                await send_all(link.client, sockmap.OVERLAP_SENT)
+                assert await recv_exactly(link.server, len(sockmap.OVERLAP_SENT)) == sockmap.OVERLAP_SENT
+                sockmap.retransmit_overlapping(link.client)
+                next_bytes = await recv_exactly(link.server, len(sockmap.OVERLAP_NEW))
+                twice = next_bytes == sockmap.OVERLAP_SENT[-len(sockmap.OVERLAP_NEW) :]
+                assert twice or next_bytes == sockmap.OVERLAP_NEW
+                # The client's own socket knows nothing of it: it sends those
+                # bytes itself (taken as a duplicate) before its FIN.
+                await send_all(link.client, sockmap.OVERLAP_NEW)
+                link.client.shutdown(1)
+                if not twice:
+                    link.server.shutdown(1)
+                ending = await link.wait_ending()
+        duplicates = [entry for entry in logs if entry["event"] == "relay.kernel_duplicate"]
+        if twice:
+            assert ending is Ending.CLIENT_ABORT
+            assert duplicates == [{"event": "relay.kernel_duplicate", "log_level": "error", "side": "client",
+                                   "bytes": len(sockmap.OVERLAP_NEW)}]  # fmt: skip
+        else:
+            assert (duplicates, ending) == ([], Ending.NORMAL)
     finally:
         close_path(path)

@@ -65,6 +65,35 @@ def test_auto_falls_back_to_splice_with_one_warning_saying_why(kernel):
     choice.close()
 
 
+HAZARD = "this kernel relays bytes twice when a retransmitted segment overlaps bytes already received"
+
+
+def test_auto_does_not_take_a_kernel_path_that_may_corrupt_a_stream(kernel):
+    kernel.result = Availability(True, attach="verdict", hazard=HAZARD)
+    with structlog.testing.capture_logs() as logs:
+        choice = relay_path.choose_relay(config(RelayPath.AUTO))
+    assert (choice.path, choice.sockmap) == ("splice", None)
+    assert logs == [{
+        "event": "relay.fallback", "log_level": "warning", "path": "splice",
+        "reason": f"kernel path not chosen automatically: {HAZARD}",
+    }]  # fmt: skip
+    assert choice.describe() == f"splice — kernel path not chosen automatically: {HAZARD}"
+    choice.check()
+    choice.close()
+
+
+def test_insisting_on_a_kernel_path_with_a_hazard_takes_it_and_says_so(kernel):
+    kernel.result = Availability(True, attach="verdict", hazard=HAZARD)
+    with structlog.testing.capture_logs() as logs:
+        choice = relay_path.choose_relay(config(RelayPath.KERNEL))
+    assert choice.path == "kernel" and isinstance(choice.sockmap, FakeSockmap)
+    assert [(e["event"], e["log_level"]) for e in logs] == [("relay.kernel_hazard", "warning"), ("relay.path", "info")]
+    assert logs[0]["hazard"] == HAZARD
+    assert choice.describe() == f"kernel (bulk frontends: splice) — {HAZARD}"
+    choice.check()  # starts: the operator asked for it
+    choice.close()
+
+
 def test_insisting_on_the_kernel_path_refuses_to_start_without_it(kernel):
     kernel.result = Availability(False, "self-test failed: no EPOLLRDHUP after the client's FIN")
     choice = relay_path.choose_relay(config(RelayPath.KERNEL))

@@ -53,6 +53,10 @@ def kernel_available() -> str:
     return "" if availability.available else availability.reason
 
 
+def kernel_hazard() -> str:
+    return probe().hazard
+
+
 @dataclass
 class Path:
     """How one relay path is started; `sockmap` / `pipes` as it needs them."""
@@ -408,11 +412,23 @@ async def test_a_gigabyte_echoed_both_ways_at_once_arrives_byte_exact(path):
 
     with trio.fail_after(IO_BOUND * 3), structlog.testing.capture_logs() as logs:
         async with proxied(path) as link:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(produce)
-                nursery.start_soon(echo)
-                nursery.start_soon(consume)
-            assert await link.wait_ending() is Ending.NORMAL
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(produce)
+                    nursery.start_soon(echo)
+                    nursery.start_soon(consume)
+            except* (ConnectionResetError, BrokenPipeError):
+                pass  # reset by the relay: allowed only for a duplicate it caught (below)
+            ending = await link.wait_ending()
+    duplicates = [entry for entry in logs if entry["event"] == "relay.kernel_duplicate"]
+    if duplicates:
+        # A kernel that relays a retransmitted segment's overlap again
+        # (proxy.io.sockmap.overlap_hazard; about one in 70 GB here, under the
+        # loss this load causes): the stream is not ended normally.
+        assert kernel_hazard() and path.sockmap is not None, duplicates
+        assert ending in (Ending.CLIENT_ABORT, Ending.SERVER_ABORT)
+        return
+    assert ending is Ending.NORMAL
     # On failure, says whether the kernel path saw more bytes queued than given.
     excess = [entry for entry in logs if entry["event"] == "relay.kernel_excess"]
     assert got == {"crc": sent_crc, "size": total}, excess
