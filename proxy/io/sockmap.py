@@ -53,6 +53,7 @@ import _socket
 import collections
 import errno
 import fcntl
+import ipaddress
 import mmap
 import os
 import platform
@@ -63,6 +64,7 @@ import time
 from dataclasses import dataclass
 
 from ..privileges import KERNEL_RELAY_NEEDS, effective_capabilities, has, parse_effective
+from ..vip.packet import internet_checksum, pseudo_header
 from . import bpf
 from .bpf import (
     R0, R1, R2, R3, R4, R6, R7, R8, R10, U32, U64, JEQ, JGE, JLE, JNE,
@@ -777,19 +779,10 @@ def _tcp_segment(source: tuple, destination: tuple, seq: int, ack: int, payload:
     """A TCP segment (header without options, ACK|PSH, checksummed over
     the IPv4 pseudo-header) for a raw socket, which adds the IP header."""
     header = struct.pack("!HHIIBBHHH", source[1], destination[1], seq, ack, 5 << 4, _TCP_ACK_PSH, 65535, 0, 0)
-    addresses = socket.inet_aton(source[0]) + socket.inet_aton(destination[0])
-    pseudo = addresses + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header) + len(payload))
-    checksum = _internet_checksum(pseudo + header + payload)
+    addresses = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    pseudo = pseudo_header(*addresses, len(header) + len(payload), socket.IPPROTO_TCP)
+    checksum = internet_checksum(pseudo + header + payload)
     return header[:16] + struct.pack("!H", checksum) + header[18:] + payload
-
-
-def _internet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _expect_queued(sock: socket.socket, size: int) -> None:
