@@ -257,8 +257,11 @@ def with_warren_paths(contenders: tuple[str, ...], *, bulk: bool = False) -> tup
     kernel path works here (else Warren's default is splice already): for
     small messages Warren's default is the kernel path, so splice is added;
     for bulk its default is splice (`bulk = true`), and so is it for small
-    messages on a kernel with a hazard: then the kernel is added."""
-    if kernel_path():
+    messages on a kernel with a hazard: then the kernel is added, except
+    for bulk on such a kernel, whose load loses segments enough to hit the
+    hazard within a run (Warren then resets the stream it corrupted:
+    relay.kernel_duplicate)."""
+    if kernel_path() or (bulk and kernel_hazard()):
         return contenders
     return (*contenders, "warren-kernel" if bulk or kernel_hazard() else "warren-splice")
 
@@ -267,6 +270,10 @@ def warren_path_note(*, bulk: bool = False) -> str:
     """Which relay path each Warren row used, for the report."""
     if kernel_path():
         return f"Relay path: Warren used splice (the kernel path is unavailable here: {kernel_path()})."
+    if bulk and kernel_hazard():
+        return ("Relay path: Warren used splice (its frontend is marked `bulk = true`, as an operator marks "
+                "bulk frontends). The kernel path is not measured for bulk here: a bulk stream's load loses "
+                f"segments, and {kernel_hazard()}; Warren resets such a stream (`relay.kernel_duplicate`).")
     if bulk:
         return ("Relay paths: **Warren** = splice (its frontend is marked `bulk = true`, as an operator "
                 "marks bulk frontends); **Warren (kernel)** = the kernel path (the same frontend "
