@@ -582,14 +582,14 @@ class KernelLink(Handover):
                 raise lost_or_raise(exc, target) from exc
             if queued >= expected:
                 if queued - expected > _FIN_BYTE and not way.excess:
-                    self._report_excess(way, queued - expected)
+                    self._report_excess(way, queued - expected, expected)
                 way.poll = _DRAIN_POLL_FIRST
                 return True
             if attempt == 0:
                 os.sched_yield()
         return False
 
-    def _report_excess(self, way: _Way, excess: int) -> None:
+    def _report_excess(self, way: _Way, excess: int, expected: int) -> None:
         """The target's send queue holds more bytes than Warren wrote and the
         program redirected into it: bytes delivered twice, or a count gone
         wrong (docs/operations.md, the kernel path's known issue). Logged
@@ -597,7 +597,7 @@ class KernelLink(Handover):
         relay goes on."""
         way.excess = excess
         log.error("relay.kernel_excess", towards="server" if way.target == _SERVER else "client",
-                  bytes=excess, expected=self._sent_into(way))
+                  bytes=excess, expected=expected)
 
     def _unseen(self, side: int, consumed: int) -> int:
         """Bytes `side` received that the program will never see, at most:

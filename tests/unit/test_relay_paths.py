@@ -48,13 +48,17 @@ PATHS = ["copy", "splice", "kernel", "handover", "kernel-epoll"]
 
 
 @functools.cache
+def kernel_availability():
+    return probe()
+
+
 def kernel_available() -> str:
-    availability = probe()
+    availability = kernel_availability()
     return "" if availability.available else availability.reason
 
 
 def kernel_hazard() -> str:
-    return probe().hazard
+    return kernel_availability().hazard
 
 
 @dataclass
