@@ -89,7 +89,8 @@ def choose_relay(config: Config, *, splice: bool | None = None) -> RelayChoice:
             capacity = _capacity(config)
             if availability.hazard:
                 log.warning("relay.kernel_hazard", hazard=availability.hazard)
-            log.info("relay.path", path="kernel", attach=availability.attach, capacity=capacity)
+            log.info("relay.path", path="kernel", attach=availability.attach, capacity=capacity,
+                     repaired=availability.repaired)  # fmt: skip
             return RelayChoice("kernel", pipes, sockmap.Sockmap(capacity), availability.hazard)
         if not availability.available and wanted is RelayPath.KERNEL:
             return RelayChoice(fallback, pipes, None, f"kernel path unavailable: {availability.reason}",

@@ -60,9 +60,15 @@ ANY = 0
 # Helper functions (enum bpf_func_id) used by Warren's program.
 FUNC_MAP_LOOKUP_ELEM = 1
 FUNC_SKB_LOAD_BYTES = 26
+FUNC_SKB_PULL_DATA = 39
+FUNC_SKB_ADJUST_ROOM = 50  # on sk_skb: kernel 5.10+, shrinking or growing at the front by at most 0xfff
 FUNC_GET_SOCKET_COOKIE = 46
 FUNC_SK_REDIRECT_HASH = 72
 FUNC_RINGBUF_OUTPUT = 130  # kernel 5.8+
+FUNC_SKC_TO_TCP_SOCK = 137  # kernel 5.9+; in sk_skb programs only with CAP_PERFMON
+
+# struct __sk_buff: where `sk` (a struct bpf_sock *, sock_common to the verifier) sits.
+SKB_SK = 168
 
 # sk_skb verdicts.
 SK_DROP = 0
@@ -123,13 +129,14 @@ R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 _INSN = struct.Struct("<BBhi")
 
 # Opcode parts (include/uapi/linux/bpf_common.h, bpf.h).
-_LD, _LDX, _STX, _ALU64, _JMP = 0x00, 0x01, 0x03, 0x07, 0x05
+_LD, _LDX, _STX, _ALU, _ALU64, _JMP = 0x00, 0x01, 0x03, 0x04, 0x07, 0x05
 _W, _DW = 0x00, 0x18
 _IMM, _MEM, _ATOMIC = 0x00, 0x60, 0xC0
 _K, _X = 0x00, 0x08
-_ADD, _SUB, _MOV = 0x00, 0x10, 0xB0
-_JEQ, _JGE, _JNE, _CALL, _EXIT, _JLE = 0x10, 0x30, 0x50, 0x80, 0x90, 0xB0
+_ADD, _SUB, _RSH, _MOV = 0x00, 0x10, 0x70, 0xB0
+_JA, _JEQ, _JGE, _JNE, _CALL, _EXIT, _JLE = 0x00, 0x10, 0x30, 0x50, 0x80, 0x90, 0xB0
 _PSEUDO_MAP_FD = 1
+_PSEUDO_KFUNC_CALL = 2
 
 
 def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -154,6 +161,26 @@ def add_imm(dst: int, imm: int) -> bytes:
 def sub_reg(dst: int, src: int) -> bytes:
     """dst -= src (64 bits)."""
     return insn(_ALU64 | _SUB | _X, dst, src)
+
+
+def rsh_imm(dst: int, imm: int) -> bytes:
+    """dst >>= imm (64 bits, logical)."""
+    return insn(_ALU64 | _RSH | _K, dst, imm=imm)
+
+
+def mov32_reg(dst: int, src: int) -> bytes:
+    """dst = (u32)src: 32-bit operations clear the upper half of dst."""
+    return insn(_ALU | _MOV | _X, dst, src)
+
+
+def add32_reg(dst: int, src: int) -> bytes:
+    """dst = (u32)(dst + src)."""
+    return insn(_ALU | _ADD | _X, dst, src)
+
+
+def sub32_reg(dst: int, src: int) -> bytes:
+    """dst = (u32)(dst - src): a distance between TCP sequence numbers."""
+    return insn(_ALU | _SUB | _X, dst, src)
 
 
 def load_map_fd(dst: int, map_fd: int) -> bytes:
@@ -197,6 +224,10 @@ class Label:
     name: str
 
 
+def goto(label: str) -> Jump:
+    return Jump(_JA, 0, 0, label)
+
+
 def jump_if_imm(op: int, dst: int, imm: int, label: str) -> Jump:
     return Jump(op, dst, imm, label)
 
@@ -235,6 +266,12 @@ def assemble(items: list[bytes | Jump | Label]) -> bytes:
 def call(helper: int) -> bytes:
     """r0 = helper(r1, ..., r5); r1-r5 are clobbered."""
     return insn(_JMP | _CALL, imm=helper)
+
+
+def call_kernel(btf_id: int) -> bytes:
+    """r0 = the kernel function (kfunc) of type id `btf_id` in the kernel's
+    BTF (:mod:`proxy.io.btf`); r1-r5 are clobbered."""
+    return insn(_JMP | _CALL, src=_PSEUDO_KFUNC_CALL, imm=btf_id)
 
 
 def exit_() -> bytes:

@@ -26,10 +26,13 @@ is woken only for what the kernel leaves to it:
 * **idle deadlines**: checked lazily when they fall due, from the kernel's
   last-receive times (TCP_INFO ``tcpi_last_data_recv``), not from reads.
 * **bytes the program saw twice** (a kernel that relays a retransmitted
-  segment's overlap again, :func:`proxy.io.sockmap.overlap_hazard`): at
+  segment's overlap again, :func:`proxy.io.sockmap.overlap_hazard`, where
+  the program cannot cut it off, :func:`proxy.io.sockmap._repair`): at
   each credit grant and end of stream the program's count of a socket's
   bytes is checked against TCP's own (TCP_INFO ``tcpi_bytes_received``);
   more ends the connection as that side's abort (``relay.kernel_duplicate``).
+  Old bytes the program did cut off are logged when the connection ends
+  (``relay.kernel_repaired``).
 
 Byte counts come from the program's counters (:class:`KernelTraffic`).
 Sockets are registered for EPOLLRDHUP only, edge-triggered (and EPOLLIN
@@ -414,6 +417,11 @@ class KernelLink(Handover):
         retire(self.timer)
         self.timer = None
         self.traffic.freeze()
+        repaired = self.pair.repaired(_CLIENT), self.pair.repaired(_SERVER)
+        if any(repaired):
+            # Segments that overlapped what a socket had (retransmissions):
+            # the program relayed only their new bytes (proxy.io.sockmap._repair).
+            log.info("relay.kernel_repaired", client=repaired[0], server=repaired[1])
         self.pair.release()
         reset = self.ending in _ABORT
         for fd, sock in zip(self.fds, self.socks):

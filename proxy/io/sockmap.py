@@ -65,19 +65,29 @@ from dataclasses import dataclass
 
 from ..privileges import KERNEL_RELAY_NEEDS, effective_capabilities, has, parse_effective
 from ..vip.packet import internet_checksum, pseudo_header
-from . import bpf
+from . import bpf, btf
 from .bpf import (
-    R0, R1, R2, R3, R4, R6, R7, R8, R10, U32, U64, JEQ, JGE, JLE, JNE,
-    Label, add_imm, assemble, atomic_add64, call, exit_, jump_if_imm, jump_if_reg, load_map_fd,
-    load_mem, mov_imm, mov_reg, store_mem, sub_reg,
+    R0, R1, R2, R3, R4, R6, R7, R8, R9, R10, U32, U64, JEQ, JGE, JLE, JNE,
+    Label, add32_reg, add_imm, assemble, atomic_add64, call, call_kernel, exit_, goto, jump_if_imm,
+    jump_if_reg, load_map_fd, load_mem, mov32_reg, mov_imm, mov_reg, rsh_imm, store_mem, sub32_reg, sub_reg,
 )  # fmt: skip
 
-# Words of a socket's state in the shared array (u64 each): the counters,
-# then the last bytes it received (the program copies the end of each skb,
-# at most TAIL_BYTES, and their length): read once when an AMQP connection
-# ends, to tell a completed Connection.Close from an abort (proxy.amqp.closing).
-_REDIRECTED, _PASSED, _LIMIT, _FORWARDED, _TAIL_LENGTH, _TAIL = range(6)
+# Words of a socket's state in the shared array (u64 each): the counters;
+# the overlap repair's (see _repair): the sequence number of the next byte
+# not yet seen (low half; high half 1 once known), bytes it dropped and cut
+# off as already seen; then the last bytes it received (the program copies
+# the end of each skb, at most TAIL_BYTES, and their length): read once when
+# an AMQP connection ends, to tell a completed Connection.Close from an
+# abort (proxy.amqp.closing).
+_REDIRECTED, _PASSED, _LIMIT, _FORWARDED, _NEXT_SEQ, _DROPPED, _TRIMMED, _TAIL_LENGTH, _TAIL = range(9)
 TAIL_BYTES = 128  # a Close-Ok (12 bytes); a broker's Close with a reply text of up to 114
+# The overlap repair cuts old bytes off an skb in steps: bpf_skb_adjust_room
+# takes at most 0xfff bytes per call on sk_skb; 16 steps cover a loopback
+# segment (MSS 65,483).
+_TRIM_STEP, _TRIM_STEPS = 0xFFF, 16
+# Behind a stream parser (kernels before 5.13) an skb's control block is the
+# parser's, not TCP's: no sequence number to repair with.
+_BEHIND_A_PARSER = "a stream parser hides the segments' sequence numbers"
 _STATE_WORDS = _TAIL + TAIL_BYTES // 8
 _STATE_SIZE = 8 * _STATE_WORDS
 
@@ -107,14 +117,34 @@ _SLOTS = struct.Struct("=II")
 _ENOTSUPP = 524  # the kernel's internal "operation not supported" (no batch operations)
 
 
+@dataclass(frozen=True, slots=True)
+class KernelLayout:
+    """Where the overlap repair finds what it reads in the running kernel
+    (:func:`kernel_layout`): the type id of ``bpf_cast_to_kern_ctx`` and
+    the byte offsets of ``sk_buff.cb`` (whose first word is TCP's
+    ``seq``, struct tcp_skb_cb) and ``tcp_sock.copied_seq``."""
+
+    cast_to_kernel: int
+    skb_cb: int
+    copied_seq: int
+
+
+def kernel_layout() -> KernelLayout:
+    """The running kernel's layout, from its BTF; raises btf.BtfError."""
+    types = btf.kernel()
+    return KernelLayout(
+        types.function("bpf_cast_to_kern_ctx"), types.offset("sk_buff", "cb"), types.offset("tcp_sock", "copied_seq")
+    )
+
+
 def build_program(slots_fd: int, state_fd: int, socks_fd: int, ring_fd: int | None = None,
-                  capacity: int = 0) -> bytes:  # fmt: skip
+                  capacity: int = 0, layout: KernelLayout | None = None) -> bytes:  # fmt: skip
     """The verdict program, run by the kernel for each skb received on a
     socket of the map (r1 = the skb, a ``struct __sk_buff``). With `ring_fd`
     it also writes the slot of a socket it passes bytes to into that ring
     buffer (Warren's wake-up, see :class:`Sockmap`), and counts a full
     ring's lost notification in the state array's last element
-    (index `capacity`)."""
+    (index `capacity`). With `layout` it repairs overlaps (:func:`_repair`)."""
     return assemble(
         [
             # An empty skb carries only a FIN: drop it (the FIN itself is
@@ -143,6 +173,7 @@ def build_program(slots_fd: int, state_fd: int, socks_fd: int, ring_fd: int | No
             jump_if_imm(JEQ, R0, 0, "pass_quiet"),    # (cannot happen)
             mov_reg(R7, R0),                          # r7 = state
             *_keep_tail(),
+            *(_repair(layout) if layout is not None else []),
             # Bytes passed earlier are still with Warren: keep passing, or
             # this skb would overtake them.
             load_mem(U64, R1, R7, 8 * _PASSED),       # r1 = passed
@@ -172,6 +203,102 @@ def build_program(slots_fd: int, state_fd: int, socks_fd: int, ring_fd: int | No
             exit_(),
         ]
     )  # fmt: skip
+
+
+def _repair(layout: KernelLayout) -> list:
+    """Cut off what the socket has already seen. The kernel hands the
+    program whole skbs (tcp_read_skb), also one that starts before what the
+    socket received (a retransmission that overlaps it, queued whole by
+    tcp_data_queue) or before what Warren read from it before the pair
+    entered the map: those old bytes must not be relayed again.
+
+    The program keeps the sequence number of the next byte not yet seen
+    (first: the socket's ``copied_seq``, what was read before the map) and
+    compares each skb's own (``TCP_SKB_CB(skb)->seq``, read through
+    ``bpf_cast_to_kern_ctx``; CAP_PERFMON). An skb of old bytes only is
+    dropped (counted in DROPPED). One that starts with old bytes loses them
+    before it is relayed (TRIMMED counts them): made linear, then cut
+    (``bpf_skb_pull_data``, ``bpf_skb_adjust_room``), at most _TRIM_STEP
+    bytes per call, _TRIM_STEPS calls. The cut also keeps the socket's
+    ``copied_seq`` right, which the kernel advances by the skb's length:
+    advanced by the old bytes too, it would run ahead of what TCP received,
+    and the socket would report nothing to read until as many new bytes
+    had come (tcp_epollin_ready), stalling the stream. Where a cut fails
+    (no memory, a longer overlap) the rest goes through whole, and Warren's
+    count check ends the connection as an abort (proxy.io.kernel_relay).
+    r6 = skb, r7 = state, r8 = skb->len (>= 1); leaves them (r8 the new
+    length)."""
+    trim = []
+    for step in range(_TRIM_STEPS):
+        trim += [
+            jump_if_imm(JEQ, R9, 0, "trimmed"),       # nothing old left
+            mov_reg(R2, R9),
+            jump_if_imm(JLE, R2, _TRIM_STEP, f"step{step}"),
+            mov_imm(R2, _TRIM_STEP),
+            Label(f"step{step}"),
+            store_mem(U64, R10, -24, R2),             # stack[-24] = this cut
+            mov_reg(R1, R6),
+            call(bpf.FUNC_SKB_PULL_DATA),             # r0 = 0 once its first r2 bytes are linear
+            jump_if_imm(JNE, R0, 0, "trimmed"),
+            mov_reg(R1, R6),
+            mov_imm(R2, 0),
+            load_mem(U64, R3, R10, -24),
+            sub_reg(R2, R3),                          # r2 = -cut: shrink at the front
+            mov_imm(R3, 0),                           # mode 0 (sk_skb: the only one)
+            mov_imm(R4, 0),                           # flags 0
+            call(bpf.FUNC_SKB_ADJUST_ROOM),           # r0 = 0 once cut
+            jump_if_imm(JNE, R0, 0, "trimmed"),
+            load_mem(U64, R2, R10, -24),
+            sub_reg(R9, R2),                          # old left -= cut
+        ]
+    return [
+        mov_reg(R1, R6),
+        call_kernel(layout.cast_to_kernel),           # r0 = the struct sk_buff
+        load_mem(U32, R9, R0, layout.skb_cb),         # r9 = seq (struct tcp_skb_cb's first member)
+        load_mem(U64, R2, R7, 8 * _NEXT_SEQ),         # r2 = next not yet seen, 1 << 32 set once known
+        jump_if_imm(JNE, R2, 0, "compare"),
+        # The first skb since the pair entered the map: bytes before what
+        # was read from the socket until then are old.
+        load_mem(U64, R1, R6, bpf.SKB_SK),            # r1 = the skb's socket
+        jump_if_imm(JEQ, R1, 0, "no_socket"),
+        call(bpf.FUNC_SKC_TO_TCP_SOCK),               # r0 = its tcp_sock or NULL
+        jump_if_imm(JEQ, R0, 0, "no_socket"),
+        load_mem(U32, R2, R0, layout.copied_seq),     # r2 = copied_seq
+        goto("first"),
+        Label("no_socket"),
+        mov_reg(R2, R9),                              # r2 = seq: nothing old
+        Label("first"),
+        mov_imm(R1, 1),
+        store_mem(U32, R7, 8 * _NEXT_SEQ + 4, R1),    # known from now on
+        Label("compare"),
+        mov32_reg(R3, R2),
+        sub32_reg(R3, R9),                            # r3 = (u32)(next - seq): old bytes at the start
+        mov_reg(R4, R3),
+        rsh_imm(R4, 31),
+        jump_if_imm(JEQ, R4, 0, "ordered"),           # seq not after next
+        mov_imm(R3, 0),                               # seq after next (cannot happen in order): nothing old
+        Label("ordered"),
+        jump_if_reg(JGE, R3, R8, "old"),              # old >= len: nothing new in it
+        mov32_reg(R1, R9),
+        add32_reg(R1, R8),
+        store_mem(U32, R7, 8 * _NEXT_SEQ, R1),        # next = seq + len
+        jump_if_imm(JEQ, R3, 0, "new"),               # nothing old: on as always
+        # Old bytes, then new: cut the old ones off.
+        store_mem(U64, R10, -32, R3),                 # stack[-32] = old
+        mov_reg(R9, R3),                              # r9 = old left to cut
+        *trim,
+        Label("trimmed"),
+        load_mem(U64, R1, R10, -32),
+        sub_reg(R1, R9),                              # r1 = old cut off
+        atomic_add64(R7, 8 * _TRIMMED, R1),           # trimmed += r1
+        load_mem(U32, R8, R6, 0),                     # r8 = skb->len, now
+        jump_if_imm(JGE, R8, 1, "new"),
+        Label("old"),
+        atomic_add64(R7, 8 * _DROPPED, R8),           # dropped += len
+        mov_imm(R0, bpf.SK_DROP),                     # return SK_DROP
+        exit_(),
+        Label("new"),
+    ]  # fmt: skip
 
 
 def _keep_tail() -> list:
@@ -262,7 +389,7 @@ class Sockmap:
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, *, credit: int = DEFAULT_CREDIT,
                  first_credit: int = FIRST_CREDIT, attach: str = "verdict",
-                 notify: bool | None = None, ring_size: int = RING_SIZE) -> None:  # fmt: skip
+                 notify: bool | None = None, ring_size: int = RING_SIZE, repair: bool = True) -> None:  # fmt: skip
         if capacity < 2 or credit < 1 or first_credit < 1:
             raise ValueError("capacity must be >= 2 and credits >= 1")
         self.capacity = capacity
@@ -278,8 +405,9 @@ class Sockmap:
             )
             self._socks_fd = self._keep(bpf.create_map(bpf.MAP_TYPE_SOCKHASH, 8, 8, capacity, name="warren_socks"))
             self.ring_fd = self._ring(notify, ring_size)
-            program = build_program(self._slots_fd, self._state_fd, self._socks_fd, self.ring_fd, capacity)
-            self._prog_fd = self._keep(bpf.load_program(bpf.PROG_TYPE_SK_SKB, program, "warren_verdict"))
+            self._prog_fd = self._load(capacity, repair and attach == "verdict")
+            if repair and attach != "verdict":
+                self.unrepaired = _BEHIND_A_PARSER
             self.attach_mode = self._attach(attach)
             self._mmap = bpf.mmap_map(self._state_fd, (capacity + 1) * _STATE_SIZE)
         except BaseException:
@@ -302,6 +430,24 @@ class Sockmap:
         self._free = collections.deque(range(capacity))
         self._stale: list[bytes] = []  # cookies of closed sockets, still in the slots map
         self.pairs = 0
+
+    def _load(self, capacity: int, repair: bool) -> int:
+        """Load the verdict program, with the overlap repair where this
+        kernel and process allow it (else ``unrepaired`` says why not)."""
+        self.unrepaired = "not asked for"
+        maps = (self._slots_fd, self._state_fd, self._socks_fd, self.ring_fd, capacity)
+        if repair:
+            try:
+                program = build_program(*maps, layout=kernel_layout())
+                fd = self._keep(bpf.load_program(bpf.PROG_TYPE_SK_SKB, program, "warren_verdict"))
+            except btf.BtfError as exc:
+                self.unrepaired = str(exc)
+            except bpf.BpfError as exc:
+                self.unrepaired = _repair_refusal(exc)
+            else:
+                self.unrepaired = ""
+                return fd
+        return self._keep(bpf.load_program(bpf.PROG_TYPE_SK_SKB, build_program(*maps), "warren_verdict"))
 
     def _ring(self, notify: bool | None, size: int) -> int | None:
         """The notification ring's fd, mapped; None without one."""
@@ -357,6 +503,9 @@ class Sockmap:
             except bpf.BpfError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
+            if not self.unrepaired:
+                self._prog_fd = self._load(self.capacity, False)
+                self.unrepaired = _BEHIND_A_PARSER
         parser = self._keep(bpf.load_program(bpf.PROG_TYPE_SK_SKB, build_parser(), "warren_parser"))
         bpf.attach_program(self._socks_fd, parser, bpf.SK_SKB_STREAM_PARSER)
         bpf.attach_program(self._socks_fd, self._prog_fd, bpf.SK_SKB_STREAM_VERDICT)
@@ -403,7 +552,8 @@ class Sockmap:
         for slot in slots:
             base = slot * _STATE_WORDS
             words[base + _REDIRECTED] = words[base + _PASSED] = words[base + _FORWARDED] = 0
-            words[base + _TAIL_LENGTH] = 0
+            for word in (_NEXT_SEQ, _DROPPED, _TRIMMED, _TAIL_LENGTH):
+                words[base + word] = 0
             words[base + _LIMIT] = credit
         cookies = (client_cookie, server_cookie)
         try:
@@ -493,9 +643,16 @@ class Pair:
             sock.setsockopt(_SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def received(self, side: int) -> int:
-        """Bytes received on `side` and handled by the program so far."""
+        """Bytes received on `side` and handled by the program so far (each
+        once where it repairs overlaps: see :meth:`repaired`)."""
         words, base = self.words, self.bases[side]
         return words[base + _REDIRECTED] + words[base + _PASSED]
+
+    def repaired(self, side: int) -> int:
+        """Bytes the program found `side` had seen already, and dropped
+        (:func:`_repair`)."""
+        words, base = self.words, self.bases[side]
+        return words[base + _DROPPED] + words[base + _TRIMMED]
 
     def tail(self, side: int) -> bytes:
         """The last bytes `side` received (the end of its last skb, at most
@@ -567,12 +724,15 @@ class Availability:
     """The outcome of :func:`probe`: ``available``, else ``reason`` says why
     not; ``attach`` is how the program was attached ("verdict" or "stream").
     ``hazard``, where the path works: why it may corrupt a stream here
-    (:func:`overlap_hazard`), so that it is used only where asked for."""
+    (:func:`overlap_hazard`, with why the program's repair is off where it
+    is), so that it is used only where asked for; ``repaired``: the program
+    repairs overlaps (:func:`_repair`)."""
 
     available: bool
     reason: str = ""
     attach: str = ""
     hazard: str = ""
+    repaired: bool = False
 
 
 def missing_capabilities(status: str | None = None) -> list[str]:
@@ -609,7 +769,16 @@ def probe(*, attach: str = "verdict") -> Availability:
         return Availability(False, f"self-test failed: {exc}")
     finally:
         sockmap.close()
-    return Availability(True, attach=sockmap.attach_mode, hazard=hazard)
+    if hazard and sockmap.unrepaired:
+        hazard += f"; the program's repair of such segments is off: {sockmap.unrepaired}"
+    return Availability(True, attach=sockmap.attach_mode, hazard=hazard, repaired=not sockmap.unrepaired)
+
+
+def _repair_refusal(exc: bpf.BpfError) -> str:
+    """Why the kernel refused the repaired program (the plain one may load)."""
+    if "CAP_PERFMON" in exc.log or exc.errno == errno.EPERM:
+        return "the repair reads kernel structures, which needs CAP_PERFMON"
+    return _refusal(exc).replace("the program", "the repaired program", 1)
 
 
 def _refusal(exc: bpf.BpfError) -> str:

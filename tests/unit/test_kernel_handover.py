@@ -17,9 +17,10 @@ import trio
 
 from proxy.io import bpf, sockmap
 from proxy.io.relay import Ending
-from proxy.io.sockmap import Sockmap, Torn
+from proxy.io.sockmap import _PASSED, _STATE_WORDS, Sockmap, Torn
 from tests.unit.test_relay import recv_exactly, send_all
 from tests.unit.test_relay_paths import IO_BOUND, close_path, kernel_available, make_path, proxied
+from tests.unit.test_sockmap import unrepaired_hazard
 
 pytestmark = pytest.mark.skipif(bool(kernel_available()), reason=f"kernel path unavailable: {kernel_available()}")
 CAMPAIGN_LEFT_OUT = "the hand-over over real sockets and a socket map, not a parser"  # make fuzz
@@ -161,7 +162,7 @@ def test_a_pair_torn_by_a_refusal_after_the_client_received_bytes_is_not_relayed
                     return real.update(keys, values)
                 client.sendall(b"lost")  # passed by the program: its peer is not in the map
                 for _ in range(10_000):
-                    if any(sockmap._words[slot * 4 + 1] for slot in range(8)):  # a "passed" counter
+                    if any(sockmap._words[slot * _STATE_WORDS + _PASSED] for slot in range(8)):
                         break
                     os.sched_yield()
                 raise bpf.BpfError(errno.EOPNOTSUPP, "updating map elements")
@@ -287,14 +288,18 @@ async def test_bytes_the_target_got_beyond_what_it_was_given_are_reported_once(n
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a raw socket and TCP repair mode need root")
 @pytest.mark.parametrize("name", ["kernel", "kernel-epoll"])
-async def test_a_retransmission_the_kernel_relays_twice_ends_the_connection_as_an_abort(name):
+@pytest.mark.parametrize("repair", [False, True], ids=["unrepaired", "repaired"])
+async def test_a_retransmission_the_kernel_relays_twice_ends_the_connection_as_an_abort(name, repair):
     """On a kernel that relays the overlap of a retransmitted segment again
-    (proxy.io.sockmap.overlap_hazard), the program has seen more bytes than
-    TCP received: at the next look (here the client's FIN) the connection
-    ends as the client's abort, both sides reset, with
-    `relay.kernel_duplicate`. Where the kernel skips the overlap, it ends
-    normally."""
-    path = make_path(name)
+    (proxy.io.sockmap.overlap_hazard), a program without the repair has seen
+    more bytes than TCP received: at the next look (here the client's FIN)
+    the connection ends as the client's abort, both sides reset, with
+    `relay.kernel_duplicate`. Where the kernel skips the overlap, or the
+    program cuts it off (proxy.io.sockmap._repair), it ends normally, and
+    the cut is logged (`relay.kernel_repaired`)."""
+    path = make_path(name, repair=repair)
+    repaired = repair and not path.sockmap.unrepaired
+    kernel_bug = bool(unrepaired_hazard())
     try:
         with trio.fail_after(IO_BOUND), structlog.testing.capture_logs() as logs:
             async with proxied(path) as link:
@@ -304,6 +309,7 @@ async def test_a_retransmission_the_kernel_relays_twice_ends_the_connection_as_a
                 next_bytes = await recv_exactly(link.server, len(sockmap.OVERLAP_NEW))
                 twice = next_bytes == sockmap.OVERLAP_SENT[-len(sockmap.OVERLAP_NEW) :]
                 assert twice or next_bytes == sockmap.OVERLAP_NEW
+                assert not (twice and repaired)
                 # The client's own socket knows nothing of it: it sends those
                 # bytes itself (taken as a duplicate) before its FIN.
                 await send_all(link.client, sockmap.OVERLAP_NEW)
@@ -318,5 +324,12 @@ async def test_a_retransmission_the_kernel_relays_twice_ends_the_connection_as_a
                                    "bytes": len(sockmap.OVERLAP_NEW)}]  # fmt: skip
         else:
             assert (duplicates, ending) == ([], Ending.NORMAL)
+        repairs = [entry for entry in logs if entry["event"] == "relay.kernel_repaired"]
+        if repaired and kernel_bug:
+            # The 500 old bytes of the hand-made segment; the client's own
+            # sending of the new ones is taken by TCP as a duplicate, or cut.
+            assert len(repairs) == 1 and repairs[0]["client"] in (500, 1000) and repairs[0]["server"] == 0, repairs
+        else:
+            assert repairs == []
     finally:
         close_path(path)

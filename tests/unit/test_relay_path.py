@@ -48,6 +48,15 @@ def test_the_kernel_path_where_the_self_test_passes(kernel, relay):
     assert choice.describe() == "kernel (bulk frontends: splice)"
     choice.check()
     assert [e["event"] for e in logs] == ["relay.path"]
+    assert logs[0]["repaired"] is False  # whether the program repairs the kernel's overlap bug
+
+
+def test_the_start_up_line_says_whether_the_program_repairs_overlaps(kernel):
+    kernel.result = Availability(True, attach="verdict", repaired=True)
+    with structlog.testing.capture_logs() as logs:
+        choice = relay_path.choose_relay(config(RelayPath.AUTO))
+    assert choice.path == "kernel" and choice.reason == ""
+    assert [(e["event"], e["repaired"]) for e in logs] == [("relay.path", True)]
     choice.close()
 
 

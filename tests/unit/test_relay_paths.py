@@ -90,7 +90,7 @@ class Path:
         return start_relay(near, far, Traffic(), timeouts, pipes=self.pipes, owned=True, notify=notify)
 
 
-def make_path(name: str) -> Path:
+def make_path(name: str, *, repair: bool = True) -> Path:
     if name == "splice" and not splice_supported():
         pytest.skip("splice(2) unavailable")
     if name in ("kernel", "handover", "kernel-epoll") and kernel_available():
@@ -100,8 +100,10 @@ def make_path(name: str) -> Path:
     if name == "splice":
         return Path(name, pipes=PipePool())
     if name == "handover":
-        return Path(name, pipes=PipePool() if splice_supported() else None, sockmap=Sockmap(16384, credit=1 << 20))
-    return Path(name, sockmap=Sockmap(16384, credit=1 << 20, notify=False if name == "kernel-epoll" else None))
+        return Path(name, pipes=PipePool() if splice_supported() else None,
+                    sockmap=Sockmap(16384, credit=1 << 20, repair=repair))  # fmt: skip
+    return Path(name, sockmap=Sockmap(16384, credit=1 << 20, notify=False if name == "kernel-epoll" else None,
+                                      repair=repair))  # fmt: skip
 
 
 def close_path(path: Path) -> None:

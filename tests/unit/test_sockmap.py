@@ -55,6 +55,9 @@ def test_the_verdict_program_is_a_few_dozen_instructions():
     assert len(code) % 8 == 0 and 30 <= len(code) // 8 <= 70
     with_ring = sockmap.build_program(3, 4, 5, 6, 16)
     assert len(with_ring) // 8 <= 90
+    repairing = sockmap.build_program(3, 4, 5, 6, 16, layout=sockmap.KernelLayout(1, 40, 1464))
+    # The repair: a few dozen instructions, and 18 per step of its cut.
+    assert len(with_ring) // 8 < len(repairing) // 8 <= len(with_ring) // 8 + 60 + 18 * sockmap._TRIM_STEPS
 
 
 @pytest.mark.parametrize("machine, number", [("x86_64", 321), ("aarch64", 280), ("arm64", 280)])
@@ -197,20 +200,102 @@ def test_plain_tcp_delivers_a_retransmission_overlapping_received_bytes_once(pai
 
 @needs_bpf
 @needs_root
-def test_the_self_test_names_the_hazard_of_a_kernel_that_relays_an_overlap_twice():
-    """Measured on a pair in the map: if the old half comes out again, the
-    self-test says so (auto then does not take the kernel path); if not, it
-    finds no hazard."""
-    with relayed_by_the_kernel() as (client, server, _, _, _):
+def test_the_overlap_check_names_the_hazard_of_a_kernel_that_relays_an_overlap_twice():
+    """Measured on a pair in the map of a program without the repair: if the
+    old half comes out again, the check says so (auto then does not take the
+    kernel path unless the program repairs it); if not, it finds no hazard."""
+    with relayed_by_the_kernel(repair=False) as (client, server, pair, _, _):
+        assert pair.sockmap.unrepaired == "not asked for"
         client.sendall(sockmap.OVERLAP_SENT)
         assert recv_exactly(server, len(sockmap.OVERLAP_SENT)) == sockmap.OVERLAP_SENT
         sockmap.retransmit_overlapping(client)
         twice = recv_exactly(server, len(sockmap.OVERLAP_NEW)) != sockmap.OVERLAP_NEW
-    hazard = probe().hazard
+    hazard = unrepaired_hazard()
     if twice:
         assert hazard.startswith("this kernel relays bytes twice when a retransmitted segment overlaps"), hazard
     else:
         assert hazard == ""
+
+
+def unrepaired_hazard() -> str:
+    """The overlap check's finding for a program without the repair."""
+    unrepaired = Sockmap(8, repair=False)
+    try:
+        return sockmap.overlap_hazard(unrepaired)
+    finally:
+        unrepaired.close()
+
+
+def repairing_sockmap_or_skip() -> None:
+    """The repair needs bpf_cast_to_kern_ctx (Linux 6.3+), the kernel's BTF
+    and CAP_PERFMON: where the kernel refuses it, say why in the skip."""
+    smap = Sockmap(2)
+    try:
+        if smap.unrepaired:
+            pytest.skip(f"the verdict program's overlap repair is off here: {smap.unrepaired}")
+    finally:
+        smap.close()
+
+
+@needs_bpf
+@needs_root
+def test_the_repaired_program_relays_only_the_new_bytes_of_an_overlapping_retransmission():
+    """The program sees that the skb starts 500 bytes before what the socket
+    has seen and cuts them off; what follows is not held back (the socket's
+    own count of bytes read stays right)."""
+    repairing_sockmap_or_skip()
+    with relayed_by_the_kernel() as (client, server, pair, _, _):
+        client.sendall(sockmap.OVERLAP_SENT)
+        assert recv_exactly(server, len(sockmap.OVERLAP_SENT)) == sockmap.OVERLAP_SENT
+        sockmap.retransmit_overlapping(client)
+        assert recv_exactly(server, len(sockmap.OVERLAP_NEW)) == sockmap.OVERLAP_NEW
+        assert (pair.received(0), pair.repaired(0)) == (1500, 500)
+        # The client's TCP never sent the new bytes: it sends them now, old
+        # to the receiver (dropped by TCP, or cut off by the program if they
+        # go in one segment with what follows). A short message next: had
+        # the kernel counted the 500 old bytes as read, it would wait for
+        # 500 more before handing it to the program.
+        client.sendall(sockmap.OVERLAP_NEW)
+        client.sendall(b"on the kernel again")
+        assert recv_exactly(server, 19) == b"on the kernel again"
+        assert pair.received(0) == 1519
+        assert not readable(server)
+
+
+@needs_bpf
+def test_the_repaired_program_does_not_relay_again_what_was_read_before_the_pair_entered(pairs):
+    """Bytes read from a socket before the pair entered the map may end in
+    the middle of an skb, which the kernel then hands to the program whole:
+    without the repair its first part reaches the server a second time."""
+    repairing_sockmap_or_skip()
+    client, near, far, server = pairs(2)
+    data = bytes(range(256)) * 40
+    client.sendall(data)
+    wait_until_blocking(lambda: len(peek_all(near, len(data))) == len(data), timeout=BOUND, interval=0.001)
+    first = recv_exactly(near, 1000)  # a part of what is queued
+    smap = Sockmap(4, first_credit=1 << 20)
+    try:
+        pair = smap.add(near, far)
+        pair.flush()
+        assert first + recv_exactly(server, len(data) - 1000) == data
+        assert (pair.received(0), pair.repaired(0)) == (len(data) - 1000, 1000)
+        client.sendall(b"and then")
+        assert recv_exactly(server, 8) == b"and then"
+        assert not readable(server)
+    finally:
+        smap.close()
+
+
+def peek_all(sock, size: int) -> bytes:
+    return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(sock) else b""
+
+
+@needs_bpf
+@needs_root
+def test_the_self_test_finds_no_hazard_where_the_program_repairs_overlaps():
+    repairing_sockmap_or_skip()
+    availability = probe()
+    assert (availability.available, availability.hazard, availability.repaired) == (True, "", True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
@@ -219,32 +304,53 @@ def test_the_self_test_names_the_hazard_of_a_kernel_that_relays_an_overlap_twice
     [("-all", "CAP_BPF and CAP_NET_ADMIN"), ("+net_admin", "CAP_BPF"), ("+bpf", "CAP_NET_ADMIN")],
 )
 def test_an_unprivileged_process_is_told_which_capability_it_lacks(caps, missing, tmp_path):
-    # nobody, with CAP_DAC_READ_SEARCH only to read this checkout wherever it is.
-    kept = "+dac_read_search" + ("" if caps == "-all" else f",{caps}")
+    reason = probe_as_nobody("" if caps == "-all" else caps, "a.reason", tmp_path)
+    assert reason == f"missing {missing} (the kernel path needs CAP_BPF and CAP_NET_ADMIN)"
+
+
+def probe_as_nobody(caps: str, shown: str, cwd) -> str:
+    """What `shown` (an expression of the probe's Availability `a`) prints in
+    a process of user nobody with only the capabilities `caps` ("+bpf,...")
+    and CAP_DAC_READ_SEARCH, to read this checkout wherever it is."""
+    kept = "+dac_read_search" + (f",{caps}" if caps else "")
     result = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={kept}",
-         f"--ambient-caps={kept}", sys.executable, "-c", "from proxy.io import sockmap; print(sockmap.probe().reason)"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+         f"--ambient-caps={kept}", sys.executable, "-c",
+         f"from proxy.io import sockmap; a = sockmap.probe(); print({shown})"],
+        capture_output=True, text=True, timeout=60, cwd=cwd,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"missing {missing} (the kernel path needs CAP_BPF and CAP_NET_ADMIN)"
+    return result.stdout.strip()
+
+
+@needs_bpf
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+@pytest.mark.parametrize("perfmon", [False, True])
+def test_the_overlap_repair_needs_cap_perfmon(perfmon, tmp_path):
+    """Without CAP_PERFMON the program loads without its repair, and on a
+    kernel with the hazard the self-test names it and says why the repair
+    is off; with it, nothing to report."""
+    repairing_sockmap_or_skip()
+    shown = probe_as_nobody("+bpf,+net_admin,+net_raw" + (",+perfmon" if perfmon else ""),
+                            "a.available, a.repaired, a.hazard", tmp_path)  # fmt: skip
+    if perfmon:
+        assert shown == "True True"
+    elif unrepaired_hazard():
+        assert shown.startswith("True False this kernel relays bytes twice"), shown
+        assert shown.endswith(
+            "; the program's repair of such segments is off: the repair reads kernel structures, which needs CAP_PERFMON"
+        ), shown
+    else:
+        assert shown == "True False"
 
 
 @needs_bpf
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
 def test_without_cap_net_raw_the_overlap_is_unchecked_and_counts_as_a_hazard(tmp_path):
-    kept = "+dac_read_search,+bpf,+net_admin"
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={kept}",
-         f"--ambient-caps={kept}", sys.executable, "-c",
-         "from proxy.io import sockmap; a = sockmap.probe(); print(a.available, a.hazard)"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("True unchecked: whether the kernel relays a retransmitted segment's overlap once")
-    assert "(CAP_NET_RAW), which this process lacks" in result.stdout
+    shown = probe_as_nobody("+bpf,+net_admin", "a.available, a.hazard", tmp_path)
+    assert shown.startswith("True unchecked: whether the kernel relays a retransmitted segment's overlap once")
+    assert "(CAP_NET_RAW), which this process lacks" in shown
 
 
 @needs_bpf
@@ -487,7 +593,7 @@ def test_a_full_ring_says_notifications_were_lost():
             client.send(b"p")
             wait_until_blocking(lambda before=before: pair.passed(0) > before, timeout=BOUND, interval=0.0001)
             near.recv(16)  # the socket's buffer never fills (forwarded never catches up: all are passed)
-            if pair.sockmap._words[pair.sockmap.capacity * 4]:
+            if pair.sockmap._words[pair.sockmap.capacity * sockmap._STATE_WORDS]:  # the lost count
                 break
         slots, lost = pair.sockmap.notified()
         assert lost and set(slots) == {pair.slots[0]}
