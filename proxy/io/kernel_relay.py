@@ -625,15 +625,23 @@ class KernelLink(Handover):
         source? A kernel that relays a retransmitted segment's overlap
         again (proxy.io.sockmap.overlap_hazard): the stream is corrupt
         from there on, so the connection ends as an abort (both sides
-        reset) rather than normally, with ``relay.kernel_duplicate``."""
+        reset) rather than normally, with ``relay.kernel_duplicate``.
+
+        The program's count is read first: TCP counts a byte when it queues
+        it, before the program runs on it, so a byte arriving between the two
+        reads can only make the difference smaller. (Read the other way
+        round, a segment arriving in between looked like a duplicate: a
+        false alarm that reset healthy bulk streams.)"""
         source = way.source
+        seen = self.pair.received(source) + way.unseen
         try:
             total = received_total(self.socks[source]) - (_FIN_BYTE if way.eof else 0)
         except OSError as exc:
             raise lost_or_raise(exc, source) from exc
-        duplicated = self.pair.received(source) + way.unseen - total
+        duplicated = seen - total
         if duplicated > 0:
-            log.error("relay.kernel_duplicate", side="client" if source == _CLIENT else "server", bytes=duplicated)
+            log.error("relay.kernel_duplicate", side="client" if source == _CLIENT else "server", bytes=duplicated,
+                      repaired=self.pair.repaired(source))  # fmt: skip
             raise SideLost(source)
 
     def _sent_into(self, way: _Way) -> int:

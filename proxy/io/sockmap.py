@@ -82,9 +82,10 @@ from .bpf import (
 _REDIRECTED, _PASSED, _LIMIT, _FORWARDED, _NEXT_SEQ, _DROPPED, _TRIMMED, _TAIL_LENGTH, _TAIL = range(9)
 TAIL_BYTES = 128  # a Close-Ok (12 bytes); a broker's Close with a reply text of up to 114
 # The overlap repair cuts old bytes off an skb in steps: bpf_skb_adjust_room
-# takes at most 0xfff bytes per call on sk_skb; 16 steps cover a loopback
-# segment (MSS 65,483).
-_TRIM_STEP, _TRIM_STEPS = 0xFFF, 16
+# takes at most 0xfff bytes per call on sk_skb. An overlapping skb may hold
+# several segments (the receive queue coalesces them: 4 loopback segments,
+# 262 kB, were seen under bulk load); 256 steps cut up to 1 MiB.
+_TRIM_STEP, _TRIM_STEPS = 0xFFF, 256
 # Behind a stream parser (kernels before 5.13) an skb's control block is the
 # parser's, not TCP's: no sequence number to repair with.
 _BEHIND_A_PARSER = "a stream parser hides the segments' sequence numbers"
@@ -219,7 +220,7 @@ def _repair(layout: KernelLayout) -> list:
     dropped (counted in DROPPED). One that starts with old bytes loses them
     before it is relayed (TRIMMED counts them): made linear, then cut
     (``bpf_skb_pull_data``, ``bpf_skb_adjust_room``), at most _TRIM_STEP
-    bytes per call, _TRIM_STEPS calls. The cut also keeps the socket's
+    bytes per call, in a loop of at most _TRIM_STEPS. The cut also keeps the socket's
     ``copied_seq`` right, which the kernel advances by the skb's length:
     advanced by the old bytes too, it would run ahead of what TCP received,
     and the socket would report nothing to read until as many new bytes
@@ -228,29 +229,6 @@ def _repair(layout: KernelLayout) -> list:
     count check ends the connection as an abort (proxy.io.kernel_relay).
     r6 = skb, r7 = state, r8 = skb->len (>= 1); leaves them (r8 the new
     length)."""
-    trim = []
-    for step in range(_TRIM_STEPS):
-        trim += [
-            jump_if_imm(JEQ, R9, 0, "trimmed"),       # nothing old left
-            mov_reg(R2, R9),
-            jump_if_imm(JLE, R2, _TRIM_STEP, f"step{step}"),
-            mov_imm(R2, _TRIM_STEP),
-            Label(f"step{step}"),
-            store_mem(U64, R10, -24, R2),             # stack[-24] = this cut
-            mov_reg(R1, R6),
-            call(bpf.FUNC_SKB_PULL_DATA),             # r0 = 0 once its first r2 bytes are linear
-            jump_if_imm(JNE, R0, 0, "trimmed"),
-            mov_reg(R1, R6),
-            mov_imm(R2, 0),
-            load_mem(U64, R3, R10, -24),
-            sub_reg(R2, R3),                          # r2 = -cut: shrink at the front
-            mov_imm(R3, 0),                           # mode 0 (sk_skb: the only one)
-            mov_imm(R4, 0),                           # flags 0
-            call(bpf.FUNC_SKB_ADJUST_ROOM),           # r0 = 0 once cut
-            jump_if_imm(JNE, R0, 0, "trimmed"),
-            load_mem(U64, R2, R10, -24),
-            sub_reg(R9, R2),                          # old left -= cut
-        ]
     return [
         mov_reg(R1, R6),
         call_kernel(layout.cast_to_kernel),           # r0 = the struct sk_buff
@@ -284,13 +262,28 @@ def _repair(layout: KernelLayout) -> list:
         store_mem(U32, R7, 8 * _NEXT_SEQ, R1),        # next = seq + len
         jump_if_imm(JEQ, R3, 0, "new"),               # nothing old: on as always
         # Old bytes, then new: cut the old ones off.
-        store_mem(U64, R10, -32, R3),                 # stack[-32] = old
         mov_reg(R9, R3),                              # r9 = old left to cut
-        *trim,
+        mov_imm(R8, 0),                               # r8 = whole cuts made (the length is read again after)
+        # Whole cuts while more than one is left: constant sizes, so that
+        # the verifier walks the loop once, not once per way of sizing a cut.
+        Label("cut"),
+        jump_if_imm(JLE, R9, _TRIM_STEP, "last_cut"),
+        jump_if_imm(JGE, R8, _TRIM_STEPS, "trimmed"), # a bound the verifier can see
+        add_imm(R8, 1),
+        *_cut(_TRIM_STEP),
+        jump_if_imm(JNE, R0, 0, "trimmed"),
+        add_imm(R9, -_TRIM_STEP),                     # old left -= a whole cut
+        mov_imm(R1, _TRIM_STEP),
+        atomic_add64(R7, 8 * _TRIMMED, R1),           # trimmed += a whole cut
+        goto("cut"),
+        Label("last_cut"),
+        jump_if_imm(JEQ, R9, 0, "trimmed"),
+        store_mem(U64, R10, -24, R9),                 # stack[-24] = the last cut (1 ... _TRIM_STEP)
+        *_cut(None),
+        jump_if_imm(JNE, R0, 0, "trimmed"),
+        load_mem(U64, R1, R10, -24),
+        atomic_add64(R7, 8 * _TRIMMED, R1),           # trimmed += the last cut
         Label("trimmed"),
-        load_mem(U64, R1, R10, -32),
-        sub_reg(R1, R9),                              # r1 = old cut off
-        atomic_add64(R7, 8 * _TRIMMED, R1),           # trimmed += r1
         load_mem(U32, R8, R6, 0),                     # r8 = skb->len, now
         jump_if_imm(JGE, R8, 1, "new"),
         Label("old"),
@@ -298,6 +291,30 @@ def _repair(layout: KernelLayout) -> list:
         mov_imm(R0, bpf.SK_DROP),                     # return SK_DROP
         exit_(),
         Label("new"),
+    ]  # fmt: skip
+
+
+def _cut(size: int | None) -> list:
+    """Cut `size` bytes (None: as many as r9 says, 1 ... _TRIM_STEP, also
+    kept on the stack at -24) off the front of the skb in r6: r0 = 0 once
+    done. bpf_skb_adjust_room shrinks only the linear part, which
+    bpf_skb_pull_data makes hold them first."""
+    if size is None:
+        load_size, negative = [mov_reg(R2, R9)], [mov_imm(R2, 0), load_mem(U64, R3, R10, -24), sub_reg(R2, R3)]
+    else:
+        load_size, negative = [mov_imm(R2, size)], [mov_imm(R2, -size)]
+    failed = f"cut_failed_{size}"
+    return [
+        mov_reg(R1, R6),
+        *load_size,
+        call(bpf.FUNC_SKB_PULL_DATA),                 # r0 = 0 once its first r2 bytes are linear
+        jump_if_imm(JNE, R0, 0, failed),
+        mov_reg(R1, R6),
+        *negative,                                    # r2 = -size: shrink at the front
+        mov_imm(R3, 0),                               # mode 0 (sk_skb: the only one)
+        mov_imm(R4, 0),                               # flags 0
+        call(bpf.FUNC_SKB_ADJUST_ROOM),               # r0 = 0 once cut
+        Label(failed),
     ]  # fmt: skip
 
 
@@ -920,16 +937,17 @@ def overlap_hazard(sockmap: Sockmap) -> str:
     raise SelfTestFailed("a retransmission that overlaps received bytes came out garbled")
 
 
-def retransmit_overlapping(client: socket.socket) -> None:
-    """Once `client` sent OVERLAP_SENT and its peer received it: send, as a
-    retransmission from `client` (a raw socket: CAP_NET_RAW; PermissionError
-    without), its last half again followed by OVERLAP_NEW. A receiver that
-    skips what it has gets OVERLAP_NEW next."""
+def retransmit_overlapping(client: socket.socket, old: bytes = OVERLAP_SENT[-len(OVERLAP_NEW) :],
+                           new: bytes = OVERLAP_NEW) -> None:  # fmt: skip
+    """Once `client` sent bytes ending in `old` and its peer received them:
+    send, as a retransmission from `client` (a raw socket: CAP_NET_RAW;
+    PermissionError without), `old` again followed by `new` (by default the
+    last half of OVERLAP_SENT, then OVERLAP_NEW). A receiver that skips what
+    it has gets `new` next."""
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
         sent, acked = _sequence_numbers(client)
-        overlap = len(OVERLAP_SENT) - len(OVERLAP_NEW)
-        segment = _tcp_segment(client.getsockname(), client.getpeername(), (sent - overlap) & 0xFFFFFFFF, acked,
-                               OVERLAP_SENT[overlap:] + OVERLAP_NEW)  # fmt: skip
+        segment = _tcp_segment(client.getsockname(), client.getpeername(), (sent - len(old)) & 0xFFFFFFFF, acked,
+                               old + new)  # fmt: skip
         raw.sendto(segment, (client.getpeername()[0], 0))
 
 

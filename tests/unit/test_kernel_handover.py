@@ -321,7 +321,7 @@ async def test_a_retransmission_the_kernel_relays_twice_ends_the_connection_as_a
         if twice:
             assert ending is Ending.CLIENT_ABORT
             assert duplicates == [{"event": "relay.kernel_duplicate", "log_level": "error", "side": "client",
-                                   "bytes": len(sockmap.OVERLAP_NEW)}]  # fmt: skip
+                                   "bytes": len(sockmap.OVERLAP_NEW), "repaired": 0}]  # fmt: skip
         else:
             assert (duplicates, ending) == ([], Ending.NORMAL)
         repairs = [entry for entry in logs if entry["event"] == "relay.kernel_repaired"]
