@@ -281,7 +281,8 @@ def warren_path_note(*, bulk: bool = False) -> str:
     if kernel_hazard():
         return (f"Relay paths: **Warren** = splice (its default here: {kernel_hazard()}); "
                 "**Warren (kernel)** = `relay = \"kernel\"`.")
-    return ("Relay paths: **Warren** = the kernel path (its default here: the self-test passed); "
+    repaired = "; its program repairs this kernel's overlap bug" if _kernel_availability().repaired else ""
+    return (f"Relay paths: **Warren** = the kernel path (its default here: the self-test passed{repaired}); "
             "**Warren (splice)** = `relay = \"splice\"`.")
 
 
