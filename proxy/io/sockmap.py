@@ -28,13 +28,15 @@ see docs/architecture.md):
 * **End of stream**: a FIN is not redirected (a zero-length FIN skb, if
   redirected, would break the target's psock with EPIPE: the program drops
   it); Warren sees EPOLLRDHUP and shuts the other side down.
-* **A retransmitted segment's overlap** (a segment starting before what the
-  socket has received and ending after it) is relayed again: the verdict
-  path hands whole skbs to the program (tcp_read_skb), where a read would
-  skip the part already received (6.18). :func:`overlap_hazard` finds out;
-  ``relay = "auto"`` does not take the path where it is so, and on the path
-  a connection whose program saw more bytes than TCP received ends as an
-  abort (:mod:`proxy.io.kernel_relay`).
+* **Bytes a socket already had, at the front of an skb** (a retransmitted
+  segment that overlaps what was received; the rest of a segment Warren
+  read part of before the pair entered the map): the verdict path hands
+  whole skbs to the program (tcp_read_skb), where a read would skip them
+  (6.18). The program cuts them off where the kernel lets it read TCP's
+  sequence numbers (:func:`_repair`, CAP_PERFMON); :func:`overlap_hazard`
+  finds out whether a hazard remains, ``relay = "auto"`` does not take the
+  path where one does, and on the path a connection whose program saw more
+  bytes than TCP received ends as an abort (:mod:`proxy.io.kernel_relay`).
 * ``FIONREAD`` reads 0 for sockets in a socket map on this kernel (2026
   stable change "bpf, sockmap: Fix FIONREAD for sockmap"), and sockets in a
   map *without* a verdict lose read wake-ups: Warren never relies on either.
@@ -902,7 +904,10 @@ def overlap_hazard(sockmap: Sockmap) -> str:
     socket map's verdict path (tcp_read_skb) hands the whole skb to the
     program, which relays the old part again: a duplicated run of bytes in
     the stream (measured on 6.18: one 64 kB segment per ~70 GB relayed under
-    loss on loopback). Such segments come with retransmissions after loss.
+    loss on loopback in the suite's echo test, one of up to 260 kB per ~7 GB
+    of a bulk stream through Warren). Such segments come with
+    retransmissions after loss. "" also where the program cuts those bytes
+    off (:func:`_repair`), which is what the check then proves.
 
     Sent here on a loopback pair (:func:`retransmit_overlapping`); "" when
     only the new bytes come through; else why the path may corrupt (or
