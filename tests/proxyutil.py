@@ -124,7 +124,6 @@ def with_relay(config: Config, relay: str) -> Config:
 
 
 @functools.cache
-@functools.cache
 def kernel_availability():
     """The kernel path's self-test, once per test process."""
     return sockmap.probe()

@@ -797,17 +797,17 @@ def _repair_refusal(exc: bpf.BpfError) -> str:
     """Why the kernel refused the repaired program (the plain one may load)."""
     if "CAP_PERFMON" in exc.log or exc.errno == errno.EPERM:
         return "the repair reads kernel structures, which needs CAP_PERFMON"
-    return _refusal(exc).replace("the program", "the repaired program", 1)
+    return _refusal(exc, "the repaired program")
 
 
-def _refusal(exc: bpf.BpfError) -> str:
+def _refusal(exc: bpf.BpfError, program: str = "the program") -> str:
     if exc.errno == errno.EPERM:
         return f"the kernel refused bpf(2) ({exc.what}: EPERM): no CAP_BPF/CAP_NET_ADMIN here"
     if exc.errno == errno.ENOSYS:
         return "kernel built without bpf(2)"
     if exc.log:
         last = [line for line in exc.log.strip().splitlines() if line.strip()][-1:]
-        return f"the kernel's verifier refused the program ({exc.strerror}): {last[0] if last else ''}"
+        return f"the kernel's verifier refused {program} ({exc.strerror}): {last[0] if last else ''}"
     if exc.errno == errno.EINVAL and "map" in exc.what:
         return f"kernel too old ({exc.what}: EINVAL; needs SOCKHASH, Linux 4.18, and mmapable arrays, 5.5)"
     return f"the kernel refused it ({exc})"

@@ -37,7 +37,8 @@ from proxy.io.pipes import PipePool, splice_supported
 from proxy.io.poller import current_poller
 from proxy.io.relay import Ending, Timeouts, Traffic, start_relay
 from proxy.io.kernel_relay import KernelTraffic, TrialLink, start_kernel_relay
-from proxy.io.sockmap import Sockmap, probe
+from proxy.io.sockmap import Sockmap
+from tests.proxyutil import kernel_availability
 from tests.unit.test_relay import recv_exactly, recv_to_eof, reset, send_all
 
 IO_BOUND = 60  # seconds: every test fails rather than hangs
@@ -45,11 +46,6 @@ CAMPAIGN_LEFT_OUT = "a model of the relay over real sockets (seconds per example
 # kernel-epoll: the kernel path without the notification ring (other
 # architectures, kernels before 5.8): relayed sockets registered for EPOLLIN.
 PATHS = ["copy", "splice", "kernel", "handover", "kernel-epoll"]
-
-
-@functools.cache
-def kernel_availability():
-    return probe()
 
 
 def kernel_available() -> str:

@@ -145,9 +145,9 @@ def readable(sock) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
-def peek(sock) -> bytes:
-    """What is queued on ``sock`` (up to 64 bytes), without taking it."""
-    return sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(sock) else b""
+def peek(sock, size: int = 64) -> bytes:
+    """What is queued on ``sock`` (up to `size` bytes), without taking it."""
+    return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(sock) else b""
 
 
 def recv_exactly(sock, size: int) -> bytes:
@@ -292,7 +292,7 @@ def test_the_repaired_program_does_not_relay_again_what_was_read_before_the_pair
     client, near, far, server = pairs(2)
     data = bytes(range(256)) * 40
     client.sendall(data)
-    wait_until_blocking(lambda: len(peek_all(near, len(data))) == len(data), timeout=BOUND, interval=0.001)
+    wait_until_blocking(lambda: len(peek(near, len(data))) == len(data), timeout=BOUND, interval=0.001)
     first = recv_exactly(near, 1000)  # a part of what is queued
     smap = Sockmap(4, first_credit=1 << 20)
     try:
@@ -305,10 +305,6 @@ def test_the_repaired_program_does_not_relay_again_what_was_read_before_the_pair
         assert not readable(server)
     finally:
         smap.close()
-
-
-def peek_all(sock, size: int) -> bytes:
-    return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT) if readable(sock) else b""
 
 
 @needs_bpf
